@@ -1,0 +1,27 @@
+# Two commands on a fresh machine (Python 3.11 + Java 17): `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+UV_VERSION := 0.13.9
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test test-slow clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --constraint constraints.txt -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/gaia-flows demo
+
+test: install
+	$(BIN)/pytest
+
+test-slow: install
+	$(BIN)/pytest -m slow
+
+clean:
+	rm -rf $(VENV) .gaia

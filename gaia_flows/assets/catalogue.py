@@ -1,0 +1,123 @@
+"""The catalogue: Gaia bulk files in the landing folder become ``gaia_source``, one Parquet
+directory per sky region, rows sorted by ``source_id`` so neighbours share files."""
+
+import pyarrow.parquet as pq
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetSpec,
+    BackfillPolicy,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+
+from gaia_flows.contracts import load_contract
+from gaia_flows.engine.ingest import TABLE, IngestReport, ingest_regions
+from gaia_flows.engine.metrics import stage_io
+from gaia_flows.partitions import sky_regions
+from gaia_flows.resources.spark import SparkResource
+from gaia_flows.resources.storage import StorageResource
+from gaia_flows.tables import published_regions, read_manifest
+
+gaia_landing = AssetSpec(
+    "gaia_landing",
+    description="Gaia DR3-format bulk files (GaiaSource_<hpx8start>-<hpx8end>.csv.gz) in $GAIA_FLOWS_LANDING; "
+    "written by the archive download or `gaia-flows generate`, never by this graph.",
+    group_name="catalogue",
+    kinds={"csv"},
+)
+
+
+class GaiaSourceConfig(Config):
+    bucket_mb: int = 128
+    """Target size of one Parquet file: about what one executor core holds in memory, the
+    seed's rule that dataset size / buckets ~ worker memory."""
+
+
+@asset(
+    partitions_def=sky_regions,
+    backfill_policy=BackfillPolicy.single_run(),
+    deps=[gaia_landing, "spark_cluster"],
+    group_name="catalogue",
+    kinds={"spark", "parquet"},
+)
+def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark: SparkResource, storage: StorageResource) -> MaterializeResult:
+    """Gaia sources of each sky region, validated against ``data_contracts/gaia_source.yaml``.
+
+    A run over many regions is one Spark application (single-run backfill), because a cold
+    Spark start costs more than ingesting a small region. Bad rows go to the quarantine with a
+    reason; a bad file fails only the regions it feeds, and their previous versions stay.
+    """
+    layout = storage.layout
+    session = spark.session()
+    report = ingest_regions(session, layout, list(context.partition_keys), load_contract(TABLE), config.bucket_mb << 20)
+    for region, result in report.regions.items():
+        context.add_asset_metadata(
+            {
+                "rows_in": result.rows_in,
+                "rows_accepted": result.accepted,
+                "rows_rejected": result.rejected,
+                "rejected_by_rule": MetadataValue.json(result.rejected_by_rule),
+                "input_files": len(result.input_files),
+                "parquet_files": result.output_files,
+                "bytes": MetadataValue.int(result.output_bytes),
+                "path": MetadataValue.path(result.path),
+            },
+            partition_key=region,
+        )
+    if report.failures:
+        raise Failure(
+            description=_failure_text(report),
+            metadata={"failed_regions": MetadataValue.json(report.failures), "published_regions": sorted(report.regions)},
+        )
+    return MaterializeResult(metadata=_run_metadata(report, stage_io(session, TABLE)))
+
+
+def _failure_text(report: IngestReport) -> str:
+    lines = [f"{region}: {error}" for region, error in sorted(report.failures.items())]
+    published = f"; {len(report.regions)} other region(s) were published" if report.regions else ""
+    return f"{len(report.failures)} region(s) not published, previous versions kept{published}:\n" + "\n".join(lines)
+
+
+def _run_metadata(report: IngestReport, io: dict) -> dict:
+    accepted = sum(r.accepted for r in report.regions.values())
+    rejected = sum(r.rejected for r in report.regions.values())
+    seconds = max(report.seconds, 1e-9)
+    metadata = {
+        "regions": len(report.regions),
+        "run_rows_in": report.rows_read,
+        "run_rows_accepted": accepted,
+        "run_rows_rejected": rejected,
+        "wall_seconds": round(report.seconds, 2),
+        "rows_per_second": round(report.rows_read / seconds),
+    }
+    metadata.update({f"spark_{name}": value for name, value in io.items()})
+    if io.get("input_bytes"):
+        metadata["spark_input_mb_per_second"] = round(io["input_bytes"] / 2**20 / seconds, 1)
+    return metadata
+
+
+@asset_check(asset=gaia_source, blocking=True, description="Every row read is accepted or quarantined: rows in = accepted + rejected.")
+def rows_conserved(storage: StorageResource) -> AssetCheckResult:
+    """Counts come from the Parquet footers on disk, not from the Spark job that wrote them."""
+    layout = storage.layout
+    broken, totals = {}, {"rows_in": 0, "accepted": 0, "rejected": 0}
+    for region in published_regions(layout, TABLE):
+        manifest = read_manifest(layout, TABLE, region)
+        accepted = _footer_rows(layout.region_dir(TABLE, region))
+        rejected = _footer_rows(layout.quarantine_dir(TABLE, region))
+        rows_in = manifest.get("rows_in", -1)
+        totals["rows_in"] += max(rows_in, 0)
+        totals["accepted"] += accepted
+        totals["rejected"] += rejected
+        if rows_in != accepted + rejected:
+            broken[region] = {"rows_in": rows_in, "accepted": accepted, "rejected": rejected}
+    return AssetCheckResult(passed=not broken, metadata={**totals, "regions_checked": len(published_regions(layout, TABLE)), "mismatched": MetadataValue.json(broken)})
+
+
+def _footer_rows(directory) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in directory.glob("*.parquet")) if directory.exists() else 0

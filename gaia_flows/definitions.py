@@ -1,0 +1,16 @@
+"""The one ``Definitions`` object: ``dagster dev`` and ``dagster asset materialize -m
+gaia_flows.definitions`` load it. The deployment profile (``GAIA_FLOWS_PROFILE``) picks the
+resources; the asset graph is the same on every target."""
+
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+
+from gaia_flows.assets import catalogue, classifier, cluster, proper_motion
+from gaia_flows.resources import build_resources
+
+_modules = [cluster, catalogue, proper_motion, classifier]
+
+defs = Definitions(
+    assets=load_assets_from_modules(_modules),
+    asset_checks=load_asset_checks_from_modules(_modules),
+    resources=build_resources(),
+)

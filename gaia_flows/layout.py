@@ -1,0 +1,114 @@
+"""Where everything lives on disk.
+
+One state folder (``$GAIA_FLOWS_HOME``, default ``.gaia``) holds the Dagster instance, the
+landing and quarantine areas, the Parquet warehouse and the MLflow store, so deleting it
+resets the platform. Every module asks this one helper for paths instead of joining strings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HOME = ".gaia"
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    home: Path
+    landing: Path
+
+    @classmethod
+    def from_env(cls, home: str | os.PathLike | None = None, landing: str | os.PathLike | None = None) -> "StateLayout":
+        """Resolve the folders from arguments first, then ``GAIA_FLOWS_HOME``/``GAIA_FLOWS_LANDING``."""
+        home_path = Path(home or os.environ.get("GAIA_FLOWS_HOME") or DEFAULT_HOME).expanduser().resolve()
+        landing_path = landing or os.environ.get("GAIA_FLOWS_LANDING") or home_path / "landing"
+        return cls(home=home_path, landing=Path(landing_path).expanduser().resolve())
+
+    @property
+    def warehouse(self) -> Path:
+        return self.home / "warehouse"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def maps(self) -> Path:
+        return self.home / "maps"
+
+    @property
+    def clusters(self) -> Path:
+        return self.home / "clusters"
+
+    @property
+    def spark_local_dir(self) -> Path:
+        return self.home / "spark-tmp"
+
+    @property
+    def truth(self) -> Path:
+        """Hidden ground truth of a synthetic catalogue, kept apart from the Gaia columns."""
+        return self.landing / "truth"
+
+    def table(self, name: str) -> Path:
+        return self.warehouse / name
+
+    def region_dir(self, table: str, region: str) -> Path:
+        return self.warehouse / table / region
+
+    def quarantine_dir(self, table: str, region: str) -> Path:
+        return self.quarantine / table / region
+
+    def staging_dir(self, table: str) -> Path:
+        """Scratch space on the same filesystem as the warehouse, so publishing is a rename."""
+        return self.warehouse / "_staging" / f"{table}-{uuid.uuid4().hex[:12]}"
+
+    def ensure(self) -> "StateLayout":
+        for path in (self.landing, self.warehouse, self.quarantine, self.dagster_home, self.mlflow_dir, self.maps):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def publish(staged: Path, final: Path) -> Path:
+    """Make ``staged`` the content of ``final`` in one atomic step.
+
+    ``final`` is a symlink into ``<table>/.versions/``; swapping the link is a single
+    ``rename``, so a reader sees the old version or the new one, never a half-written mix,
+    and a failure before the swap leaves the previous version untouched. Spark and DuckDB
+    skip dot-directories, so old versions never leak into a table scan.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    versions = final.parent / ".versions"
+    versions.mkdir(exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    target = versions / f"{final.name}-{tag}"
+    os.replace(staged, target)
+    link = final.parent / f".{final.name}.link-{tag}"
+    os.symlink(os.path.relpath(target, final.parent), link)
+    previous = final.resolve() if final.is_symlink() else None
+    if final.exists() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.replace(link, final)
+    if previous is not None and previous != target:
+        shutil.rmtree(previous, ignore_errors=True)
+    return target

@@ -1,0 +1,105 @@
+"""Reading and publishing per-region tables in the warehouse.
+
+Every partitioned table is ``warehouse/<table>/<region>/`` (``hpx1-07``), a symlink to an
+immutable version directory, so one region can be rewritten while the others and any reader
+stay untouched. Only this module writes there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+
+from gaia_flows.layout import StateLayout, publish
+from gaia_flows.science.healpix import parse_region_key
+
+REGION_MANIFEST = "_region.json"
+
+
+def published_regions(layout: StateLayout, table: str) -> list[str]:
+    root = layout.table(table)
+    if not root.exists():
+        return []
+    regions = []
+    for path in root.iterdir():
+        try:
+            parse_region_key(path.name)
+        except ValueError:
+            continue
+        if path.exists():
+            regions.append(path.name)
+    return sorted(regions)
+
+
+def region_paths(layout: StateLayout, table: str, regions: list[str] | None = None) -> list[str]:
+    wanted = published_regions(layout, table) if regions is None else regions
+    missing = [r for r in wanted if not layout.region_dir(table, r).exists()]
+    if missing:
+        raise FileNotFoundError(f"table {table!r} has no published region(s) {missing} under {layout.table(table)}")
+    return [str(layout.region_dir(table, r)) for r in wanted]
+
+
+def read_regions(spark: SparkSession, layout: StateLayout, table: str, regions: list[str] | None = None) -> DataFrame:
+    """Spark DataFrame over the given regions (all published ones by default)."""
+    paths = region_paths(layout, table, regions)
+    if not paths:
+        raise FileNotFoundError(f"table {table!r} has no published regions under {layout.table(table)}")
+    return spark.read.parquet(*paths)
+
+
+def read_manifest(layout: StateLayout, table: str, region: str) -> dict:
+    path = layout.region_dir(table, region) / REGION_MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_manifest(directory: Path, manifest: dict | None) -> None:
+    """Sidecar a person (or an asset check) reads to see what a version holds and where it came from."""
+    if manifest is not None:
+        (directory / REGION_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def write_region(
+    df: DataFrame, layout: StateLayout, table: str, region: str, files: int, sort_key: str = "source_id", manifest: dict | None = None
+) -> Path:
+    """Write ``df`` as ``files`` Parquet files sorted by ``sort_key`` and publish it atomically.
+
+    A range partition on the sort key keeps neighbouring sources in the same file, so a region
+    (and any sub-range of source_id) is read sequentially.
+    """
+    return _publish_spark(df, layout, table, layout.region_dir(table, region), files, sort_key, manifest)
+
+
+def write_table(
+    df: DataFrame, layout: StateLayout, table: str, files: int, sort_key: str = "source_id", manifest: dict | None = None
+) -> Path:
+    """Publish an unpartitioned table written by Spark (e.g. the contiguous training set)."""
+    return _publish_spark(df, layout, table, layout.table(table), files, sort_key, manifest)
+
+
+def _publish_spark(df: DataFrame, layout: StateLayout, table: str, final: Path, files: int, sort_key: str, manifest: dict | None) -> Path:
+    staging = layout.staging_dir(table)
+    df.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(sort_key).write.parquet(str(staging))
+    write_manifest(staging, manifest)
+    return publish(staging, final)
+
+
+def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: str, manifest: dict | None = None) -> Path:
+    """Publish a small per-region table (statistics, predictions) written from the driver."""
+    staging = layout.staging_dir(table)
+    staging.mkdir(parents=True)
+    pq.write_table(data, staging / "part-00000.parquet", compression="zstd")
+    write_manifest(staging, manifest)
+    return publish(staging, layout.region_dir(table, region))
+
+
+def write_table_arrow(data: pa.Table, layout: StateLayout, table: str, manifest: dict | None = None) -> Path:
+    """Publish an unpartitioned table (training set, all-sky maps) as one atomic directory."""
+    staging = layout.staging_dir(table)
+    staging.mkdir(parents=True)
+    pq.write_table(data, staging / "part-00000.parquet", compression="zstd")
+    write_manifest(staging, manifest)
+    return publish(staging, layout.table(table))
