@@ -1,0 +1,142 @@
+"""Ingestion throughput: synthetic DR3 files -> validated, region-partitioned ``gaia_source``.
+
+For each catalogue size, in one process and on the same files:
+  generate  the synthetic bulk files (the generator's own speed: issue target 10M < 5 min)
+  ours      ``ingest_regions`` over all 48 regions in one Spark application (what the
+            ``gaia_source`` backfill runs): contract checks, quarantine, dedup, sort, publish
+  duckdb    the baseline: DuckDB converting the same gzip CSVs to one Parquet file, with no
+            validation, no partitioning and no sort -- the floor of "just read and rewrite"
+
+It prints rows/s, input MB/s (compressed bytes), the ratio ours/duckdb, and peak RSS of the
+Python driver and of the Spark JVM (sampled), so "time grows linearly, driver memory stays
+flat" can be read off the table.
+
+    .venv/bin/python benchmarks/ingest.py --stars 1000000 10000000
+"""
+
+import argparse
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import psutil
+
+from gaia_flows import spark as spark_factory
+from gaia_flows.contracts import load_contract
+from gaia_flows.engine.ingest import TABLE, ingest_regions
+from gaia_flows.layout import StateLayout
+from gaia_flows.profiles import load_profile
+from gaia_flows.science.healpix import region_keys
+from gaia_flows.science.synthetic import generate
+
+
+class PeakRss:
+    """Samples the RSS of this process and of its JVM children every 100 ms."""
+
+    def __init__(self):
+        self.me = psutil.Process()
+        self.python = self.jvm = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.python = max(self.python, self.me.memory_info().rss)
+            jvm = 0
+            for child in self.me.children(recursive=True):
+                try:
+                    if "java" in child.name():
+                        jvm += child.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+            self.jvm = max(self.jvm, jvm)
+            self._stop.wait(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def duckdb_baseline(files: list[Path], out: Path) -> float:
+    started = time.perf_counter()
+    con = duckdb.connect()
+    listing = ", ".join(f"'{f}'" for f in files)
+    con.execute(
+        f"COPY (SELECT * FROM read_csv([{listing}], comment='#', header=true, nullstr=['null', '', 'nan'],"
+        f" union_by_name=true)) TO '{out}' (FORMAT parquet, COMPRESSION zstd)"
+    )
+    con.close()
+    return time.perf_counter() - started
+
+
+def run_size(stars: int, work: Path, spark, seed: int) -> dict:
+    home = work / f"stars-{stars}"
+    layout = StateLayout.from_env(home=home, landing=home / "landing").ensure()
+    gen = generate(stars, seed, layout.landing, progress=False)
+    in_bytes = sum(f.stat().st_size for f in gen.files)
+    with PeakRss() as rss:
+        report = ingest_regions(spark, layout, region_keys(), load_contract(TABLE), 128 << 20)
+    assert not report.failures, report.failures
+    accepted = sum(r.accepted for r in report.regions.values())
+    rejected = sum(r.rejected for r in report.regions.values())
+    assert accepted + rejected == report.rows_read
+    duck = duckdb_baseline(gen.files, work / f"duckdb-{stars}.parquet")
+    shutil.rmtree(home)
+    return {
+        "stars": stars,
+        "generate_s": gen.seconds,
+        "ingest_s": report.seconds,
+        "rows": report.rows_read,
+        "accepted": accepted,
+        "rejected": rejected,
+        "mb": in_bytes / 1e6,
+        "duckdb_s": duck,
+        "py_rss_mb": rss.python / 1e6,
+        "jvm_rss_mb": rss.jvm / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stars", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="gaia-bench-ingest-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    profile = load_profile("local")
+    started = time.perf_counter()
+    spark = spark_factory.session(profile.spark_master, {**profile.spark_conf, "spark.local.dir": str(work / "spark")})
+    cores = spark.sparkContext.defaultParallelism
+    print(f"Spark {spark.version} {profile.spark_master} ({cores} cores) started in {time.perf_counter() - started:.1f} s")
+
+    header = f"{'stars':>11} {'gen s':>7} {'ingest s':>9} {'rows/s':>9} {'MB/s':>6} {'duckdb s':>9} {'ours/duckdb':>11} {'py RSS MB':>9} {'JVM RSS MB':>10} {'rejected':>9}"
+    print(header)
+    results = []
+    for stars in args.stars:
+        r = run_size(stars, work, spark, args.seed)
+        results.append(r)
+        print(
+            f"{r['stars']:>11,} {r['generate_s']:>7.1f} {r['ingest_s']:>9.1f} {r['rows'] / r['ingest_s']:>9,.0f} {r['mb'] / r['ingest_s']:>6.1f}"
+            f" {r['duckdb_s']:>9.1f} {r['ingest_s'] / r['duckdb_s']:>11.2f} {r['py_rss_mb']:>9.0f} {r['jvm_rss_mb']:>10.0f} {r['rejected']:>9,}",
+            flush=True,
+        )
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        print(
+            f"scaling {first['stars']:,} -> {last['stars']:,} stars (x{last['stars'] / first['stars']:.0f}): ingest time x{last['ingest_s'] / first['ingest_s']:.1f},"
+            f" driver (Python) peak RSS x{last['py_rss_mb'] / first['py_rss_mb']:.2f}"
+        )
+    spark_factory.stop_active()
+
+
+if __name__ == "__main__":
+    main()
