@@ -23,10 +23,19 @@ class SparkResource(ConfigurableResource):
     spark_config: dict[str, str] = {}
     cluster_manifest: str | None = None
 
-    def resolved_master(self) -> str:
+    def _manifest(self) -> dict | None:
         if self.cluster_manifest and Path(self.cluster_manifest).exists():
-            return json.loads(Path(self.cluster_manifest).read_text())["master_url"]
-        return self.master
+            return json.loads(Path(self.cluster_manifest).read_text())
+        return None
+
+    def resolved_master(self) -> str:
+        manifest = self._manifest()
+        return manifest["master_url"] if manifest else self.master
 
     def session(self) -> SparkSession:
-        return spark_factory.session(self.resolved_master(), self.spark_config)
+        # The planner's executor shape and shuffle partitions belong to the cluster it sized,
+        # so on a provisioned cluster they win over the profile's generic settings.
+        manifest = self._manifest()
+        if manifest is None:
+            return spark_factory.session(self.master, self.spark_config)
+        return spark_factory.session(manifest["master_url"], {**self.spark_config, **manifest.get("spark_conf", {})})

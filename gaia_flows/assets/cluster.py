@@ -1,0 +1,180 @@
+"""The Spark cluster as an asset, and the job that removes it.
+
+Materialising ``spark_cluster`` plans a cluster for the workload (``science.planner``) and
+reconciles the cloud to it (``cloud.provision``); its manifest (master URL, nodes, size,
+price) is what ``SparkResource`` reads, so downstream assets run on ``local[*]``, a loopback
+standalone cluster or cloud VMs without a change. ``teardown_cluster`` is the one command
+that removes a whole deployment again.
+"""
+
+
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetObservation,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    OpExecutionContext,
+    asset,
+    asset_check,
+    job,
+    op,
+)
+
+from gaia_flows.cloud.provision import ProvisionError, ProvisioningFailed
+from gaia_flows.cloud.retry import CloudCallError, redact
+from gaia_flows.layout import StateLayout
+from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.storage import StorageResource
+from gaia_flows.science.planner import PlanError
+
+LANDING_GLOB = "GaiaSource_*.csv*"
+
+
+class ClusterConfig(Config):
+    """Run-time overrides; by default the profile's workload and the landing area's size decide."""
+
+    workload: str | None = None  # aggregate | training | classification
+    data_bytes: int | None = None
+    workers: int | None = None  # pin the worker count instead of letting the planner choose
+    size: str | None = None  # pin the worker size (name or id) to one the profile allows
+    regions: int | None = None
+
+
+def landing_bytes(layout: StateLayout) -> int:
+    """Bytes of Gaia bulk files waiting in the landing area: the planner's data size."""
+    if not layout.landing.exists():
+        return 0
+    return sum(p.stat().st_size for p in layout.landing.rglob(LANDING_GLOB) if p.is_file())
+
+
+@asset(
+    group_name="platform",
+    kinds={"spark"},
+    description="Workload-shaped Spark cluster (master + N workers) reconciled through libcloud; "
+    "its manifest gives downstream assets the Spark master URL. No-op for profiles without a cloud.",
+)
+def spark_cluster(
+    context: AssetExecutionContext,
+    config: ClusterConfig,
+    cloud: CloudResource,
+    storage: StorageResource,
+) -> MaterializeResult:
+    profile = cloud.load()
+    if profile.cloud is None:
+        context.log.info(f"profile {profile.name!r} has no cloud: Spark runs at {profile.spark_master}, nothing to provision")
+        return MaterializeResult(metadata={"profile": profile.name, "mode": "no cluster", "master_url": profile.spark_master})
+
+    settings = cloud.settings()
+    measured = landing_bytes(storage.layout)
+    data_bytes = config.data_bytes if config.data_bytes is not None else (measured or settings.cluster.data_bytes)
+    provisioner = cloud.provisioner(logger=context.log)
+    try:
+        plan = provisioner.plan(data_bytes, config.workload, config.regions, config.workers, config.size)
+    except (PlanError, CloudCallError) as exc:
+        raise Failure(description=f"cannot plan cluster {settings.name!r}: {redact(str(exc))}") from exc
+    for reason in plan.reasons:
+        context.log.info(f"plan: {reason}")
+
+    try:
+        result = provisioner.reconcile(plan)
+    except ProvisioningFailed as exc:
+        raise Failure(
+            description=str(exc),
+            metadata={
+                "rolled_back": exc.rolled_back,
+                "leftover_nodes": MetadataValue.json(exc.leftover),
+                "created_this_run": MetadataValue.json(exc.created),
+                "api_calls": MetadataValue.json(provisioner.call.summary()),
+            },
+        ) from exc
+
+    manifest = result.manifest
+    nodes = [manifest["master"], *manifest["workers"]]
+    metadata = {
+        "profile": profile.name,
+        "provider": settings.provider,
+        "cluster": settings.name,
+        "master_url": manifest["master_url"],
+        "worker_count": manifest["worker_count"],
+        "size": plan.size.name,
+        "vcpus_per_worker": plan.size.vcpus,
+        "ram_mb_per_worker": plan.size.ram_mb,
+        "master_size": plan.master_size.name,
+        "node_ids": MetadataValue.json([n["id"] for n in nodes]),
+        "addresses": MetadataValue.json({n["name"]: {"private": n["private_ips"], "public": n["public_ips"]} for n in nodes}),
+        "workload": plan.workload.value,
+        "data_bytes": plan.data_bytes,
+        "executor": f"{plan.executors_per_worker} x {plan.executor_cores} cores / {plan.executor_memory_mb} MiB per worker",
+        "shuffle_partitions": plan.shuffle_partitions,
+        "bucket_mib": plan.bucket_bytes // 2**20,
+        "files_per_region": MetadataValue.json(plan.files_per_region),
+        "spark_conf": MetadataValue.json(plan.spark_conf()),
+        "plan_reasons": MetadataValue.md("\n".join(f"- {r}" for r in plan.reasons)),
+        "created": MetadataValue.json(result.created),
+        "destroyed": MetadataValue.json(result.destroyed),
+        "kept": MetadataValue.json(result.kept),
+        "api_calls": MetadataValue.json(provisioner.call.summary()),
+        "reconcile_seconds": result.seconds,
+        "manifest": MetadataValue.path(str(settings.manifest_path)),
+    }
+    if plan.size.price is not None:
+        metadata["price_per_worker_hour"] = plan.size.price
+    if plan.cost_per_hour is not None:
+        metadata["cost_per_hour"] = plan.cost_per_hour
+    return MaterializeResult(metadata=metadata)
+
+
+@asset_check(asset=spark_cluster, description="Every node in the manifest exists and runs (asks the cloud, not the manifest).")
+def spark_cluster_nodes_running(cloud: CloudResource) -> AssetCheckResult:
+    if not cloud.enabled:
+        return AssetCheckResult(passed=True, metadata={"mode": "no cluster"})
+    settings = cloud.settings()
+    path = Path(settings.manifest_path)
+    if not path.exists():
+        return AssetCheckResult(passed=False, metadata={"reason": f"no manifest at {path}"})
+    import json
+
+    manifest = json.loads(path.read_text())
+    expected = {manifest["master"]["id"], *(w["id"] for w in manifest["workers"])}
+    running = {n["id"] for n in cloud.provisioner().inventory()["nodes"] if n["state"] == "running"}
+    missing = sorted(expected - running)
+    return AssetCheckResult(
+        passed=not missing,
+        metadata={"expected": len(expected), "running": len(expected & running), "missing": MetadataValue.json(missing)},
+    )
+
+
+@op(description="Destroy every node tagged with the profile's cluster name, then its security group and key pair.")
+def teardown_cluster_nodes(context: OpExecutionContext, cloud: CloudResource) -> dict:
+    if not cloud.enabled:
+        context.log.info("profile has no cloud: nothing to tear down")
+        return {"cluster": None, "destroyed_nodes": []}
+    provisioner = cloud.provisioner(logger=context.log)
+    try:
+        summary = provisioner.teardown()
+    except (ProvisionError, CloudCallError) as exc:
+        raise Failure(description=f"teardown incomplete: {redact(str(exc))}", metadata={"api_calls": MetadataValue.json(provisioner.call.summary())}) from exc
+    summary["api_calls"] = provisioner.call.summary()
+    context.log_event(
+        AssetObservation(
+            asset_key="spark_cluster",
+            metadata={
+                "state": "torn down",
+                "destroyed_nodes": MetadataValue.json(summary["destroyed_nodes"]),
+                "deleted_security_group": str(summary["deleted_security_group"]),
+                "deleted_key_pair": str(summary["deleted_key_pair"]),
+            },
+        )
+    )
+    context.log.info(f"teardown of {summary['cluster']}: removed {len(summary['destroyed_nodes'])} node(s)")
+    return summary
+
+
+@job(name="teardown_cluster", description="Remove the profile's Spark cluster: all tagged nodes, its security group and key pair.")
+def teardown_cluster_job():
+    teardown_cluster_nodes()

@@ -1,0 +1,1 @@
+"""Clusters on clouds through libcloud: driver construction, provisioning, a local driver."""

@@ -1,0 +1,151 @@
+"""The ``cloud:`` section of a profile as typed settings with defaults.
+
+The profile file is validated by JSON schema (``gaia_flows.profiles``); this module only
+fills defaults and derives names, so the provisioner reads attributes instead of chasing
+optional keys through nested dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gaia_flows.cloud.retry import RetryPolicy
+from gaia_flows.layout import StateLayout
+from gaia_flows.profiles import Profile
+from gaia_flows.science.planner import DEFAULT_REGIONS, Limits
+
+TAG_CLUSTER = "gaia-flows-cluster"
+TAG_ROLE = "gaia-flows-role"
+TAG_INDEX = "gaia-flows-index"
+TAG_SIZE = "gaia-flows-size"
+TAG_MASTER = "gaia-flows-master"
+TAG_MASTER_URL = "gaia-flows-master-url"
+
+
+class CloudConfigError(ValueError):
+    """The profile and the environment together cannot build a driver (names the variable)."""
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    name: str
+    workload: str = "aggregate"
+    data_bytes: int = 0
+    regions: int = DEFAULT_REGIONS
+    on_failure: str = "rollback"
+    wait_timeout_s: float = 900.0
+    poll_interval_s: float = 5.0
+    spark_port: int = 7077
+    spark_version: str | None = None
+    user_data_template: str | None = None
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    profile: str
+    provider: str
+    cluster: ClusterSettings
+    image: dict
+    credentials: dict[str, str] = field(default_factory=dict)
+    driver_options: dict = field(default_factory=dict)
+    emulator: str | None = None
+    region: str | None = None
+    zone: str | None = None
+    allowed_sizes: tuple[str, ...] | None = None
+    prices: dict[str, float] = field(default_factory=dict)
+    local_sizes: tuple[dict, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    network_name: str | None = None
+    subnet: str | None = None
+    orchestrator_cidr: str | None = None
+    use_public_ip: bool = False
+    key_pair_name: str | None = None
+    public_key_file: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    state_dir: Path | None = None
+    clusters_dir: Path | None = None
+
+    @classmethod
+    def from_profile(cls, profile: Profile, layout: StateLayout | None = None) -> "CloudSettings":
+        if profile.cloud is None:
+            raise CloudConfigError(f"profile {profile.name!r} has no cloud section (it runs Spark at {profile.spark_master})")
+        spec = profile.cloud
+        layout = layout or StateLayout.from_env()
+        cluster = ClusterSettings(**{k: v for k, v in (spec.get("cluster") or {}).items() if v is not None})
+        sizes = spec.get("sizes") or {}
+        limits_spec = dict(spec.get("limits") or {})
+        if sizes.get("allowed"):
+            limits_spec["allowed_sizes"] = sizes["allowed"]
+        network = spec.get("network") or {}
+        key_pair = spec.get("key_pair") or {}
+        image = spec["image"]
+        if isinstance(image, str):
+            image = {"ref": image}
+        state_dir = spec.get("state_dir")
+        return cls(
+            profile=profile.name,
+            provider=spec["provider"],
+            cluster=cluster,
+            image=dict(image),
+            credentials=dict(spec.get("credentials") or {}),
+            driver_options=dict(spec.get("driver_options") or {}),
+            emulator=spec.get("emulator"),
+            region=spec.get("region"),
+            zone=spec.get("zone"),
+            allowed_sizes=tuple(sizes["allowed"]) if sizes.get("allowed") else None,
+            prices={str(k): float(v) for k, v in (sizes.get("prices") or {}).items()},
+            local_sizes=tuple(sizes.get("local") or ()),
+            limits=Limits.from_mapping(limits_spec),
+            network_name=network.get("name"),
+            subnet=network.get("subnet"),
+            orchestrator_cidr=network.get("orchestrator_cidr"),
+            use_public_ip=bool(network.get("use_public_ip", False)),
+            key_pair_name=key_pair.get("name"),
+            public_key_file=key_pair.get("public_key_file"),
+            retry=RetryPolicy.from_mapping(spec.get("retry")),
+            state_dir=Path(state_dir).expanduser() if state_dir else layout.clusters / "local-spark",
+            clusters_dir=layout.clusters,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.cluster.name
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {TAG_CLUSTER: self.cluster.name}
+
+    @property
+    def key_name(self) -> str:
+        return self.key_pair_name or f"{self.cluster.name}-key"
+
+    @property
+    def group_name(self) -> str:
+        return f"{self.cluster.name}-sg"
+
+    @property
+    def group_description(self) -> str:
+        return f"gaia-flows cluster {self.cluster.name}: intra-cluster + orchestrator only"
+
+    @property
+    def manifest_path(self) -> Path:
+        return manifest_path(self.clusters_dir, self.cluster.name)
+
+    @property
+    def cluster_dir(self) -> Path:
+        return Path(self.clusters_dir) / self.cluster.name
+
+    def secret_env_names(self) -> list[str]:
+        return [v for k, v in self.credentials.items() if k.endswith("_env")]
+
+
+def manifest_path(clusters_dir: Path | str, cluster_name: str) -> Path:
+    """Where the spark_cluster asset writes its manifest and SparkResource reads the master URL."""
+    return Path(clusters_dir) / f"{cluster_name}.json"
+
+
+def cluster_name_of(profile: Profile) -> str | None:
+    if profile.cloud is None:
+        return None
+    return (profile.cloud.get("cluster") or {}).get("name")

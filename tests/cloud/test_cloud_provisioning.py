@@ -1,0 +1,186 @@
+"""``spark_cluster`` and ``teardown_cluster`` against EC2 (moto) and OpenStack (fake) over real
+HTTP on loopback, through libcloud's own drivers: tagging, idempotency, shrinking, teardown,
+and failures (5xx, 429, slow answers, quota) with bounded retries and nothing leaked.
+
+Every claim is checked on the cloud's side - boto3 against moto, the fake's own state - and by
+the requests the cloud received, not only by what the asset reports about itself.
+"""
+
+import json
+
+from dagster import materialize
+
+from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
+from gaia_flows.cloud.settings import TAG_CLUSTER, TAG_ROLE
+from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.storage import StorageResource
+
+ORCHESTRATOR_CIDR = "192.0.2.10/32"  # the shipped profiles' orchestrator address
+
+
+def _resources(target, profile=None):
+    return {"cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)), "storage": StorageResource()}
+
+
+def materialise(target, workers, profile=None, raise_on_error=True, instance=None):
+    # Size and count pinned, so a test says exactly which machines it expects.
+    config = {"workers": workers, "size": target.worker_size, "data_bytes": 50 * 2**30}
+    return materialize(
+        [spark_cluster],
+        resources=_resources(target, profile),
+        run_config={"ops": {"spark_cluster": {"config": config}}},
+        raise_on_error=raise_on_error,
+        instance=instance,
+    )
+
+
+def metadata(result) -> dict:
+    (event,) = result.asset_materializations_for_node("spark_cluster")
+    return {k: v.value for k, v in event.metadata.items()}
+
+
+def failure(result):
+    """(message, metadata) of the spark_cluster step's Failure."""
+    assert not result.success
+    (event,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    data = event.step_failure_data
+    meta = {k: v.value for k, v in (data.user_failure_data.metadata if data.user_failure_data else {}).items()}
+    return data.error.message, meta
+
+
+def teardown(target, profile=None):
+    return teardown_cluster_job.execute_in_process(resources={"cloud": _resources(target, profile)["cloud"]})
+
+
+def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(target, layout):
+    result = materialise(target, workers=3)
+    meta = metadata(result)
+    live = target.servers()
+    assert sorted(s["name"] for s in live) == [f"{target.cluster}-master", *(f"{target.cluster}-worker-{i}" for i in range(3))]
+    assert all(s["tags"][TAG_CLUSTER] == target.cluster for s in live)
+    assert sorted(s["tags"][TAG_ROLE] for s in live) == ["master", "worker", "worker", "worker"]
+    assert all(s["groups"] == [f"{target.cluster}-sg"] for s in live)
+    assert target.key_pairs() == [f"{target.cluster}-key"]
+    # The group admits its own members (tcp + udp) and the orchestrator (tcp), nothing else.
+    (group,) = target.security_groups()
+    assert group["name"] == f"{target.cluster}-sg"
+    assert group["sources"] == sorted([["tcp", group["id"]], ["udp", group["id"]], ["tcp", ORCHESTRATOR_CIDR]])
+
+    manifest = json.loads((layout.clusters / f"{target.cluster}.json").read_text())
+    master = manifest["master"]
+    assert meta["master_url"] == manifest["master_url"]
+    assert meta["master_url"].startswith("spark://") and meta["master_url"].endswith(":7077")
+    assert meta["worker_count"] == 3 and len(meta["node_ids"]) == 4 and master["id"] in meta["node_ids"]
+    assert sorted(meta["created"]) == sorted(s["name"] for s in live)
+    assert meta["api_calls"]["calls"]["create_node"] == 4
+    assert target.count(target.create_request) == 4
+
+    before = target.requests()
+    again = metadata(materialise(target, workers=3))
+    assert again["created"] == [] and again["destroyed"] == []
+    assert sorted(again["kept"]) == sorted(s["name"] for s in live)
+    calls = again["api_calls"]["calls"]
+    assert not [op for op in calls if op.startswith(("create", "destroy", "ex_create", "ex_delete", "import", "delete", "ex_authorize"))], calls
+    assert target.count(target.create_request, before) == 0
+    assert target.count(target.destroy_request, before) == 0
+    assert again["node_ids"] == meta["node_ids"] and again["master_url"] == meta["master_url"]
+
+
+def test_smaller_plan_destroys_only_the_surplus_workers(target, layout):
+    first = metadata(materialise(target, workers=3))
+    before = target.requests()
+    smaller = metadata(materialise(target, workers=1))
+    assert sorted(smaller["destroyed"]) == [f"{target.cluster}-worker-1", f"{target.cluster}-worker-2"]
+    assert smaller["created"] == []
+    assert target.count(target.destroy_request, before) == 2
+    assert target.count(target.create_request, before) == 0
+    assert set(smaller["node_ids"]) < set(first["node_ids"]), "master and worker-0 are the same machines as before"
+    assert sorted(s["name"] for s in target.servers()) == [f"{target.cluster}-master", f"{target.cluster}-worker-0"]
+
+
+def test_teardown_job_removes_every_node_group_and_key(target, layout):
+    materialise(target, workers=2)
+    assert len(target.servers()) == 3
+    result = teardown(target)
+    assert result.success
+    summary = result.output_for_node("teardown_cluster_nodes")
+    assert len(summary["destroyed_nodes"]) == 3
+    assert target.servers() == []
+    assert target.security_groups() == []
+    assert target.key_pairs() == []
+    assert not (layout.clusters / f"{target.cluster}.json").exists()
+    # Tearing down nothing is not an error: the job can be run blindly.
+    assert teardown(target).output_for_node("teardown_cluster_nodes")["destroyed_nodes"] == []
+
+
+def test_transient_errors_are_retried_without_duplicates(target, layout):
+    # Two 5xx on create and two throttled lists: within the budget of 3 attempts per call.
+    target.api.set_faults(
+        [
+            {"match": target.create_request, "kind": "error", "status": 503 if target.name == "openstack" else 500, "after": 1, "times": 2},
+            {"match": target.list_request, "kind": "throttle", "after": 1, "times": 2},
+        ]
+    )
+    meta = metadata(materialise(target, workers=2))
+    retries = meta["api_calls"]["retries"]
+    assert retries.get("create_node") == 2 and retries.get("list_nodes") == 2
+    assert sorted(s["name"] for s in target.servers()) == [f"{target.cluster}-master", f"{target.cluster}-worker-0", f"{target.cluster}-worker-1"]
+    fired = target.api.stats()["faults_fired"]
+    assert sum(fired.values()) == 4
+
+
+def test_a_create_answered_too_late_is_adopted_not_duplicated(target, layout):
+    # The cloud takes 1.6 s to answer one create; the client gives up after 1 s and retries.
+    # The first request still lands: the provisioner must find that node, not make a twin.
+    profile = target.profile_with("impatient", timeout=1)
+    target.api.set_faults([{"match": target.create_request, "kind": "slow", "delay_s": 1.6, "after": 1, "times": 1}])
+    meta = metadata(materialise(target, workers=1, profile=profile))
+    names = sorted(s["name"] for s in target.servers())
+    assert names == [f"{target.cluster}-master", f"{target.cluster}-worker-0"]
+    assert meta["api_calls"]["retries"]["create_node"] == 1
+    assert target.count(target.create_request) == 2, "master + the one late create, no second create"
+
+
+def test_quota_error_midway_rolls_back_everything_this_run_created(target, layout):
+    # Master and two workers fit; the fourth create hits the quota (node 4 of 5).
+    target.api.set_faults([{"match": target.create_request, "kind": "quota", "after": 3, "times": -1}])
+    message, meta = failure(materialise(target, workers=4, raise_on_error=False))
+    assert "failed after creating 3 of the node(s)" in message
+    assert "permanent error" in message and ("Quota exceeded" in message or "InstanceLimitExceeded" in message)
+    assert "Rolled back" in message
+    assert meta["rolled_back"] is True and meta["leftover_nodes"] == []
+    assert target.count(target.create_request) == 4, "a quota error is not retried"
+    assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
+    assert not (layout.clusters / f"{target.cluster}.json").exists()
+
+
+def test_quota_error_with_on_failure_keep_leaves_tagged_nodes_for_teardown(target, layout):
+    profile = target.profile_with("keep", on_failure="keep")
+    target.api.set_faults([{"match": target.create_request, "kind": "quota", "after": 2, "times": -1}])
+    message, meta = failure(materialise(target, workers=3, profile=profile, raise_on_error=False))
+    assert "Left in place (on_failure=keep)" in message and f"{TAG_CLUSTER}={target.cluster}" in message
+    assert meta["rolled_back"] is False
+    kept = sorted(n["name"] for n in meta["leftover_nodes"])
+    assert kept == [f"{target.cluster}-master", f"{target.cluster}-worker-0"]
+    assert sorted(s["name"] for s in target.servers()) == kept
+    assert all(s["tags"][TAG_CLUSTER] == target.cluster for s in target.servers())
+    target.api.clear_faults()
+    assert teardown(target, profile).success
+    assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
+
+
+def test_persistent_server_errors_stop_after_the_retry_budget(target, layout):
+    target.api.set_faults([{"match": target.create_request, "kind": "error", "status": 500, "after": 1, "times": -1}])
+    message, meta = failure(materialise(target, workers=2, raise_on_error=False))
+    assert "create_node failed after 3 attempts (transient error)" in message
+    assert "Rolled back" in message and meta["rolled_back"] is True
+    assert target.count(target.create_request) == 1 + 3, "master, then exactly 3 attempts at worker-0"
+    assert target.servers() == [] and target.key_pairs() == []
+
+
+def test_no_cloud_profile_is_a_no_op(layout):
+    result = materialize([spark_cluster], resources={"cloud": CloudResource(profile="local"), "storage": StorageResource()})
+    meta = metadata(result)
+    assert meta["mode"] == "no cluster" and meta["master_url"].startswith("local[")
+    assert not layout.clusters.exists() or not any(layout.clusters.iterdir())
+
