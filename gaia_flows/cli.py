@@ -19,6 +19,9 @@ from gaia_flows.layout import REPO_ROOT, StateLayout
 from gaia_flows.science.healpix import region_keys
 
 ALL_REGIONS = f"{region_keys()[0]}...{region_keys()[-1]}"
+# The embedded instance (SQLite in the state folder, a small run queue); copied once, then the
+# state folder's copy is the user's to edit.
+LOCAL_INSTANCE_YAML = REPO_ROOT / "deployments" / "local" / "dagster.yaml"
 
 # Each step is one Dagster run and so one Spark application; partitioned steps cover every
 # region in a single run (single-run backfill policy), not 48 cold starts.
@@ -34,7 +37,7 @@ def dagster_env(layout: StateLayout) -> dict[str, str]:
     layout.dagster_home.mkdir(parents=True, exist_ok=True)
     instance_yaml = layout.dagster_home / "dagster.yaml"
     if not instance_yaml.exists():
-        instance_yaml.write_text("telemetry:\n  enabled: false\n")
+        shutil.copyfile(LOCAL_INSTANCE_YAML, instance_yaml)
     return {
         **os.environ,
         "GAIA_FLOWS_HOME": str(layout.home),

@@ -1,0 +1,337 @@
+"""deployments/: the instance files load in the real Dagster against the storage they name, the
+image and Helm values agree with the profiles, and no deployment file carries a secret.
+
+The PostgreSQL-backed instances (openstack, aws, kubernetes) are loaded against a real
+PostgreSQL server started on 127.0.0.1 for this module, with TLS and password authentication,
+so the ``DAGSTER_PG_*`` references and ``sslmode`` are exercised rather than just parsed."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance
+
+from gaia_flows import cli
+from gaia_flows.layout import REPO_ROOT
+
+DEPLOYMENTS = REPO_ROOT / "deployments"
+PROFILES = REPO_ROOT / "resources"
+DOCKERFILE = DEPLOYMENTS / "Dockerfile"
+HELM_VALUES = DEPLOYMENTS / "helm" / "values-kubernetes.yaml"
+SQLITE_TARGETS = ["local", "local-cluster"]
+POSTGRES_TARGETS = ["openstack", "aws", "kubernetes"]
+PG_PASSWORD = "only-for-this-test-server"
+
+
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def _instance(home: Path, source: Path, monkeypatch, edit=None) -> DagsterInstance:
+    """The instance Dagster builds from ``source`` as $DAGSTER_HOME/dagster.yaml."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = _yaml(source)
+    if edit:
+        edit(config)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return DagsterInstance.get()
+
+
+def test_every_target_has_an_instance_file_and_a_profile():
+    targets = {p.parent.name for p in DEPLOYMENTS.glob("*/dagster.yaml")}
+    assert targets == set(SQLITE_TARGETS + POSTGRES_TARGETS)
+    for target in targets:
+        assert (PROFILES / f"{target}.yaml").is_file(), f"deployments/{target} has no resources/{target}.yaml"
+        config = _yaml(DEPLOYMENTS / target / "dagster.yaml")
+        assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+        assert 1 <= config["concurrency"]["runs"]["max_concurrent_runs"] <= 4, "a backfill must queue, not start 48 Spark apps"
+
+
+@pytest.mark.parametrize("target", SQLITE_TARGETS)
+def test_sqlite_instance_loads_under_its_dagster_home(target, tmp_path, monkeypatch):
+    home = tmp_path / "state" / "dagster"
+    instance = _instance(home, DEPLOYMENTS / target / "dagster.yaml", monkeypatch)
+    try:
+        assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+        assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        expected = _yaml(DEPLOYMENTS / target / "dagster.yaml")["concurrency"]["runs"]["max_concurrent_runs"]
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == expected
+        assert instance.get_runs() == []
+        assert (home / "history" / "runs.db").is_file(), "run storage is SQLite inside the state folder"
+    finally:
+        instance.dispose()
+
+
+def test_misspelt_instance_setting_is_rejected(tmp_path, monkeypatch):
+    """The loader these tests rely on does catch a wrong key, so a passing load means something."""
+
+    def misspell(config):
+        config["concurrency"]["runs"]["max_concurent_runs"] = config["concurrency"]["runs"].pop("max_concurrent_runs")
+
+    with pytest.raises(Exception, match="max_concurent_runs"):
+        _instance(tmp_path / "dagster", DEPLOYMENTS / "local" / "dagster.yaml", monkeypatch, edit=misspell)
+
+
+def test_cli_seeds_the_state_folder_from_the_local_instance_file(layout):
+    instance_yaml = layout.dagster_home / "dagster.yaml"
+    instance_yaml.unlink(missing_ok=True)
+    env = cli.dagster_env(layout)
+    assert env["DAGSTER_HOME"] == str(layout.dagster_home)
+    assert instance_yaml.read_text() == (DEPLOYMENTS / "local" / "dagster.yaml").read_text()
+    instance_yaml.write_text("telemetry:\n  enabled: true\n")
+    cli.dagster_env(layout)
+    assert instance_yaml.read_text() == "telemetry:\n  enabled: true\n", "a user's edited instance is kept"
+
+
+# --- PostgreSQL targets -----------------------------------------------------------------------
+
+
+def _as_server_user(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root; CI containers often are root."""
+    return ["runuser", "-u", "nobody", "--", *command] if os.geteuid() == 0 else command
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """A throwaway PostgreSQL on 127.0.0.1 with TLS and scram passwords, stopped at the end.
+    scram-sha-256 refuses a missing or wrong password, so a connection proves DAGSTER_PG_PASSWORD
+    reached the driver."""
+    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    root = Path(tempfile.mkdtemp(prefix="gaia-pg-"))
+    data = root / "data"
+    (root / "pw").write_text(PG_PASSWORD + "\n")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(root / "server.key"), "-out", str(root / "server.crt")],
+        check=True, capture_output=True,
+    )
+    (root / "server.key").chmod(0o600)
+    if os.geteuid() == 0:
+        for path in [root, *root.iterdir()]:
+            shutil.chown(path, "nobody")
+    subprocess.run(
+        _as_server_user(["initdb", "-D", str(data), "-U", "gaia", "--pwfile", str(root / "pw"),
+                         "-A", "scram-sha-256", "--no-sync", "-E", "UTF8"]),
+        check=True, capture_output=True,
+    )
+    port = _free_port()
+    options = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off "
+               f"-c ssl=on -c ssl_cert_file={root / 'server.crt'} -c ssl_key_file={root / 'server.key'}")
+    subprocess.run(_as_server_user(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start"]),
+                   check=True, capture_output=True)
+    try:
+        yield {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_DB": "postgres", "DAGSTER_PG_USERNAME": "gaia",
+               "DAGSTER_PG_PASSWORD": PG_PASSWORD, "port": port}
+    finally:
+        subprocess.run(_as_server_user(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _point_at(server: dict, kubeconfig: Path | None = None):
+    """Only what differs between the test server and production: its port, and for the K8s
+    launcher a kubeconfig file instead of the in-cluster service account."""
+
+    def edit(config):
+        config["storage"]["postgres"]["postgres_db"]["port"] = server["port"]
+        if kubeconfig is not None:
+            launcher = config["run_launcher"]["config"]
+            launcher["load_incluster_config"] = False
+            launcher["kubeconfig_file"] = str(kubeconfig)
+
+    return edit
+
+
+@pytest.mark.parametrize("target", POSTGRES_TARGETS)
+def test_postgres_instance_loads_against_a_real_server(target, postgres_server, tmp_path, monkeypatch):
+    for name, value in postgres_server.items():
+        if name.startswith("DAGSTER_PG_"):
+            monkeypatch.setenv(name, value)
+    kubeconfig = None
+    if target == "kubernetes":
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "t",
+            "clusters": [{"name": "t", "cluster": {"server": "https://127.0.0.1:1"}}],
+            "users": [{"name": "t", "user": {}}],
+            "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+        }))
+    instance = _instance(tmp_path / "dagster", DEPLOYMENTS / target / "dagster.yaml", monkeypatch,
+                         edit=_point_at(postgres_server, kubeconfig))
+    try:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert instance.get_runs() == [], "tables were created and queried over the connection"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        launcher = instance.run_launcher
+        if target == "kubernetes":
+            assert type(launcher).__name__ == "K8sRunLauncher"
+            assert launcher.job_namespace == "gaia-flows"
+            assert launcher.service_account_name == _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["service_account"]
+            assert launcher.instance_config_map == "gaia-flows-instance"
+        else:
+            assert type(launcher).__name__ == "DefaultRunLauncher"
+    finally:
+        instance.dispose()
+
+
+# --- image and Helm values ---------------------------------------------------------------------
+
+
+def _dockerfile_cmd() -> list[str]:
+    line = next(l for l in DOCKERFILE.read_text().splitlines() if l.startswith("CMD "))
+    return yaml.safe_load(line[len("CMD "):])
+
+
+def test_dockerfile_builds_the_pinned_project_as_a_non_root_code_server():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    assert "openjdk-17-jre-headless" in text
+    assert re.search(r"pip install -c constraints\.txt \.", text), "dependencies pinned by constraints.txt"
+    assert "GAIA_FLOWS_HOME=/var/lib/gaia-flows" in text
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert user and user[-1].split(":")[0] not in {"root", "0"}
+    assert _dockerfile_cmd() == ["dagster", "api", "grpc", "-m", "gaia_flows.definitions", "-h", "0.0.0.0", "-p", "4000"]
+    assert re.search(r"^EXPOSE 4000$", text, re.M)
+    for referenced in re.findall(r"\b(deployments/\S+?\.(?:sh|yaml))\b", text):
+        assert (REPO_ROOT / referenced).is_file(), f"Dockerfile uses missing {referenced}"
+
+
+def test_dockerignore_keeps_state_and_venv_out_but_the_project_in():
+    patterns = [l.strip() for l in (REPO_ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    for excluded in (".venv", ".gaia", ".git", "**/__pycache__"):
+        assert excluded in patterns
+    for needed in ("gaia_flows", "resources", "data_contracts", "deployments", "pyproject.toml", "constraints.txt"):
+        assert not any(p.strip("/") == needed for p in patterns), f"{needed} must reach the image"
+
+
+def test_helm_values_run_our_image_with_the_k8s_run_launcher():
+    values = _yaml(HELM_VALUES)
+    profile = _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    image = deployment["image"]
+    assert f"{image['repository']}:{image['tag']}" == profile["image"]
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", "gaia_flows.definitions"]
+    assert str(deployment["port"]) == _dockerfile_cmd()[-1]
+    assert deployment["env"]["GAIA_FLOWS_PROFILE"] == "kubernetes"
+    assert deployment["includeConfigInLaunchedRuns"]["enabled"] is True
+    assert "resources" not in deployment, "would override the run pod's driver sizing"
+    assert values["dagster-user-deployments"]["serviceAccount"]["name"] == profile["service_account"]
+
+    launcher = values["runLauncher"]
+    assert launcher["type"] == "K8sRunLauncher"
+    run_resources = launcher["config"]["k8sRunLauncher"]["runK8sConfig"]["containerConfig"]["resources"]
+    assert run_resources == profile["run_pod_resources"]
+
+    queue = values["dagsterDaemon"]["runCoordinator"]
+    assert queue["type"] == "QueuedRunCoordinator"
+    instance = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")
+    assert queue["config"]["queuedRunCoordinator"]["maxConcurrentRuns"] == instance["concurrency"]["runs"]["max_concurrent_runs"]
+
+    assert values["generatePostgresqlPasswordSecret"] is False
+    assert "postgresqlPassword" not in values["postgresql"], "the password comes from global.postgresqlSecretName"
+    assert values["global"]["postgresqlSecretName"]
+
+
+def test_kubernetes_profile_files_exist_in_the_image_layout():
+    profile = _yaml(PROFILES / "kubernetes.yaml")
+    template = profile["kubernetes"]["pod_template"]
+    assert (REPO_ROOT / template).is_file()
+    assert profile["spark"]["conf"]["spark.kubernetes.executor.podTemplateFile"] == f"/opt/gaia-flows/{template}"
+    assert re.search(r"^WORKDIR /opt/gaia-flows$", DOCKERFILE.read_text(), re.M)
+    pod = _yaml(REPO_ROOT / template)
+    command = pod["spec"]["containers"][0]["command"][0]
+    assert command.startswith("/opt/gaia-flows/")
+    assert os.access(REPO_ROOT / command.removeprefix("/opt/gaia-flows/"), os.X_OK)
+
+
+# --- no secrets in deployment files ----------------------------------------------------------
+
+SECRET_KEY = re.compile(r"(?i)(passw|secret|token|private_?key|access_?key|api_?key|credential)")
+ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+TEXT_LEAKS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "private key block": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "literal password": re.compile(r"(?i)\bpassword\s*[:=]\s*(?![\s#]|$|\{\s*env\b|\$|~|null\b|\"\"|'')\S+"),
+}
+
+
+def _secret_like_values(node, path=""):
+    """Values under secret-looking keys that are not references (env var or Secret names)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{path}.{key}" if path else str(key)
+            leaf = str(key).rsplit(".", 1)[-1]  # Spark conf keys: judge `...credentials.provider` by `provider`
+            if SECRET_KEY.search(leaf) and not _is_reference(leaf, value):
+                yield here, value
+            yield from _secret_like_values(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _secret_like_values(value, f"{path}[{i}]")
+
+
+def _is_reference(key: str, value) -> bool:
+    if value is None or isinstance(value, bool) or value == "":
+        return True
+    if isinstance(value, dict):
+        return True  # `{env: NAME}`, or a group whose own keys are checked one by one
+    if isinstance(value, list):  # envSecrets: [{name: ...}] / env_secrets: [name]: Secrets named, not inlined
+        names = [v["name"] if isinstance(v, dict) and set(v) <= {"name", "optional"} else v for v in value]
+        return key.lower().endswith("secrets") and all(isinstance(n, str) and K8S_NAME.match(n) for n in names)
+    if isinstance(value, str):
+        if key.lower().endswith("_env"):
+            return bool(ENV_NAME.match(value))
+        if re.search(r"(?i)secret_?name$|_secret$", key):
+            return bool(K8S_NAME.match(value))
+    return False
+
+
+def _leaks(path: Path) -> list[str]:
+    text = path.read_text(errors="replace")
+    found = [f"{path.name}: {name}" for name, rx in TEXT_LEAKS.items() if rx.search(text)]
+    if path.suffix in {".yaml", ".yml"}:
+        for doc in yaml.safe_load_all(text):
+            found += [f"{path.name}: {where}={value!r}" for where, value in _secret_like_values(doc)]
+    return found
+
+
+def _deployment_files() -> list[Path]:
+    files = [p for root in (DEPLOYMENTS, PROFILES) for p in root.rglob("*") if p.is_file()]
+    return files + [REPO_ROOT / ".dockerignore"]
+
+
+def test_no_deployment_or_profile_file_holds_a_secret():
+    files = _deployment_files()
+    assert len(files) > 10
+    leaks = [leak for path in files for leak in _leaks(path)]
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "storage:\n  postgres:\n    postgres_db:\n      password: hunter2\n",
+        "cloud:\n  credentials:\n    secret_env: wJalrXUtnFEMI/K7MDENG\n",
+        "key: AKIAIOSFODNN7EXAMPLE\n",
+        "postgresql:\n  postgresqlPassword: s3cret\n",
+        "# note\nexport PASSWORD=letmein\n",
+    ],
+)
+def test_secret_scan_flags_literal_credentials(content, tmp_path):
+    sample = tmp_path / ("sample.yaml" if "export" not in content else "sample.sh")
+    sample.write_text(content)
+    assert _leaks(sample)
