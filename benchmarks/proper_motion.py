@@ -1,0 +1,212 @@
+"""Mean proper motion over the sky: the naive query against our stored statistics.
+
+Usage::
+
+    .venv/bin/python benchmarks/proper_motion.py --stars 1000000 [--work DIR] [--level 6]
+
+Everything runs in one process, on one warm local Spark session and the same files:
+
+(a) the naive query: Spark ``groupBy(floor(source_id / 2^k))`` with avg(pmra), avg(pmdec),
+    count over an unsorted, unpartitioned Parquet copy of the catalogue;
+(b) our ``pm_stats`` (all regions, one run) + ``proper_motion_maps`` first run, through
+    Dagster's ``materialize`` exactly as the assets run (PNG rendering included);
+(c) a re-plot of a different level from stored statistics (what ``gaia-flows map`` does);
+(e) the refresh after one region's input changed: that region's ``pm_stats`` + the maps;
+(d) DuckDB computing the same sufficient statistics on the same ``gaia_source`` files.
+
+The catalogue is generated once (``gaia-flows generate``, in a subprocess so its memory is not
+the driver's) into ``DIR/landing`` and ingested by the ``gaia_source`` asset into
+``DIR/home``; ``--work`` reuses both. Speed is reported as ratios measured in this run, never
+asserted: the first scan is not where the stored statistics win, reuse is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+CORES = len(os.sched_getaffinity(0))
+SPARK_CONF = {
+    "spark.driver.memory": "6g",
+    "spark.sql.shuffle.partitions": str(4 * CORES),
+    "spark.default.parallelism": str(CORES),
+    "spark.ui.enabled": "true",  # stage IO metrics of pm_stats come from the UI's REST API
+}
+MASTER = f"local[{CORES}]"
+SEED = 42
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stars", type=int, required=True, help="catalogue size")
+    parser.add_argument("--work", type=Path, default=None, help="folder holding landing/ and home/ to reuse (default: a temporary folder)")
+    parser.add_argument("--level", type=int, default=6, help="level of the naive query and the first maps (default 6)")
+    parser.add_argument("--replot-level", type=int, default=5, help="the different level re-plotted in (c) (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of a, c and d (median reported)")
+    return parser.parse_args()
+
+
+def timed(fn, repeat: int = 1) -> tuple[float, object]:
+    """Median wall time of ``repeat`` calls, and the last result."""
+    times, result = [], None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def jvm_peak_rss() -> int:
+    """Peak RSS (VmHWM) of the Spark JVM this process started, in bytes."""
+    peak = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "java":
+                status = Path(f"/proc/{child.pid}/status").read_text()
+                hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+                peak = max(peak, int(hwm.split()[1]) * 1024)
+        except (psutil.Error, OSError, StopIteration):
+            continue
+    return peak
+
+
+def ensure_catalogue(work: Path, stars: int) -> Path:
+    landing = work / "landing"
+    if not any(landing.glob("GaiaSource_*.csv*")):
+        gaia_flows_cli = Path(sys.executable).with_name("gaia-flows")
+        command = [str(gaia_flows_cli), "generate", "--stars", str(stars), "--seed", str(SEED), "--out", str(landing)]
+        print(f"$ {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+    return landing
+
+
+def main() -> int:
+    args = parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="pm-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    landing = ensure_catalogue(work, args.stars)
+    os.environ["GAIA_FLOWS_HOME"] = str(work / "home")
+    os.environ["GAIA_FLOWS_LANDING"] = str(landing)
+
+    # Imported after the environment is set: the resources read it when a run starts.
+    import duckdb
+    from dagster import materialize
+    from pyspark.sql import functions as F
+
+    from gaia_flows import maps
+    from gaia_flows import spark as spark_factory
+    from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+    from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+    from gaia_flows.layout import StateLayout
+    from gaia_flows.resources.spark import SparkResource
+    from gaia_flows.resources.storage import StorageResource
+    from gaia_flows.science import healpix
+    from gaia_flows.science import proper_motion as pm
+    from gaia_flows.tables import published_regions, read_regions
+
+    layout = StateLayout.from_env().ensure()
+    resources = {"spark": SparkResource(master=MASTER, spark_config=SPARK_CONF), "storage": StorageResource()}
+    regions = healpix.region_keys()
+    all_regions = {"dagster/asset_partition_range_start": regions[0], "dagster/asset_partition_range_end": regions[-1]}
+    spark = spark_factory.session(MASTER, SPARK_CONF)
+
+    # --- setup, not timed against anything: ingestion and the naive copy -------------------------
+    if published_regions(layout, "gaia_source") != regions:
+        seconds, _ = timed(lambda: materialize([gaia_landing, gaia_source], selection=[gaia_source.key], resources=resources, tags=all_regions))
+        print(f"setup: gaia_source ingested (48 regions) in {seconds:.1f} s")
+    source = read_regions(spark, layout, "gaia_source")
+    rows = source.count()
+    source_files = [str(p) for r in regions for p in sorted(layout.region_dir("gaia_source", r).glob("*.parquet"))]
+    naive_path = work / "naive_unsorted.parquet"
+    if not naive_path.exists():
+        started = time.perf_counter()
+        source.orderBy(F.rand(SEED)).repartition(max(len(source_files), CORES)).write.parquet(str(naive_path))
+        print(f"setup: unsorted, unpartitioned copy ({len(source_files)} files) in {time.perf_counter() - started:.1f} s")
+    print(f"catalogue: {rows:,} rows in {len(source_files)} gaia_source files; Spark {MASTER}, {CORES} cores")
+
+    # --- (a) the naive query, on a warm session -------------------------------------------------
+    k = healpix.source_id_shift(args.level)
+
+    def naive():
+        df = spark.read.parquet(str(naive_path))
+        return df.groupBy(F.floor(F.col("source_id") / 2**k).alias("pixel")).agg(
+            F.avg("pmra"), F.avg("pmdec"), F.count(F.lit(1))
+        ).collect()
+
+    naive()  # warm-up: JIT, file listing, Python workers
+    a, naive_rows = timed(naive, args.repeat)
+
+    # --- (b) pm_stats + proper_motion_maps, first run over all regions --------------------------
+    shutil.rmtree(layout.table(maps.STATS_TABLE), ignore_errors=True)
+    shutil.rmtree(layout.table(maps.MAPS_TABLE), ignore_errors=True)
+    started = time.perf_counter()
+    first = materialize([pm_stats], resources=resources, tags=all_regions, selection=[pm_stats.key])
+    b_stats = time.perf_counter() - started
+    stats_meta = first.asset_materializations_for_node("pm_stats")[0].metadata  # run-level metadata rides on every partition
+    started = time.perf_counter()
+    materialize([pm_stats, proper_motion_maps], resources=resources, selection=[proper_motion_maps.key])
+    b_maps = time.perf_counter() - started
+    b = b_stats + b_maps
+    spark_seconds = stats_meta["spark_seconds"].value
+
+    # --- (c) a re-plot of another level from stored statistics ----------------------------------
+    plot_dir = Path(tempfile.mkdtemp(prefix="pm-replot-"))
+    c_table, table = timed(lambda: maps.map_table(args.replot_level), args.repeat)
+    c, _ = timed(lambda: maps.render_map(maps.map_table(args.replot_level), "pmra", plot_dir / "pmra.png"), args.repeat)
+    shutil.rmtree(plot_dir)
+
+    # --- (e) one region's input changed: its pm_stats + the maps --------------------------------
+    sizes = {r: sum(p.stat().st_size for p in layout.region_dir("gaia_source", r).glob("*.parquet")) for r in regions}
+    changed = max(sizes, key=sizes.get)  # the worst case: the biggest region
+    materialize([gaia_landing, gaia_source], selection=[gaia_source.key], resources=resources, partition_key=changed)
+    started = time.perf_counter()
+    materialize([pm_stats], resources=resources, selection=[pm_stats.key], partition_key=changed)
+    e_stats = time.perf_counter() - started
+    started = time.perf_counter()
+    materialize([pm_stats, proper_motion_maps], resources=resources, selection=[proper_motion_maps.key])
+    e = e_stats + time.perf_counter() - started
+    changed_rows = pm.totals(maps.read_region_stats(layout, [changed])[changed])["n_sources"]
+
+    # --- (d) DuckDB: the same sufficient statistics on the same files ---------------------------
+    source_files = [str(p) for r in regions for p in sorted(layout.region_dir("gaia_source", r).glob("*.parquet"))]  # (e) republished one
+    shift = healpix.source_id_shift(pm.DEFAULT_LEVEL)
+    has = "pmra IS NOT NULL AND pmdec IS NOT NULL"
+    wra = f"CASE WHEN {has} AND pmra_error > 0 THEN 1 / (pmra_error::DOUBLE * pmra_error) ELSE 0 END"
+    wdec = f"CASE WHEN {has} AND pmdec_error > 0 THEN 1 / (pmdec_error::DOUBLE * pmdec_error) ELSE 0 END"
+    sql = f"""
+        SELECT source_id >> {shift} AS pixel, count(*) AS n_sources, count(*) FILTER (WHERE {has}) AS n_pm,
+               sum(pmra) FILTER (WHERE {has}), sum(pmdec) FILTER (WHERE {has}),
+               sum(pmra * pmra) FILTER (WHERE {has}), sum(pmdec * pmdec) FILTER (WHERE {has}),
+               sum({wra}), sum({wdec}), sum({wra} * pmra) FILTER (WHERE {has}), sum({wdec} * pmdec) FILTER (WHERE {has}),
+               sum({wra} * pmra * pmra) FILTER (WHERE {has}), sum({wdec} * pmdec * pmdec) FILTER (WHERE {has})
+        FROM read_parquet({source_files!r}) GROUP BY 1
+    """
+    d, duck = timed(lambda: duckdb.sql(sql).fetchall(), args.repeat)
+    assert sum(r[1] for r in duck) == rows == sum(r[3] for r in naive_rows)
+
+    # --- report ---------------------------------------------------------------------------------
+    py_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"\nproper motion benchmark: {rows:,} stars, {CORES} cores, naive/replot level {args.level}/{args.replot_level}, L_max {pm.DEFAULT_LEVEL}")
+    print(f"(a) naive Spark groupBy, unsorted copy     {a:8.3f} s  {rows / a / CORES / 1e6:6.2f} M rows/s/core")
+    print(f"(b) pm_stats + maps, first run, all regions {b:8.3f} s  (pm_stats run {b_stats:.2f} s, maps run {b_maps:.2f} s)")
+    print(f"    pm_stats aggregation stage (Spark)      {spark_seconds:8.3f} s  {rows / spark_seconds / CORES / 1e6:6.2f} M rows/s/core")
+    print(f"(c) re-plot level {args.replot_level} from stored stats       {c:8.3f} s  (table only {c_table:.3f} s, {table.num_rows:,} pixels)")
+    print(f"(e) refresh one region ({changed}, {changed_rows:,} rows) {e:8.3f} s  (pm_stats run {e_stats:.2f} s)")
+    print(f"(d) DuckDB, same statistics, same files     {d:8.3f} s  {rows / d / CORES / 1e6:6.2f} M rows/s/core")
+    print(f"ratios: b/a = {b / a:.2f} (target <= 1.5)   a/c = {a / c:.1f} (>= 10)   a/e = {a / e:.2f} (>= 10)   b/d = {b / d:.1f} (<= 5)")
+    print(f"driver peak RSS: python {py_peak / 2**20:.0f} MiB, Spark JVM (driver, local mode) {jvm_peak_rss() / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

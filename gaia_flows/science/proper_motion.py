@@ -1,0 +1,375 @@
+"""Mean proper motion per HEALPix pixel from *mergeable* sufficient statistics.
+
+Pure numpy/pyarrow: no Spark, no Dagster. The Spark engine (``gaia_flows.engine.pm_stats``)
+produces tables with exactly these columns; everything downstream — merging regions,
+degrading to a coarser level, finalising means — happens here on small tables.
+
+A statistics table has one row per *non-empty* nested pixel at its level (kept in the schema
+metadata as ``healpix_level``) and these columns::
+
+    pixel          int64    nested HEALPix index at the table's level
+    n_sources      int64    all rows in the pixel
+    n_pm           int64    rows with a proper motion (pmra and pmdec both present)
+    sum_pmra       float64  Σ pmra            over the n_pm rows   [mas/yr]
+    sum_pmdec      float64  Σ pmdec
+    sum_pmra2      float64  Σ pmra²                                [mas²/yr²]
+    sum_pmdec2     float64  Σ pmdec²
+    sumw_pmra      float64  Σ w,        w = 1/pmra_error²  (rows with a usable error)
+    sumw_pmdec     float64  Σ w,        w = 1/pmdec_error²
+    sumwx_pmra     float64  Σ w·pmra
+    sumwx_pmdec    float64  Σ w·pmdec
+    sumwx2_pmra    float64  Σ w·pmra²
+    sumwx2_pmdec   float64  Σ w·pmdec²
+
+Every column is a plain sum, so the statistics of a union of rows are the column sums of the
+parts (``merge``) and the statistics of a parent pixel are the sums over its children
+(``degrade``: nested index >> 2 bits per level). Sources without a proper motion (Gaia
+2-parameter solutions, ``pmra``/``pmdec`` null) count in ``n_sources`` only: they are never
+averaged in as zero. A weight needs a finite error > 0; a proper motion with a missing error
+still enters the plain mean but not the weighted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gaia_flows.science.healpix import MAX_LEVEL, SOURCE_ID_LEVEL, npix, source_id_shift
+
+DEFAULT_LEVEL = 8
+LEVEL_METADATA_KEY = b"healpix_level"
+
+COUNT_COLUMNS = ("n_sources", "n_pm")
+SUM_COLUMNS = (
+    "sum_pmra",
+    "sum_pmdec",
+    "sum_pmra2",
+    "sum_pmdec2",
+    "sumw_pmra",
+    "sumw_pmdec",
+    "sumwx_pmra",
+    "sumwx_pmdec",
+    "sumwx2_pmra",
+    "sumwx2_pmdec",
+)
+STAT_COLUMNS = COUNT_COLUMNS + SUM_COLUMNS
+STATS_FIELDS = [pa.field("pixel", pa.int64(), nullable=False)]
+STATS_FIELDS += [pa.field(name, pa.int64(), nullable=False) for name in COUNT_COLUMNS]
+STATS_FIELDS += [pa.field(name, pa.float64(), nullable=False) for name in SUM_COLUMNS]
+
+# Columns of the finalised map table (one row per pixel).
+QUANTITIES = {
+    "pmra": ("mean_pmra", "wmean_pmra", "mas/yr"),
+    "pmdec": ("mean_pmdec", "wmean_pmdec", "mas/yr"),
+    "count": ("n_sources", "n_sources", "sources"),
+}
+# Rows a statistics table reads from gaia_source.
+INPUT_COLUMNS = ("source_id", "pmra", "pmdec", "pmra_error", "pmdec_error")
+
+
+def stats_schema(level: int) -> pa.Schema:
+    """Arrow schema of a statistics table at ``level`` (the level travels in the metadata)."""
+    _check_level(level)
+    return pa.schema(STATS_FIELDS, metadata={LEVEL_METADATA_KEY: str(level).encode()})
+
+
+def stats_level(stats: pa.Table) -> int:
+    """HEALPix level a statistics table was computed at."""
+    meta = stats.schema.metadata or {}
+    if LEVEL_METADATA_KEY not in meta:
+        raise ValueError("not a proper-motion statistics table: schema metadata has no healpix_level")
+    return int(meta[LEVEL_METADATA_KEY])
+
+
+def _check_level(level: int) -> None:
+    if not 0 <= int(level) <= MAX_LEVEL:
+        raise ValueError(f"HEALPix level must be between 0 and {MAX_LEVEL}, got {level}")
+
+
+def empty_stats(level: int) -> pa.Table:
+    return stats_schema(level).empty_table()
+
+
+def stats_table(pixel: np.ndarray, columns: dict[str, np.ndarray], level: int) -> pa.Table:
+    """Build a statistics table from arrays (sorted by pixel by the caller)."""
+    arrays = [pa.array(np.asarray(pixel, dtype=np.int64))]
+    for field in STATS_FIELDS[1:]:
+        dtype = np.int64 if pa.types.is_integer(field.type) else np.float64
+        arrays.append(pa.array(np.asarray(columns[field.name], dtype=dtype)))
+    return pa.Table.from_arrays(arrays, schema=stats_schema(level))
+
+
+def conform(table: pa.Table, level: int) -> pa.Table:
+    """Cast an engine result (Spark ``toArrow``, DuckDB, ...) to the statistics schema, sorted
+    by pixel, with the level recorded. Nulls (sums over no rows) become 0."""
+    missing = [f.name for f in STATS_FIELDS if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"statistics table lacks column(s) {missing}")
+    columns = {}
+    for field in STATS_FIELDS:
+        col = table.column(field.name)
+        dtype = np.int64 if pa.types.is_integer(field.type) else np.float64
+        columns[field.name] = col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+        if col.null_count:
+            values = np.nan_to_num(col.cast(pa.float64()).to_numpy(zero_copy_only=False), nan=0.0)
+            columns[field.name] = values.astype(dtype)
+    order = np.argsort(columns["pixel"], kind="stable")
+    pixel = columns.pop("pixel")[order]
+    return stats_table(pixel, {k: v[order] for k, v in columns.items()}, level)
+
+
+# --- computing statistics from rows (numpy; the Spark engine does the same in SQL) ------------
+
+
+def _valid_pm(pmra: np.ndarray, pmdec: np.ndarray) -> np.ndarray:
+    return np.isfinite(pmra) & np.isfinite(pmdec)
+
+
+def _weights(error: np.ndarray, has_pm: np.ndarray) -> np.ndarray:
+    error = error.astype(np.float64)
+    usable = has_pm & np.isfinite(error) & (error > 0)
+    w = np.zeros(error.shape, dtype=np.float64)
+    np.divide(1.0, error * error, out=w, where=usable)
+    return w
+
+
+def _as_float(values) -> np.ndarray:
+    """Arrow/pandas/numpy column to float64 with NaN for null."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float64)
+
+
+def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: int = DEFAULT_LEVEL) -> pa.Table:
+    """Statistics of rows given as arrays (null/NaN proper motion = no proper motion)."""
+    _check_level(level)
+    sid = np.asarray(source_id.to_numpy() if isinstance(source_id, (pa.Array, pa.ChunkedArray)) else source_id, dtype=np.int64)
+    pixel = sid >> source_id_shift(level)
+    ra, dec = _as_float(pmra), _as_float(pmdec)
+    has_pm = _valid_pm(ra, dec)
+    ra0, dec0 = np.where(has_pm, ra, 0.0), np.where(has_pm, dec, 0.0)
+    wra, wdec = _weights(_as_float(pmra_error), has_pm), _weights(_as_float(pmdec_error), has_pm)
+    per_row = {
+        "n_sources": np.ones(sid.shape, dtype=np.int64),
+        "n_pm": has_pm.astype(np.int64),
+        "sum_pmra": ra0,
+        "sum_pmdec": dec0,
+        "sum_pmra2": ra0 * ra0,
+        "sum_pmdec2": dec0 * dec0,
+        "sumw_pmra": wra,
+        "sumw_pmdec": wdec,
+        "sumwx_pmra": wra * ra0,
+        "sumwx_pmdec": wdec * dec0,
+        "sumwx2_pmra": wra * ra0 * ra0,
+        "sumwx2_pmdec": wdec * dec0 * dec0,
+    }
+    return _group_sum(pixel, per_row, level)
+
+
+def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
+    """Statistics of a gaia_source-shaped Arrow table."""
+    return stats_from_columns(*(table.column(name) for name in INPUT_COLUMNS), level=level)
+
+
+def _group_sum(pixel: np.ndarray, columns: dict[str, np.ndarray], level: int) -> pa.Table:
+    """Sum every column per pixel; rows need not be sorted."""
+    if pixel.size == 0:
+        return empty_stats(level)
+    if np.any(pixel[1:] < pixel[:-1]):
+        order = np.argsort(pixel, kind="stable")
+        pixel = pixel[order]
+        columns = {k: v[order] for k, v in columns.items()}
+    starts = np.flatnonzero(np.r_[True, pixel[1:] != pixel[:-1]])
+    summed = {k: np.add.reduceat(v, starts) for k, v in columns.items()}
+    return stats_table(pixel[starts], summed, level)
+
+
+# --- merging and degrading --------------------------------------------------------------------
+
+
+def merge(tables: Iterable[pa.Table], level: int | None = None) -> pa.Table:
+    """Statistics of the union of the rows behind ``tables``.
+
+    All tables are brought to ``level`` (default: the coarsest level among them) by the nested
+    right shift, then summed per pixel.
+    """
+    tables = list(tables)
+    if not tables:
+        if level is None:
+            raise ValueError("merge() of no tables needs an explicit level")
+        return empty_stats(level)
+    levels = [stats_level(t) for t in tables]
+    target = min(levels) if level is None else level
+    if target > min(levels):
+        raise ValueError(f"cannot merge to level {target}: the coarsest input is level {min(levels)}")
+    non_empty = [t.replace_schema_metadata(None) for t in tables if t.num_rows]
+    if not non_empty:
+        return empty_stats(target)
+    combined = pa.concat_tables(non_empty)
+    pixel = combined.column("pixel").to_numpy()
+    shifts = np.concatenate([np.full(t.num_rows, 2 * (lv - target), dtype=np.int64) for t, lv in zip(tables, levels) if t.num_rows])
+    pixel = pixel >> shifts
+    columns = {name: combined.column(name).to_numpy() for name in STAT_COLUMNS}
+    return _group_sum(pixel, columns, target)
+
+
+def degrade(stats: pa.Table, to_level: int) -> pa.Table:
+    """Statistics of the parent pixels at the coarser ``to_level``."""
+    from_level = stats_level(stats)
+    _check_level(to_level)
+    if to_level > from_level:
+        raise ValueError(f"cannot degrade level-{from_level} statistics to finer level {to_level}")
+    if to_level == from_level:
+        return stats
+    return merge([stats], level=to_level)
+
+
+def pyramid(stats: pa.Table, levels: Sequence[int] | None = None) -> pa.Table:
+    """Statistics at every level in ``levels`` (default 0..level of ``stats``) stacked into one
+    table with a leading ``level`` column, sorted by (level, pixel): the all-sky store that any
+    map is cut from."""
+    top = stats_level(stats)
+    levels = sorted(set(range(top + 1) if levels is None else levels), reverse=True)
+    if not levels or levels[0] > top or levels[-1] < 0:
+        raise ValueError(f"pyramid levels must lie in 0..{top}, got {levels}")
+    parts = []
+    current = stats
+    for lv in levels:  # finest first: each level is degraded from the previous one, not from the top
+        current = degrade(current, lv)
+        level_col = pa.array(np.full(current.num_rows, lv, dtype=np.int8))
+        parts.append(current.replace_schema_metadata(None).add_column(0, "level", level_col))
+    stacked = pa.concat_tables(parts[::-1])
+    return stacked.replace_schema_metadata({LEVEL_METADATA_KEY: str(top).encode()})
+
+
+def from_pyramid(stacked: pa.Table, level: int) -> pa.Table:
+    """Cut the statistics of one level out of a ``pyramid`` table."""
+    top = stats_level(stacked)
+    if level > top:
+        raise ValueError(f"level {level} is finer than the stored statistics (level {top})")
+    mask = pc.equal(stacked.column("level"), pa.scalar(level, pa.int8()))
+    part = stacked.filter(mask).drop_columns(["level"])
+    return part.cast(stats_schema(level))
+
+
+# --- finalising: means, weighted means, dispersions --------------------------------------------
+
+MAP_FIELDS = [
+    ("pixel", pa.int64()),
+    ("n_sources", pa.int64()),
+    ("n_pm", pa.int64()),
+    ("n_no_pm", pa.int64()),
+    ("mean_pmra", pa.float64()),
+    ("mean_pmdec", pa.float64()),
+    ("std_pmra", pa.float64()),
+    ("std_pmdec", pa.float64()),
+    ("sem_pmra", pa.float64()),
+    ("sem_pmdec", pa.float64()),
+    ("wmean_pmra", pa.float64()),
+    ("wmean_pmdec", pa.float64()),
+    ("wmean_pmra_error", pa.float64()),
+    ("wmean_pmdec_error", pa.float64()),
+    ("wstd_pmra", pa.float64()),
+    ("wstd_pmdec", pa.float64()),
+]
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def finalise(stats: pa.Table, dense: bool = True) -> pa.Table:
+    """Per-pixel map quantities from statistics.
+
+    ``dense=True`` gives one row for every one of the 12·4^level pixels (what healpy plots);
+    pixels without sources have counts 0 and NaN for every mean — never uninitialised memory.
+    ``dense=False`` keeps only the pixels that have sources. Columns:
+
+    - ``n_sources``, ``n_pm``, ``n_no_pm`` (sources without a proper motion);
+    - ``mean_*``: plain mean over the ``n_pm`` sources [mas/yr];
+    - ``std_*``: sample standard deviation (NaN below 2 sources); ``sem_*`` = std/√n;
+    - ``wmean_*``: inverse-variance weighted mean, ``wmean_*_error`` = 1/√Σw its formal error;
+    - ``wstd_*``: weighted standard deviation √(Σw·x²/Σw − wmean²).
+    """
+    level = stats_level(stats)
+    pixel = stats.column("pixel").to_numpy()
+    if pixel.size > 1 and np.any(np.diff(pixel) <= 0):
+        stats = merge([stats])  # unsorted or repeated pixels: sum them first
+        pixel = stats.column("pixel").to_numpy()
+    col = {name: stats.column(name).to_numpy() for name in STAT_COLUMNS}
+    if dense:
+        size = npix(level)
+        full = {}
+        for name, values in col.items():
+            full[name] = np.zeros(size, dtype=values.dtype)
+            full[name][pixel] = values
+        col = full
+        pixel = np.arange(size, dtype=np.int64)
+    n = col["n_pm"].astype(np.float64)
+    out = {
+        "pixel": pixel,
+        "n_sources": col["n_sources"],
+        "n_pm": col["n_pm"],
+        "n_no_pm": col["n_sources"] - col["n_pm"],
+    }
+    for comp in ("pmra", "pmdec"):
+        s1, s2 = col[f"sum_{comp}"], col[f"sum_{comp}2"]
+        mean = _safe_div(s1, n)
+        # Σ(x-mean)² = Σx² - (Σx)²/n; clip the rounding residue of a constant pixel at 0.
+        ss = np.maximum(s2 - _safe_div(s1 * s1, n), 0.0)
+        std = np.sqrt(_safe_div(ss, n - 1))
+        sw, swx, swx2 = col[f"sumw_{comp}"], col[f"sumwx_{comp}"], col[f"sumwx2_{comp}"]
+        wmean = _safe_div(swx, sw)
+        out[f"mean_{comp}"] = mean
+        out[f"std_{comp}"] = std
+        out[f"sem_{comp}"] = _safe_div(std, np.sqrt(n))
+        out[f"wmean_{comp}"] = wmean
+        out[f"wmean_{comp}_error"] = _safe_div(np.ones_like(sw), np.sqrt(sw))
+        out[f"wstd_{comp}"] = np.sqrt(np.maximum(_safe_div(swx2, sw) - wmean * wmean, 0.0))
+    schema = pa.schema([pa.field(name, typ) for name, typ in MAP_FIELDS], metadata={LEVEL_METADATA_KEY: str(level).encode()})
+    return pa.Table.from_arrays([pa.array(out[name]) for name, _ in MAP_FIELDS], schema=schema)
+
+
+def quantity_column(quantity: str, weighted: bool = False) -> str:
+    """Map-table column behind a plotted quantity (``pmra``, ``pmdec``, ``count``)."""
+    if quantity not in QUANTITIES:
+        raise ValueError(f"unknown quantity {quantity!r}; choose from {sorted(QUANTITIES)}")
+    plain, weighted_col, _ = QUANTITIES[quantity]
+    return weighted_col if weighted else plain
+
+
+def quantity_unit(quantity: str) -> str:
+    return QUANTITIES[quantity][2]
+
+
+def totals(stats: pa.Table) -> dict[str, int]:
+    """Total counts of a statistics table (for checks and metadata)."""
+    return {name: int(pc.sum(stats.column(name)).as_py() or 0) for name in COUNT_COLUMNS} | {"pixels": stats.num_rows}
+
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "INPUT_COLUMNS",
+    "QUANTITIES",
+    "SOURCE_ID_LEVEL",
+    "STAT_COLUMNS",
+    "conform",
+    "degrade",
+    "empty_stats",
+    "finalise",
+    "from_pyramid",
+    "merge",
+    "pyramid",
+    "quantity_column",
+    "quantity_unit",
+    "stats_from_columns",
+    "stats_from_table",
+    "stats_level",
+    "stats_schema",
+    "totals",
+]

@@ -1,0 +1,616 @@
+"""Proper-motion statistics without Spark: the numpy path, merging, degrading, finalising and
+the stored-map readers, each against DuckDB SQL on the same Parquet files (a different engine
+and a different formula: DuckDB's avg/stddev_samp, not our sums)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from dagster import materialize
+
+from conftest import TEST_SPARK_CONF
+from gaia_flows import maps
+from gaia_flows import spark as spark_factory
+from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps
+from gaia_flows.engine.pm_stats import compute_pm_stats, compute_region_stats
+from gaia_flows.layout import StateLayout
+from gaia_flows.resources.spark import SparkResource
+from gaia_flows.resources.storage import StorageResource
+from gaia_flows.science import healpix, synthetic
+from gaia_flows.science import proper_motion as pm
+from gaia_flows.tables import read_regions, write_region_arrow, write_table_arrow
+
+RTOL = 1e-9
+L_MAX = 8
+REGIONS = ("hpx1-00", "hpx1-07", "hpx1-33")  # three regions, one of them made empty below
+
+
+def make_rows(rng: np.random.Generator, region: str, n: int) -> pa.Table:
+    """gaia_source-shaped rows inside ``region``, sorted by source_id, with the awkward cases:
+    2-parameter solutions (null pm and errors), a pm with a null error, a zero error, a pixel
+    holding one single star and a pixel holding only 2-parameter sources."""
+    level, pixel = healpix.parse_region_key(region)
+    lo, _ = healpix.children_range(pixel, level, L_MAX)
+    # Crowd the stars into the first 40 level-8 pixels of the region (many stars each) and
+    # leave the rest of the region empty; then add a lone star and a 2p-only pixel.
+    pix8 = rng.integers(lo, lo + 40, n)
+    pix8[-1] = lo + 100  # a single-star pixel
+    pix8[-2:-5:-1] = lo + 200  # three sources, all without proper motion
+    sid = np.sort((pix8 << healpix.source_id_shift(L_MAX)) + rng.integers(0, 1 << healpix.source_id_shift(L_MAX), n))
+    order_pix = sid >> healpix.source_id_shift(L_MAX)
+    two_param = rng.random(n) < 0.2
+    two_param |= order_pix == lo + 200
+    two_param[order_pix == lo + 100] = False
+    pmra = rng.normal(-3.0, 4.0, n) + 10.0 * (order_pix % 3)
+    pmdec = rng.normal(-5.0, 3.0, n)
+    pmra_error = rng.lognormal(-1.0, 0.6, n).astype(np.float32)
+    pmdec_error = rng.lognormal(-1.0, 0.6, n).astype(np.float32)
+    null_error = (rng.random(n) < 0.03) & ~two_param
+    zero_error = (rng.random(n) < 0.01) & ~two_param
+    pmra_error[zero_error] = 0.0
+    return pa.table(
+        {
+            "source_id": pa.array(sid, pa.int64()),
+            "ra": pa.array(rng.uniform(0, 360, n)),
+            "dec": pa.array(rng.uniform(-90, 90, n)),
+            "pmra": pa.array(pmra, pa.float64(), mask=two_param),
+            "pmra_error": pa.array(pmra_error, pa.float32(), mask=two_param | null_error),
+            "pmdec": pa.array(pmdec, pa.float64(), mask=two_param),
+            "pmdec_error": pa.array(pmdec_error, pa.float32(), mask=two_param),
+            "astrometric_params_solved": pa.array(np.where(two_param, 3, 31).astype(np.int8)),
+        }
+    )
+
+
+def publish_catalogue(layout: StateLayout, sizes: dict[str, int], seed: int = 7) -> dict[str, pa.Table]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for region, n in sizes.items():
+        rows = make_rows(rng, region, n) if n else make_rows(rng, region, 10).slice(0, 0)
+        write_region_arrow(rows, layout, "gaia_source", region, manifest={"rows_accepted": rows.num_rows})
+        out[region] = rows
+    return out
+
+
+def source_files(layout: StateLayout) -> list[str]:
+    """The Parquet files of every published gaia_source region (never the .versions copies)."""
+    files = []
+    for region in maps.region_versions(layout, "gaia_source"):
+        files += sorted(str(p) for p in layout.region_dir("gaia_source", region).glob("*.parquet"))
+    return files
+
+
+def duckdb_reference(files: list[str], level: int) -> dict[str, np.ndarray]:
+    """Per-pixel counts and means by DuckDB SQL, dense over all pixels of ``level`` (NaN where a
+    pixel has no proper motion, 0 counts where it has no source)."""
+    shift = healpix.source_id_shift(level)
+    has_pm = "pmra IS NOT NULL AND pmdec IS NOT NULL AND NOT isnan(pmra) AND NOT isnan(pmdec)"
+    ok_ra = f"{has_pm} AND pmra_error IS NOT NULL AND pmra_error > 0"
+    ok_dec = f"{has_pm} AND pmdec_error IS NOT NULL AND pmdec_error > 0"
+    sql = f"""
+        SELECT source_id >> {shift} AS pixel,
+               count(*) AS n_sources,
+               count(*) FILTER (WHERE {has_pm}) AS n_pm,
+               avg(pmra) FILTER (WHERE {has_pm}) AS mean_pmra,
+               avg(pmdec) FILTER (WHERE {has_pm}) AS mean_pmdec,
+               stddev_samp(pmra) FILTER (WHERE {has_pm}) AS std_pmra,
+               stddev_samp(pmdec) FILTER (WHERE {has_pm}) AS std_pmdec,
+               sum(pmra / pow(pmra_error::DOUBLE, 2)) FILTER (WHERE {ok_ra})
+                 / sum(1 / pow(pmra_error::DOUBLE, 2)) FILTER (WHERE {ok_ra}) AS wmean_pmra,
+               sum(pmdec / pow(pmdec_error::DOUBLE, 2)) FILTER (WHERE {ok_dec})
+                 / sum(1 / pow(pmdec_error::DOUBLE, 2)) FILTER (WHERE {ok_dec}) AS wmean_pmdec
+        FROM read_parquet({files!r})
+        GROUP BY 1 ORDER BY 1
+    """
+    got = duckdb.sql(sql).fetchnumpy()
+    size = healpix.npix(level)
+    dense = {}
+    pixel = np.asarray(got["pixel"], dtype=np.int64)
+    for name in ("n_sources", "n_pm"):
+        dense[name] = np.zeros(size, dtype=np.int64)
+        dense[name][pixel] = np.asarray(got[name])
+    for name in ("mean_pmra", "mean_pmdec", "std_pmra", "std_pmdec", "wmean_pmra", "wmean_pmdec"):
+        values = np.ma.filled(np.ma.asarray(got[name]).astype(float), np.nan)
+        dense[name] = np.full(size, np.nan)
+        dense[name][pixel] = values
+    return dense
+
+
+def assert_matches_reference(table: pa.Table, reference: dict[str, np.ndarray]) -> None:
+    for name, expected in reference.items():
+        actual = table.column(name).to_numpy(zero_copy_only=False)
+        if expected.dtype.kind == "i":
+            np.testing.assert_array_equal(actual, expected, err_msg=name)
+        else:
+            np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{name}: NaN pattern")
+            np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=0, equal_nan=True, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    layout = StateLayout.from_env(tmp_path_factory.mktemp("pmhome")).ensure()
+    rows = publish_catalogue(layout, {REGIONS[0]: 3000, REGIONS[1]: 2000, REGIONS[2]: 0})
+    return layout, rows
+
+
+# --- the numpy path against DuckDB ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [0, 6, L_MAX])
+def test_numpy_statistics_match_duckdb(catalogue, level):
+    layout, rows = catalogue
+    stats = pm.stats_from_table(pa.concat_tables(rows.values()), level)
+    table = pm.finalise(stats)
+    assert table.num_rows == healpix.npix(level)
+    assert_matches_reference(table, duckdb_reference(source_files(layout), level))
+
+
+def test_single_star_empty_and_no_pm_pixels(catalogue):
+    layout, rows = catalogue
+    lo, _ = healpix.children_range(healpix.parse_region_key(REGIONS[0])[1], 1, L_MAX)
+    table = pm.finalise(pm.stats_from_table(rows[REGIONS[0]], L_MAX))
+    lone, no_pm, empty = lo + 100, lo + 200, lo + 300
+    col = {name: table.column(name).to_numpy() for name in table.column_names}
+    star = rows[REGIONS[0]].filter(pc.equal(pc.shift_right(rows[REGIONS[0]].column("source_id"), healpix.source_id_shift(L_MAX)), lone))
+    assert col["n_sources"][lone] == col["n_pm"][lone] == 1
+    assert col["mean_pmra"][lone] == star.column("pmra")[0].as_py()
+    assert np.isnan(col["std_pmra"][lone])  # one star has no sample dispersion
+    assert col["n_sources"][no_pm] == 3 and col["n_pm"][no_pm] == 0 and col["n_no_pm"][no_pm] == 3
+    assert np.isnan(col["mean_pmra"][no_pm]) and np.isnan(col["wmean_pmdec"][no_pm])
+    assert col["n_sources"][empty] == 0
+    for name in ("mean_pmra", "mean_pmdec", "std_pmra", "wmean_pmra", "wmean_pmra_error", "wstd_pmdec"):
+        assert np.isnan(col[name][empty]), name
+    # 2-parameter sources are counted, never averaged as zero
+    assert int(col["n_no_pm"].sum()) == int(pc.sum(pc.is_null(rows[REGIONS[0]].column("pmra"))).as_py())
+
+
+def test_merge_of_regions_equals_all_at_once(catalogue):
+    _, rows = catalogue
+    per_region = [pm.stats_from_table(t, L_MAX) for t in rows.values()]
+    merged = pm.merge(per_region)
+    direct = pm.stats_from_table(pa.concat_tables(rows.values()), L_MAX)
+    assert merged.column("pixel").equals(direct.column("pixel"))
+    for name in pm.STAT_COLUMNS:
+        np.testing.assert_allclose(merged.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name)
+    # and in any order, in pieces that share pixels
+    whole = pa.concat_tables(rows.values())
+    pieces = [pm.stats_from_table(whole.slice(i, 700), L_MAX) for i in range(0, whole.num_rows, 700)][::-1]
+    np.testing.assert_allclose(pm.merge(pieces).column("sum_pmra2").to_numpy(), direct.column("sum_pmra2").to_numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("level", [0, 3, 6])
+def test_degrade_equals_direct_computation(catalogue, level):
+    _, rows = catalogue
+    whole = pa.concat_tables(rows.values())
+    degraded = pm.degrade(pm.stats_from_table(whole, L_MAX), level)
+    direct = pm.stats_from_table(whole, level)
+    assert pm.stats_level(degraded) == level
+    assert degraded.column("pixel").equals(direct.column("pixel"))
+    for name in pm.STAT_COLUMNS:
+        np.testing.assert_allclose(degraded.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name)
+
+
+def test_merge_brings_mixed_levels_to_the_coarsest(catalogue):
+    _, rows = catalogue
+    a = pm.stats_from_table(rows[REGIONS[0]], 8)
+    b = pm.stats_from_table(rows[REGIONS[1]], 5)
+    merged = pm.merge([a, b])
+    assert pm.stats_level(merged) == 5
+    assert pm.totals(merged)["n_sources"] == rows[REGIONS[0]].num_rows + rows[REGIONS[1]].num_rows
+    with pytest.raises(ValueError):
+        pm.merge([a, b], level=6)
+    with pytest.raises(ValueError):
+        pm.degrade(b, 6)
+
+
+def test_pyramid_holds_every_level(catalogue):
+    _, rows = catalogue
+    stats = pm.stats_from_table(pa.concat_tables(rows.values()), L_MAX)
+    stacked = pm.pyramid(stats)
+    assert sorted(set(stacked.column("level").to_pylist())) == list(range(L_MAX + 1))
+    for level in (0, 4, L_MAX):
+        cut, direct = pm.from_pyramid(stacked, level), pm.degrade(stats, level)
+        assert cut.schema.equals(direct.schema, check_metadata=True)
+        assert cut.column("pixel").equals(direct.column("pixel"))
+        for name in pm.STAT_COLUMNS:  # summed in another order: equal to rounding
+            np.testing.assert_allclose(cut.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name)
+    with pytest.raises(ValueError):
+        pm.from_pyramid(stacked, L_MAX + 1)
+
+
+def test_empty_input_and_dense_map_are_nan_not_garbage():
+    stats = pm.stats_from_columns(np.array([], np.int64), [], [], [], [], level=3)
+    assert stats.num_rows == 0 and pm.stats_level(stats) == 3
+    table = pm.finalise(stats)
+    assert table.num_rows == healpix.npix(3)
+    assert np.all(table.column("n_sources").to_numpy() == 0)
+    assert np.all(np.isnan(table.column("mean_pmra").to_numpy()))
+    assert pm.finalise(stats, dense=False).num_rows == 0
+
+
+def test_constant_pixel_has_zero_dispersion_and_exact_weighted_mean():
+    sid = np.full(5, 12345 << healpix.SOURCE_ID_SHIFT, dtype=np.int64) + np.arange(5)
+    error = np.array([0.1, 0.2, 0.3, 0.4, np.nan])
+    stats = pm.stats_from_columns(sid, np.full(5, 0.3), np.array([1.0, 2.0, 3.0, 4.0, 5.0]), error, error, level=6)
+    row = pm.finalise(stats, dense=False).to_pylist()[0]
+    assert row["std_pmra"] == 0.0
+    w = 1 / error[:4] ** 2
+    assert row["wmean_pmdec"] == pytest.approx(np.sum(w * np.arange(1, 5)) / w.sum(), rel=1e-12)
+    assert row["wmean_pmdec_error"] == pytest.approx(1 / np.sqrt(w.sum()), rel=1e-12)
+    assert row["mean_pmdec"] == 3.0  # the source without an error still counts in the plain mean
+
+
+def test_conform_accepts_engine_output_with_nulls_and_any_order():
+    raw = pa.table({name: pa.array([2, 1], pa.int64()) for name in ("pixel", "n_sources", "n_pm")})
+    for name in pm.SUM_COLUMNS:
+        raw = raw.append_column(name, pa.array([None, 1.5], pa.float64()))
+    stats = pm.conform(raw, 4)
+    assert stats.column("pixel").to_pylist() == [1, 2]
+    assert stats.column("sum_pmra").to_pylist() == [1.5, 0.0]
+    assert stats.schema.equals(pm.stats_schema(4), check_metadata=True)
+
+
+# --- stored statistics: map_table, staleness, PNG, CLI ----------------------------------------------
+
+
+@pytest.fixture()
+def stored(tmp_path):
+    """A state folder with per-region statistics published like pm_stats does (no Spark)."""
+    layout = StateLayout.from_env(tmp_path / "home").ensure()
+    rows = publish_catalogue(layout, {REGIONS[0]: 3000, REGIONS[1]: 2000, REGIONS[2]: 0}, seed=11)
+    for region, table in rows.items():
+        write_region_arrow(pm.stats_from_table(table, L_MAX), layout, maps.STATS_TABLE, region, manifest={"level": L_MAX})
+    return layout, rows
+
+
+def publish_pyramid(layout: StateLayout) -> None:
+    versions = maps.region_versions(layout)
+    merged = maps.merged_region_stats(layout)
+    manifest = {"level_max": L_MAX, "levels": list(range(L_MAX + 1)), "pm_stats_versions": versions}
+    write_table_arrow(pm.pyramid(merged), layout, maps.MAPS_TABLE, manifest=manifest)
+
+
+@pytest.mark.parametrize("level", [0, 6, L_MAX])
+def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level):
+    layout, _ = stored
+    reference = duckdb_reference(source_files(layout), level)
+    assert_matches_reference(maps.map_table(level, layout), reference)  # merged from pm_stats
+    publish_pyramid(layout)
+    assert_matches_reference(maps.map_table(level, layout), reference)  # cut from the pyramid
+
+
+def test_map_table_never_serves_a_stale_pyramid(stored):
+    layout, rows = stored
+    publish_pyramid(layout)
+    before = maps.map_table(6, layout)
+    # one region is recomputed after the maps were built: its new rows must show at once
+    changed = make_rows(np.random.default_rng(99), REGIONS[1], 500)
+    write_region_arrow(changed, layout, "gaia_source", REGIONS[1], manifest={"rows_accepted": 500})
+    write_region_arrow(pm.stats_from_table(changed, L_MAX), layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX})
+    after = maps.map_table(6, layout)
+    assert int(after.column("n_sources").to_numpy().sum()) == rows[REGIONS[0]].num_rows + 500
+    assert not after.equals(before)
+    assert_matches_reference(after, duckdb_reference(source_files(layout), 6))
+
+
+def test_map_table_rejects_levels_finer_than_stored(stored):
+    layout, _ = stored
+    publish_pyramid(layout)
+    with pytest.raises(ValueError):
+        maps.map_table(L_MAX + 1, layout)
+    with pytest.raises(ValueError):
+        maps.sky_stats(L_MAX + 1, StateLayout.from_env(layout.home))
+
+
+def test_map_table_is_exported_for_notebooks():
+    import gaia_flows
+
+    assert gaia_flows.map_table is maps.map_table
+
+
+def test_render_map_writes_pngs(stored, tmp_path):
+    layout, _ = stored
+    table = maps.map_table(5, layout)
+    for quantity in ("pmra", "pmdec", "count"):
+        out = maps.render_map(table, quantity, tmp_path / f"{quantity}.png")
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    maps.render_map(table, "pmra", tmp_path / "w.png", weighted=True)
+    assert not list(tmp_path.glob(".*png"))  # atomic write left no temporary files
+    with pytest.raises(ValueError):
+        maps.render_map(pm.finalise(pm.stats_from_columns([1 << 40], [1.0], [1.0], [1.0], [1.0], 5), dense=False), "pmra", tmp_path / "x.png")
+
+
+def test_colour_limits_are_symmetric_and_robust():
+    values = np.r_[np.linspace(-2, 3, 1000), 500.0, np.nan]
+    lo, hi = maps.colour_limits(values, "pmra")
+    assert lo == -hi and 2.5 < hi < 10
+    assert maps.colour_limits(np.array([np.nan, 0.0, 7.0]), "count") == (1.0, 7.0)
+    assert maps.colour_limits(np.array([np.nan]), "pmdec") == (-1.0, 1.0)
+
+
+def test_cli_map_replots_without_pyspark(stored, tmp_path):
+    layout, _ = stored
+    publish_pyramid(layout)
+    out = tmp_path / "pmra.png"
+    script = (
+        "import sys, time; t = time.perf_counter()\n"
+        "from gaia_flows.cli import main\n"
+        f"code = main(['map', '--level', '6', '--quantity', 'pmra', '--out', {str(out)!r}])\n"
+        "assert code == 0\n"
+        "loaded = sorted(m for m in sys.modules if m == 'pyspark' or m.startswith('pyspark.') or m.startswith('py4j'))\n"
+        "assert not loaded, loaded\n"
+        "print('total', time.perf_counter() - t)\n"
+    )
+    env = {**os.environ, "GAIA_FLOWS_HOME": str(layout.home)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and "level 6" in done.stdout
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_map_rejects_bad_arguments():
+    import argparse
+
+    from gaia_flows.cli_map import add_map_command
+
+    parser = argparse.ArgumentParser()
+    add_map_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["map", "--level", "6", "--quantity", "count", "--out", "x.png", "--weighted"])
+    assert (args.level, args.quantity, args.weighted, args.out) == (6, "count", True, Path("x.png"))
+    for bad in (["map", "--level", "13", "--out", "x.png"], ["map", "--level", "6", "--quantity", "parallax", "--out", "x.png"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+# --- the Spark engine against DuckDB, and the same statistics on a standalone cluster -----------
+
+
+@pytest.mark.parametrize("level", [0, 6, L_MAX])
+def test_spark_statistics_match_duckdb(catalogue, spark, level):
+    """The Spark aggregation the asset runs, against DuckDB SQL on the same files."""
+    layout, _ = catalogue
+    stats = compute_pm_stats(read_regions(spark, layout, "gaia_source"), level)
+    assert_matches_reference(pm.finalise(stats), duckdb_reference(source_files(layout), level))
+
+
+def test_spark_region_split_and_coarser_than_regions(catalogue, spark):
+    """Per-region tables of one run merge to the all-at-once statistics, also at level 0 where
+    four regions share one pixel; the empty region gets an empty table, not a missing one."""
+    layout, rows = catalogue
+    df = read_regions(spark, layout, "gaia_source")
+    for level in (0, L_MAX):
+        per_region = compute_region_stats(df, list(REGIONS), level)
+        assert set(per_region) == set(REGIONS)
+        assert per_region[REGIONS[2]].num_rows == 0
+        for region in REGIONS:
+            assert pm.totals(per_region[region])["n_sources"] == rows[region].num_rows
+            assert pm.stats_level(per_region[region]) == level
+        merged = pm.merge(per_region.values())
+        assert_matches_reference(pm.finalise(merged), duckdb_reference(source_files(layout), level))
+    with pytest.raises(ValueError, match="outside the run's regions"):
+        compute_region_stats(df, [REGIONS[0]], L_MAX)
+
+
+@pytest.mark.cluster
+def test_standalone_cluster_gives_the_same_statistics_as_local_mode(catalogue, cluster_spark):
+    """The same aggregation on a real standalone master with two workers on loopback, then in
+    local mode: identical counts and pixels, sums equal to rounding (partial sums may be added
+    in another order), both equal to DuckDB."""
+    layout, _ = catalogue
+    assert cluster_spark.sparkContext.master.startswith("spark://127.0.0.1:")
+    on_cluster = compute_pm_stats(read_regions(cluster_spark, layout, "gaia_source"), 6)
+    executors = cluster_spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()
+    assert executors >= 2, "the driver plus at least one worker's executor"
+    local = spark_factory.session("local[2]", TEST_SPARK_CONF)
+    assert local.sparkContext.master == "local[2]"
+    in_local = compute_pm_stats(read_regions(local, layout, "gaia_source"), 6)
+    assert on_cluster.column("pixel").equals(in_local.column("pixel"))
+    for name in pm.STAT_COLUMNS:
+        np.testing.assert_allclose(on_cluster.column(name).to_numpy(), in_local.column(name).to_numpy(), rtol=1e-12, atol=0, err_msg=name)
+    assert_matches_reference(pm.finalise(on_cluster), duckdb_reference(source_files(layout), 6))
+
+
+# --- science on the synthetic catalogue ----------------------------------------------------------
+
+
+def _simulated(rng: np.random.Generator, sky) -> pa.Table:
+    """Synthetic DR3 rows for ``sky`` from the generator's own per-source simulation (what
+    ``generate`` writes to the bulk files, without the CSV round trip)."""
+    columns, _ = synthetic.simulate_sources(rng, sky)
+    pixel12 = healpix.radec_to_healpix(sky.ra, sky.dec, healpix.SOURCE_ID_LEVEL).astype(np.int64)
+    return pa.table(
+        {
+            "source_id": pixel12 << healpix.SOURCE_ID_SHIFT,
+            **{name: pa.array(columns[name], from_pandas=True) for name in ("pmra", "pmdec", "pmra_error", "pmdec_error")},
+        }
+    )
+
+
+def _aperture_sums(table: pa.Table, centre, radius: float, ring: tuple[float, float]) -> dict[str, float]:
+    """Counts and Σpm of the level-``table`` pixels whose centres lie within ``radius`` degrees of
+    ``centre``, minus the field expected there: the sums of a ring of pixels further out, scaled
+    by the pixel count (all pixels of a level have the same area). Plain sums, so this is an
+    exact merge of map pixels."""
+    level = pm.stats_level(table)
+    ra, dec = healpix.healpix_centres(table.column("pixel").to_numpy(), level)
+    distance = synthetic.angular_distance(ra, dec, centre)
+    inner, outer = distance < radius, (distance >= ring[0]) & (distance < ring[1])
+    out = {}
+    for name in ("n_pm", "sum_pmra", "sum_pmdec"):
+        values = table.column(name).to_numpy().astype(float)
+        out[name] = values[inner].sum() - values[outer].sum() * inner.sum() / outer.sum()
+    return out
+
+
+def test_magellanic_clouds_show_their_injected_mean_motions():
+    """Measure: merge the level-6 map pixels within 4° (LMC) / 2° (SMC) of each Cloud's centre,
+    subtract the foreground estimated from a ring 9–13° (LMC) / 5–9° (SMC) out, and divide:
+    mean pmra and pmdec must lie within 0.1 mas/yr of ``synthetic.LMC_PM`` / ``SMC_PM``.
+
+    The foreground subtraction is needed because the sky in front of the Clouds is real in the
+    generator: halo stars with ~10 mas/yr of solar reflex and nearby stars with tens of mas/yr
+    bias a plain pixel mean by 0.1–0.5 mas/yr. The catalogue is the generator's 3M-star sky
+    restricted to 16° caps around the Clouds (sources are simulated independently given their
+    position, so the cut changes nothing inside the caps); ~90k LMC and ~23k SMC stars keep the
+    spurious-solution noise at 0.01–0.03 mas/yr.
+    """
+    rng = np.random.default_rng(2024)
+    sky = synthetic.sample_sky(rng, 3_000_000)
+    caps = (synthetic.angular_distance(sky.ra, sky.dec, synthetic.LMC_CENTRE) < 16) | (synthetic.angular_distance(sky.ra, sky.dec, synthetic.SMC_CENTRE) < 16)
+    rows = _simulated(rng, sky.take(np.flatnonzero(caps)))
+    stats = pm.stats_from_table(rows, L_MAX)
+    level6 = pm.finalise(pm.degrade(stats, 6), dense=False)
+    for centre, radius, ring, truth in (
+        (synthetic.LMC_CENTRE, 4.0, (9.0, 13.0), synthetic.LMC_PM),
+        (synthetic.SMC_CENTRE, 2.0, (5.0, 9.0), synthetic.SMC_PM),
+    ):
+        sums = _aperture_sums(pm.degrade(stats, 6), centre, radius, ring)
+        assert sums["n_pm"] > 15_000
+        assert abs(sums["sum_pmra"] / sums["n_pm"] - truth[0]) < 0.1
+        assert abs(sums["sum_pmdec"] / sums["n_pm"] - truth[1]) < 0.1
+        # and the map itself: the Cloud's central pixel is dominated by the Cloud's motion
+        central = int(healpix.radec_to_healpix(np.array([centre[0]]), np.array([centre[1]]), 6)[0])
+        row = level6.filter(pc.equal(level6.column("pixel"), central)).to_pylist()[0]
+        assert abs(row["mean_pmra"] - truth[0]) < 0.5 and abs(row["mean_pmdec"] - truth[1]) < 0.5
+
+
+def _fit_glide(table: pa.Table) -> np.ndarray:
+    """Least-squares fit of the l=1 vector spherical harmonics to a map of mean proper motions:
+    pm(n) = −(g − (g·n) n) + ω × n. The glide ``g`` is the solar-reflex dipole (a uniform
+    velocity of the observer seen against distant stars), ω a rigid rotation; on the full sky
+    the two are orthogonal, so rotation (Galactic rotation's Oort B term) cannot leak into g.
+    Returns g in Galactic Cartesian axes [mas/yr]."""
+    level = pm.stats_level(table)
+    has = table.column("n_pm").to_numpy() > 0
+    ra, dec = healpix.healpix_centres(table.column("pixel").to_numpy()[has], level)
+    ra, dec = np.radians(ra), np.radians(dec)
+    east = np.stack([-np.sin(ra), np.cos(ra), np.zeros_like(ra)], axis=1)
+    north = np.stack([-np.sin(dec) * np.cos(ra), -np.sin(dec) * np.sin(ra), np.cos(dec)], axis=1)
+    normal = np.cross(east, north)
+    design, observed = [], []
+    for basis, column in ((east, "mean_pmra"), (north, "mean_pmdec")):
+        rotation = [np.einsum("ij,ij->i", np.cross(np.eye(3)[k], normal), basis) for k in range(3)]
+        design.append(np.column_stack([-basis, *rotation]))
+        observed.append(table.column(column).to_numpy()[has])
+    solution, *_ = np.linalg.lstsq(np.vstack(design), np.concatenate(observed), rcond=None)
+    return synthetic.ICRS_TO_GALACTIC @ solution[:3]
+
+
+def test_solar_reflex_is_recovered_from_the_halo_map():
+    """Measure: the glide (l=1 dipole, see ``_fit_glide``) of the level-2 mean proper-motion map
+    of the generator's halo must point to the Sun's direction of motion, within 2°, with the
+    amplitude |V_sun|·E[1/d]/4.74 = 12.8 mas/yr within 5% (seeds tried: 0.3–0.4°, < 1%).
+
+    The halo is the generator's non-rotating population, so its mean proper motion is pure
+    reflex, −(V_sun)⊥ / (4.74 d). The disc co-rotates with the Sun and nearby stars mostly show
+    its peculiar motion, so an all-population map has its apex pulled toward (l, b) ≈ (67°, 11°),
+    between the two, and has no closed-form expectation. Rows carry the generator's errors,
+    2-parameter solutions (nulls) and spurious solutions, and are summed in chunks and merged.
+    """
+    rng = np.random.default_rng(7)
+    sky = synthetic.sample_sky(rng, 400_000)
+    rows = _simulated(rng, sky.take(np.flatnonzero(sky.is_population("halo"))))
+    per_chunk = [pm.stats_from_table(rows.slice(i, 20_000), L_MAX) for i in range(0, rows.num_rows, 20_000)]
+    glide = _fit_glide(pm.finalise(pm.merge(per_chunk, level=2), dense=False))
+    sun = synthetic.SUN_VELOCITY
+    angle = np.degrees(np.arccos(glide @ sun / np.linalg.norm(glide) / np.linalg.norm(sun)))
+    assert angle < 2.0, f"apex {angle:.2f}° away from the solar motion"
+    mean_inverse_distance = np.exp(-np.log(5.0) + 0.6**2 / 2)  # lognormal(ln 5 kpc, 0.6)
+    expected = np.linalg.norm(sun) * mean_inverse_distance / synthetic.KM_S_PER_MAS_YR_KPC
+    assert np.linalg.norm(glide) == pytest.approx(expected, rel=0.05)
+
+
+# --- the assets in process: two regions, maps, and a one-region refresh ----------------------------
+
+MAT_REGIONS = ("hpx1-31", "hpx1-32")  # adjacent, so one partition range; hpx1-32 holds the Clouds
+
+
+def _mat_resources():
+    return {"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource()}
+
+
+def _region_rows(table: pa.Table, region: str) -> pa.Table:
+    """Rows of a map table (at any level >= 1) whose pixels lie in ``region``."""
+    level, pixel = healpix.parse_region_key(region)
+    owner = healpix.degrade(table.column("pixel").to_numpy(), pm.stats_level(table), level)
+    return table.filter(pa.array(owner == pixel))
+
+
+def _png_of(markdown: str) -> bytes:
+    assert markdown.startswith("![") and "data:image/png;base64," in markdown
+    return base64.b64decode(markdown.split("base64,", 1)[1].rstrip(")"))
+
+
+def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
+    """gaia_source + pm_stats for two regions in one run, then proper_motion_maps; then one
+    region's input changes and only that region is rerun. The other region's raw rows are
+    deleted before the refresh, so the refreshed maps can only have come from stored statistics."""
+    synthetic.generate(stars=20_000, seed=5, out=layout.landing, files=48, processes=1, progress=False)
+    tags = {"dagster/asset_partition_range_start": MAT_REGIONS[0], "dagster/asset_partition_range_end": MAT_REGIONS[1]}
+    first = materialize(
+        [gaia_landing, gaia_source, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current],
+        selection=[gaia_source.key, pm_stats.key],
+        resources=_mat_resources(),
+        tags=tags,
+    )
+    assert first.success
+    assert all(check.passed for check in first.get_asset_check_evaluations())
+    per_partition = {m.partition: m.metadata for m in first.asset_materializations_for_node("pm_stats")}
+    assert set(per_partition) == set(MAT_REGIONS)
+    for region in MAT_REGIONS:
+        files = sorted(str(p) for p in layout.region_dir("gaia_source", region).glob("*.parquet"))
+        rows = duckdb.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall()[0][0]
+        assert per_partition[region]["rows"].value == rows > 0
+
+    def run_maps():
+        result = materialize([pm_stats, proper_motion_maps, maps_consistent], selection=[proper_motion_maps.key], resources=_mat_resources())
+        assert result.success and all(check.passed for check in result.get_asset_check_evaluations())
+        (materialization,) = result.asset_materializations_for_node("proper_motion_maps")
+        return materialization.metadata
+
+    meta = run_maps()
+    for quantity in ("pmra", "pmdec", "count"):
+        assert _png_of(meta[f"map_{quantity}_level_6"].value)[:8] == b"\x89PNG\r\n\x1a\n"
+        assert maps.png_path(layout, 6, quantity).read_bytes()[:4] == b"\x89PNG"
+    assert meta["regions_merged"].value == 2 and meta["level_max"].value == pm.DEFAULT_LEVEL
+    before = maps.map_table(pm.DEFAULT_LEVEL, layout, dense=False)
+    assert_matches_reference(maps.map_table(6, layout), duckdb_reference(source_files(layout), 6))
+    stats31_version = os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0]))
+
+    # hpx1-32's input changes: its biggest landing file is withdrawn
+    files32 = healpix.files_for_region(sorted(layout.landing.glob("GaiaSource_*.csv.gz")), MAT_REGIONS[1])
+    os.remove(max(files32, key=lambda p: p.stat().st_size))
+    for raw in layout.region_dir("gaia_source", MAT_REGIONS[0]).glob("*.parquet"):
+        raw.unlink()  # the other region's raw rows are gone: a refresh that read them would fail or miscount
+    refresh = materialize([gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=_mat_resources(), partition_key=MAT_REGIONS[1])
+    assert refresh.success
+    assert os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0])) == stats31_version
+    png_before = maps.png_path(layout, 6, "pmra").read_bytes()
+    meta = run_maps()
+
+    files = sorted(str(p) for p in layout.region_dir("gaia_source", MAT_REGIONS[1]).glob("*.parquet"))
+    rows32 = duckdb.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall()[0][0]
+    rows31 = int(pc.sum(_region_rows(before, MAT_REGIONS[0]).column("n_sources")).as_py())
+    assert 0 < rows32 < per_partition[MAT_REGIONS[1]]["rows"].value
+    assert meta["rows"].value == rows31 + rows32
+    after = maps.map_table(pm.DEFAULT_LEVEL, layout, dense=False)
+    unchanged, kept = _region_rows(after, MAT_REGIONS[0]), _region_rows(before, MAT_REGIONS[0])
+    for name in unchanged.column_names:  # bit for bit, NaN where there was NaN
+        np.testing.assert_array_equal(unchanged.column(name).to_numpy(), kept.column(name).to_numpy(), err_msg=name)
+    reference = duckdb_reference(files, pm.DEFAULT_LEVEL)
+    fresh = _region_rows(after, MAT_REGIONS[1])
+    pixels = fresh.column("pixel").to_numpy()
+    for name in ("n_sources", "n_pm", "mean_pmra", "mean_pmdec"):
+        np.testing.assert_allclose(fresh.column(name).to_numpy(), reference[name][pixels], rtol=RTOL, err_msg=name)
+    assert int(reference["n_sources"].sum()) == rows32
+    assert maps.png_path(layout, 6, "pmra").read_bytes() != png_before
