@@ -8,10 +8,12 @@ BIN    := $(VENV)/bin
 
 install: $(VENV)/.installed
 
+# --compile-bytecode: with PYTHONDONTWRITEBYTECODE set (as on CI) every Dagster run, Spark
+# Python worker and webserver would otherwise recompile pandas/dagster/pyspark on each start.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --constraint constraints.txt -e ".[test]"
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --constraint constraints.txt -e ".[test]"
 	touch $@
 
 demo: install
