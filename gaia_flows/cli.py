@@ -91,10 +91,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_mlflow(args: argparse.Namespace) -> int:
+    from gaia_flows.resources.mlflow import server_command
+
     layout = StateLayout.from_env().ensure()
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    command = [mlflow, "ui", "--backend-store-uri", layout.mlflow_tracking_uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    return subprocess.call(command, env=dagster_env(layout))
+    return subprocess.call(server_command(port=args.port), env=dagster_env(layout))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,146 @@
+"""Classifier benchmark: repeated training, Spark vs single-process scoring, accuracy vs forest size.
+
+    .venv/bin/python benchmarks/classifier.py --stars 400000
+
+1. The ``astrometric_classifier`` asset trained three times in one process on the same
+   training table (the seed's later runs were 4.4x slower than the first; target <= 1.1x).
+2. Rows/s of ``classified_sources``' scoring path (``mapInPandas``, model broadcast) over
+   every 5/6-parameter source vs one process calling scikit-learn ``predict_proba`` on the
+   same rows (target >= 0.7 x cores).
+3. Hold-out and ground-truth accuracy, fit time and single-process predict rows/s against
+   trees x depth, the curve the default forest is chosen from.
+4. Peak RSS of the driver (this Python process) and of the Spark JVM.
+
+Everything is measured against baselines taken in the same run; nothing is asserted.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the synthetic-catalogue publisher the tests use
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stars", type=int, default=400_000)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--trees", type=int, nargs="+", default=[10, 50, 100, 200, 500])
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 12, 16, 0], help="0 = fully grown")
+    parser.add_argument("--home", default=None, help="state folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    home = Path(args.home or tempfile.mkdtemp(prefix="gaia-bench-classifier-"))
+    os.environ["GAIA_FLOWS_HOME"] = str(home)
+    os.environ.pop("GAIA_FLOWS_LANDING", None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    from dagster import materialize
+
+    from astrometric_data import catalogue_frame, publish_synthetic
+    from gaia_flows.assets.classifier import ClassifierConfig, astrometric_classifier, astrometric_training_set
+    from gaia_flows.engine import classify
+    from gaia_flows.layout import StateLayout
+    from gaia_flows.resources.mlflow import MlflowResource
+    from gaia_flows.resources.spark import SparkResource
+    from gaia_flows.resources.storage import StorageResource
+    from gaia_flows.science import astrometric as astro
+    from gaia_flows.science.astrometric import FEATURES
+
+    cores = len(os.sched_getaffinity(0))
+    conf = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": str(2 * cores), "spark.driver.memory": "4g"}
+    resources = {"spark": SparkResource(master=f"local[{cores}]", spark_config=conf), "storage": StorageResource(), "mlflow": MlflowResource()}
+    layout = StateLayout.from_env().ensure()
+    print(f"state {home}; {cores} cores; {args.stars:,} synthetic stars (seed {args.seed})", flush=True)
+
+    started = time.perf_counter()
+    publish_synthetic(layout, args.stars, args.seed, files=16)
+    catalogue = catalogue_frame(layout)
+    print(f"catalogue published in {time.perf_counter() - started:.1f} s", flush=True)
+    assets = [astrometric_training_set, astrometric_classifier]
+    started = time.perf_counter()
+    materialize(assets, selection=[astrometric_training_set.key], resources=resources)
+    print(f"training set materialised in {time.perf_counter() - started:.1f} s", flush=True)
+
+    # 1. three training runs, same data, one process -----------------------------------------
+    default = ClassifierConfig()
+    print(f"\n## repeated training (asset, default forest: {default.n_estimators} trees, max_depth {default.max_depth})")
+    runs = []
+    for i in range(3):
+        started = time.perf_counter()
+        result = materialize(assets, selection=[astrometric_classifier.key], resources=resources)
+        wall = time.perf_counter() - started
+        meta = {k: v.value for k, v in result.asset_materializations_for_node("astrometric_classifier")[0].metadata.items()}
+        runs.append((wall, meta))
+        print(f"run {i + 1}: wall {wall:6.1f} s  read {meta['read_seconds']:.2f} s  fit {meta['fit_seconds']:6.2f} s  "
+              f"log_model {meta['log_model_seconds']:.2f} s  accuracy {meta['holdout_accuracy']:.4f}  rows {meta['training_rows']:,}", flush=True)
+    for i in (1, 2):
+        print(f"run {i + 1} / run 1: wall {runs[i][0] / runs[0][0]:.2f}x  fit {runs[i][1]['fit_seconds'] / runs[0][1]['fit_seconds']:.2f}x  "
+              f"read {runs[i][1]['read_seconds'] / max(runs[0][1]['read_seconds'], 1e-9):.2f}x")
+
+    # 2. scoring throughput: Spark mapInPandas vs one process -----------------------------------
+    model_uri = runs[-1][1]["model"]
+    with resources["mlflow"].activate():
+        loaded = classify.load_model(model_uri)
+    rows = catalogue[catalogue["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER)][["source_id", *FEATURES]].reset_index(drop=True)
+    single = classify.set_threads(loaded.model, 1)
+    started = time.perf_counter()
+    single.predict_proba(astro.feature_frame(rows))
+    single_rate = len(rows) / (time.perf_counter() - started)
+    session = resources["spark"].session()
+    frame = session.createDataFrame(rows.astype({f: "float64" for f in FEATURES})).repartition(4 * cores).cache()
+    frame.count()
+    rates = []
+    for _ in range(2):  # the first pass also starts Python workers, imports sklearn, unpickles the broadcast
+        started = time.perf_counter()
+        classify.score(frame, loaded).write.format("noop").mode("overwrite").save()
+        rates.append(len(rows) / (time.perf_counter() - started))
+    cold_rate, spark_rate = rates
+    frame.unpersist()
+    print(f"\n## scoring {len(rows):,} rows with {model_uri} ({loaded.describe()})")
+    print(f"single-process predict_proba: {single_rate:,.0f} rows/s")
+    print(f"Spark mapInPandas, first pass (cold workers): {cold_rate:,.0f} rows/s")
+    print(f"Spark mapInPandas (local[{cores}]): {spark_rate:,.0f} rows/s  = {spark_rate / single_rate:.2f}x single process "
+          f"({spark_rate / single_rate / cores:.2f} x cores; target >= 0.7)")
+
+    # 3. accuracy vs trees x depth ---------------------------------------------------------------
+    table = __import__("pyarrow.parquet", fromlist=["parquet"]).read_table(layout.table("astrometric_training_set")).to_pandas()
+    train, holdout = table[~table["holdout"]], table[table["holdout"]]
+    solved = catalogue[catalogue["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER)]
+    candidates = solved[np.abs(solved["parallax"]) > 8]
+    sample = solved.sample(min(len(solved), 100_000), random_state=0)
+    print(f"\n## accuracy vs forest size ({len(train):,} training rows, {len(holdout):,} hold-out, {len(candidates):,} candidates vs truth)")
+    print("| trees | max_depth | fit s | hold-out acc | truth acc (|plx|>8) | truth acc (all 5/6p) | predict rows/s (1 process) | nodes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for depth in args.depths:
+        for trees in args.trees:
+            params = classify.ForestParams(n_estimators=trees, max_depth=depth or None)
+            started = time.perf_counter()
+            model = classify.train_sklearn(train, params, n_jobs=-1)
+            fit = time.perf_counter() - started
+            acc = astro.classification_metrics(holdout["label"], classify.sklearn_good_probability(model, holdout))["accuracy"]
+            truth_candidates = np.mean((classify.sklearn_good_probability(model, candidates) >= 0.5) == ~candidates["spurious"].to_numpy())
+            classify.set_threads(model, 1)
+            started = time.perf_counter()
+            truth_all = np.mean((classify.sklearn_good_probability(model, sample) >= 0.5) == ~sample["spurious"].to_numpy())
+            rate = len(sample) / (time.perf_counter() - started)
+            nodes = classify.LoadedModel("sklearn", model).describe()["nodes"]
+            print(f"| {trees} | {depth or 'None'} | {fit:.2f} | {acc:.4f} | {truth_candidates:.4f} | {truth_all:.4f} | {rate:,.0f} | {nodes:,} |", flush=True)
+
+    # 4. memory -----------------------------------------------------------------------------------
+    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    jvm = [c for c in psutil.Process().children(recursive=True) if "java" in c.name()]
+    jvm_rss = sum(c.memory_info().rss for c in jvm) / 2**20
+    print(f"\n## memory\ndriver (Python) peak RSS {driver_peak:,.0f} MiB; Spark JVM RSS now {jvm_rss:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
