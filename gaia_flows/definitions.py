@@ -2,7 +2,7 @@
 gaia_flows.definitions`` load it. The deployment profile (``GAIA_FLOWS_PROFILE``) picks the
 resources; the asset graph is the same on every target."""
 
-from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
 
 from gaia_flows.assets import catalogue, classifier, cluster, proper_motion
 from gaia_flows.jobs import catalogue_job
@@ -19,4 +19,7 @@ defs = Definitions(
     schedules=[nightly_refresh],
     sensors=[landing_files_sensor],
     resources=build_resources(),
+    # One process per run, so every step of a run shares one Spark application: a cold Spark
+    # start (~10 s) per step would cost more than most steps, and Spark already uses every core.
+    executor=in_process_executor,
 )

@@ -40,7 +40,9 @@ def standalone_cluster(tmp_path_factory):
 @pytest.fixture
 def cluster_spark(standalone_cluster, _spark_application):
     """A session on the standalone cluster (the local session is stopped while it is in use)."""
-    conf = {**TEST_SPARK_CONF, "spark.ui.enabled": "true", "spark.executor.memory": "768m", "spark.cores.max": "2"}
+    # Explicit executor shape: the JVM keeps the first session's conf as defaults, and an earlier
+    # test's planned shape (e.g. 2 cores per executor) would not fit these 1-core workers.
+    conf = {**TEST_SPARK_CONF, "spark.ui.enabled": "true", "spark.executor.memory": "768m", "spark.executor.cores": "1", "spark.cores.max": "2"}
     return spark_factory.session(standalone_cluster.master_url, conf)
 
 
