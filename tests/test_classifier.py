@@ -14,10 +14,6 @@ leaves room for other seeds without letting a broken selection (labels or featur
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import time
 import urllib.parse
 import urllib.request
 
@@ -31,6 +27,7 @@ from dagster import materialize
 
 from astrometric_data import catalogue_frame, publish_synthetic
 from conftest import TEST_SPARK_CONF
+from servers import free_port, serving
 from gaia_flows.assets.classifier import (
     CHAMPION,
     MODEL_NAME,
@@ -355,12 +352,6 @@ def test_default_store_is_in_the_state_folder_and_env_overrides(layout, monkeypa
     assert resource.resolved_artifact_location() is None, "a server decides where artifacts go"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(base: str, path: str, **query) -> dict:
     with urllib.request.urlopen(f"{base}{path}?{urllib.parse.urlencode(query)}", timeout=10) as response:
         return json.loads(response.read())
@@ -369,23 +360,9 @@ def _get(base: str, path: str, **query) -> dict:
 def test_mlflow_server_serves_run_metrics_and_registered_model(champion, tmp_path):
     """A real ``mlflow server`` on loopback, on the store the asset wrote, read over REST."""
     metadata = _metadata(champion["trained"], "astrometric_classifier")
-    port = _free_port()
-    command = server_command(champion["store"], port=port)
-    log = open(tmp_path / "mlflow-server.log", "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not come up in 120 s"
-            time.sleep(0.5)
+    with serving(server_command(champion["store"], port=port), f"{base}/health", tmp_path / "mlflow-server.log", timeout=120):
         run = _get(base, "/api/2.0/mlflow/runs/get", run_id=metadata["mlflow_run_id"])["run"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["accuracy"] == pytest.approx(metadata["holdout_accuracy"])
@@ -398,11 +375,3 @@ def test_mlflow_server_serves_run_metrics_and_registered_model(champion, tmp_pat
         assert version["run_id"] == metadata["mlflow_run_id"]
         tags = {t["key"]: t["value"] for t in version["tags"]}
         assert tags["training_table_digest"] == metadata["training_table_digest"] and tags["champion_gate"] == "promoted"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()

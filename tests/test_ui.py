@@ -2,15 +2,10 @@
 this repository's workspace and state folder, read by headless Chromium after its JavaScript
 has rendered the page."""
 
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +19,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from conftest import TEST_SPARK_CONF
 from gaia_files import region_file_range, stars_in_region, write_gaia_file
+from servers import free_port, serving
 
 pytestmark = pytest.mark.ui
 
@@ -47,12 +43,6 @@ def _chromium() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def webserver(layout, spark, monkeypatch):
     """One region materialised into the state folder's instance, then the UI started on it."""
@@ -64,30 +54,11 @@ def webserver(layout, spark, monkeypatch):
     result = materialize([gaia_landing, gaia_source], selection=[gaia_source.key], partition_key="hpx1-07", resources=resources, instance=DagsterInstance.get())
     assert result.success
 
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).with_name("dagster-webserver")), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    log = open(layout.home / "webserver.log", "w")
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("dagster-webserver did not come up:\n" + (layout.home / "webserver.log").read_text()[-3000:])
-                time.sleep(1)
+    with serving(command, f"{url}/server_info", layout.home / "webserver.log", cwd=REPO_ROOT, env=env):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def _rendered(url: str, tmp_path: Path) -> str:
