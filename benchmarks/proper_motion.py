@@ -92,6 +92,7 @@ def ensure_catalogue(work: Path, stars: int) -> Path:
 
 def main() -> int:
     args = parse_args()
+    load_start = os.getloadavg()
     work = args.work or Path(tempfile.mkdtemp(prefix="pm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     landing = ensure_catalogue(work, args.stars)
@@ -147,22 +148,35 @@ def main() -> int:
     a, naive_rows = timed(naive, args.repeat)
 
     # --- (b) pm_stats + proper_motion_maps, first run over all regions --------------------------
-    shutil.rmtree(layout.table(maps.STATS_TABLE), ignore_errors=True)
-    shutil.rmtree(layout.table(maps.MAPS_TABLE), ignore_errors=True)
-    started = time.perf_counter()
-    first = materialize([pm_stats], resources=resources, tags=all_regions, selection=[pm_stats.key])
-    b_stats = time.perf_counter() - started
-    stats_meta = first.asset_materializations_for_node("pm_stats")[0].metadata  # run-level metadata rides on every partition
-    started = time.perf_counter()
-    materialize([pm_stats, proper_motion_maps], resources=resources, selection=[proper_motion_maps.key])
-    b_maps = time.perf_counter() - started
+    # Run twice from an empty statistics store: the first run also pays Spark's code generation
+    # and JIT for a new plan and the one-off projection grids; the second is timed on a warm
+    # session, like (a). Both are printed.
+    def first_run() -> tuple[float, float, dict]:
+        shutil.rmtree(layout.table(maps.STATS_TABLE), ignore_errors=True)
+        shutil.rmtree(layout.table(maps.MAPS_TABLE), ignore_errors=True)
+        started = time.perf_counter()
+        result = materialize([pm_stats], resources=resources, tags=all_regions, selection=[pm_stats.key])
+        stats_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        materialize([pm_stats, proper_motion_maps], resources=resources, selection=[proper_motion_maps.key])
+        # run-level metadata rides on every partition's materialization
+        return stats_seconds, time.perf_counter() - started, result.asset_materializations_for_node("pm_stats")[0].metadata
+
+    shutil.rmtree(maps.projection_cache(layout), ignore_errors=True)
+    cold_stats, cold_maps, cold_meta = first_run()
+    b_stats, b_maps, stats_meta = first_run()
     b = b_stats + b_maps
     spark_seconds = stats_meta["spark_seconds"].value
+    task_seconds = stats_meta["spark_executor_run_ms"].value / 1000
 
     # --- (c) a re-plot of another level from stored statistics ----------------------------------
     plot_dir = Path(tempfile.mkdtemp(prefix="pm-replot-"))
     c_table, table = timed(lambda: maps.map_table(args.replot_level), args.repeat)
     c, _ = timed(lambda: maps.render_map(maps.map_table(args.replot_level), "pmra", plot_dir / "pmra.png"), args.repeat)
+    # The same re-plot as a user types it: a fresh process (imports included), as in the issue.
+    command = [str(Path(sys.executable).with_name("gaia-flows")), "map", "--level", str(args.level), "--quantity", "pmra", "--out", str(plot_dir / "cli.png")]
+    c_cli, cli_run = timed(lambda: subprocess.run(command, check=True, capture_output=True, text=True), args.repeat)
+    c_cli_inside = float(cli_run.stdout.rsplit(" in ", 1)[1].split(" s")[0])
     shutil.rmtree(plot_dir)
 
     # --- (e) one region's input changed: its pm_stats + the maps --------------------------------
@@ -198,13 +212,17 @@ def main() -> int:
     py_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"\nproper motion benchmark: {rows:,} stars, {CORES} cores, naive/replot level {args.level}/{args.replot_level}, L_max {pm.DEFAULT_LEVEL}")
     print(f"(a) naive Spark groupBy, unsorted copy     {a:8.3f} s  {rows / a / CORES / 1e6:6.2f} M rows/s/core")
-    print(f"(b) pm_stats + maps, first run, all regions {b:8.3f} s  (pm_stats run {b_stats:.2f} s, maps run {b_maps:.2f} s)")
-    print(f"    pm_stats aggregation stage (Spark)      {spark_seconds:8.3f} s  {rows / spark_seconds / CORES / 1e6:6.2f} M rows/s/core")
+    print(f"(b) pm_stats + maps, first run, all regions {b:8.3f} s  (pm_stats run {b_stats:.2f} s, maps run {b_maps:.2f} s; warm session)")
+    print(f"    the same on a cold session              {cold_stats + cold_maps:8.3f} s  (pm_stats run {cold_stats:.2f} s, Spark part {cold_meta['spark_seconds'].value:.2f} s; maps run {cold_maps:.2f} s)")
+    print(f"    pm_stats Spark part, wall                {spark_seconds:8.3f} s  {rows / spark_seconds / CORES / 1e6:6.2f} M rows/s/core")
+    print(f"    pm_stats Spark stages, task time         {task_seconds:8.3f} s  {rows / task_seconds / 1e6:6.2f} M rows per task-second")
     print(f"(c) re-plot level {args.replot_level} from stored stats       {c:8.3f} s  (table only {c_table:.3f} s, {table.num_rows:,} pixels)")
+    print(f"    gaia-flows map --level {args.level}, process wall    {c_cli:8.3f} s  (inside the process {c_cli_inside:.3f} s)")
     print(f"(e) refresh one region ({changed}, {changed_rows:,} rows) {e:8.3f} s  (pm_stats run {e_stats:.2f} s)")
     print(f"(d) DuckDB, same statistics, same files     {d:8.3f} s  {rows / d / CORES / 1e6:6.2f} M rows/s/core")
     print(f"ratios: b/a = {b / a:.2f} (target <= 1.5)   a/c = {a / c:.1f} (>= 10)   a/e = {a / e:.2f} (>= 10)   b/d = {b / d:.1f} (<= 5)")
     print(f"driver peak RSS: python {py_peak / 2**20:.0f} MiB, Spark JVM (driver, local mode) {jvm_peak_rss() / 2**20:.0f} MiB")
+    print(f"load average (1/5/15 min): at start {' '.join(f'{x:.1f}' for x in load_start)}, at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

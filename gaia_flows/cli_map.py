@@ -40,6 +40,7 @@ def _level(text: str) -> int:
 def run_map(args: argparse.Namespace) -> int:
     from gaia_flows import maps
     from gaia_flows.layout import StateLayout
+    from gaia_flows.science import proper_motion as pm
 
     started = time.perf_counter()
     layout = StateLayout.from_env()
@@ -47,6 +48,6 @@ def run_map(args: argparse.Namespace) -> int:
     read = time.perf_counter() - started
     out = maps.render_map(table, args.quantity, args.out, weighted=args.weighted)
     seconds = time.perf_counter() - started
-    sources = int(table.column("n_sources").to_numpy().sum())
+    sources = int(pm.as_numpy(table.column("n_sources")).sum())
     print(f"wrote {out} ({args.quantity}{' weighted' if args.weighted else ''}, level {args.level}, {table.num_rows:,} pixels, {sources:,} sources) in {seconds:.2f} s (read {read:.2f} s)")
     return 0

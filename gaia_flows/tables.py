@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
@@ -97,11 +98,21 @@ def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: 
     return publish(staging, layout.region_dir(table, region))
 
 
-def write_table_arrow(data: pa.Table, layout: StateLayout, table: str, manifest: dict | None = None) -> Path:
-    """Publish an unpartitioned table (training set, all-sky maps) as one atomic directory."""
+def write_table_arrow(data: pa.Table, layout: StateLayout, table: str, manifest: dict | None = None, row_group_key: str | None = None) -> Path:
+    """Publish an unpartitioned table (training set, all-sky maps) as one atomic directory.
+
+    ``row_group_key``: one row group per distinct value of that column (in order of first
+    appearance), so a reader filtering on it (``filters=[(key, "=", v)]``) decodes only its group.
+    """
     staging = layout.staging_dir(table)
     staging.mkdir(parents=True)
-    pq.write_table(data, staging / "part-00000.parquet", compression="zstd")
+    if row_group_key is None:
+        pq.write_table(data, staging / "part-00000.parquet", compression="zstd")
+    else:
+        keys = data.column(row_group_key)
+        with pq.ParquetWriter(staging / "part-00000.parquet", data.schema, compression="zstd") as writer:
+            for value in pc.unique(keys):
+                writer.write_table(data.filter(pc.equal(keys, value)))
     write_manifest(staging, manifest)
     return publish(staging, layout.table(table))
 

@@ -22,7 +22,7 @@ from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps
-from gaia_flows.engine.pm_stats import compute_pm_stats, compute_region_stats
+from gaia_flows.engine.pm_stats import LISTING_THRESHOLD, compute_pm_stats, compute_region_stats, driver_listing, read_input
 from gaia_flows.layout import StateLayout
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -273,20 +273,68 @@ def stored(tmp_path):
     return layout, rows
 
 
-def publish_pyramid(layout: StateLayout) -> None:
+def publish_pyramid(layout: StateLayout, row_group_key: str | None = "level") -> None:
+    """The pyramid as proper_motion_maps stores it (one row group per level), or in one row group."""
     versions = maps.region_versions(layout)
     merged = maps.merged_region_stats(layout)
     manifest = {"level_max": L_MAX, "levels": list(range(L_MAX + 1)), "pm_stats_versions": versions}
-    write_table_arrow(pm.pyramid(merged), layout, maps.MAPS_TABLE, manifest=manifest)
+    write_table_arrow(pm.pyramid(merged), layout, maps.MAPS_TABLE, manifest=manifest, row_group_key=row_group_key)
 
 
+@pytest.mark.parametrize("row_group_key", ["level", None])
 @pytest.mark.parametrize("level", [0, 6, L_MAX])
-def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level):
+def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level, row_group_key):
     layout, _ = stored
     reference = duckdb_reference(source_files(layout), level)
     assert_matches_reference(maps.map_table(level, layout), reference)  # merged from pm_stats
-    publish_pyramid(layout)
+    publish_pyramid(layout, row_group_key)
     assert_matches_reference(maps.map_table(level, layout), reference)  # cut from the pyramid
+
+
+def test_pyramid_is_stored_one_row_group_per_level(stored):
+    """What lets a re-plot decode one level instead of the whole pyramid."""
+    import pyarrow.parquet as pq
+
+    layout, _ = stored
+    publish_pyramid(layout)
+    (path,) = layout.table(maps.MAPS_TABLE).glob("*.parquet")
+    meta = pq.ParquetFile(path).metadata
+    column = meta.schema.to_arrow_schema().get_field_index("level")
+    levels = [(meta.row_group(i).column(column).statistics.min, meta.row_group(i).column(column).statistics.max) for i in range(meta.num_row_groups)]
+    assert levels == [(lv, lv) for lv in range(L_MAX + 1)]
+    assert maps._level_row_groups(path, 6).num_rows == meta.row_group(6).num_rows
+
+
+def test_numpy_arrow_conversions_keep_nan_and_fall_back_on_nulls():
+    values = np.array([1.5, np.nan, -2.0])
+    arrow = pm.from_numpy(values, pa.float64())
+    assert arrow.null_count == 0 and np.isnan(arrow.to_numpy()[1])
+    np.testing.assert_array_equal(pm.as_numpy(arrow), values)
+    chunked = pa.chunked_array([pa.array([1, 2], pa.int64()), pa.array([3], pa.int64())])
+    np.testing.assert_array_equal(pm.as_numpy(chunked), [1, 2, 3])
+    np.testing.assert_array_equal(pm.as_numpy(pa.array([1.0, None])), [1.0, np.nan])
+    assert pm.as_numpy(pa.chunked_array([], pa.int64())).size == 0
+
+
+@pytest.mark.parametrize("coord", [None, ["C", "G"]])
+def test_projection_grid_samples_exactly_what_mollview_draws(tmp_path, coord):
+    """The cached pixel-index grid behind render_map against healpy.mollview's own image of a
+    map whose value is its nested pixel index (nest=True, astro flip, optional Galactic view)."""
+    import healpy as hp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    level = 3
+    hp.mollview(np.arange(healpix.npix(level), dtype=float), nest=True, coord=coord, xsize=400)
+    image = plt.gca().get_images()[0].get_array()
+    plt.close("all")
+    drawn = np.where(np.ma.getmaskarray(image), -1, np.ma.getdata(image)).astype(np.int64)
+    grid = maps.projection_grid(level, 400, coord, cache_dir=tmp_path)
+    np.testing.assert_array_equal(grid, drawn)
+    assert len(list(tmp_path.glob("mollweide-nside8-x400-*.npy"))) == 1
+    np.testing.assert_array_equal(maps.projection_grid(level, 400, coord, cache_dir=tmp_path), drawn)  # from the cache
 
 
 def test_map_table_never_serves_a_stale_pyramid(stored):
@@ -320,11 +368,19 @@ def test_map_table_is_exported_for_notebooks():
 
 def test_render_map_writes_pngs(stored, tmp_path):
     layout, _ = stored
+    from PIL import Image
+
     table = maps.map_table(5, layout)
+    cache = maps.projection_cache(layout)
     for quantity in ("pmra", "pmdec", "count"):
-        out = maps.render_map(table, quantity, tmp_path / f"{quantity}.png")
+        out = maps.render_map(table, quantity, tmp_path / f"{quantity}.png", cache_dir=cache)
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    maps.render_map(table, "pmra", tmp_path / "w.png", weighted=True)
+        pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
+        grey = np.all(pixels == maps.BAD_RGBA[:3], axis=1)
+        coloured = (pixels.max(axis=1) - pixels.min(axis=1)) > 40
+        # two of the three regions are empty: most of the sky is grey, the rest coloured
+        assert grey.sum() > 10 * coloured.sum() > 0
+    maps.render_map(table, "pmra", tmp_path / "w.png", weighted=True, cache_dir=cache)
     assert not list(tmp_path.glob(".*png"))  # atomic write left no temporary files
     with pytest.raises(ValueError):
         maps.render_map(pm.finalise(pm.stats_from_columns([1 << 40], [1.0], [1.0], [1.0], [1.0], 5), dense=False), "pmra", tmp_path / "x.png")
@@ -339,23 +395,32 @@ def test_colour_limits_are_symmetric_and_robust():
 
 
 def test_cli_map_replots_without_pyspark(stored, tmp_path):
+    """A fresh ``gaia-flows map`` process never loads Spark; once the projection grids are cached
+    (the maps asset warms them) it loads neither healpy nor pandas nor pyarrow.dataset either:
+    those imports would cost a re-plot more than reading and drawing the map."""
     layout, _ = stored
     publish_pyramid(layout)
     out = tmp_path / "pmra.png"
-    script = (
-        "import sys, time; t = time.perf_counter()\n"
-        "from gaia_flows.cli import main\n"
-        f"code = main(['map', '--level', '6', '--quantity', 'pmra', '--out', {str(out)!r}])\n"
-        "assert code == 0\n"
-        "loaded = sorted(m for m in sys.modules if m == 'pyspark' or m.startswith('pyspark.') or m.startswith('py4j'))\n"
-        "assert not loaded, loaded\n"
-        "print('total', time.perf_counter() - t)\n"
-    )
-    env = {**os.environ, "GAIA_FLOWS_HOME": str(layout.home)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "wrote" in done.stdout and "level 6" in done.stdout
-    assert out.read_bytes()[:4] == b"\x89PNG"
+
+    def replot(heavy: tuple[str, ...]) -> None:
+        script = (
+            "import sys\n"
+            "from gaia_flows.cli import main\n"
+            f"code = main(['map', '--level', '6', '--quantity', 'pmra', '--out', {str(out)!r}])\n"
+            "assert code == 0\n"
+            f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} or m == 'pyarrow.dataset')\n"
+            "assert not loaded, loaded\n"
+        )
+        env = {**os.environ, "GAIA_FLOWS_HOME": str(layout.home)}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "wrote" in done.stdout and "level 6" in done.stdout
+        assert out.read_bytes()[:4] == b"\x89PNG"
+
+    replot(("pyspark", "py4j"))  # no cached grid yet: healpy computes it
+    assert list(maps.projection_cache(layout).glob("mollweide-nside64-x*.npy"))
+    out.unlink()
+    replot(("pyspark", "py4j", "healpy", "pandas", "astropy"))
 
 
 def test_cli_map_rejects_bad_arguments():
@@ -381,6 +446,18 @@ def test_spark_statistics_match_duckdb(catalogue, spark, level):
     layout, _ = catalogue
     stats = compute_pm_stats(read_regions(spark, layout, "gaia_source"), level)
     assert_matches_reference(pm.finalise(stats), duckdb_reference(source_files(layout), level))
+
+
+def test_read_input_lists_on_the_driver_and_restores_the_setting(stored, spark):
+    layout, rows = stored
+    before = spark.conf.get(LISTING_THRESHOLD, None)
+    with driver_listing(spark, 5000):
+        assert spark.conf.get(LISTING_THRESHOLD) == "5000"
+    assert spark.conf.get(LISTING_THRESHOLD, None) == before
+    df = read_input(spark, layout, "gaia_source", [REGIONS[0], REGIONS[1]])
+    assert df.columns == list(pm.INPUT_COLUMNS)
+    assert df.count() == rows[REGIONS[0]].num_rows + rows[REGIONS[1]].num_rows
+    assert spark.conf.get(LISTING_THRESHOLD, None) == before
 
 
 def test_spark_region_split_and_coarser_than_regions(catalogue, spark):

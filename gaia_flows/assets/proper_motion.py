@@ -32,13 +32,13 @@ from pydantic import Field
 
 from gaia_flows import maps
 from gaia_flows.engine.metrics import stage_io
-from gaia_flows.engine.pm_stats import compute_region_stats
+from gaia_flows.engine.pm_stats import compute_region_stats, read_input
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import npix
-from gaia_flows.tables import read_manifest, read_regions, write_region_arrow, write_table_arrow
+from gaia_flows.tables import read_manifest, write_region_arrow, write_table_arrow
 
 SOURCE_TABLE = "gaia_source"
 STATS_TABLE = maps.STATS_TABLE
@@ -72,11 +72,12 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     layout = storage.layout
     regions = list(context.partition_keys)
     session = spark.session()
-    session.sparkContext.setJobGroup(STATS_TABLE, f"proper-motion statistics, {len(regions)} region(s), level {config.level}", interruptOnCancel=True)
+    job_group = f"{STATS_TABLE}-{context.run_id}"  # per run: stage_io must not add up earlier runs on a shared session
+    session.sparkContext.setJobGroup(job_group, f"proper-motion statistics, {len(regions)} region(s), level {config.level}", interruptOnCancel=True)
     source_versions = maps.region_versions(layout, SOURCE_TABLE)
 
     started = time.perf_counter()
-    per_region = compute_region_stats(read_regions(session, layout, SOURCE_TABLE, regions), regions, config.level)
+    per_region = compute_region_stats(read_input(session, layout, SOURCE_TABLE, regions), regions, config.level)
     spark_seconds = time.perf_counter() - started
 
     computed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -116,7 +117,7 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
         "rows_per_second": round(total["n_sources"] / max(spark_seconds, 1e-9)),
         "result_kib": round(sum(t.nbytes for t in per_region.values()) / 1024, 1),
     }
-    metadata.update({f"spark_{name}": value for name, value in stage_io(session, STATS_TABLE).items()})
+    metadata.update({f"spark_{name}": value for name, value in stage_io(session, job_group).items()})
     return MaterializeResult(metadata=metadata)
 
 
@@ -238,8 +239,10 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
         "rows_with_pm": totals["n_pm"],
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_table_arrow(stacked, layout, MAPS_TABLE, manifest=manifest)
+    write_table_arrow(stacked, layout, MAPS_TABLE, manifest=manifest, row_group_key="level")
     merge_seconds = time.perf_counter() - started
+    # Once per state folder: afterwards a re-plot at any level 0..L_max is a lookup, no healpy.
+    new_grids = maps.warm_projection_cache(range(level_max + 1), maps.projection_cache(layout))
 
     metadata: dict = {}
     rendered = []
@@ -253,7 +256,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
         metadata[f"level_{level}_pixels_without_pm"] = int(np.count_nonzero(table.column("n_pm").to_numpy() == 0))
         variants = [(q, False) for q in _PLOTTED] + ([("pmra", True), ("pmdec", True)] if config.weighted else [])
         for quantity, weighted in variants:
-            path = maps.render_map(table, quantity, maps.png_path(layout, level, quantity, weighted), weighted=weighted)
+            path = maps.render_map(table, quantity, maps.png_path(layout, level, quantity, weighted), weighted=weighted, cache_dir=maps.projection_cache(layout))
             name = f"{quantity}{'_weighted' if weighted else ''}_level_{level}"
             metadata[f"map_{name}"] = _png_markdown(path, name)
             metadata[f"png_{name}"] = MetadataValue.path(str(path))
@@ -272,6 +275,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
             f"sky_fraction_covered_level_{level_max}": round(totals["pixels"] / npix(level_max), 4),
             "table_path": MetadataValue.path(str(layout.table(MAPS_TABLE))),
             "merge_seconds": round(merge_seconds, 3),
+            "projection_grids_computed": MetadataValue.json(new_grids),
             "wall_seconds": round(seconds, 3),
             "pngs": MetadataValue.json(rendered),
         }

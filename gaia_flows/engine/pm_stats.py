@@ -11,13 +11,49 @@ version is the reference these sums are tested against.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
+from gaia_flows.tables import region_paths
+
+LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
+
+
+@contextmanager
+def driver_listing(session: SparkSession, paths: int) -> Iterator[None]:
+    """Let the driver list up to ``paths`` input paths itself.
+
+    Above 32 paths (Spark's default threshold) a read lists them with a Spark job: ~0.7 s of
+    task scheduling per run for the 48 region directories of an all-sky run, longer than the
+    listing itself. The threshold is a session setting, so it is restored afterwards.
+    """
+    previous = session.conf.get(LISTING_THRESHOLD, None)
+    session.conf.set(LISTING_THRESHOLD, str(max(paths, int(previous or 32))))
+    try:
+        yield
+    finally:
+        if previous is None:
+            session.conf.unset(LISTING_THRESHOLD)
+        else:
+            session.conf.set(LISTING_THRESHOLD, previous)
+
+
+def read_input(session: SparkSession, layout: StateLayout, table: str, regions: list[str]) -> DataFrame:
+    """The columns the statistics need from the given regions of ``table`` (Parquet column
+    pruning: the other gaia_source columns are never read)."""
+    paths = region_paths(layout, table, regions)
+    if not paths:
+        raise FileNotFoundError(f"table {table!r} has no published regions under {layout.table(table)}")
+    with driver_listing(session, len(paths)):
+        return session.read.parquet(*paths).select(*pm.INPUT_COLUMNS)
 
 
 def _has(column: str) -> Column:

@@ -12,8 +12,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import healpy as hp
 import numpy as np
+
+# healpy (which imports astropy and matplotlib, ~1 s) is imported inside the functions that
+# do spherical geometry, so region keys and shifts stay cheap for the CLI and re-plots.
 
 SOURCE_ID_LEVEL = 12
 SOURCE_ID_SHIFT = 35
@@ -68,11 +70,15 @@ def children_range(pixel: int, from_level: int, to_level: int) -> tuple[int, int
 
 def radec_to_healpix(ra, dec, level: int) -> np.ndarray:
     """Nested pixel of positions in degrees (ICRS)."""
+    import healpy as hp
+
     return hp.ang2pix(nside(level), np.asarray(ra, float), np.asarray(dec, float), nest=True, lonlat=True).astype(np.int64)
 
 
 def healpix_centres(pixels, level: int) -> tuple[np.ndarray, np.ndarray]:
     """(ra, dec) in degrees of nested pixel centres."""
+    import healpy as hp
+
     return hp.pix2ang(nside(level), np.asarray(pixels, dtype=np.int64), nest=True, lonlat=True)
 
 
@@ -82,6 +88,8 @@ def same_or_neighbour(pixel_a, pixel_b, level: int) -> np.ndarray:
     b = np.asarray(pixel_b, dtype=np.int64)
     if a.size == 0:
         return np.zeros(0, dtype=bool)
+    import healpy as hp
+
     neighbours = hp.get_all_neighbours(nside(level), a, nest=True)  # shape (8, n), -1 where none
     return (a == b) | (neighbours == b[np.newaxis, :]).any(axis=0)
 

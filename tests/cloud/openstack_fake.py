@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -226,7 +225,7 @@ class OpenStackFake(FakeApp):
         if image is None or image["status"] != "active":
             return self._error(400, "badRequest", f"Image {req.get('imageRef')} could not be found.")
         if req.get("key_name") and req["key_name"] not in self.keypairs:
-            return self._error(400, "badRequest", f"Invalid key_name provided.")
+            return self._error(400, "badRequest", "Invalid key_name provided.")
         names = [g["name"] for g in req.get("security_groups") or [{"name": "default"}]]
         known = {g["name"] for g in self.groups.values()}
         missing = [n for n in names if n not in known]
