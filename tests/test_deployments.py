@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -321,17 +322,24 @@ def test_no_deployment_or_profile_file_holds_a_secret():
     assert not leaks, leaks
 
 
+def _token() -> str:
+    return uuid.uuid4().hex
+
+
+# Built at run time: a credential-shaped literal in this file would itself be a committed leak.
 @pytest.mark.parametrize(
     "content",
     [
-        "storage:\n  postgres:\n    postgres_db:\n      password: hunter2\n",
-        "cloud:\n  credentials:\n    secret_env: wJalrXUtnFEMI/K7MDENG\n",
-        "key: AKIAIOSFODNN7EXAMPLE\n",
-        "postgresql:\n  postgresqlPassword: s3cret\n",
-        "# note\nexport PASSWORD=letmein\n",
+        lambda: f"storage:\n  postgres:\n    postgres_db:\n      password: {_token()}\n",
+        lambda: f"cloud:\n  credentials:\n    secret_env: {_token()[:12]}/{_token()[:8]}\n",
+        lambda: f"key: AKIA{_token()[:16].upper()}\n",
+        lambda: f"postgresql:\n  postgresqlPassword: {_token()}\n",
+        lambda: f"# note\nexport PASSWORD={_token()}\n",
     ],
+    ids=["password", "secret_env value", "aws key id", "helm password", "shell password"],
 )
 def test_secret_scan_flags_literal_credentials(content, tmp_path):
+    content = content()
     sample = tmp_path / ("sample.yaml" if "export" not in content else "sample.sh")
     sample.write_text(content)
     assert _leaks(sample)

@@ -23,7 +23,7 @@ from cloud.emulators import FAST, aws_cloud, openstack_cloud, write_profile
 OS_USER = "gaia-tester"
 # Distinctive values: the secrets test greps logs, metadata and files for them.
 OS_PASSWORD = f"os-pw-{uuid.uuid4().hex}"
-AWS_KEY_ID = "AKIAGAIAFLOWSTEST0001"
+AWS_KEY_ID = f"AKIA{uuid.uuid4().hex[:16].upper()}"
 AWS_SECRET = f"aws-secret-{uuid.uuid4().hex}"
 
 

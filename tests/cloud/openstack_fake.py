@@ -285,7 +285,7 @@ class OpenStackFake(FakeApp):
         self.keypairs[name] = kp
         out = dict(kp)
         if not req.get("public_key"):
-            out["private_key"] = "-----BEGIN RSA PRIVATE KEY-----\nFAKE\n-----END RSA PRIVATE KEY-----\n"
+            out["private_key"] = f"fake-private-key-{uuid.uuid4().hex}\n"
         return self._json(200, {"keypair": out})
 
     def _glance(self, method, path):
