@@ -27,7 +27,7 @@ from dagster import materialize
 
 from astrometric_data import catalogue_frame, publish_synthetic
 from conftest import TEST_SPARK_CONF
-from servers import free_port, serving
+from servers import ServerProcess, free_port
 from gaia_flows.assets.classifier import (
     CHAMPION,
     MODEL_NAME,
@@ -361,8 +361,9 @@ def test_mlflow_server_serves_run_metrics_and_registered_model(champion, tmp_pat
     """A real ``mlflow server`` on loopback, on the store the asset wrote, read over REST."""
     metadata = _metadata(champion["trained"], "astrometric_classifier")
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with serving(server_command(champion["store"], port=port), f"{base}/health", tmp_path / "mlflow-server.log", timeout=120):
+    server = ServerProcess("mlflow-server", server_command(champion["store"], port=port), log_dir=tmp_path).start(port=port, ready_path="/health", timeout=120)
+    try:
+        base = server.url
         run = _get(base, "/api/2.0/mlflow/runs/get", run_id=metadata["mlflow_run_id"])["run"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["accuracy"] == pytest.approx(metadata["holdout_accuracy"])
@@ -375,3 +376,5 @@ def test_mlflow_server_serves_run_metrics_and_registered_model(champion, tmp_pat
         assert version["run_id"] == metadata["mlflow_run_id"]
         tags = {t["key"]: t["value"] for t in version["tags"]}
         assert tags["training_table_digest"] == metadata["training_table_digest"] and tags["champion_gate"] == "promoted"
+    finally:
+        server.stop()

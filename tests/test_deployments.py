@@ -8,7 +8,6 @@ so the ``DAGSTER_PG_*`` references and ``sslmode`` are exercised rather than jus
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ from dagster import DagsterInstance
 
 from gaia_flows import cli
 from gaia_flows.layout import REPO_ROOT
+from servers import free_port
 
 DEPLOYMENTS = REPO_ROOT / "deployments"
 PROFILES = REPO_ROOT / "resources"
@@ -100,12 +100,6 @@ def _as_server_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "nobody", "--", *command] if os.geteuid() == 0 else command
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres_server():
     """A throwaway PostgreSQL on 127.0.0.1 with TLS and scram passwords, stopped at the end.
@@ -130,7 +124,7 @@ def postgres_server():
                          "-A", "scram-sha-256", "--no-sync", "-E", "UTF8"]),
         check=True, capture_output=True,
     )
-    port = _free_port()
+    port = free_port()
     options = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off "
                f"-c ssl=on -c ssl_cert_file={root / 'server.crt'} -c ssl_key_file={root / 'server.key'}")
     subprocess.run(_as_server_user(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start"]),

@@ -19,7 +19,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from conftest import TEST_SPARK_CONF
 from gaia_files import region_file_range, stars_in_region, write_gaia_file
-from servers import free_port, serving
+from servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.ui
 
@@ -56,9 +56,11 @@ def webserver(layout, spark, monkeypatch):
 
     port = free_port()
     command = [str(Path(sys.executable).with_name("dagster-webserver")), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    url = f"http://127.0.0.1:{port}"
-    with serving(command, f"{url}/server_info", layout.home / "webserver.log", cwd=REPO_ROOT, env=env):
-        yield url
+    server = ServerProcess("dagster-webserver", command, env=env, log_dir=layout.home, cwd=REPO_ROOT).start(port=port, ready_path="/server_info", timeout=180)
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def _rendered(url: str, tmp_path: Path) -> str:

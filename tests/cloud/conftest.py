@@ -56,7 +56,7 @@ class Target:
     profiles_dir: Path
     profile: str
     cluster: str
-    api: servers.ServerProcess  # where faults are injected and requests counted
+    api: servers.FakeServer  # where faults are injected and requests counted
     create_request: str
     destroy_request: str
     list_request: str
