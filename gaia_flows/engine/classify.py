@@ -6,7 +6,8 @@ Gaia table, and both are scored inside Spark:
 
 - scikit-learn models are broadcast (shipped once per executor by Spark's torrent broadcast,
   unpickled once per Python worker and cached there for later tasks) and applied with
-  ``mapInPandas`` in Arrow batches, one thread per task so the cores are not oversubscribed;
+  ``mapInArrow`` to float32 features in batches of ~100k rows, one thread per task so the
+  cores are not oversubscribed (``benchmarks/classifier.py`` measures why: see :func:`score`);
 - Spark ML models are applied with their own ``transform`` (the JVM broadcasts the trees).
 
 Which one trains is a size rule (:func:`choose_engine`): scikit-learn (``n_jobs=-1``) while the
@@ -118,7 +119,14 @@ def driver_memory_bytes() -> int:
 
 
 def sklearn_pipeline(params: ForestParams, n_jobs: int = -1):
-    """Raw Gaia columns -> |parallax_over_error| -> Random Forest, as one picklable object."""
+    """Raw Gaia columns -> |parallax_over_error| -> Random Forest, as one picklable object.
+
+    Two column branches (the absolute-valued features, the rest passed through), not one per
+    feature: every branch costs a column selection and an ``hstack`` input per predicted batch,
+    which with sixteen branches was ~15 % of the scoring time. The forest therefore sees the
+    features in the transformer's output order, which :meth:`LoadedModel.feature_importances`
+    reads back by name.
+    """
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.pipeline import Pipeline
@@ -126,8 +134,8 @@ def sklearn_pipeline(params: ForestParams, n_jobs: int = -1):
 
     columns = ColumnTransformer(
         [
-            (name, FunctionTransformer(np.abs, feature_names_out="one-to-one") if name in ABS_FEATURES else "passthrough", [name])
-            for name in FEATURES
+            ("absolute", FunctionTransformer(np.abs, feature_names_out="one-to-one"), list(ABS_FEATURES)),
+            ("raw", "passthrough", [name for name in FEATURES if name not in ABS_FEATURES]),
         ],
         remainder="drop",
         verbose_feature_names_out=False,
@@ -265,10 +273,12 @@ class LoadedModel:
 
     def feature_importances(self) -> dict[str, float]:
         if self.flavor == "sklearn":
+            names = self.model[:-1].get_feature_names_out() if hasattr(self.model, "named_steps") else FEATURES
             values = forest_of(self.model).feature_importances_
         else:
-            values = self.model.stages[-1].featureImportances.toArray()
-        return {name: float(v) for name, v in zip(FEATURES, values)}
+            names, values = FEATURES, self.model.stages[-1].featureImportances.toArray()
+        by_name = {str(name): float(v) for name, v in zip(names, values)}
+        return {name: by_name[name] for name in FEATURES}
 
     def describe(self) -> dict[str, Any]:
         if self.flavor == "sklearn":
@@ -302,6 +312,12 @@ def load_model(uri: str, version: str | None = None) -> LoadedModel:
 
 _WORKER_MODELS: dict[str, Any] = {}
 
+SCORE_BATCH_ROWS = 100_000
+"""Rows per ``predict_proba`` call in a Python worker. Spark hands over Arrow batches of 10k
+rows; a forest call costs a fixed ~1-2 ms on top of its per-row cost (column selection, one
+Python call per tree), so at 10k rows a batch spent ~40 % of its time on overhead. 100k rows
+of 16 float32 features are ~6 MB."""
+
 
 def _worker_model(broadcast, token: str):
     """The broadcast model, unpickled once per Python worker and single-threaded there.
@@ -317,42 +333,85 @@ def _worker_model(broadcast, token: str):
     return model
 
 
+def _rebatched(batches, rows: int):
+    """Arrow record batches regrouped into tables of at least ``rows`` rows (the last smaller)."""
+    import pyarrow as pa
+
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(pending)
+            pending, count = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+def arrow_features(table) -> pd.DataFrame:
+    """The 16 features of an Arrow table as one float32 matrix (a DataFrame view of it).
+
+    An entirely null or NaN column raises :class:`FeatureError` naming it, as
+    :func:`~gaia_flows.science.astrometric.feature_frame` does for pandas input.
+    """
+    matrix = np.empty((table.num_rows, len(FEATURES)), dtype=np.float32)
+    for i, name in enumerate(FEATURES):
+        matrix[:, i] = table.column(name).to_numpy(zero_copy_only=False)
+    if table.num_rows:
+        empty = np.isnan(matrix).all(axis=0)
+        if empty.any():
+            name = FEATURES[int(np.flatnonzero(empty)[0])]
+            raise FeatureError(f"feature column '{name}' is entirely null ({table.num_rows} rows): the model cannot score it")
+    return pd.DataFrame(matrix, columns=list(FEATURES), copy=False)
+
+
+def _check_numeric(df) -> None:
+    from pyspark.sql.types import NumericType
+
+    for name in FEATURES:
+        dtype = df.schema[name].dataType
+        if not isinstance(dtype, NumericType):
+            raise FeatureError(f"feature column '{name}' is not numeric (Spark type {dtype.simpleString()})")
+
+
 def score(df, loaded: LoadedModel, threshold: float = 0.5):
     """Spark DataFrame of ``source_id, probability, label`` (label 1 = good solution).
 
-    ``df`` must hold ``source_id`` and the raw feature columns; a missing column fails here, on
-    the driver, naming it. An all-null feature fails in the first batch that shows it.
+    ``df`` must hold ``source_id`` and the raw numeric feature columns; a missing or non-numeric
+    column fails here, on the driver, naming it. An all-null feature fails in the first batch
+    that shows it.
+
+    For a scikit-learn model the features cross to Python as float32, cast by Spark: the trees
+    compare float32 thresholds (scikit-learn casts its input to float32 before predicting), so
+    this changes no prediction and halves the bytes; ``mapInArrow`` then builds the feature
+    matrix straight from the Arrow buffers, without a pandas frame per column.
     """
+    from pyspark.sql import functions as F
+
     astro.check_feature_columns(df.columns)
     if "source_id" not in df.columns:
         raise FeatureError("model input is missing column: source_id")
-    columns = ["source_id", *FEATURES]
-    df = df.select(*columns)
+    _check_numeric(df)
     if loaded.flavor == "spark":
+        df = df.select("source_id", *FEATURES)
         _check_not_all_null(df)
         return spark_good_probability_column(loaded.model, df, threshold)
 
+    df = df.select(F.col("source_id").cast("long"), *[F.col(name).cast("float").alias(name) for name in FEATURES])
     broadcast = df.sparkSession.sparkContext.broadcast(loaded.model)
     token = uuid.uuid4().hex
     good_column = list(loaded.model.classes_).index(astro.GOOD)
 
     def score_batches(batches):
-        model = _worker_model(broadcast, token)
-        for batch in batches:
-            features = astro.feature_frame(batch)
-            if len(features):
-                p = model.predict_proba(features)[:, good_column]
-            else:
-                p = np.zeros(0)
-            yield pd.DataFrame(
-                {
-                    "source_id": batch["source_id"].to_numpy(dtype=np.int64),
-                    "probability": p,
-                    "label": (p >= threshold).astype(np.int8),
-                }
-            )
+        import pyarrow as pa
 
-    return df.mapInPandas(score_batches, SCORE_SCHEMA)
+        model = _worker_model(broadcast, token)
+        for table in _rebatched(batches, SCORE_BATCH_ROWS):
+            p = model.predict_proba(arrow_features(table))[:, good_column] if table.num_rows else np.zeros(0)
+            label = (p >= threshold).astype(np.int8)
+            yield from pa.Table.from_arrays([table.column("source_id"), pa.array(p), pa.array(label)], names=["source_id", "probability", "label"]).to_batches()
+
+    return df.mapInArrow(score_batches, SCORE_SCHEMA)
 
 
 def _check_not_all_null(df) -> None:
