@@ -10,7 +10,7 @@ cheap cut of small stored tables, so re-plotting never rescans the catalogue::
 Where the statistics come from, newest first:
 
 1. ``warehouse/proper_motion_maps/``: the all-sky pyramid (every level 0..L_max, one Parquet
-   file whose row groups each hold one level, so a map reads only its level) the ``proper_motion_maps``
+   file, one row group per level, so a map reads only its level) the ``proper_motion_maps``
    asset writes; used when it was built from the pm_stats versions that are published now.
 2. otherwise the per-region ``warehouse/pm_stats/<region>/`` tables, merged on the fly (a
    region rerun since the last maps run is therefore never invisible).
@@ -111,7 +111,7 @@ def maps_manifest(layout: StateLayout) -> dict:
 
 def _level_row_groups(path: Path, level: int) -> pa.Table:
     """Row groups of a stored pyramid that may hold ``level`` (by their min/max statistics; the
-    maps asset writes row groups of one level each), for :func:`pm.from_pyramid` to cut. Plain
+    maps asset writes one row group per level), for :func:`pm.from_pyramid` to cut. Plain
     ``ParquetFile`` rather than ``read_table(filters=...)``: importing pyarrow.dataset alone
     costs ~0.3 s."""
     parquet = pq.ParquetFile(path)

@@ -275,7 +275,7 @@ def stored(tmp_path):
 
 
 def publish_pyramid(layout: StateLayout, row_group_key: str | None = "level") -> None:
-    """The pyramid written in one piece: one row group per level, or a single row group."""
+    """The pyramid as proper_motion_maps stores it (one row group per level), or in one row group."""
     versions = maps.region_versions(layout)
     merged = maps.merged_region_stats(layout)
     manifest = {"level_max": L_MAX, "levels": list(range(L_MAX + 1)), "pm_stats_versions": versions}
