@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,29 +68,18 @@ def _parquet_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
-def region_stats_level(layout: StateLayout, region: str) -> int:
-    """HEALPix level of a region's stored statistics, from its manifest (``pm_stats`` writes it)."""
-    path = layout.region_dir(STATS_TABLE, region) / REGION_MANIFEST
-    try:
-        return int(json.loads(path.read_text())["level"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise FileNotFoundError(f"{path} does not say the statistics' level: rerun pm_stats for {region}") from exc
-
-
-def iter_region_stats(layout: StateLayout, regions: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
-    """The stored statistics of each (by default every published) region, one region at a time."""
-    wanted = list(region_versions(layout)) if regions is None else regions
-    for region in wanted:
-        files = _parquet_files(layout.region_dir(STATS_TABLE, region))
-        if not files:
-            raise FileNotFoundError(f"{layout.region_dir(STATS_TABLE, region)} holds no statistics")
-        schema = pm.stats_schema(region_stats_level(layout, region))
-        yield region, pa.concat_tables([pq.read_table(f, columns=schema.names).cast(schema) for f in files])
-
-
 def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> dict[str, pa.Table]:
     """The stored statistics of each (by default every published) region."""
-    return dict(iter_region_stats(layout, regions))
+    wanted = list(region_versions(layout)) if regions is None else regions
+    out = {}
+    for region in wanted:
+        files = _parquet_files(layout.region_dir(STATS_TABLE, region))
+        parts = [pq.read_table(f) for f in files]
+        if not parts:
+            raise FileNotFoundError(f"{layout.region_dir(STATS_TABLE, region)} holds no statistics")
+        level = pm.stats_level(parts[0])
+        out[region] = pa.concat_tables(parts).cast(pm.stats_schema(level)) if len(parts) > 1 else parts[0]
+    return out
 
 
 def merged_region_stats(layout: StateLayout, level: int | None = None) -> pa.Table:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -107,76 +105,40 @@ def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: 
     return publish(staging, layout.region_dir(table, region))
 
 
-class StagedTable:
-    """An unpartitioned table written piece by piece into staging; see :func:`staged_table`."""
+def write_table_arrow(data: pa.Table, layout: StateLayout, table: str, manifest: dict | None = None, row_group_key: str | None = None) -> Path:
+    """Publish an unpartitioned table (training set, all-sky maps) as one atomic directory.
 
-    def __init__(self, writer: pq.ParquetWriter):
-        self._writer = writer
-        self.manifest: dict | None = None
-        self.path: Path | None = None
-
-    def write(self, data: pa.Table, row_group_key: str | None = None) -> None:
-        """Append ``data``. ``row_group_key``: one row group per run of equal values of that
-        column, so a reader filtering on it decodes only its groups. Rows must already be
-        grouped by the key (a pyramid is sorted by level): each group is then a zero-copy slice,
-        where filtering the table once per value cost a quarter of a second on the 1M-row pyramid.
-        """
-        if row_group_key is None:
-            self._writer.write_table(data)
-            return
+    ``row_group_key``: one row group per run of equal values of that column, so a reader
+    filtering on it (``filters=[(key, "=", v)]``) decodes only its group. Rows must already be
+    grouped by the key (the pyramid is sorted by level): each group is then a zero-copy slice,
+    where filtering the table once per value cost a quarter of a second on the 1M-row pyramid.
+    """
+    staging = layout.staging_dir(table)
+    staging.mkdir(parents=True)
+    if row_group_key is None:
+        pq.write_table(data, staging / "part-00000.parquet", **ARROW_WRITE_OPTIONS)
+    else:
         keys = data.column(row_group_key).to_numpy()
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, dtype=np.int64)
         if np.unique(keys[starts]).size != starts.size:
-            raise ValueError(f"rows are not grouped by {row_group_key!r}")
-        for start, end in zip(starts.tolist(), np.r_[starts[1:], keys.size].tolist()):
-            self._writer.write_table(data.slice(start, end - start))
-
-
-@contextmanager
-def staged_table(layout: StateLayout, table: str, schema: pa.Schema) -> Iterator[StagedTable]:
-    """Write an unpartitioned table (the all-sky maps) in pieces and publish it as one atomic
-    directory when the block succeeds; set ``.manifest`` inside the block. On an error nothing
-    is published and the staging directory is removed."""
-    staging = layout.staging_dir(table)
-    staging.mkdir(parents=True)
-    try:
-        with pq.ParquetWriter(staging / "part-00000.parquet", schema, **ARROW_WRITE_OPTIONS) as writer:
-            out = StagedTable(writer)
-            yield out
-        write_manifest(staging, out.manifest)
-        out.path = publish(staging, layout.table(table))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_table_arrow(data: pa.Table, layout: StateLayout, table: str, manifest: dict | None = None, row_group_key: str | None = None) -> Path:
-    """Publish an unpartitioned table written from the driver in one piece."""
-    with staged_table(layout, table, data.schema) as out:
-        out.write(data, row_group_key)
-        out.manifest = manifest
-    return out.path
+            raise ValueError(f"rows of {table!r} are not grouped by {row_group_key!r}")
+        ends = np.r_[starts[1:], keys.size]
+        with pq.ParquetWriter(staging / "part-00000.parquet", data.schema, **ARROW_WRITE_OPTIONS) as writer:
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                writer.write_table(data.slice(start, end - start))
+    write_manifest(staging, manifest)
+    return publish(staging, layout.table(table))
 
 
 def write_regions(
-    df: DataFrame,
-    layout: StateLayout,
-    table: str,
-    regions: list[str],
-    files: int,
-    sort_key: str = "source_id",
-    manifest: dict | Callable[[str], dict] | None = None,
-    region_column: str | None = None,
+    df: DataFrame, layout: StateLayout, table: str, regions: list[str], files: int, sort_key: str = "source_id", manifest: dict | None = None
 ) -> dict[str, Path]:
     """Write many regions of ``df`` in one Spark job and publish each one atomically.
 
     One pass over the data instead of one job per region: on a backfill of 48 small regions the
-    per-job overhead dominates otherwise. ``df``'s rows must belong to ``regions``. By default
-    the region is derived from ``sort_key``, a Gaia ``source_id``, and rows are range-partitioned
-    into ``files`` files; with ``region_column`` (the region's pixel at the region level, for
-    tables whose rows are not sources, such as per-pixel statistics) rows are hash-partitioned
-    by it, one file per region and no sampling pass, and the column is not stored. A region
-    without rows is published empty, with the stored schema, so readers find every region they
-    asked for. ``manifest`` is one dict for every region or a function of the region.
+    per-job overhead dominates otherwise. ``df``'s rows must belong to ``regions`` (the region
+    is derived from ``sort_key``, a Gaia ``source_id``); a region without rows is published
+    empty, with ``df``'s schema, so readers find every region they asked for.
     """
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import to_arrow_schema
@@ -185,14 +147,8 @@ def write_regions(
 
     staging = layout.staging_dir(table)
     try:
-        if region_column is None:
-            keyed = df.withColumn("_region", F.shiftright(F.col(sort_key), source_id_shift(REGION_LEVEL)))
-            keyed = keyed.repartitionByRange(max(1, files), sort_key)
-            stored = df
-        else:
-            keyed = df.withColumnRenamed(region_column, "_region").repartition(max(1, files), "_region")
-            stored = df.drop(region_column)
-        keyed.sortWithinPartitions("_region", sort_key).write.partitionBy("_region").parquet(str(staging))
+        keyed = df.withColumn("_region", F.shiftright(F.col(sort_key), source_id_shift(REGION_LEVEL)))
+        keyed.repartitionByRange(max(1, files), sort_key).sortWithinPartitions("_region", sort_key).write.partitionBy("_region").parquet(str(staging))
         written = {region_key(int(p.name.split("=", 1)[1])): p for p in staging.glob("_region=*")}
         stray = sorted(set(written) - set(regions))
         if stray:
@@ -203,9 +159,8 @@ def write_regions(
             if directory is None:
                 directory = staging / f"_region=empty-{region}"
                 directory.mkdir(parents=True)
-                pq.write_table(to_arrow_schema(stored.schema).empty_table(), directory / "part-00000-empty.parquet")
-            extra = manifest(region) if callable(manifest) else manifest
-            write_manifest(directory, {**(extra or {}), "region": region})
+                pq.write_table(to_arrow_schema(df.schema).empty_table(), directory / "part-00000-empty.parquet")
+            write_manifest(directory, {**(manifest or {}), "region": region})
             published[region] = publish(directory, layout.region_dir(table, region))
         return published
     finally:

@@ -14,7 +14,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 from dagster import materialize
 
@@ -23,13 +22,13 @@ from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps
-from gaia_flows.engine.pm_stats import LISTING_THRESHOLD, compute_pm_stats, driver_listing, read_input, write_region_stats
+from gaia_flows.engine.pm_stats import LISTING_THRESHOLD, compute_pm_stats, compute_region_stats, driver_listing, read_input
 from gaia_flows.layout import StateLayout
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import read_manifest, read_regions, write_region_arrow, write_table_arrow
+from gaia_flows.tables import read_regions, write_region_arrow, write_table_arrow
 
 RTOL = 1e-9
 L_MAX = 8
@@ -294,6 +293,8 @@ def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level, row
 
 def test_pyramid_is_stored_one_row_group_per_level(stored):
     """What lets a re-plot decode one level instead of the whole pyramid."""
+    import pyarrow.parquet as pq
+
     layout, _ = stored
     publish_pyramid(layout)
     (path,) = layout.table(maps.MAPS_TABLE).glob("*.parquet")
@@ -459,28 +460,22 @@ def test_read_input_lists_on_the_driver_and_restores_the_setting(stored, spark):
     assert spark.conf.get(LISTING_THRESHOLD, None) == before
 
 
-def test_spark_writes_region_tables_also_coarser_than_regions(catalogue, spark, tmp_path):
-    """The executors' per-region tables merge to the all-at-once statistics, also at level 0
-    where four regions share one pixel; the empty region gets an empty table, not a missing one;
-    rows outside the run's regions fail the write and publish nothing."""
-    source, rows = catalogue
-    df = read_regions(spark, source, "gaia_source")
+def test_spark_region_split_and_coarser_than_regions(catalogue, spark):
+    """Per-region tables of one run merge to the all-at-once statistics, also at level 0 where
+    four regions share one pixel; the empty region gets an empty table, not a missing one."""
+    layout, rows = catalogue
+    df = read_regions(spark, layout, "gaia_source")
     for level in (0, L_MAX):
-        out = StateLayout.from_env(home=tmp_path / f"level-{level}", landing=tmp_path / "landing").ensure()
-        paths = write_region_stats(df, out, list(REGIONS), level, manifest=lambda region: {"note": region})
-        assert set(paths) == set(REGIONS)
-        per_region = maps.read_region_stats(out)
-        assert set(per_region) == set(REGIONS) and per_region[REGIONS[2]].num_rows == 0
+        per_region = compute_region_stats(df, list(REGIONS), level)
+        assert set(per_region) == set(REGIONS)
+        assert per_region[REGIONS[2]].num_rows == 0
         for region in REGIONS:
             assert pm.totals(per_region[region])["n_sources"] == rows[region].num_rows
-            assert pm.stats_level(per_region[region]) == level == maps.region_stats_level(out, region)
-            assert read_manifest(out, maps.STATS_TABLE, region)["note"] == region
+            assert pm.stats_level(per_region[region]) == level
         merged = pm.merge(per_region.values())
-        assert_matches_reference(pm.finalise(merged), duckdb_reference(source_files(source), level))
-    out = StateLayout.from_env(home=tmp_path / "stray", landing=tmp_path / "landing").ensure()
-    with pytest.raises(ValueError, match="outside the regions being written"):
-        write_region_stats(df, out, [REGIONS[0]], L_MAX)
-    assert maps.region_versions(out) == {}
+        assert_matches_reference(pm.finalise(merged), duckdb_reference(source_files(layout), level))
+    with pytest.raises(ValueError, match="outside the run's regions"):
+        compute_region_stats(df, [REGIONS[0]], L_MAX)
 
 
 @pytest.mark.cluster
@@ -661,13 +656,6 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         return materialization.metadata
 
     meta = run_maps()
-    (pyramid,) = layout.table(maps.MAPS_TABLE).glob("*.parquet")  # written region by region: one level per row group
-    parquet = pq.ParquetFile(pyramid)
-    column = parquet.schema_arrow.get_field_index("level")
-    groups = [parquet.metadata.row_group(i).column(column).statistics for i in range(parquet.metadata.num_row_groups)]
-    assert all(g.min == g.max for g in groups) and {g.min for g in groups} == set(range(pm.DEFAULT_LEVEL + 1))
-    for level in (0, 1, 6):  # level 0's pixels are shared by the regions, the others are not
-        assert_matches_reference(maps.map_table(level, layout), duckdb_reference(source_files(layout), level))
     for quantity in ("pmra", "pmdec", "count"):
         assert _png_of(meta[f"map_{quantity}_level_6"].value)[:8] == b"\x89PNG\r\n\x1a\n"
         assert maps.png_path(layout, 6, quantity).read_bytes()[:4] == b"\x89PNG"

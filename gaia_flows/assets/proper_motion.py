@@ -32,13 +32,13 @@ from pydantic import Field
 
 from gaia_flows import maps
 from gaia_flows.engine.metrics import stage_io
-from gaia_flows.engine.pm_stats import read_input, write_region_stats
+from gaia_flows.engine.pm_stats import compute_region_stats, read_input
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.science.healpix import REGION_LEVEL, npix
-from gaia_flows.tables import read_manifest, staged_table
+from gaia_flows.science.healpix import npix
+from gaia_flows.tables import read_manifest, write_region_arrow, write_table_arrow
 
 SOURCE_TABLE = "gaia_source"
 STATS_TABLE = maps.STATS_TABLE
@@ -65,9 +65,9 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     with w = 1/σ²) at level L_max for each sky region, from ``gaia_source``.
 
     All regions of a run are one Spark ``groupBy`` on ``source_id >> shift`` (partial
-    aggregation before the exchange, so raw rows are never shuffled), and the executors write
-    each region's table: the driver reads back one region at a time for the metadata. Sources
-    without proper motion are counted (``n_pm`` vs ``n_sources``), never averaged as zero.
+    aggregation before the exchange, so raw rows are never shuffled); only the per-pixel
+    result comes back to the driver. Sources without proper motion are counted (``n_pm`` vs
+    ``n_sources``), never averaged as zero.
     """
     layout = storage.layout
     regions = list(context.partition_keys)
@@ -76,21 +76,22 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     session.sparkContext.setJobGroup(job_group, f"proper-motion statistics, {len(regions)} region(s), level {config.level}", interruptOnCancel=True)
     source_versions = maps.region_versions(layout, SOURCE_TABLE)
 
-    computed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
-    paths = write_region_stats(
-        read_input(session, layout, SOURCE_TABLE, regions),
-        layout,
-        regions,
-        config.level,
-        manifest=lambda region: {"gaia_source_version": source_versions.get(region), "computed_at": computed_at},
-    )
+    per_region = compute_region_stats(read_input(session, layout, SOURCE_TABLE, regions), regions, config.level)
     spark_seconds = time.perf_counter() - started
 
-    total = {"n_sources": 0, "n_pm": 0, "pixels": 0}
-    for region, table in maps.iter_region_stats(layout, regions):  # one region's pixels at a time
+    computed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for region, table in per_region.items():
         counts = pm.totals(table)
-        total = {name: total[name] + counts[name] for name in total}
+        manifest = {
+            "level": config.level,
+            "rows": counts["n_sources"],
+            "rows_with_pm": counts["n_pm"],
+            "pixels": counts["pixels"],
+            "gaia_source_version": source_versions.get(region),
+            "computed_at": computed_at,
+        }
+        path = write_region_arrow(table, layout, STATS_TABLE, region, manifest=manifest)
         context.add_asset_metadata(
             {
                 "rows": counts["n_sources"],
@@ -99,10 +100,11 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
                 "pixels": counts["pixels"],
                 "level": config.level,
                 "path": MetadataValue.path(str(layout.region_dir(STATS_TABLE, region))),
-                "version": os.path.basename(paths[region]),
+                "version": os.path.basename(path),
             },
             partition_key=region,
         )
+    total = {name: sum(pm.totals(t)[name] for t in per_region.values()) for name in ("n_sources", "n_pm", "pixels")}
     seconds = time.perf_counter() - started
     metadata = {
         "regions": len(regions),
@@ -113,6 +115,7 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
         "spark_seconds": round(spark_seconds, 3),
         "wall_seconds": round(seconds, 3),
         "rows_per_second": round(total["n_sources"] / max(spark_seconds, 1e-9)),
+        "result_kib": round(sum(t.nbytes for t in per_region.values()) / 1024, 1),
     }
     metadata.update({f"spark_{name}": value for name, value in stage_io(session, job_group).items()})
     return MaterializeResult(metadata=metadata)
@@ -186,39 +189,18 @@ class ProperMotionMapsConfig(Config):
 _PLOTTED = ("pmra", "pmdec", "count")
 
 
-def _write_pyramid(context: AssetExecutionContext, layout, versions: dict[str, str]) -> tuple[int, dict[str, int]]:
-    """Merge the regions' statistics into the stored all-sky pyramid, one region at a time.
-
-    Every level from the regions' own level (1) down to L_max lies inside one region, so each
-    region's pyramid is written as it is read (row groups of one level each); only the pixels
-    coarser than a region (the 12 of level 0) are shared and are merged at the end. The driver
-    therefore holds one region's statistics, not the sky's. Returns L_max and the totals.
-    """
-    levels = {region: maps.region_stats_level(layout, region) for region in versions}
-    level_max = min(levels.values())
-    if len(set(levels.values())) > 1:
-        context.log.warning(f"pm_stats regions were computed at different levels {sorted(set(levels.values()))}; maps use the coarsest, {level_max}")
-    own = [lv for lv in range(level_max + 1) if lv >= REGION_LEVEL]
-    shared_level = min(REGION_LEVEL - 1, level_max)
-    shared, totals = [], {"n_sources": 0, "n_pm": 0, "pixels": 0}
-    with staged_table(layout, MAPS_TABLE, pm.pyramid(pm.empty_stats(level_max)).schema) as out:
-        for _, table in maps.iter_region_stats(layout, list(versions)):
-            table = pm.degrade(table, level_max)
-            counts = pm.totals(table)
-            totals = {name: totals[name] + counts[name] for name in totals}
-            if own and table.num_rows:
-                out.write(pm.pyramid(table, own), row_group_key="level")
-            shared.append(pm.degrade(table, shared_level))
-        out.write(pm.pyramid(pm.merge(shared, level=shared_level)), row_group_key="level")
-        out.manifest = {
-            "level_max": level_max,
-            "levels": list(range(level_max + 1)),
-            "pm_stats_versions": versions,
-            "rows": totals["n_sources"],
-            "rows_with_pm": totals["n_pm"],
-            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-    return level_max, totals
+def _read_consistent(layout) -> tuple[dict[str, str], dict[str, pa.Table]]:
+    """Per-region statistics plus the versions they were read at; retried if a region is
+    republished while reading, so the recorded versions always describe what was merged."""
+    for _ in range(5):
+        before = maps.region_versions(layout, STATS_TABLE)
+        try:
+            tables = maps.read_region_stats(layout, list(before))
+        except FileNotFoundError:
+            continue
+        if maps.region_versions(layout, STATS_TABLE) == before:
+            return before, tables
+    raise RuntimeError("pm_stats regions kept changing while the maps were being built; retry the run")
 
 
 def _png_markdown(path, caption: str) -> MetadataValue:
@@ -239,20 +221,25 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
     ``<home>/maps/proper_motion/``. Empty pixels are NaN (grey in the PNGs). No Spark."""
     layout = storage.layout
     started = time.perf_counter()
-    for _ in range(5):  # a region republished while it was being read: build again
-        versions = maps.region_versions(layout, STATS_TABLE)
-        if not versions:
-            raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
-        try:
-            level_max, totals = _write_pyramid(context, layout, versions)
-        except FileNotFoundError:
-            if maps.region_versions(layout, STATS_TABLE) == versions:
-                raise
-            continue
-        if maps.region_versions(layout, STATS_TABLE) == versions:
-            break
-    else:
-        raise RuntimeError("pm_stats regions kept changing while the maps were being built; retry the run")
+    versions, per_region = _read_consistent(layout)
+    if not per_region:
+        raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
+    levels = {region: pm.stats_level(t) for region, t in per_region.items()}
+    merged = pm.merge(per_region.values())
+    level_max = pm.stats_level(merged)
+    if len(set(levels.values())) > 1:
+        context.log.warning(f"pm_stats regions were computed at different levels {sorted(set(levels.values()))}; maps use the coarsest, {level_max}")
+    stacked = pm.pyramid(merged)
+    totals = pm.totals(merged)
+    manifest = {
+        "level_max": level_max,
+        "levels": list(range(level_max + 1)),
+        "pm_stats_versions": versions,
+        "rows": totals["n_sources"],
+        "rows_with_pm": totals["n_pm"],
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_table_arrow(stacked, layout, MAPS_TABLE, manifest=manifest, row_group_key="level")
     merge_seconds = time.perf_counter() - started
     # Once per state folder: afterwards a re-plot at any level 0..L_max is a lookup, no healpy.
     new_grids = maps.warm_projection_cache(range(level_max + 1), maps.projection_cache(layout))
@@ -263,7 +250,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
     if bad_levels:
         context.log.warning(f"render levels {bad_levels} are outside 0..{level_max}; skipped")
     for level in sorted({lv for lv in config.render_levels if 0 <= lv <= level_max}):
-        table = maps.map_table(level, layout)
+        table = pm.finalise(pm.from_pyramid(stacked, level))
         counts = table.column("n_sources").to_numpy()
         metadata[f"level_{level}_empty_pixels"] = int(np.count_nonzero(counts == 0))
         metadata[f"level_{level}_pixels_without_pm"] = int(np.count_nonzero(table.column("n_pm").to_numpy() == 0))
@@ -280,7 +267,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
             "level_max": level_max,
             "levels_stored": MetadataValue.json(list(range(level_max + 1))),
             "levels_rendered": MetadataValue.json(sorted({lv for lv in config.render_levels if 0 <= lv <= level_max})),
-            "regions_merged": len(versions),
+            "regions_merged": len(per_region),
             "rows": totals["n_sources"],
             "rows_with_pm": totals["n_pm"],
             "rows_without_pm": totals["n_sources"] - totals["n_pm"],

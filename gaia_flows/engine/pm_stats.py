@@ -4,27 +4,25 @@ One ``groupBy`` on ``source_id >> shift`` (the nested pixel at the chosen level,
 :mod:`gaia_flows.science.healpix`) with plain sums. Spark aggregates each input split
 before the exchange (partial aggregation), and the region tables are sorted by
 ``source_id``, so every task emits one small row per pixel it saw: raw rows are never
-shuffled. The asset's statistics are written by the executors, one table per sky region
-(:func:`write_region_stats`); :func:`compute_pm_stats` brings a result to the driver as Arrow
-instead, for comparisons. The column definitions match :mod:`gaia_flows.science.proper_motion`, whose numpy
+shuffled, and only the per-pixel result (at most 12·4^level rows) reaches the driver, as
+Arrow. The column definitions match :mod:`gaia_flows.science.proper_motion`, whose numpy
 version is the reference these sums are tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from gaia_flows.layout import StateLayout
-from gaia_flows.maps import STATS_TABLE
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import region_paths, write_regions
+from gaia_flows.tables import region_paths
 
 LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 
@@ -69,32 +67,23 @@ def _weight(error_column: str, has_pm: Column) -> Column:
     return F.when(usable, 1.0 / (err * err)).otherwise(0.0)
 
 
-def pm_stats_frame(df: DataFrame, level: int = pm.DEFAULT_LEVEL, region_level: int | None = None) -> DataFrame:
-    """Lazy DataFrame of the statistics columns, one row per non-empty pixel at ``level``.
-
-    With ``region_level``, rows are grouped by (``region``, ``pixel``), ``region`` being the
-    source's pixel at that level: a pixel coarser than the regions (level 0 with level-1
-    regions) then gets one row per region holding part of it, so every region's rows are its
-    own and the per-region tables still merge exactly.
-    """
+def pm_stats_frame(df: DataFrame, level: int = pm.DEFAULT_LEVEL) -> DataFrame:
+    """Lazy DataFrame of the statistics columns, one row per non-empty pixel at ``level``."""
     shift = healpix.source_id_shift(level)
     has_pm = _has("pmra") & _has("pmdec")
     ra = F.when(has_pm, F.col("pmra").cast("double")).otherwise(0.0)
     dec = F.when(has_pm, F.col("pmdec").cast("double")).otherwise(0.0)
     w_ra = _weight("pmra_error", has_pm)
     w_dec = _weight("pmdec_error", has_pm)
-    keys = [F.shiftright(F.col("source_id"), shift).alias("pixel")]
-    if region_level is not None:
-        keys.insert(0, F.shiftright(F.col("source_id"), healpix.source_id_shift(region_level)).alias("region"))
     rows = df.select(
-        *keys,
+        F.shiftright(F.col("source_id"), shift).alias("pixel"),
         has_pm.cast("long").alias("has_pm"),
         ra.alias("ra"),
         dec.alias("dec"),
         w_ra.alias("w_ra"),
         w_dec.alias("w_dec"),
     )
-    return rows.groupBy(*[k for k in ("region", "pixel") if k in rows.columns]).agg(
+    return rows.groupBy("pixel").agg(
         F.count(F.lit(1)).alias("n_sources"),
         F.sum("has_pm").alias("n_pm"),
         F.sum("ra").alias("sum_pmra"),
@@ -116,27 +105,44 @@ def compute_pm_stats(df: DataFrame, level: int = pm.DEFAULT_LEVEL) -> pa.Table:
     return pm.conform(result, level)
 
 
-def write_region_stats(
-    df: DataFrame, layout: StateLayout, regions: list[str], level: int = pm.DEFAULT_LEVEL, manifest: Callable[[str], dict] | None = None
-) -> dict[str, Path]:
-    """Statistics of each sky region at ``level``, written by Spark as one table per region.
+def compute_region_stats(df: DataFrame, regions: list[str], level: int = pm.DEFAULT_LEVEL) -> dict[str, pa.Table]:
+    """Statistics of each sky region at ``level``, from one Spark aggregation over all of them.
 
-    One aggregation over all the regions. The executors write and the driver only publishes, so
-    the driver never holds the per-pixel result: its memory does not grow with the catalogue or
-    with how much of the sky is covered. The level is recorded in every region's manifest
-    (``level``), where :func:`gaia_flows.maps.read_region_stats` finds it.
+    A level coarser than the regions' (L_max 0 with level-1 regions) has pixels shared by
+    several regions, so the rows are grouped at the region level and each region's table is
+    degraded afterwards: the stored tables stay per region and still merge exactly.
     """
-    _check_regions(regions)
-    frame = pm_stats_frame(df.select(*pm.INPUT_COLUMNS), level, region_level=healpix.REGION_LEVEL)
-
-    def region_manifest(region: str) -> dict:
-        return {**(manifest(region) if manifest else {}), "level": level}
-
-    files = min(len(regions), df.sparkSession.sparkContext.defaultParallelism)  # a task writes all its regions' files
-    return write_regions(frame, layout, STATS_TABLE, regions, files=files, sort_key="pixel", manifest=region_manifest, region_column="region")
+    region_level = _region_level(regions)
+    stats = compute_pm_stats(df, max(level, region_level))
+    return {region: pm.degrade(table, level) for region, table in split_by_region(stats, regions).items()}
 
 
-def _check_regions(regions: list[str]) -> None:
+def _region_level(regions: list[str]) -> int:
     levels = {healpix.parse_region_key(r)[0] for r in regions}
-    if levels != {healpix.REGION_LEVEL}:
-        raise ValueError(f"regions must all be at level {healpix.REGION_LEVEL}: {sorted(regions)}")
+    if len(levels) != 1:
+        raise ValueError(f"regions of mixed levels: {sorted(regions)}")
+    return levels.pop()
+
+
+def split_by_region(stats: pa.Table, regions: list[str]) -> dict[str, pa.Table]:
+    """Cut an all-regions statistics table into one table per sky region.
+
+    Every pixel at the statistics level lies inside exactly one region (nested indices), and
+    ``gaia_source`` only accepts rows whose ``source_id`` lies in their region, so this is
+    exact. A pixel outside ``regions`` means the input held rows it should not: that is an
+    error, not something to drop silently.
+    """
+    level = pm.stats_level(stats)
+    parsed = {r: healpix.parse_region_key(r) for r in regions}
+    region_level = _region_level(regions)
+    if region_level > level:
+        raise ValueError(f"statistics level {level} is coarser than the region level {region_level}")
+    owner = healpix.degrade(stats.column("pixel").to_numpy(), level, region_level)
+    by_pixel = {pixel: key for key, (_, pixel) in parsed.items()}
+    stray = sorted(set(np.unique(owner).tolist()) - set(by_pixel))
+    if stray:
+        raise ValueError(f"input rows fall in region pixel(s) {stray} at level {region_level}, outside the run's regions {sorted(regions)}")
+    out = {}
+    for pixel, key in by_pixel.items():
+        out[key] = stats.filter(pa.array(owner == pixel))
+    return out
