@@ -142,7 +142,8 @@ def split_by_region(stats: pa.Table, regions: list[str]) -> dict[str, pa.Table]:
     stray = sorted(set(np.unique(owner).tolist()) - set(by_pixel))
     if stray:
         raise ValueError(f"input rows fall in region pixel(s) {stray} at level {region_level}, outside the run's regions {sorted(regions)}")
-    out = {}
-    for pixel, key in by_pixel.items():
-        out[key] = stats.filter(pa.array(owner == pixel))
-    return out
+    if np.any(owner[1:] < owner[:-1]):
+        raise ValueError("statistics must be sorted by pixel (pm.conform sorts them)")
+    # Sorted by pixel, each region's rows are one zero-copy slice.
+    bounds = np.searchsorted(owner, [[pixel, pixel + 1] for pixel in by_pixel])
+    return {key: stats.slice(int(lo), int(hi - lo)) for key, (lo, hi) in zip(by_pixel.values(), bounds)}
