@@ -29,18 +29,10 @@ import pandas as pd
 import psutil
 import pyarrow as pa
 
+from measure import timed
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the synthetic-catalogue publisher the tests use
-
-
-def timed(fn, repeat: int = 1) -> tuple[float, object]:
-    """Median wall time of ``repeat`` calls, and the last result."""
-    times, result = [], None
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2], result
 
 
 def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -> None:

@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from libcloud.compute.base import NodeImage
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cloud import servers  # noqa: E402
 from cloud.emulators import aws_cloud, openstack_cloud, write_profile  # noqa: E402

@@ -32,7 +32,7 @@ from gaia_flows.engine.ingest import TABLE, ingest_regions
 from gaia_flows.layout import StateLayout
 from gaia_flows.profiles import load_profile
 from gaia_flows.science.healpix import region_keys
-from peak_rss import PeakRss
+from measure import PeakRss
 
 
 def _header_lines(path: Path) -> int:

@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from peak_rss import PeakRss
+from measure import PeakRss, timed
 
 CORES = len(os.sched_getaffinity(0))
 SPARK_CONF = {
@@ -59,16 +58,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs of a, b and d first: the JVM's JIT needs several runs of a plan to settle (default 3)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of a, b, c and d (median reported)")
     return parser.parse_args()
-
-
-def timed(fn, repeat: int = 1) -> tuple[float, object]:
-    """Median wall time of ``repeat`` calls, and the last result."""
-    times, result = [], None
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), result
 
 
 def ensure_catalogue(work: Path, stars: int) -> Path:

@@ -1,16 +1,30 @@
-"""Peak resident memory of a benchmark's driver (this Python process) and of its Spark JVM.
+"""What every benchmark measures the same way: wall time (median of repeats) and peak memory."""
 
-Sampled every 100 ms by a thread while the ``with`` block runs, so a figure belongs to one
-phase of a benchmark, not to everything the process did before it. ``python_start`` is the
-driver's RSS when the phase began: the growth during the phase is ``python - python_start``.
-"""
-
+import statistics
 import threading
+import time
 
 import psutil
 
 
+def timed(fn, repeat: int = 1) -> tuple[float, object]:
+    """Median wall time of ``repeat`` calls, and the last result."""
+    times, result = [], None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
 class PeakRss:
+    """Peak resident memory of a benchmark's driver (this Python process) and of its Spark JVM.
+
+    Sampled every 100 ms by a thread while the ``with`` block runs, so a figure belongs to one
+    phase of a benchmark, not to everything the process did before it. ``python_start`` is the
+    driver's RSS when the phase began: the growth during the phase is ``python - python_start``.
+    """
+
     def __init__(self, interval: float = 0.1):
         self.me = psutil.Process()
         self.interval = interval
