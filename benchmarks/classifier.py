@@ -56,7 +56,7 @@ def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -
         for batch in batches:
             yield pa.RecordBatch.from_arrays([batch.column(0), pa.array(np.zeros(batch.num_rows)), pa.array(np.zeros(batch.num_rows, np.int8))], names=["source_id", "probability", "label"])
 
-    to_python = frame.select(F.col("source_id"), *[F.col(f).cast("float") for f in FEATURES])
+    to_python = frame.select(F.col("source_id"), F.array(*[F.col(f).cast("float") for f in FEATURES]).alias(classify.FEATURE_VECTOR))
     transfer, _ = timed(lambda: to_python.mapInArrow(transfer_only, classify.SCORE_SCHEMA).write.format("noop").mode("overwrite").save(), 3)
     started = time.perf_counter()  # the first pass also starts Python workers and unpickles the broadcast
     classify.score(frame, loaded).write.format("noop").mode("overwrite").save()
