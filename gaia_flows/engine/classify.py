@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import ABS_FEATURES, FEATURES, FeatureError
@@ -335,8 +336,6 @@ def _worker_model(broadcast, token: str):
 
 def _rebatched(batches, rows: int):
     """Arrow record batches regrouped into tables of at least ``rows`` rows (the last smaller)."""
-    import pyarrow as pa
-
     pending, count = [], 0
     for batch in batches:
         pending.append(batch)
@@ -364,8 +363,7 @@ def arrow_features(table) -> pd.DataFrame:
     if table.num_rows:
         empty = np.isnan(matrix).all(axis=0)
         if empty.any():
-            name = FEATURES[int(np.flatnonzero(empty)[0])]
-            raise FeatureError(f"feature column '{name}' is entirely null ({table.num_rows} rows): the model cannot score it")
+            raise astro.entirely_null(FEATURES[int(np.flatnonzero(empty)[0])], table.num_rows)
     return pd.DataFrame(matrix, columns=list(FEATURES), copy=False)
 
 
@@ -409,8 +407,6 @@ def score(df, loaded: LoadedModel, threshold: float = 0.5):
     good_column = list(loaded.model.classes_).index(astro.GOOD)
 
     def score_batches(batches):
-        import pyarrow as pa
-
         model = _worker_model(broadcast, token)
         for table in _rebatched(batches, SCORE_BATCH_ROWS):
             p = model.predict_proba(arrow_features(table))[:, good_column] if table.num_rows else np.zeros(0)
@@ -427,7 +423,7 @@ def _check_not_all_null(df) -> None:
     if row["__rows"]:
         for name in FEATURES:
             if row[name] == 0:
-                raise FeatureError(f"feature column '{name}' is entirely null ({row['__rows']} rows): the model cannot score it")
+                raise astro.entirely_null(name, row["__rows"])
 
 
 _FEATURE_ERROR_RE = re.compile(r"FeatureError: (.+)")

@@ -76,6 +76,11 @@ class FeatureError(ValueError):
     """Model input that cannot be scored; the message names the offending column."""
 
 
+def entirely_null(name: str, rows: int) -> FeatureError:
+    """The error for a feature column with no value at all, worded the same on every path."""
+    return FeatureError(f"feature column '{name}' is entirely null ({rows} rows): the model cannot score it")
+
+
 # --- cuts ------------------------------------------------------------------------------------------
 
 
@@ -277,7 +282,7 @@ def feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
         except (TypeError, ValueError) as exc:
             raise FeatureError(f"feature column '{name}' is not numeric (dtype {column.dtype}): {exc}") from exc
         if n and values.isna().all():
-            raise FeatureError(f"feature column '{name}' is entirely null ({n} rows): the model cannot score it")
+            raise entirely_null(name, n)
         out[name] = values.to_numpy()
     return pd.DataFrame(out, index=frame.index)
 
