@@ -135,7 +135,7 @@ def main() -> None:
     # Scored with the champion just trained (the default forest) and with the seed's forest
     # (500 fully grown trees): Spark's cost per row is the same for both, the forest's is not.
     session = resources["spark"].session()
-    solved = catalogue[catalogue["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER)][["source_id", *FEATURES]]
+    solved = catalogue[catalogue["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER)]
     model_uri = runs[-1][1]["model"]
     with resources["mlflow"].activate():
         champion = classify.load_model(model_uri)
@@ -144,11 +144,10 @@ def main() -> None:
     seed_forest = classify.LoadedModel("sklearn", classify.train_sklearn(train, classify.ForestParams(n_estimators=500, max_depth=None)))
     for name, loaded, wanted in ((f"the champion, {model_uri}", champion, args.score_rows), ("the seed's forest, 500 fully grown trees", seed_forest, args.score_rows // 4)):
         copies = max(1, -(-wanted // len(solved)))
-        rows = pd.concat([solved] * copies, ignore_index=True).astype({f: "float64" for f in FEATURES})
+        rows = pd.concat([solved[["source_id", *FEATURES]]] * copies, ignore_index=True).astype({f: "float64" for f in FEATURES})
         scoring_rates(session, loaded, rows, cores, f"{name} ({loaded.describe()}); {len(rows):,} rows = {len(solved):,} 5/6-parameter sources x {copies}")
 
     # 3. accuracy vs trees x depth ---------------------------------------------------------------
-    solved = catalogue[catalogue["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER)]
     candidates = solved[np.abs(solved["parallax"]) > 8]
     sample = solved.sample(min(len(solved), 100_000), random_state=0)
     print(f"\n## accuracy vs forest size ({len(train):,} training rows, {len(holdout):,} hold-out, {len(candidates):,} candidates vs truth)")

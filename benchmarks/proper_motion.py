@@ -16,7 +16,7 @@ Everything runs in one process, on one warm local Spark session and the same fil
     a region of median size (the ratio a/e) and for the biggest region (the worst case);
 (d) DuckDB computing the same sufficient statistics on the same ``gaia_source`` files.
 
-Driver memory is sampled during (b) and (e) only (``peak_rss.PeakRss``), so the figure is the
+Driver memory is sampled during (b) and (e) only (``measure.PeakRss``), so the figure is the
 proper-motion work's, not the ingestion's or the baselines' that share the process.
 
 The catalogue is generated once (``gaia-flows generate``, in a subprocess so its memory is not
