@@ -45,7 +45,7 @@ from gaia_flows.cloud.settings import (
     CloudSettings,
 )
 from gaia_flows.layout import REPO_ROOT
-from gaia_flows.science.planner import Plan, plan_cluster
+from gaia_flows.science.planner import Plan, plan_cluster, worker_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class Provisioner:
         metadata = {**self.settings.tags, TAG_ROLE: role, TAG_INDEX: str(index), TAG_SIZE: str(size.id), **extra_tags}
         vcpus = planner_sizes([size])[0].vcpus if planner_sizes([size]) else 1
         user_data = render_user_data(
-            self.settings, role=role, node_name=name, master_host=master_host, worker_cores=vcpus, worker_memory_mb=int(size.ram)
+            self.settings, role=role, node_name=name, master_host=master_host, worker_cores=vcpus, worker_memory_mb=worker_memory_mb(int(size.ram))
         )
         kwargs = self._provider_kwargs(metadata, user_data, key, group)
         attempted.append(name)

@@ -223,9 +223,16 @@ class _Carve:
         return self.executor_memory_mb * self.executors_per_worker
 
 
+def worker_memory_mb(ram_mb: int) -> int:
+    """What a node's Spark worker may hand to executors: its RAM less what the OS, the worker
+    daemon and the page cache keep. Advertising all of it lets executors push the node into
+    swap or the OOM killer; it is also the memory :func:`carve` splits."""
+    return ram_mb - max(NODE_RESERVED_MB, int(ram_mb * NODE_RESERVED_FRACTION))
+
+
 def carve(size: Size) -> _Carve | None:
     """Split one worker into executors: cores per executor ≤ 5, memory after OS and overhead."""
-    usable = size.ram_mb - max(NODE_RESERVED_MB, int(size.ram_mb * NODE_RESERVED_FRACTION))
+    usable = worker_memory_mb(size.ram_mb)
     if usable <= EXECUTOR_OVERHEAD_MIN_MB or size.vcpus < 1:
         return None
     # Largest executor (<= MAX_EXECUTOR_CORES cores) that leaves the fewest vCPUs idle.

@@ -10,6 +10,7 @@ the code under test to report on itself.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,20 @@ class Target:
                     continue
                 tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
                 out.append({"name": tags.get("Name"), "tags": tags, "groups": [g["GroupName"] for g in i.get("SecurityGroups", [])]})
+        return out
+
+    def user_data(self) -> dict[str, str]:
+        """The cloud-init each live instance was booted with, by name."""
+        if self.name == "openstack":
+            return {s["name"]: s["user_data"] for s in self.api.state()["servers"]}
+        ec2, out = self._ec2(), {}
+        for reservation in ec2.describe_instances()["Reservations"]:
+            for i in reservation["Instances"]:
+                if i["State"]["Name"] in ("terminated", "shutting-down"):
+                    continue
+                name = {t["Key"]: t["Value"] for t in i.get("Tags", [])}.get("Name")
+                attribute = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")
+                out[name] = base64.b64decode(attribute["UserData"]["Value"]).decode()
         return out
 
     def key_pairs(self) -> list[str]:

@@ -78,7 +78,10 @@ class OpenStackFake(FakeApp):
     def state(self) -> dict:
         with self.lock:
             return {
-                "servers": [{k: s[k] for k in ("id", "name", "status", "metadata", "security_groups", "key_name")} for s in self.servers.values()],
+                "servers": [
+                    {**{k: s[k] for k in ("id", "name", "status", "metadata", "security_groups", "key_name")}, "user_data": s["_user_data"]}
+                    for s in self.servers.values()
+                ],
                 "keypairs": sorted(self.keypairs),
                 "security_groups": sorted(g["name"] for g in self.groups.values()),
                 "security_group_details": [
@@ -269,7 +272,7 @@ class OpenStackFake(FakeApp):
             ],
             "_t0": time.monotonic(),
             "_ip": f"10.0.0.{self.ip_counter}",
-            "_user_data_len": len(base64.b64decode(req.get("user_data", "") or b"")),
+            "_user_data": base64.b64decode(req.get("user_data", "") or b"").decode(),
         }
         self.servers[sid] = server
         return self._json(202, {"server": {"id": sid, "links": server["links"], "adminPass": uuid.uuid4().hex[:12]}})

@@ -86,6 +86,25 @@ def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(
     assert again["node_ids"] == meta["node_ids"] and again["master_url"] == meta["master_url"]
 
 
+# (vCPUs, RAM in MiB) of each target's worker size as the emulator lists it, and the memory its
+# Spark worker may give executors: RAM less max(1 GiB, 10 %) for the OS, daemon and page cache.
+WORKER_SHAPES = {"general.v1.medium": (4, 8192, 7168), "m5.xlarge": (4, 16384, 14746)}
+
+
+def test_workers_boot_with_cloud_init_that_leaves_memory_for_the_os(target, layout):
+    materialise(target, workers=2)
+    booted = target.user_data()
+    cores, ram, usable = WORKER_SHAPES[target.worker_size]
+    assert usable < ram
+    master = booted.pop(f"{target.cluster}-master")
+    assert "GAIA_ROLE=master\n" in master and target.secret not in master
+    assert sorted(booted) == [f"{target.cluster}-worker-{i}" for i in range(2)]
+    for name, text in booted.items():
+        assert f"SPARK_WORKER_CORES={cores}\n" in text, name
+        assert f"SPARK_WORKER_MEMORY={usable}m\n" in text, name
+        assert target.secret not in text
+
+
 def test_smaller_plan_destroys_only_the_surplus_workers(target, layout):
     first = metadata(materialise(target, workers=3))
     before = target.requests()
