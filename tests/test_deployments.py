@@ -205,6 +205,25 @@ def test_dockerfile_builds_the_pinned_project_as_a_non_root_code_server():
         assert (REPO_ROOT / referenced).is_file(), f"Dockerfile uses missing {referenced}"
 
 
+def test_prometheus_reads_the_targets_files_the_cluster_asset_writes_in_the_image_state_folder():
+    """The scrape config's file_sd glob matches the file ``spark_cluster`` writes for any cluster
+    name, under the image's GAIA_FLOWS_HOME."""
+    import fnmatch
+
+    from gaia_flows.cloud.prometheus import targets_path
+    from gaia_flows.cloud.settings import manifest_path
+
+    config = yaml.safe_load((REPO_ROOT / "deployments/prometheus/prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    (discovery,) = job["file_sd_configs"]
+    (pattern,) = discovery["files"]
+    home = re.search(r"GAIA_FLOWS_HOME=(\S+)", DOCKERFILE.read_text()).group(1)
+    for cluster in ("gaia-aws", "gaia-os-2"):
+        written = targets_path(manifest_path(Path(home) / "clusters", cluster))
+        assert fnmatch.fnmatch(str(written), pattern), (written, pattern)
+    assert not fnmatch.fnmatch(str(manifest_path(Path(home) / "clusters", "gaia-aws")), pattern), "the manifest itself is not a target list"
+
+
 def test_dockerignore_keeps_state_and_venv_out_but_the_project_in():
     patterns = [l.strip() for l in (REPO_ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
     for excluded in (".venv", ".gaia", ".git", "**/__pycache__"):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from gaia_flows.cloud import prometheus
+
 LOOPBACK = "127.0.0.1"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
@@ -78,8 +80,9 @@ def daemon_env(log_dir: Path, extra: dict[str, str] | None = None) -> dict[str, 
             "SPARK_LOG_DIR": str(log_dir),
             "SPARK_DAEMON_MEMORY": env.get("SPARK_DAEMON_MEMORY", "512m"),
             # The master's REST submission server listens on 6066 by default: off, it is
-            # not needed and would be a second, unauthenticated way in.
-            "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+            # not needed and would be a second, unauthenticated way in. Metrics as on VMs.
+            "SPARK_MASTER_OPTS": f"-Dspark.master.rest.enabled=false {prometheus.daemon_java_options('master')}",
+            "SPARK_WORKER_OPTS": prometheus.daemon_java_options("worker"),
             "PYSPARK_PYTHON": env.get("PYSPARK_PYTHON", sys.executable),
         }
     )

@@ -32,6 +32,7 @@ from pathlib import Path
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
+from gaia_flows.cloud import prometheus
 from gaia_flows.cloud.firewall import Group, firewall_for
 from gaia_flows.cloud.drivers import planner_sizes
 from gaia_flows.cloud.retry import Caller, CloudCallError, describe, is_timeout, redact
@@ -89,6 +90,8 @@ def node_summary(node: Node) -> dict:
         "private_ips": list(node.private_ips or []),
         "public_ips": list(node.public_ips or []),
         "size": tags.get(TAG_SIZE),
+        # The local driver's daemons pick free ports; cloud-init uses Spark's fixed ones.
+        "ui_port": (node.extra or {}).get("webui_port") or (prometheus.MASTER_UI_PORT if tags.get(TAG_ROLE) == "master" else prometheus.WORKER_UI_PORT),
     }
 
 
@@ -108,6 +111,10 @@ def render_user_data(settings: CloudSettings, *, role: str, node_name: str, mast
         master_port=settings.cluster.spark_port,
         worker_cores=worker_cores,
         worker_memory_mb=worker_memory_mb,
+        master_ui_port=prometheus.MASTER_UI_PORT,
+        worker_ui_port=prometheus.WORKER_UI_PORT,
+        master_metrics_options=prometheus.daemon_java_options("master"),
+        worker_metrics_options=prometheus.daemon_java_options("worker"),
         spark_version=settings.cluster.spark_version or pyspark.__version__,
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
     )
@@ -462,14 +469,20 @@ class Provisioner:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(redact(json.dumps(manifest, indent=2, sort_keys=True)))
         os.replace(tmp, path)
+        prometheus.write_targets(path, manifest)
         return path
+
+    def remove_manifest(self) -> None:
+        """The manifest and the Prometheus targets derived from it go together."""
+        self.settings.manifest_path.unlink(missing_ok=True)
+        prometheus.targets_path(self.settings.manifest_path).unlink(missing_ok=True)
 
     def _fail(self, exc: BaseException, attempted: list[str], result: ReconcileResult, master_replaced: bool) -> None:
         cause = redact(str(exc) if isinstance(exc, (CloudCallError, ProvisionError)) else describe(exc))
         where = f"after creating {len(result.created)} of the node(s) this run needed" if result.created else "before any node was created"
         head = f"provisioning cluster {self.settings.name!r} failed {where}: {cause}"
         if master_replaced:
-            self.settings.manifest_path.unlink(missing_ok=True)
+            self.remove_manifest()
         if self.settings.cluster.on_failure == "rollback":
             leftover = self._rollback(attempted, result)
             if leftover:
@@ -561,7 +574,7 @@ class Provisioner:
         if group is not None:
             self.firewall.delete(group)
         key_deleted = self._delete_key()
-        self.settings.manifest_path.unlink(missing_ok=True)
+        self.remove_manifest()
         return {
             "cluster": self.settings.name,
             "destroyed_nodes": sorted(n.name for n in nodes),

@@ -4,6 +4,8 @@ one region run on that cluster (the master URL comes from the asset's manifest),
 ``teardown_cluster`` job stops every JVM - checked by PID, executors included."""
 
 import json
+import re
+import urllib.request
 
 import numpy as np
 import psutil
@@ -37,6 +39,23 @@ def _jvm_pids(state_file) -> list[tuple[int, float]]:
     return out
 
 
+def _scrape(targets_file) -> dict[str, list[str]]:
+    """GET every target of a Prometheus file_sd file at its metrics path, by job."""
+    out: dict[str, list[str]] = {}
+    for group in json.loads(targets_file.read_text()):
+        for address in group["targets"]:
+            assert address.startswith(f"{local_spark.LOOPBACK}:")
+            url = f"http://{address}{group['labels']['__metrics_path__']}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                out.setdefault(group["labels"]["job"], []).append(response.read().decode())
+    return out
+
+
+def _gauge(text: str, name: str) -> float:
+    (value,) = re.findall(rf'^metrics_{name}_Value{{type="gauges"}} (\S+)$', text, re.M)
+    return float(value)
+
+
 @pytest.mark.cluster
 def test_local_cluster_profile_runs_gaia_source_and_pm_stats_on_the_provisioned_cluster(layout, monkeypatch, _spark_application):
     monkeypatch.setenv("GAIA_FLOWS_PROFILE", "local-cluster")
@@ -55,6 +74,13 @@ def test_local_cluster_profile_runs_gaia_source_and_pm_stats_on_the_provisioned_
         manifest = json.loads((layout.clusters / "gaia-local.json").read_text())
         assert meta["master_url"] == manifest["master_url"] and meta["master_url"].startswith("spark://127.0.0.1:")
         assert meta["worker_count"] == 2 and len(meta["created"]) == 3
+        # What Prometheus would scrape (deployments/prometheus): every daemon, over HTTP.
+        scraped = _scrape(layout.clusters / "gaia-local.prometheus.json")
+        assert {job: len(texts) for job, texts in scraped.items()} == {"spark-master": 1, "spark-applications": 1, "spark-worker": 2}
+        assert _gauge(scraped["spark-master"][0], "master_aliveWorkers") == 2
+        cores = manifest["size"]["vcpus"]
+        for worker in scraped["spark-worker"]:
+            assert _gauge(worker, "worker_coresFree") + _gauge(worker, "worker_coresUsed") == cores
 
         run = materialize(
             [spark_cluster, gaia_landing, gaia_source, pm_stats],

@@ -7,6 +7,7 @@ the requests the cloud received, not only by what the asset reports about itself
 """
 
 import json
+import re
 
 from dagster import materialize
 
@@ -91,18 +92,38 @@ def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(
 WORKER_SHAPES = {"general.v1.medium": (4, 8192, 7168), "m5.xlarge": (4, 16384, 14746)}
 
 
-def test_workers_boot_with_cloud_init_that_leaves_memory_for_the_os(target, layout):
+def test_nodes_boot_with_cloud_init_that_leaves_memory_for_the_os_and_serves_the_scraped_metrics(target, layout):
     materialise(target, workers=2)
     booted = target.user_data()
     cores, ram, usable = WORKER_SHAPES[target.worker_size]
     assert usable < ram
-    master = booted.pop(f"{target.cluster}-master")
-    assert "GAIA_ROLE=master\n" in master and target.secret not in master
-    assert sorted(booted) == [f"{target.cluster}-worker-{i}" for i in range(2)]
-    for name, text in booted.items():
-        assert f"SPARK_WORKER_CORES={cores}\n" in text, name
-        assert f"SPARK_WORKER_MEMORY={usable}m\n" in text, name
-        assert target.secret not in text
+    master = booted[f"{target.cluster}-master"]
+    assert "GAIA_ROLE=master\n" in master
+    workers = [f"{target.cluster}-worker-{i}" for i in range(2)]
+    assert sorted(booted) == sorted([f"{target.cluster}-master", *workers])
+    for name in workers:
+        assert f"SPARK_WORKER_CORES={cores}\n" in booted[name], name
+        assert f"SPARK_WORKER_MEMORY={usable}m\n" in booted[name], name
+    assert not [name for name, text in booted.items() if target.secret in text]
+
+    # Prometheus file_sd: every node at the UI port and metrics path its own cloud-init serves.
+    targets_file = layout.clusters / f"{target.cluster}.prometheus.json"
+    groups = json.loads(targets_file.read_text())
+    by_node = {}
+    for group in groups:
+        (address,) = group["targets"]
+        by_node.setdefault(group["labels"]["node"], []).append((group["labels"]["job"], address, group["labels"]["__metrics_path__"]))
+        assert group["labels"]["gaia_cluster"] == target.cluster
+    assert sorted(by_node) == sorted(booted)
+    assert sorted(job for job, _, _ in by_node[f"{target.cluster}-master"]) == ["spark-applications", "spark-master"]
+    for name, scraped in by_node.items():
+        for job, address, path in scraped:
+            host, port = address.rsplit(":", 1)
+            assert host and re.search(rf"--webui-port {port}\b", booted[name]), (name, address)
+            assert f"prometheusServlet.path={path}" in booted[name], (name, path)
+            assert (job == "spark-worker") == (name != f"{target.cluster}-master")
+    teardown(target)
+    assert not targets_file.exists(), "teardown leaves no targets for Prometheus to scrape"
 
 
 def test_smaller_plan_destroys_only_the_surplus_workers(target, layout):
