@@ -125,21 +125,24 @@ def stats_table(pixel: np.ndarray, columns: dict[str, np.ndarray], level: int) -
 
 def conform(table: pa.Table, level: int) -> pa.Table:
     """Cast an engine result (Spark ``toArrow``, DuckDB, ...) to the statistics schema, sorted
-    by pixel, with the level recorded. Nulls (sums over no rows) become 0."""
+    by pixel, with the level recorded. Nulls (sums over no rows) become 0.
+
+    In Arrow, column by column: the only full copy is the sort's, so the driver holds the
+    collected result and one sorted copy, not the numpy round trips on top."""
     missing = [f.name for f in STATS_FIELDS if f.name not in table.column_names]
     if missing:
         raise ValueError(f"statistics table lacks column(s) {missing}")
-    columns = {}
+    columns = []
     for field in STATS_FIELDS:
-        col = table.column(field.name)
-        dtype = np.int64 if pa.types.is_integer(field.type) else np.float64
-        columns[field.name] = col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-        if col.null_count:
-            values = np.nan_to_num(col.cast(pa.float64()).to_numpy(zero_copy_only=False), nan=0.0)
-            columns[field.name] = values.astype(dtype)
-    order = np.argsort(columns["pixel"], kind="stable")
-    pixel = columns.pop("pixel")[order]
-    return stats_table(pixel, {k: v[order] for k, v in columns.items()}, level)
+        column = table.column(field.name)
+        if column.null_count:
+            column = pc.fill_null(column, 0)
+        columns.append(column.cast(field.type))
+    conformed = pa.Table.from_arrays(columns, schema=stats_schema(level))
+    pixel = as_numpy(conformed.column("pixel"))
+    if np.any(pixel[1:] < pixel[:-1]):
+        conformed = conformed.sort_by("pixel").replace_schema_metadata(stats_schema(level).metadata)
+    return conformed
 
 
 # --- computing statistics from rows (numpy; the Spark engine does the same in SQL) ------------
@@ -236,7 +239,8 @@ def merge(tables: Iterable[pa.Table], level: int | None = None) -> pa.Table:
     if np.all(pixel[1:] > pixel[:-1]):
         # Disjoint inputs in pixel order (the sky regions' tables, in region order): already
         # one row per pixel, nothing to sum.
-        return pa.Table.from_arrays(combined.set_column(0, "pixel", pa.array(pixel)).combine_chunks().columns, schema=stats_schema(target))
+        # The other columns stay the inputs' chunks (no copy of the merged table).
+        return pa.Table.from_arrays([from_numpy(pixel, pa.int64()), *combined.columns[1:]], schema=stats_schema(target))
     columns = {name: combined.column(name).to_numpy() for name in STAT_COLUMNS}
     return _group_sum(pixel, columns, target)
 
