@@ -16,8 +16,10 @@ Everything runs in one process, on one warm local Spark session and the same fil
     a region of median size (the ratio a/e) and for the biggest region (the worst case);
 (d) DuckDB computing the same sufficient statistics on the same ``gaia_source`` files.
 
-Driver memory is sampled during (b) and (e) only (``measure.PeakRss``), so the figure is the
-proper-motion work's, not the ingestion's or the baselines' that share the process.
+Driver memory: the peak RSS of a fresh Python process that does nothing but (b), ``--repeat``
+times (``--driver-memory-probe``, started by this script as a child), so no earlier phase's
+allocations (ingestion, the naive copy, DuckDB) sit in the figure and runs at different
+catalogue sizes compare. The RSS of this process is also sampled during (b) and (e).
 
 The catalogue is generated once (``gaia-flows generate``, in a subprocess so its memory is not
 the driver's) into ``DIR/landing`` and ingested by the ``gaia_source`` asset into
@@ -57,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replot-level", type=int, default=5, help="the different level re-plotted in (c) (default 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs of a, b and d first: the JVM's JIT needs several runs of a plan to settle (default 3)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of a, b, c and d (median reported)")
+    parser.add_argument("--driver-memory-probe", action="store_true", help="child mode: run only (b) on the ingested catalogue in --work and print the driver's memory as JSON")
     return parser.parse_args()
 
 
@@ -70,6 +73,73 @@ def ensure_catalogue(work: Path, stars: int) -> Path:
     return landing
 
 
+def first_run_of_b(layout, resources: dict) -> tuple[float, float, dict]:
+    """(b) once from an empty statistics store: pm_stats over all regions in one run, then the
+    maps. Returns both runs' wall seconds and pm_stats' run-level metadata."""
+    from dagster import materialize
+
+    from gaia_flows import maps
+    from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+    from gaia_flows.science import healpix
+
+    regions = healpix.region_keys()
+    all_regions = {"dagster/asset_partition_range_start": regions[0], "dagster/asset_partition_range_end": regions[-1]}
+    shutil.rmtree(layout.table(maps.STATS_TABLE), ignore_errors=True)
+    shutil.rmtree(layout.table(maps.MAPS_TABLE), ignore_errors=True)
+    started = time.perf_counter()
+    result = materialize([pm_stats], resources=resources, tags=all_regions, selection=[pm_stats.key])
+    stats_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    materialize([pm_stats, proper_motion_maps], resources=resources, selection=[proper_motion_maps.key])
+    # run-level metadata rides on every partition's materialization
+    return stats_seconds, time.perf_counter() - started, result.asset_materializations_for_node("pm_stats")[0].metadata
+
+
+def resources_for_benchmark() -> dict:
+    from gaia_flows.resources.spark import SparkResource
+    from gaia_flows.resources.storage import StorageResource
+
+    return {"spark": SparkResource(master=MASTER, spark_config=SPARK_CONF), "storage": StorageResource()}
+
+
+def driver_memory_probe(runs: int) -> int:
+    """Child mode: (b) ``runs`` times in this fresh process, then its memory as one JSON line.
+
+    ``peak`` is the process's high-water RSS (``ru_maxrss``) over its whole life: imports, the
+    Spark session, every run. ``before_runs`` is the RSS once Dagster and the assets are
+    imported, before Spark starts, so ``peak - before_runs`` is what the runs added.
+    ``arrow_peak`` is the most the Arrow memory pool held at once (the collected statistics,
+    the tables merged and written): the data part of the driver's memory, without the
+    allocator's noise.
+    """
+    import importlib
+    import json
+    import resource
+
+    import psutil
+    import pyarrow as pa
+
+    from gaia_flows.layout import StateLayout
+
+    importlib.import_module("gaia_flows.definitions")  # every import (b) needs, before the baseline
+    layout = StateLayout.from_env()
+    resources = resources_for_benchmark()
+    before = psutil.Process().memory_info().rss
+    seconds = [sum(first_run_of_b(layout, resources)[:2]) for _ in range(runs)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"before_runs": before, "peak": peak, "arrow_peak": pa.default_memory_pool().max_memory(), "seconds": seconds}))
+    return 0
+
+
+def measure_driver_memory(work: Path, stars: int, runs: int) -> dict:
+    """Run :func:`driver_memory_probe` in a child process and read its JSON line."""
+    import json
+
+    command = [sys.executable, __file__, "--stars", str(stars), "--work", str(work), "--repeat", str(runs), "--driver-memory-probe"]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     args = parse_args()
     load_start = os.getloadavg()
@@ -78,6 +148,8 @@ def main() -> int:
     landing = ensure_catalogue(work, args.stars)
     os.environ["GAIA_FLOWS_HOME"] = str(work / "home")
     os.environ["GAIA_FLOWS_LANDING"] = str(landing)
+    if args.driver_memory_probe:
+        return driver_memory_probe(args.repeat)
 
     # Imported after the environment is set: the resources read it when a run starts.
     import duckdb
@@ -91,14 +163,12 @@ def main() -> int:
     from gaia_flows.assets.catalogue import gaia_landing, gaia_source
     from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
     from gaia_flows.layout import StateLayout
-    from gaia_flows.resources.spark import SparkResource
-    from gaia_flows.resources.storage import StorageResource
     from gaia_flows.science import healpix
     from gaia_flows.science import proper_motion as pm
     from gaia_flows.tables import published_regions, read_regions
 
     layout = StateLayout.from_env().ensure()
-    resources = {"spark": SparkResource(master=MASTER, spark_config=SPARK_CONF), "storage": StorageResource()}
+    resources = resources_for_benchmark()
     regions = healpix.region_keys()
     all_regions = {"dagster/asset_partition_range_start": regions[0], "dagster/asset_partition_range_end": regions[-1]}
     spark = spark_factory.session(MASTER, SPARK_CONF)
@@ -137,16 +207,11 @@ def main() -> int:
     # (a) is timed. A fresh plan keeps getting faster for ~5 runs as the JIT compiles it
     # (10M stars, the pm_stats aggregation: 11.2, 4.0, 3.3, 2.9, 2.7, 2.3, 2.4 s).
     def first_run() -> tuple[float, float, dict]:
-        shutil.rmtree(layout.table(maps.STATS_TABLE), ignore_errors=True)
-        shutil.rmtree(layout.table(maps.MAPS_TABLE), ignore_errors=True)
-        started = time.perf_counter()
-        result = materialize([pm_stats], resources=resources, tags=all_regions, selection=[pm_stats.key])
-        stats_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        materialize([pm_stats, proper_motion_maps], resources=resources, selection=[proper_motion_maps.key])
-        # run-level metadata rides on every partition's materialization
-        return stats_seconds, time.perf_counter() - started, result.asset_materializations_for_node("pm_stats")[0].metadata
+        return first_run_of_b(layout, resources)
 
+    # The driver-memory figure first, from a child process that runs only (b); its JVM is gone
+    # before this process's timed phases start.
+    child = measure_driver_memory(work, args.stars, args.repeat)
     shutil.rmtree(maps.projection_cache(layout), ignore_errors=True)
     cold_stats, cold_maps, cold_meta = first_run()
     for _ in range(args.warmup - 1):
@@ -222,7 +287,10 @@ def main() -> int:
               f"asset bodies {bodies:.2f} s; driver RSS {rss_e.python_start / 2**20:.0f} -> {rss_e.python / 2**20:.0f} MiB)")
     print(f"(d) DuckDB, same statistics, same files     {d:8.3f} s  {rows / d / CORES / 1e6:6.2f} M rows/s/core")
     print(f"ratios: b/a = {b / a:.2f} (target <= 1.5)   a/c = {a / c:.1f} (>= 10)   a/e = {a / e:.2f} (>= 10; e = the median region)   b/d = {b / d:.1f} (<= 5)")
-    print(f"driver (Python) RSS during (b): {rss_b.python_start / 2**20:.0f} MiB at the start, peak {rss_b.python / 2**20:.0f} MiB "
+    print(f"driver peak RSS, (b) alone in a fresh process ({len(child['seconds'])} runs): {child['peak'] / 2**20:.0f} MiB "
+          f"({child['before_runs'] / 2**20:.0f} MiB after imports, before Spark; +{(child['peak'] - child['before_runs']) / 2**20:.0f} MiB for the Spark session and the runs; "
+          f"Arrow pool peak {child['arrow_peak'] / 2**20:.0f} MiB)")
+    print(f"driver (Python) RSS during (b) in this process: {rss_b.python_start / 2**20:.0f} MiB at the start, peak {rss_b.python / 2**20:.0f} MiB "
           f"(+{(rss_b.python - rss_b.python_start) / 2**20:.0f}); Spark JVM (driver and executors, local mode) peak {rss_b.jvm / 2**20:.0f} MiB")
     print(f"load average (1/5/15 min): at start {' '.join(f'{x:.1f}' for x in load_start)}, at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
