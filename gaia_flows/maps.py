@@ -22,6 +22,8 @@ healpy only when a projection grid is not cached yet.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import tempfile
@@ -272,6 +274,35 @@ def _write_png(fig, out: str | os.PathLike, dpi: int) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+# An image in Dagster metadata is stored in every materialization event and sent to every UI
+# page that lists materializations: above this size it is embedded as a preview instead.
+PREVIEW_MAX_BYTES = 100_000
+PREVIEW_WIDTH = 640
+
+
+def preview_markdown(png: bytes, caption: str) -> str:
+    """Markdown for a Dagster metadata entry: the image, then its caption.
+
+    A full-size sky map is 0.4-0.5 MB of PNG, so embedding it whole put ~2 MB into each maps
+    materialization (the event log grows by that on every scheduled rerun). Above
+    ``PREVIEW_MAX_BYTES`` the image is embedded as a ``PREVIEW_WIDTH``-pixel JPEG (~60 KB);
+    the full PNG stays on disk, where the metadata's path entries point. Small figures (ROC
+    curve, confusion matrix) are embedded as they are.
+    """
+    mime = "image/png"
+    if len(png) > PREVIEW_MAX_BYTES:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(png)).convert("RGBA")
+        flat = Image.new("RGBA", image.size, "white")
+        flat.alpha_composite(image)
+        flat.thumbnail((PREVIEW_WIDTH, 4 * PREVIEW_WIDTH), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        flat.convert("RGB").save(buffer, "JPEG", quality=85)
+        png, mime = buffer.getvalue(), "image/jpeg"
+    return f"![{caption}](data:{mime};base64,{base64.b64encode(png).decode('ascii')})\n\n{caption}"
 
 
 def render_healpix(

@@ -5,6 +5,7 @@ and a different formula: DuckDB's avg/stddev_samp, not our sums)."""
 from __future__ import annotations
 
 import base64
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from PIL import Image
 from dagster import materialize
 
 from conftest import TEST_SPARK_CONF
@@ -607,6 +609,24 @@ def test_solar_reflex_is_recovered_from_the_halo_map():
     assert np.linalg.norm(glide) == pytest.approx(expected, rel=0.05)
 
 
+def test_metadata_images_above_the_budget_are_embedded_as_previews():
+    small = io.BytesIO()
+    Image.new("RGB", (200, 100), "red").save(small, "PNG")
+    kept = maps.preview_markdown(small.getvalue(), "small figure")
+    assert _image_of(kept).format == "PNG" and base64.b64encode(small.getvalue()).decode() in kept
+    assert kept.endswith("\n\nsmall figure")
+
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (1000, 2000, 4), dtype=np.uint8)
+    noise[:, :500, 3] = 0  # transparent left quarter, as outside a Mollweide ellipse
+    big = io.BytesIO()
+    Image.fromarray(noise, "RGBA").save(big, "PNG")
+    assert len(big.getvalue()) > maps.PREVIEW_MAX_BYTES
+    preview = _image_of(maps.preview_markdown(big.getvalue(), "big map"))
+    assert preview.format == "JPEG" and preview.size == (maps.PREVIEW_WIDTH, maps.PREVIEW_WIDTH // 2)
+    assert np.asarray(preview)[:, : maps.PREVIEW_WIDTH // 4 - 2].min() > 240, "transparent pixels turn white, not black"
+
+
 # --- the assets in process: two regions, maps, and a one-region refresh ----------------------------
 
 MAT_REGIONS = ("hpx1-31", "hpx1-32")  # adjacent, so one partition range; hpx1-32 holds the Clouds
@@ -623,9 +643,11 @@ def _region_rows(table: pa.Table, region: str) -> pa.Table:
     return table.filter(pa.array(owner == pixel))
 
 
-def _png_of(markdown: str) -> bytes:
-    assert markdown.startswith("![") and "data:image/png;base64," in markdown
-    return base64.b64decode(markdown.split("base64,", 1)[1].rstrip(")"))
+def _image_of(markdown: str) -> Image.Image:
+    """The image embedded in a metadata markdown entry."""
+    assert markdown.startswith("![") and ";base64," in markdown
+    encoded = markdown.split("base64,", 1)[1].split(")", 1)[0]
+    return Image.open(io.BytesIO(base64.b64decode(encoded)))
 
 
 def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
@@ -657,8 +679,13 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
 
     meta = run_maps()
     for quantity in ("pmra", "pmdec", "count"):
-        assert _png_of(meta[f"map_{quantity}_level_6"].value)[:8] == b"\x89PNG\r\n\x1a\n"
-        assert maps.png_path(layout, 6, quantity).read_bytes()[:4] == b"\x89PNG"
+        full = maps.png_path(layout, 6, quantity)
+        assert full.read_bytes()[:4] == b"\x89PNG"
+        # The UI gets the same picture, as a preview if the file is over the metadata budget.
+        shown, on_disk = _image_of(meta[f"map_{quantity}_level_6"].value), Image.open(full)
+        assert abs(shown.width / shown.height - on_disk.width / on_disk.height) < 0.01
+        assert (shown.width < on_disk.width) == (full.stat().st_size > maps.PREVIEW_MAX_BYTES)
+        assert len(meta[f"map_{quantity}_level_6"].value) < 2 * maps.PREVIEW_MAX_BYTES
     assert meta["regions_merged"].value == 2 and meta["level_max"].value == pm.DEFAULT_LEVEL
     before = maps.map_table(pm.DEFAULT_LEVEL, layout, dense=False)
     assert_matches_reference(maps.map_table(6, layout), duckdb_reference(source_files(layout), 6))

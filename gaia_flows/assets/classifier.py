@@ -16,7 +16,6 @@ nothing else, and classification maps the registered model over each sky region 
   probability = P(good)).
 """
 
-import base64
 import hashlib
 import io
 import json
@@ -50,7 +49,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FEATURES, FeatureError, GcnsCuts
-from gaia_flows.maps import render_healpix
+from gaia_flows.maps import preview_markdown, render_healpix
 from gaia_flows.science.healpix import REGION_LEVEL, npix, parse_region_key, source_id_shift
 from gaia_flows.tables import published_regions, read_regions, write_regions, write_table
 
@@ -655,7 +654,7 @@ def _close(figure) -> None:
 
 
 def _png_md(png: bytes, caption: str) -> MetadataValue:
-    return MetadataValue.md(f"![{caption}](data:image/png;base64,{base64.b64encode(png).decode()})\n\n{caption}")
+    return MetadataValue.md(preview_markdown(png, caption))
 
 
 def _training_sky_pngs(layout, source_id: np.ndarray, labels: np.ndarray, level: int) -> dict[str, bytes]:

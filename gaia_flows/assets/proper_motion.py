@@ -7,7 +7,6 @@ cut of the stored pyramid (``gaia-flows map``), never a rescan.
 """
 
 
-import base64
 import os
 import time
 from datetime import datetime, timezone
@@ -203,11 +202,6 @@ def _read_consistent(layout) -> tuple[dict[str, str], dict[str, pa.Table]]:
     raise RuntimeError("pm_stats regions kept changing while the maps were being built; retry the run")
 
 
-def _png_markdown(path, caption: str) -> MetadataValue:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return MetadataValue.md(f"![{caption}](data:image/png;base64,{data})")
-
-
 @asset(
     deps=[pm_stats],
     group_name=GROUP,
@@ -258,7 +252,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
         for quantity, weighted in variants:
             path = maps.render_map(table, quantity, maps.png_path(layout, level, quantity, weighted), weighted=weighted, cache_dir=maps.projection_cache(layout))
             name = f"{quantity}{'_weighted' if weighted else ''}_level_{level}"
-            metadata[f"map_{name}"] = _png_markdown(path, name)
+            metadata[f"map_{name}"] = MetadataValue.md(maps.preview_markdown(path.read_bytes(), name))
             metadata[f"png_{name}"] = MetadataValue.path(str(path))
             rendered.append(str(path))
     seconds = time.perf_counter() - started
