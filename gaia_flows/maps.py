@@ -324,7 +324,7 @@ def render_healpix(
     ``coord=["C", "G"]`` draws ICRS pixels in Galactic coordinates (crowded fields then line up
     along the equator); ``norm="log"`` for counts. The projection comes from
     :func:`projection_grid` (cached in ``cache_dir``, default ``<home>/maps/.projection``)."""
-    from matplotlib import colormaps, colors
+    from matplotlib import colormaps, colors, ticker
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
@@ -365,6 +365,12 @@ def render_healpix(
     ax.set_title(title)
     bar_ax = fig.add_axes((0.25, 0.09, 0.5, 0.035))
     bar = fig.colorbar(ScalarMappable(norm=scale, cmap=colour_map), cax=bar_ax, orientation="horizontal")
+    if norm == "log":
+        # Plain "1,000" labels, not matplotlib's mathtext "10^3": its pyparsing packrat cache
+        # keeps parse exceptions whose tracebacks hold every calling frame, and with them the
+        # caller's tables (a whole copy of the per-pixel statistics) until the cyclic GC runs.
+        bar.ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}"))
+        bar.ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     bar.set_label(unit)
     return _write_png(fig, out, dpi)
 

@@ -388,6 +388,33 @@ def test_render_map_writes_pngs(stored, tmp_path):
         maps.render_map(pm.finalise(pm.stats_from_columns([1 << 40], [1.0], [1.0], [1.0], [1.0], 5), dense=False), "pmra", tmp_path / "x.png")
 
 
+def test_drawing_a_map_keeps_no_reference_to_the_callers_data(stored, tmp_path):
+    """A map is drawn in the middle of an asset that holds a copy of the per-pixel statistics.
+    Nothing the drawing leaves behind (matplotlib's mathtext parser cached exceptions whose
+    tracebacks held every calling frame) may keep that copy alive until the cyclic GC runs."""
+    import gc
+    import weakref
+
+    layout, _ = stored
+    table = maps.map_table(5, layout)
+
+    class Statistics:  # stands in for the caller's tables; weakly referenceable, unlike pa.Table
+        pass
+
+    def draw(quantity: str):
+        held = Statistics()
+        maps.render_map(table, quantity, tmp_path / f"{quantity}.png", cache_dir=maps.projection_cache(layout))
+        return weakref.ref(held)
+
+    gc.collect()
+    gc.disable()
+    try:
+        alive = [q for q in ("count", "pmra", "pmdec") if draw(q)() is not None]
+    finally:
+        gc.enable()
+    assert alive == []
+
+
 def test_colour_limits_are_symmetric_and_robust():
     values = np.r_[np.linspace(-2, 3, 1000), 500.0, np.nan]
     lo, hi = maps.colour_limits(values, "pmra")
