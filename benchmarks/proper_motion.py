@@ -206,18 +206,16 @@ def main() -> int:
     # then --warmup - 1 more untimed runs and --repeat timed ones, median reported, exactly as
     # (a) is timed. A fresh plan keeps getting faster for ~5 runs as the JIT compiles it
     # (10M stars, the pm_stats aggregation: 11.2, 4.0, 3.3, 2.9, 2.7, 2.3, 2.4 s).
-    def first_run() -> tuple[float, float, dict]:
-        return first_run_of_b(layout, resources)
 
     # The driver-memory figure first, from a child process that runs only (b); its JVM is gone
     # before this process's timed phases start.
     child = measure_driver_memory(work, args.stars, args.repeat)
     shutil.rmtree(maps.projection_cache(layout), ignore_errors=True)
-    cold_stats, cold_maps, cold_meta = first_run()
+    cold_stats, cold_maps, cold_meta = first_run_of_b(layout, resources)
     for _ in range(args.warmup - 1):
-        first_run()
+        first_run_of_b(layout, resources)
     with PeakRss() as rss_b:
-        warm_runs = sorted((first_run() for _ in range(args.repeat)), key=lambda run: run[0] + run[1])
+        warm_runs = sorted((first_run_of_b(layout, resources) for _ in range(args.repeat)), key=lambda run: run[0] + run[1])
     b_stats, b_maps, stats_meta = warm_runs[len(warm_runs) // 2]  # the median run, as for (a)
     b = b_stats + b_maps
     spark_seconds = stats_meta["spark_seconds"].value

@@ -35,31 +35,22 @@ def daemon_java_options(role: str) -> str:
     return " ".join(options)
 
 
-def _address(node: dict) -> str | None:
+def _group(job: str, cluster: str, node: dict) -> list[dict]:
+    """One target group for ``node`` (a manifest entry, whose ``ui_port`` ``node_summary`` set),
+    none if the cloud has not given it an address yet."""
     ips = node.get("private_ips") or node.get("public_ips") or []
     if not ips:
-        return None
-    default = MASTER_UI_PORT if node.get("role") == "master" else WORKER_UI_PORT
-    return f"{ips[0]}:{node.get('ui_port') or default}"
+        return []
+    labels = {"job": job, "gaia_cluster": cluster, "node": node["name"], "__metrics_path__": PATHS[job][1]}
+    return [{"targets": [f"{ips[0]}:{node['ui_port']}"], "labels": labels}]
 
 
 def scrape_targets(manifest: dict) -> list[dict]:
     """Prometheus ``file_sd`` target groups for a cluster manifest: the master (its own and its
     applications' metrics) and every worker, labelled with the cluster and the node name."""
     cluster = manifest["cluster"]
-    master = manifest["master"]
-    groups = []
-    address = _address(master)
-    if address:
-        for job in ("spark-master", "spark-applications"):
-            labels = {"job": job, "gaia_cluster": cluster, "node": master["name"], "__metrics_path__": PATHS[job][1]}
-            groups.append({"targets": [address], "labels": labels})
-    for worker in manifest["workers"]:
-        address = _address(worker)
-        if address:
-            labels = {"job": "spark-worker", "gaia_cluster": cluster, "node": worker["name"], "__metrics_path__": PATHS["spark-worker"][1]}
-            groups.append({"targets": [address], "labels": labels})
-    return groups
+    groups = [g for job in ("spark-master", "spark-applications") for g in _group(job, cluster, manifest["master"])]
+    return groups + [g for worker in manifest["workers"] for g in _group("spark-worker", cluster, worker)]
 
 
 def targets_path(manifest_path: Path) -> Path:

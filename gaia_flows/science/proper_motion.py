@@ -141,7 +141,7 @@ def conform(table: pa.Table, level: int) -> pa.Table:
     conformed = pa.Table.from_arrays(columns, schema=stats_schema(level))
     pixel = as_numpy(conformed.column("pixel"))
     if np.any(pixel[1:] < pixel[:-1]):
-        conformed = conformed.sort_by("pixel").replace_schema_metadata(stats_schema(level).metadata)
+        conformed = conformed.sort_by("pixel")  # keeps the schema metadata (the level)
     return conformed
 
 

@@ -84,12 +84,8 @@ class Target:
         if self.name == "openstack":
             return [{"name": s["name"], "tags": s["metadata"], "groups": [g["name"] for g in s["security_groups"]]} for s in self.api.state()["servers"]]
         out = []
-        for reservation in self._ec2().describe_instances()["Reservations"]:
-            for i in reservation["Instances"]:
-                if i["State"]["Name"] in ("terminated", "shutting-down"):
-                    continue
-                tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
-                out.append({"name": tags.get("Name"), "tags": tags, "groups": [g["GroupName"] for g in i.get("SecurityGroups", [])]})
+        for i, tags in self._live_instances():
+            out.append({"name": tags.get("Name"), "tags": tags, "groups": [g["GroupName"] for g in i.get("SecurityGroups", [])]})
         return out
 
     def user_data(self) -> dict[str, str]:
@@ -97,14 +93,17 @@ class Target:
         if self.name == "openstack":
             return {s["name"]: s["user_data"] for s in self.api.state()["servers"]}
         ec2, out = self._ec2(), {}
-        for reservation in ec2.describe_instances()["Reservations"]:
-            for i in reservation["Instances"]:
-                if i["State"]["Name"] in ("terminated", "shutting-down"):
-                    continue
-                name = {t["Key"]: t["Value"] for t in i.get("Tags", [])}.get("Name")
-                attribute = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")
-                out[name] = base64.b64decode(attribute["UserData"]["Value"]).decode()
+        for i, tags in self._live_instances():
+            attribute = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")
+            out[tags.get("Name")] = base64.b64decode(attribute["UserData"]["Value"]).decode()
         return out
+
+    def _live_instances(self):
+        """(instance, tags) of every EC2 instance moto has not terminated."""
+        for reservation in self._ec2().describe_instances()["Reservations"]:
+            for i in reservation["Instances"]:
+                if i["State"]["Name"] not in ("terminated", "shutting-down"):
+                    yield i, {t["Key"]: t["Value"] for t in i.get("Tags", [])}
 
     def key_pairs(self) -> list[str]:
         if self.name == "openstack":
