@@ -24,7 +24,7 @@ from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps
-from gaia_flows.engine.pm_stats import LISTING_THRESHOLD, compute_pm_stats, compute_region_stats, driver_listing, read_input
+from gaia_flows.engine.pm_stats import LISTING_THRESHOLD, InputColumnsError, compute_pm_stats, compute_region_stats, driver_listing, read_input
 from gaia_flows.layout import StateLayout
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -487,6 +487,35 @@ def test_read_input_lists_on_the_driver_and_restores_the_setting(stored, spark):
     assert df.columns == list(pm.INPUT_COLUMNS)
     assert df.count() == rows[REGIONS[0]].num_rows + rows[REGIONS[1]].num_rows
     assert spark.conf.get(LISTING_THRESHOLD, None) == before
+
+
+def test_regions_without_error_columns_count_unweighted_and_without_proper_motions_fail_by_name(stored, spark):
+    """The contract only requires source_id, ra and dec, so an archive extract may lack columns.
+    Without pmra_error/pmdec_error a region's sources are still counted and averaged, with no
+    weight; without pmra/pmdec the run fails naming the region, the file and the columns."""
+    layout, rows = stored
+    plain, bare = REGIONS[0], REGIONS[1]
+    write_region_arrow(rows[plain].drop_columns(["pmra_error", "pmdec_error"]), layout, "gaia_source", plain)
+    per_region = compute_region_stats(read_input(spark, layout, "gaia_source", [plain, bare]), [plain, bare], L_MAX)
+    nulls = {name: pa.nulls(rows[plain].num_rows, rows[plain].schema.field(name).type) for name in ("pmra_error", "pmdec_error")}
+    without_errors = rows[plain]
+    for name, column in nulls.items():
+        without_errors = without_errors.set_column(without_errors.schema.get_field_index(name), name, column)
+    for region, source in ((plain, without_errors), (bare, rows[bare])):
+        expected = pm.stats_from_table(source, L_MAX)
+        assert per_region[region].column("pixel").equals(expected.column("pixel"))
+        for name in pm.STAT_COLUMNS:
+            np.testing.assert_allclose(per_region[region].column(name).to_numpy(), expected.column(name).to_numpy(), rtol=RTOL, atol=0, err_msg=f"{region} {name}")
+    assert pm.totals(per_region[plain])["n_pm"] > 0
+    assert not np.any(per_region[plain].column("sumw_pmra").to_numpy())
+
+    write_region_arrow(rows[bare].drop_columns(["pmra", "pmdec"]), layout, "gaia_source", bare)
+    with pytest.raises(InputColumnsError, match=rf"{bare}: [^;]+\.parquet has no pmra, pmdec"):
+        read_input(spark, layout, "gaia_source", [plain, bare])
+    resources = {"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource(home=str(layout.home))}
+    result = materialize([pm_stats], selection=[pm_stats.key], resources=resources, partition_key=bare, raise_on_error=False)
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"{bare}: " in failure.event_specific_data.error.message and "has no pmra, pmdec" in failure.event_specific_data.error.message
 
 
 def test_spark_region_split_and_coarser_than_regions(catalogue, spark):

@@ -22,6 +22,7 @@ from dagster import (
     AutomationCondition,
     BackfillPolicy,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -31,7 +32,7 @@ from pydantic import Field
 
 from gaia_flows import maps
 from gaia_flows.engine.metrics import stage_io
-from gaia_flows.engine.pm_stats import compute_region_stats, read_input
+from gaia_flows.engine.pm_stats import InputColumnsError, compute_region_stats, read_input
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -76,7 +77,11 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     source_versions = maps.region_versions(layout, SOURCE_TABLE)
 
     started = time.perf_counter()
-    per_region = compute_region_stats(read_input(session, layout, SOURCE_TABLE, regions), regions, config.level)
+    try:
+        rows = read_input(session, layout, SOURCE_TABLE, regions)
+    except InputColumnsError as exc:
+        raise Failure(str(exc)) from exc
+    per_region = compute_region_stats(rows, regions, config.level)
     spark_seconds = time.perf_counter() - started
 
     computed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

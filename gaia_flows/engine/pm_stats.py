@@ -16,9 +16,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
+from gaia_flows.contracts import load_contract
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
@@ -46,14 +49,47 @@ def driver_listing(session: SparkSession, paths: int) -> Iterator[None]:
             session.conf.set(LISTING_THRESHOLD, previous)
 
 
+class InputColumnsError(ValueError):
+    """A region's files lack a column the statistics cannot be computed without."""
+
+
+def check_input_columns(layout: StateLayout, table: str, regions: list[str]) -> None:
+    """Fail, naming the region, file and columns, if a file lacks ``pm.REQUIRED_COLUMNS``.
+
+    The catalogue contract only requires ``source_id``, ``ra`` and ``dec``, so a region ingested
+    from an archive extract may hold any subset of the other columns. Without proper motions
+    there is nothing to average, and Spark would otherwise stop on an unresolved column (or,
+    reading with a schema, count every star as having no proper motion). Only footers are read.
+    """
+    problems = []
+    for region in regions:
+        for path in sorted(layout.region_dir(table, region).glob("*.parquet")):
+            missing = [c for c in pm.REQUIRED_COLUMNS if c not in pq.read_schema(path).names]
+            if missing:
+                problems.append(f"{region}: {path.name} has no {', '.join(missing)}")
+    if problems:
+        raise InputColumnsError(
+            f"proper-motion statistics need the {table} columns {', '.join(pm.REQUIRED_COLUMNS)}; "
+            f"re-ingest these regions from files that carry them: {'; '.join(problems)}"
+        )
+
+
 def read_input(session: SparkSession, layout: StateLayout, table: str, regions: list[str]) -> DataFrame:
     """The columns the statistics need from the given regions of ``table`` (Parquet column
-    pruning: the other gaia_source columns are never read)."""
+    pruning: the other gaia_source columns are never read).
+
+    Read with the contract's types for those columns, so a file without ``pmra_error`` or
+    ``pmdec_error`` reads them as null: its sources are counted and averaged, with no weight in
+    the inverse-variance sums. Files without a required column fail first
+    (:func:`check_input_columns`).
+    """
     paths = region_paths(layout, table, regions)
     if not paths:
         raise FileNotFoundError(f"table {table!r} has no published regions under {layout.table(table)}")
+    check_input_columns(layout, table, regions)
+    schema = from_arrow_schema(load_contract(table).arrow_schema(list(pm.INPUT_COLUMNS)))
     with driver_listing(session, len(paths)):
-        return session.read.parquet(*paths).select(*pm.INPUT_COLUMNS)
+        return session.read.schema(schema).parquet(*paths).select(*pm.INPUT_COLUMNS)
 
 
 def _has(column: str) -> Column:

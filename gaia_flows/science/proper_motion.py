@@ -68,6 +68,7 @@ QUANTITIES = {
 }
 # Rows a statistics table reads from gaia_source.
 INPUT_COLUMNS = ("source_id", "pmra", "pmdec", "pmra_error", "pmdec_error")
+REQUIRED_COLUMNS = INPUT_COLUMNS[:3]  # without the errors, sources just carry no weight
 
 
 def as_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
