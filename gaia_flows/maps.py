@@ -362,7 +362,9 @@ def render_healpix(
     ax.set_xlim(-2.0, 2.0)
     ax.set_ylim(-1.0, 1.0)
     ax.set_axis_off()
-    ax.set_title(title)
+    # A figure text, not ax.set_title: placing an axes title measures the axes' tight bounding
+    # box on every draw (~8 % of a map's drawing time, interleaved A/B).
+    fig.text(0.5, 0.935, title, ha="center", va="bottom", fontsize="large")
     bar_ax = fig.add_axes((0.25, 0.09, 0.5, 0.035))
     bar = fig.colorbar(ScalarMappable(norm=scale, cmap=colour_map), cax=bar_ax, orientation="horizontal")
     if norm == "log":
