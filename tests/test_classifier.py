@@ -327,6 +327,45 @@ def test_missing_or_all_null_feature_is_named(world, spark):
     assert inner is not None and "'ruwe' is entirely null" in str(inner)
 
 
+def test_score_files_names_missing_or_bad_columns_and_selects_the_same_population_as_spark(world, spark, tmp_path):
+    """The region-file scoring path (scikit-learn models in classified_sources): the same
+    messages as the DataFrame path, and pyarrow's population filter selects exactly the rows
+    Spark's selects."""
+    frame = world["catalogue"].head(3000)
+    model = classify.train_sklearn(astro.select_training_set(world["catalogue"]).head(2000), classify.ForestParams(n_estimators=3))
+    loaded = classify.LoadedModel("sklearn", model)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+
+    def files(name: str, data: pa.Table) -> list[str]:
+        path = tmp_path / name / "part-0.parquet"
+        path.parent.mkdir()
+        pq.write_table(data, path)
+        return [str(path)]
+
+    good = files("good", table)
+    for cut in (8.0, None):
+        selected, _ = classify.population_filter(cut)
+        expected = spark.read.parquet(*good).where(selected).select("source_id").toPandas()["source_id"]
+        scored = classify.score_files(spark, good, loaded, parallax_min=cut).toPandas()
+        assert len(expected) > 0 and sorted(scored["source_id"]) == sorted(expected)
+    scored = classify.score_files(spark, good, loaded, parallax_min=None).toPandas().set_index("source_id")
+    rows = frame.set_index("source_id").loc[scored.index].reset_index()
+    np.testing.assert_allclose(scored["probability"].to_numpy(), loaded.good_probability(rows), rtol=0, atol=1e-12)
+
+    with pytest.raises(FeatureError, match="missing feature column.*pmdec_error"):
+        classify.score_files(spark, files("no_pmdec_error", table.drop_columns(["pmdec_error"])), loaded)
+    with pytest.raises(FeatureError, match="no column.*parallax"):
+        classify.score_files(spark, files("no_parallax", table.drop_columns(["parallax"])), loaded)
+    text = table.set_column(table.schema.get_field_index("pmra"), "pmra", pa.array(["fast"] * table.num_rows))
+    with pytest.raises(FeatureError, match="'pmra' is not numeric"):
+        classify.score_files(spark, files("text_pmra", text), loaded)
+    null = table.set_column(table.schema.get_field_index("ruwe"), "ruwe", pa.nulls(table.num_rows, pa.float32()))
+    with pytest.raises(Exception) as failure:  # raised in a Python worker, arrives wrapped
+        classify.score_files(spark, files("null_ruwe", null), loaded).collect()
+    inner = classify.unwrap_feature_error(failure.value)
+    assert inner is not None and "'ruwe' is entirely null" in str(inner)
+
+
 def test_classified_sources_names_the_bad_column(world, champion, tmp_path):
     """A region whose gaia_source lost a feature fails the run with the column in the message."""
     layout = world["layout"]

@@ -519,7 +519,6 @@ def classified_sources(
     """
     from pyspark import StorageLevel
     from pyspark.errors import PythonException
-    from pyspark.sql import functions as F
 
     layout = storage.layout
     session = spark.session()
@@ -531,16 +530,16 @@ def classified_sources(
     regions = list(context.partition_keys)
     started = time.perf_counter()
 
-    source = read_regions(session, layout, SOURCE_TABLE, regions)
-    solved = F.col("astrometric_params_solved").isin(*astro.FIVE_OR_SIX_PARAMETER)
-    if config.population == "candidates":
-        population = source.where(solved & (F.abs(F.col("parallax")) > F.lit(parallax_min)))
-    else:
-        population = source.where(solved)
+    parallax_cut = parallax_min if config.population == "candidates" else None
     files = classify.files_for_rows(_stored_rows(layout, SOURCE_TABLE, regions))
     manifest = {"model": uri, "model_version": version, "population": config.population, "parallax_min_mas": parallax_min, "threshold": config.threshold}
     try:
-        scored = classify.score(population, loaded, config.threshold)
+        if loaded.flavor == "sklearn":  # Python tasks read the region files (classify.score_files says why)
+            inputs = [str(p) for r in regions for p in sorted(layout.region_dir(SOURCE_TABLE, r).glob("*.parquet"))]
+            scored = classify.score_files(session, inputs, loaded, config.threshold, parallax_cut)
+        else:
+            selected, _ = classify.population_filter(parallax_cut)
+            scored = classify.score(read_regions(session, layout, SOURCE_TABLE, regions).where(selected), loaded, config.threshold)
     except FeatureError as exc:  # a missing column, found on the driver
         raise Failure(str(exc)) from exc
     # Cached so the range partitioner's sampling pass and the write share one scoring pass.

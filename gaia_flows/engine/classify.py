@@ -7,7 +7,9 @@ Gaia table, and both are scored inside Spark:
 - scikit-learn models are broadcast (shipped once per executor by Spark's torrent broadcast,
   unpickled once per Python worker and cached there for later tasks) and applied with
   ``mapInArrow`` to float32 features in batches of ~100k rows, one thread per task so the
-  cores are not oversubscribed (``benchmarks/classifier.py`` measures why: see :func:`score`);
+  cores are not oversubscribed. On the catalogue's region files the tasks read the Parquet
+  themselves (:func:`score_files`); any other DataFrame is handed over by Spark
+  (:func:`score`). ``benchmarks/classifier.py`` measures both;
 - Spark ML models are applied with their own ``transform`` (the JVM broadcasts the trees).
 
 Which one trains is a size rule (:func:`choose_engine`): scikit-learn (``n_jobs=-1``) while the
@@ -17,8 +19,10 @@ training set fits the driver comfortably, Spark ML beyond that.
 from __future__ import annotations
 
 import math
+import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -353,18 +357,34 @@ FEATURE_VECTOR = "features"
 def arrow_features(table) -> pd.DataFrame:
     """The 16 features of an Arrow table's ``features`` column (a list of 16 float32 per row, in
     model order) as one float32 matrix: a DataFrame over the list values, copied only where
-    nulls must become NaN.
-
-    An entirely null or NaN feature raises :class:`FeatureError` naming it, as
-    :func:`~gaia_flows.science.astrometric.feature_frame` does for pandas input.
-    """
+    nulls must become NaN."""
     vectors = table.column(FEATURE_VECTOR).combine_chunks()
-    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), len(FEATURES))
-    if table.num_rows:
+    return _feature_frame(vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(vectors), len(FEATURES)))
+
+
+def column_features(table) -> pd.DataFrame:
+    """The 16 features of an Arrow table with one column per feature, as one float32 matrix
+    (null -> NaN)."""
+    matrix = np.empty((table.num_rows, len(FEATURES)), dtype=np.float32)
+    for i, name in enumerate(FEATURES):
+        matrix[:, i] = table.column(name).to_numpy(zero_copy_only=False)
+    return _feature_frame(matrix)
+
+
+def _feature_frame(matrix: np.ndarray) -> pd.DataFrame:
+    """An entirely null or NaN feature raises :class:`FeatureError` naming it, as
+    :func:`~gaia_flows.science.astrometric.feature_frame` does for pandas input."""
+    if len(matrix):
         empty = np.isnan(matrix).all(axis=0)
         if empty.any():
-            raise astro.entirely_null(FEATURES[int(np.flatnonzero(empty)[0])], table.num_rows)
+            raise astro.entirely_null(FEATURES[int(np.flatnonzero(empty)[0])], len(matrix))
     return pd.DataFrame(matrix, columns=list(FEATURES), copy=False)
+
+
+def _scored(model, source_id, features: pd.DataFrame, good_column: int, threshold: float) -> Iterator[pa.RecordBatch]:
+    p = model.predict_proba(features)[:, good_column] if len(features) else np.zeros(0)
+    label = (p >= threshold).astype(np.int8)
+    yield from pa.Table.from_arrays([source_id, pa.array(p), pa.array(label)], names=["source_id", "probability", "label"]).to_batches()
 
 
 def _check_numeric(df) -> None:
@@ -409,11 +429,96 @@ def score(df, loaded: LoadedModel, threshold: float = 0.5):
     def score_batches(batches):
         model = _worker_model(broadcast, token)
         for table in _rebatched(batches, SCORE_BATCH_ROWS):
-            p = model.predict_proba(arrow_features(table))[:, good_column] if table.num_rows else np.zeros(0)
-            label = (p >= threshold).astype(np.int8)
-            yield from pa.Table.from_arrays([table.column("source_id"), pa.array(p), pa.array(label)], names=["source_id", "probability", "label"]).to_batches()
+            yield from _scored(model, table.column("source_id"), arrow_features(table), good_column, threshold)
 
     return df.mapInArrow(score_batches, SCORE_SCHEMA)
+
+
+def population_filter(parallax_min: float | None):
+    """The rows to classify: 5/6-parameter solutions, with |parallax| > ``parallax_min`` unless
+    it is ``None``. As a Spark column (for :func:`score`'s DataFrame input) and as a pyarrow
+    expression (for :func:`score_files`), side by side so the two cannot drift apart."""
+    import pyarrow.compute as pc
+    from pyspark.sql import functions as F
+
+    solved = list(astro.FIVE_OR_SIX_PARAMETER)
+    spark = F.col("astrometric_params_solved").isin(*solved)
+    arrow = pc.field("astrometric_params_solved").isin(solved)
+    if parallax_min is not None:
+        spark = spark & (F.abs(F.col("parallax")) > F.lit(parallax_min))
+        arrow = arrow & (pc.abs(pc.field("parallax")) > pa.scalar(float(parallax_min)))
+    return spark, arrow
+
+
+FILTER_COLUMNS = ("astrometric_params_solved", "parallax")
+
+
+def _check_files(files: list[str]) -> None:
+    """Missing or non-numeric columns, named on the driver from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        schema = pq.read_schema(path)
+        astro.check_feature_columns(schema.names)
+        missing = [c for c in ("source_id", *FILTER_COLUMNS) if c not in schema.names]
+        if missing:
+            raise FeatureError(f"{path} has no column(s) {', '.join(missing)}: the population cannot be selected")
+        for name in FEATURES:
+            kind = schema.field(name).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+                raise FeatureError(f"feature column '{name}' is not numeric (Arrow type {kind} in {path})")
+
+
+def balanced_groups(paths: list[str], groups: int) -> list[list[str]]:
+    """``paths`` in at most ``groups`` groups of similar total size (largest file first into the
+    lightest group)."""
+    bins: list[list[str]] = [[] for _ in range(max(1, min(groups, len(paths))))]
+    load = [0] * len(bins)
+    for path in sorted(paths, key=os.path.getsize, reverse=True):
+        lightest = load.index(min(load))
+        bins[lightest].append(path)
+        load[lightest] += os.path.getsize(path)
+    return bins
+
+
+def score_files(session, files: list[str], loaded: LoadedModel, threshold: float = 0.5, parallax_min: float | None = None):
+    """Spark DataFrame of ``source_id, probability, label`` for the population
+    (:func:`population_filter`) of Parquet ``files``, scored by a scikit-learn model in Spark
+    tasks that read the files themselves.
+
+    Spark's own reader would hand every row to Python through its per-value Arrow writer:
+    ~0.9 µs of JVM CPU per row, more than half of what the default forest's prediction costs.
+    pyarrow reads the same columns for 0.25-0.7 µs of Python CPU per row (alone / in a busy
+    worker), and the JVM only carries the three output columns. The files go out in groups of similar size, two per
+    core: a Python task costs ~45 ms of scheduling in local mode, so one task
+    per small file would eat the gain (``docs/benchmarks.md``, classifier, third pass).
+    Missing or non-numeric columns fail here on the driver, naming them; an all-null feature
+    fails in the first batch that shows it.
+    """
+    import pyarrow.parquet as pq
+
+    if loaded.flavor != "sklearn":
+        raise ValueError(f"score_files scores scikit-learn models; a {loaded.flavor} model scores a DataFrame with score()")
+    files = [str(f) for f in files]
+    _check_files(files)
+    groups = balanced_groups(files, 2 * session.sparkContext.defaultParallelism)
+    _, rows = population_filter(parallax_min)
+    columns = list(dict.fromkeys(["source_id", *FEATURES, *FILTER_COLUMNS]))
+    broadcast = session.sparkContext.broadcast(loaded.model)
+    token = uuid.uuid4().hex
+    good_column = list(loaded.model.classes_).index(astro.GOOD)
+
+    def score_groups(batches):
+        model = _worker_model(broadcast, token)
+        for batch in batches:
+            for group in batch.column(0).to_pylist():
+                for path in groups[group]:
+                    table = pq.read_table(path, columns=columns, filters=rows)
+                    for start in range(0, max(table.num_rows, 1), SCORE_BATCH_ROWS):
+                        part = table.slice(start, SCORE_BATCH_ROWS)
+                        yield from _scored(model, part.column("source_id").cast(pa.int64()), column_features(part), good_column, threshold)
+
+    return session.range(0, len(groups), 1, len(groups)).mapInArrow(score_groups, SCORE_SCHEMA)
 
 
 def _check_not_all_null(df) -> None:
