@@ -27,11 +27,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from dagster import ConfigurableResource
 
 from gaia_flows.layout import StateLayout
+
+if TYPE_CHECKING:  # imported only where a store is used: mlflow takes seconds to import
+    import mlflow
 
 DEFAULT_EXPERIMENT = "gaia-flows"
 DEFAULT_UI_PORT = 5000
@@ -98,7 +102,7 @@ class MlflowResource(ConfigurableResource):
     # --- use -------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def activate(self) -> Iterator["mlflow.MlflowClient"]:  # noqa: F821
+    def activate(self) -> Iterator[mlflow.MlflowClient]:
         """Point the MLflow client library at this store for the duration of the block.
 
         MLflow keeps its URIs in process globals; they are restored on exit so two resources
