@@ -344,8 +344,7 @@ def test_score_files_names_missing_or_bad_columns_and_selects_the_same_populatio
 
     good = files("good", table)
     for cut in (8.0, None):
-        selected, _ = classify.population_filter(cut)
-        expected = spark.read.parquet(*good).where(selected).select("source_id").toPandas()["source_id"]
+        expected = spark.read.parquet(*good).where(classify.population_filter(cut).spark).select("source_id").toPandas()["source_id"]
         scored = classify.score_files(spark, good, loaded, parallax_min=cut).toPandas()
         assert len(expected) > 0 and sorted(scored["source_id"]) == sorted(expected)
     scored = classify.score_files(spark, good, loaded, parallax_min=None).toPandas().set_index("source_id")
@@ -354,8 +353,10 @@ def test_score_files_names_missing_or_bad_columns_and_selects_the_same_populatio
 
     with pytest.raises(FeatureError, match="missing feature column.*pmdec_error"):
         classify.score_files(spark, files("no_pmdec_error", table.drop_columns(["pmdec_error"])), loaded)
+    no_parallax = files("no_parallax", table.drop_columns(["parallax"]))
     with pytest.raises(FeatureError, match="no column.*parallax"):
-        classify.score_files(spark, files("no_parallax", table.drop_columns(["parallax"])), loaded)
+        classify.score_files(spark, no_parallax, loaded, parallax_min=8.0)
+    assert classify.score_files(spark, no_parallax, loaded).count() > 0  # all 5/6p: no parallax cut, no parallax needed
     text = table.set_column(table.schema.get_field_index("pmra"), "pmra", pa.array(["fast"] * table.num_rows))
     with pytest.raises(FeatureError, match="'pmra' is not numeric"):
         classify.score_files(spark, files("text_pmra", text), loaded)

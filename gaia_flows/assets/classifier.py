@@ -538,7 +538,7 @@ def classified_sources(
             inputs = [str(p) for r in regions for p in sorted(layout.region_dir(SOURCE_TABLE, r).glob("*.parquet"))]
             scored = classify.score_files(session, inputs, loaded, config.threshold, parallax_cut)
         else:
-            selected, _ = classify.population_filter(parallax_cut)
+            selected = classify.population_filter(parallax_cut).spark
             scored = classify.score(read_regions(session, layout, SOURCE_TABLE, regions).where(selected), loaded, config.threshold)
     except FeatureError as exc:  # a missing column, found on the driver
         raise Failure(str(exc)) from exc

@@ -24,7 +24,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -434,33 +434,42 @@ def score(df, loaded: LoadedModel, threshold: float = 0.5):
     return df.mapInArrow(score_batches, SCORE_SCHEMA)
 
 
-def population_filter(parallax_min: float | None):
-    """The rows to classify: 5/6-parameter solutions, with |parallax| > ``parallax_min`` unless
-    it is ``None``. As a Spark column (for :func:`score`'s DataFrame input) and as a pyarrow
-    expression (for :func:`score_files`), side by side so the two cannot drift apart."""
+class Population(NamedTuple):
+    """The rows to classify, as a Spark column (for :func:`score`'s DataFrame input) and as a
+    pyarrow expression (for :func:`score_files`), built side by side so they cannot drift
+    apart, with the columns they read."""
+
+    spark: Any
+    arrow: Any
+    columns: tuple[str, ...]
+
+
+def population_filter(parallax_min: float | None) -> Population:
+    """5/6-parameter solutions, with |parallax| > ``parallax_min`` unless it is ``None``."""
     import pyarrow.compute as pc
     from pyspark.sql import functions as F
 
     solved = list(astro.FIVE_OR_SIX_PARAMETER)
     spark = F.col("astrometric_params_solved").isin(*solved)
     arrow = pc.field("astrometric_params_solved").isin(solved)
-    if parallax_min is not None:
-        spark = spark & (F.abs(F.col("parallax")) > F.lit(parallax_min))
-        arrow = arrow & (pc.abs(pc.field("parallax")) > pa.scalar(float(parallax_min)))
-    return spark, arrow
+    if parallax_min is None:
+        return Population(spark, arrow, FILTER_COLUMNS[:1])
+    spark = spark & (F.abs(F.col("parallax")) > F.lit(parallax_min))
+    arrow = arrow & (pc.abs(pc.field("parallax")) > pa.scalar(float(parallax_min)))
+    return Population(spark, arrow, FILTER_COLUMNS)
 
 
 FILTER_COLUMNS = ("astrometric_params_solved", "parallax")
 
 
-def _check_files(files: list[str]) -> None:
+def _check_files(files: list[str], population: Population) -> None:
     """Missing or non-numeric columns, named on the driver from the Parquet footers."""
     import pyarrow.parquet as pq
 
     for path in files:
         schema = pq.read_schema(path)
         astro.check_feature_columns(schema.names)
-        missing = [c for c in ("source_id", *FILTER_COLUMNS) if c not in schema.names]
+        missing = [c for c in ("source_id", *population.columns) if c not in schema.names]
         if missing:
             raise FeatureError(f"{path} has no column(s) {', '.join(missing)}: the population cannot be selected")
         for name in FEATURES:
@@ -500,10 +509,11 @@ def score_files(session, files: list[str], loaded: LoadedModel, threshold: float
     if loaded.flavor != "sklearn":
         raise ValueError(f"score_files scores scikit-learn models; a {loaded.flavor} model scores a DataFrame with score()")
     files = [str(f) for f in files]
-    _check_files(files)
+    population = population_filter(parallax_min)
+    _check_files(files, population)
     groups = balanced_groups(files, 2 * session.sparkContext.defaultParallelism)
-    _, rows = population_filter(parallax_min)
-    columns = list(dict.fromkeys(["source_id", *FEATURES, *FILTER_COLUMNS]))
+    rows = population.arrow  # what the tasks capture: the Spark column does not pickle
+    columns = list(dict.fromkeys(["source_id", *FEATURES, *population.columns]))
     broadcast = session.sparkContext.broadcast(loaded.model)
     token = uuid.uuid4().hex
     good_column = list(loaded.model.classes_).index(astro.GOOD)

@@ -64,7 +64,8 @@ def check_input_columns(layout: StateLayout, table: str, regions: list[str]) -> 
     problems = []
     for region in regions:
         for path in sorted(layout.region_dir(table, region).glob("*.parquet")):
-            missing = [c for c in pm.REQUIRED_COLUMNS if c not in pq.read_schema(path).names]
+            names = set(pq.read_schema(path).names)
+            missing = [c for c in pm.REQUIRED_COLUMNS if c not in names]
             if missing:
                 problems.append(f"{region}: {path.name} has no {', '.join(missing)}")
     if problems:
