@@ -17,6 +17,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = ".gaia"
 
 
+def parquet_files(directory: Path) -> list[Path]:
+    """A table directory's data files as Spark reads them: sorted, without hidden (``.``, ``_``)
+    files."""
+    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
 @dataclass(frozen=True)
 class StateLayout:
     home: Path
@@ -75,6 +81,9 @@ class StateLayout:
 
     def region_dir(self, table: str, region: str) -> Path:
         return self.warehouse / table / region
+
+    def region_files(self, table: str, region: str) -> list[Path]:
+        return parquet_files(self.region_dir(table, region))
 
     def quarantine_dir(self, table: str, region: str) -> Path:
         return self.quarantine / table / region

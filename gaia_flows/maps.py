@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gaia_flows.layout import StateLayout
+from gaia_flows.layout import StateLayout, parquet_files
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import nside, parse_region_key
 
@@ -66,16 +66,12 @@ def region_versions(layout: StateLayout, table: str = STATS_TABLE) -> dict[str, 
     return out
 
 
-def _parquet_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
-
-
 def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> dict[str, pa.Table]:
     """The stored statistics of each (by default every published) region."""
     wanted = list(region_versions(layout)) if regions is None else regions
     out = {}
     for region in wanted:
-        files = _parquet_files(layout.region_dir(STATS_TABLE, region))
+        files = layout.region_files(STATS_TABLE, region)
         parts = [pq.read_table(f) for f in files]
         if not parts:
             raise FileNotFoundError(f"{layout.region_dir(STATS_TABLE, region)} holds no statistics")
@@ -123,7 +119,7 @@ def sky_stats(level: int, layout: StateLayout | None = None) -> pa.Table:
         top = int(manifest["level_max"])
         if level > top:
             raise ValueError(f"level {level} is finer than the stored statistics (level {top})")
-        parts = [_level_row_groups(f, level) for f in _parquet_files(layout.table(MAPS_TABLE))]
+        parts = [_level_row_groups(f, level) for f in parquet_files(layout.table(MAPS_TABLE))]
         stacked = pa.concat_tables(parts).replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
         return pm.from_pyramid(stacked, level)
     stats = merged_region_stats(layout)

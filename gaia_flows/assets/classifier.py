@@ -531,11 +531,11 @@ def classified_sources(
     started = time.perf_counter()
 
     parallax_cut = parallax_min if config.population == "candidates" else None
-    files = classify.files_for_rows(_stored_rows(layout, SOURCE_TABLE, regions))
+    inputs = [path for region in regions for path in layout.region_files(SOURCE_TABLE, region)]
+    files = classify.files_for_rows(sum(pq.ParquetFile(path).metadata.num_rows for path in inputs))
     manifest = {"model": uri, "model_version": version, "population": config.population, "parallax_min_mas": parallax_min, "threshold": config.threshold}
     try:
         if loaded.flavor == "sklearn":  # Python tasks read the region files (classify.score_files says why)
-            inputs = [str(p) for r in regions for p in sorted(layout.region_dir(SOURCE_TABLE, r).glob("*.parquet"))]
             scored = classify.score_files(session, inputs, loaded, config.threshold, parallax_cut)
         else:
             selected = classify.population_filter(parallax_cut).spark
@@ -592,11 +592,6 @@ def classified_sources(
         **{f"spark_{k}": v for k, v in stage_io(session, CLASSIFIED_TABLE).items()},
     }
     return MaterializeResult(metadata=metadata)
-
-
-def _stored_rows(layout, table: str, regions: list[str]) -> int:
-    """Rows of the given regions from the Parquet footers (no data read)."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for r in regions for p in layout.region_dir(table, r).glob("*.parquet"))
 
 
 def _region_sum(maps: tuple[np.ndarray, ...], region: str, level: int) -> tuple[int, ...]:

@@ -128,7 +128,7 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
 def _stored_rows(layout, table: str, region: str, column: str | None = None) -> int:
     """Rows (or the sum of ``column``) of a published region, read from the files on disk."""
     total = 0
-    for path in sorted(layout.region_dir(table, region).glob("*.parquet")):
+    for path in layout.region_files(table, region):
         if column is None:
             total += pq.ParquetFile(path).metadata.num_rows
         else:

@@ -434,6 +434,9 @@ def score(df, loaded: LoadedModel, threshold: float = 0.5):
     return df.mapInArrow(score_batches, SCORE_SCHEMA)
 
 
+FILTER_COLUMNS = ("astrometric_params_solved", "parallax")
+
+
 class Population(NamedTuple):
     """The rows to classify, as a Spark column (for :func:`score`'s DataFrame input) and as a
     pyarrow expression (for :func:`score_files`), built side by side so they cannot drift
@@ -459,9 +462,6 @@ def population_filter(parallax_min: float | None) -> Population:
     return Population(spark, arrow, FILTER_COLUMNS)
 
 
-FILTER_COLUMNS = ("astrometric_params_solved", "parallax")
-
-
 def _check_files(files: list[str], population: Population) -> None:
     """Missing or non-numeric columns, named on the driver from the Parquet footers."""
     import pyarrow.parquet as pq
@@ -481,12 +481,13 @@ def _check_files(files: list[str], population: Population) -> None:
 def balanced_groups(paths: list[str], groups: int) -> list[list[str]]:
     """``paths`` in at most ``groups`` groups of similar total size (largest file first into the
     lightest group)."""
+    sizes = {path: os.path.getsize(path) for path in paths}
     bins: list[list[str]] = [[] for _ in range(max(1, min(groups, len(paths))))]
     load = [0] * len(bins)
-    for path in sorted(paths, key=os.path.getsize, reverse=True):
+    for path in sorted(paths, key=sizes.get, reverse=True):
         lightest = load.index(min(load))
         bins[lightest].append(path)
-        load[lightest] += os.path.getsize(path)
+        load[lightest] += sizes[path]
     return bins
 
 
@@ -498,9 +499,9 @@ def score_files(session, files: list[str], loaded: LoadedModel, threshold: float
     Spark's own reader would hand every row to Python through its per-value Arrow writer:
     ~0.9 µs of JVM CPU per row, more than half of what the default forest's prediction costs.
     pyarrow reads the same columns for 0.25-0.7 µs of Python CPU per row (alone / in a busy
-    worker), and the JVM only carries the three output columns. The files go out in groups of similar size, two per
-    core: a Python task costs ~45 ms of scheduling in local mode, so one task
-    per small file would eat the gain (``docs/benchmarks.md``, classifier, third pass).
+    worker), and the JVM only carries the three output columns. The files go out in groups of
+    similar size, two per core: a Python task costs ~45 ms of scheduling in local mode, so one
+    task per small file would eat the gain (``docs/benchmarks.md``, classifier, third pass).
     Missing or non-numeric columns fail here on the driver, naming them; an all-null feature
     fails in the first batch that shows it.
     """

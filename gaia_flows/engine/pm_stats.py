@@ -63,7 +63,7 @@ def check_input_columns(layout: StateLayout, table: str, regions: list[str]) -> 
     """
     problems = []
     for region in regions:
-        for path in sorted(layout.region_dir(table, region).glob("*.parquet")):
+        for path in layout.region_files(table, region):
             names = set(pq.read_schema(path).names)
             missing = [c for c in pm.REQUIRED_COLUMNS if c not in names]
             if missing:
