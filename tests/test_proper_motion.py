@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from dagster import materialize
@@ -24,8 +25,19 @@ from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps
-from gaia_flows.engine.pm_stats import LISTING_THRESHOLD, InputColumnsError, compute_pm_stats, compute_region_stats, driver_listing, read_input
-from gaia_flows.layout import StateLayout
+from gaia_flows.engine.pm_stats import (
+    LISTING_THRESHOLD,
+    InputColumnsError,
+    StatsPublisher,
+    choose_engine,
+    compute_pm_stats,
+    compute_region_stats,
+    driver_listing,
+    read_input,
+    region_stats,
+    stats_in_region_tasks,
+)
+from gaia_flows.layout import StateLayout, publish
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
@@ -536,6 +548,65 @@ def test_spark_region_split_and_coarser_than_regions(catalogue, spark):
         compute_region_stats(df, [REGIONS[0]], L_MAX)
 
 
+def _publish_in_files(layout: StateLayout, region: str, rows: pa.Table, cuts: list[int]) -> None:
+    """A gaia_source region written as several files, cut at the given row numbers."""
+    staging = layout.staging_dir("gaia_source")
+    staging.mkdir(parents=True)
+    for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, rows.num_rows])):
+        pq.write_table(rows.slice(lo, hi - lo), staging / f"part-{i:05d}.parquet")
+    publish(staging, layout.region_dir("gaia_source", region))
+
+
+def test_region_tasks_publish_what_the_groupby_computes_and_duckdb_agrees(tmp_path, spark):
+    """The region-task engine, with a region cut into three files mid-pixel (so one pixel's
+    stars sit in two files) and an empty region: every published table equals the groupBy's
+    for that region, their merge matches DuckDB at L_max and at level 0 (coarser than the
+    regions), and the records the driver gets back count what was published."""
+    layout = StateLayout.from_env(tmp_path / "home").ensure()
+    rows = publish_catalogue(layout, {REGIONS[0]: 3000, REGIONS[1]: 2000, REGIONS[2]: 0}, seed=13)
+    pixels = rows[REGIONS[0]].column("source_id").to_numpy() >> healpix.source_id_shift(L_MAX)
+    assert pixels[999] == pixels[1000] and pixels[1999] == pixels[2000]  # both cuts split a pixel
+    _publish_in_files(layout, REGIONS[0], rows[REGIONS[0]], [1000, 2000])
+    assert len(layout.region_files("gaia_source", REGIONS[0])) == 3
+    for level in (L_MAX, 0):
+        publisher = StatsPublisher(layout, maps.STATS_TABLE, level, {}, "now")
+        records = stats_in_region_tasks(spark, layout, "gaia_source", list(REGIONS), level, publisher)
+        assert sorted(r["region"] for r in records) == sorted(REGIONS)
+        expected = compute_region_stats(read_input(spark, layout, "gaia_source", list(REGIONS)), list(REGIONS), level)
+        published = maps.read_region_stats(layout, list(REGIONS))
+        for record in records:
+            region = record["region"]
+            assert record["n_sources"] == rows[region].num_rows == pm.totals(published[region])["n_sources"]
+            assert record["pixels"] == expected[region].num_rows and pm.stats_level(published[region]) == level
+            assert published[region].column("pixel").equals(expected[region].column("pixel"))
+            for name in pm.STAT_COLUMNS:
+                np.testing.assert_allclose(published[region].column(name).to_numpy(), expected[region].column(name).to_numpy(), rtol=RTOL, atol=1e-9, err_msg=f"{region} {name}")
+        assert_matches_reference(pm.finalise(pm.merge(published.values())), duckdb_reference(source_files(layout), level))
+
+
+def test_region_stats_reads_missing_error_columns_as_unweighted_and_names_the_file_of_stray_rows(stored):
+    layout, rows = stored
+    plain = REGIONS[0]
+    write_region_arrow(rows[plain].drop_columns(["pmra_error", "pmdec_error"]), layout, "gaia_source", plain)
+    files = [str(p) for p in layout.region_files("gaia_source", plain)]
+    unweighted = region_stats(files, plain, L_MAX)
+    assert pm.totals(unweighted)["n_pm"] == pm.totals(pm.stats_from_table(rows[plain], L_MAX))["n_pm"] > 0
+    assert not np.any(unweighted.column("sumw_pmra").to_numpy())
+    with pytest.raises(ValueError, match=rf"{files[0]}: rows fall in region pixel\(s\) \[0\] .* outside the run's region {REGIONS[1]}"):
+        region_stats(files, REGIONS[1], L_MAX)
+
+
+def test_engine_rule_takes_region_tasks_only_when_every_region_fits_one_cores_share():
+    sizes = {"hpx1-00": 40, "hpx1-01": 30, "hpx1-02": 30}
+    assert choose_engine(sizes, 2).engine == "region-tasks"
+    assert choose_engine(sizes, 3).engine == "groupby"  # 40 > 100 / 3
+    assert choose_engine({"hpx1-05": 10}, 2).engine == "groupby"  # one region's refresh on two cores
+    assert choose_engine({"hpx1-05": 10}, 1).engine == "region-tasks"
+    assert choose_engine(sizes, 64, requested="region-tasks").engine == "region-tasks"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        choose_engine(sizes, 2, requested="duckdb")
+
+
 @pytest.mark.cluster
 def test_standalone_cluster_gives_the_same_statistics_as_local_mode(catalogue, cluster_spark):
     """The same aggregation on a real standalone master with two workers on loopback, then in
@@ -707,9 +778,10 @@ def _image_of(markdown: str) -> Image.Image:
 
 
 def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
-    """gaia_source + pm_stats for two regions in one run, then proper_motion_maps; then one
-    region's input changes and only that region is rerun. The other region's raw rows are
-    deleted before the refresh, so the refreshed maps can only have come from stored statistics."""
+    """gaia_source + pm_stats for two regions in one run (region tasks), then proper_motion_maps;
+    then one region's input changes and only that region is rerun (the groupBy: one region on two
+    cores). The other region's raw rows are deleted before the refresh, so the refreshed maps can
+    only have come from stored statistics."""
     synthetic.generate(stars=20_000, seed=5, out=layout.landing, files=48, processes=1, progress=False)
     tags = {"dagster/asset_partition_range_start": MAT_REGIONS[0], "dagster/asset_partition_range_end": MAT_REGIONS[1]}
     first = materialize(
@@ -717,8 +789,10 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         selection=[gaia_source.key, pm_stats.key],
         resources=_mat_resources(),
         tags=tags,
+        run_config={"ops": {"pm_stats": {"config": {"engine": "region-tasks"}}}},
     )
     assert first.success
+    assert first.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "region-tasks"
     assert all(check.passed for check in first.get_asset_check_evaluations())
     per_partition = {m.partition: m.metadata for m in first.asset_materializations_for_node("pm_stats")}
     assert set(per_partition) == set(MAT_REGIONS)
@@ -754,6 +828,7 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         raw.unlink()  # the other region's raw rows are gone: a refresh that read them would fail or miscount
     refresh = materialize([gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=_mat_resources(), partition_key=MAT_REGIONS[1])
     assert refresh.success
+    assert refresh.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "groupby"  # one region on two cores
     assert os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0])) == stats31_version
     png_before = maps.png_path(layout, 6, "pmra").read_bytes()
     meta = run_maps()

@@ -1,15 +1,15 @@
 """Mean proper motion over the sky: per-region mergeable statistics, then all-sky maps.
 
-``pm_stats`` is the only step that reads Gaia rows (one Spark ``groupBy`` per run over the
-run's regions); ``proper_motion_maps`` merges the small per-region tables, so rerunning one
-region costs that region's scan plus a merge of kilobytes, and a map at another level is a
-cut of the stored pyramid (``gaia-flows map``), never a rescan.
+``pm_stats`` is the only step that reads Gaia rows (one Spark job per run over the run's
+regions); ``proper_motion_maps`` merges the small per-region tables, so rerunning one region
+costs that region's scan plus a merge of kilobytes, and a map at another level is a cut of the
+stored pyramid (``gaia-flows map``), never a rescan.
 """
 
 
-import os
 import time
 from datetime import datetime, timezone
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,13 +32,21 @@ from pydantic import Field
 
 from gaia_flows import maps
 from gaia_flows.engine.metrics import stage_io
-from gaia_flows.engine.pm_stats import InputColumnsError, compute_region_stats, read_input
+from gaia_flows.engine.pm_stats import (
+    InputColumnsError,
+    StatsPublisher,
+    choose_engine,
+    compute_region_stats,
+    read_input,
+    region_bytes,
+    stats_in_region_tasks,
+)
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import npix
-from gaia_flows.tables import read_manifest, write_region_arrow, write_table_arrow
+from gaia_flows.tables import read_manifest, write_table_arrow
 
 SOURCE_TABLE = "gaia_source"
 STATS_TABLE = maps.STATS_TABLE
@@ -50,6 +58,10 @@ class PmStatsConfig(Config):
     level: int = Field(default=pm.DEFAULT_LEVEL, ge=0, le=12)
     """Finest HEALPix level L_max of the stored statistics (level 8: 786,432 pixels of ~0.05 deg²).
     Maps can be cut at any level <= L_max without reading Gaia rows again."""
+    engine: Literal["auto", "region-tasks", "groupby"] = "auto"
+    """Spark tasks that each sum whole regions with numpy, or one Spark ``groupBy``; ``auto``
+    takes the tasks when no region is more than one core's share of the run
+    (``engine.pm_stats.choose_engine``)."""
 
 
 @asset(
@@ -64,62 +76,59 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     """Per-pixel sufficient statistics of proper motion (count, Σpm, Σpm², Σw, Σw·pm, Σw·pm²
     with w = 1/σ²) at level L_max for each sky region, from ``gaia_source``.
 
-    All regions of a run are one Spark ``groupBy`` on ``source_id >> shift`` (partial
-    aggregation before the exchange, so raw rows are never shuffled); only the per-pixel
-    result comes back to the driver. Sources without proper motion are counted (``n_pm`` vs
-    ``n_sources``), never averaged as zero.
+    All regions of a run are one Spark job that never shuffles raw rows: Spark tasks that each
+    sum whole regions and publish them, or one ``groupBy`` on ``source_id >> shift`` whose
+    per-pixel result comes back to the driver (``engine``). Sources without proper motion are
+    counted (``n_pm`` vs ``n_sources``), never averaged as zero.
     """
     layout = storage.layout
     regions = list(context.partition_keys)
     session = spark.session()
     job_group = f"{STATS_TABLE}-{context.run_id}"  # per run: stage_io must not add up earlier runs on a shared session
     session.sparkContext.setJobGroup(job_group, f"proper-motion statistics, {len(regions)} region(s), level {config.level}", interruptOnCancel=True)
-    source_versions = maps.region_versions(layout, SOURCE_TABLE)
+    publish = StatsPublisher(
+        layout, STATS_TABLE, config.level, maps.region_versions(layout, SOURCE_TABLE), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    )
+    choice = choose_engine(region_bytes(layout, SOURCE_TABLE, regions), session.sparkContext.defaultParallelism, config.engine)
+    context.log.info(f"engine {choice.engine}: {choice.reason}")
 
     started = time.perf_counter()
     try:
-        rows = read_input(session, layout, SOURCE_TABLE, regions)
+        if choice.engine == "region-tasks":
+            published = stats_in_region_tasks(session, layout, SOURCE_TABLE, regions, config.level, publish)
+        else:
+            per_region = compute_region_stats(read_input(session, layout, SOURCE_TABLE, regions), regions, config.level)
+            published = [publish(region, table) for region, table in per_region.items()]
     except InputColumnsError as exc:
         raise Failure(str(exc)) from exc
-    per_region = compute_region_stats(rows, regions, config.level)
     spark_seconds = time.perf_counter() - started
 
-    computed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for region, table in per_region.items():
-        counts = pm.totals(table)
-        manifest = {
-            "level": config.level,
-            "rows": counts["n_sources"],
-            "rows_with_pm": counts["n_pm"],
-            "pixels": counts["pixels"],
-            "gaia_source_version": source_versions.get(region),
-            "computed_at": computed_at,
-        }
-        path = write_region_arrow(table, layout, STATS_TABLE, region, manifest=manifest)
+    for record in published:
         context.add_asset_metadata(
             {
-                "rows": counts["n_sources"],
-                "rows_with_pm": counts["n_pm"],
-                "rows_without_pm": counts["n_sources"] - counts["n_pm"],
-                "pixels": counts["pixels"],
+                "rows": record["n_sources"],
+                "rows_with_pm": record["n_pm"],
+                "rows_without_pm": record["n_sources"] - record["n_pm"],
+                "pixels": record["pixels"],
                 "level": config.level,
-                "path": MetadataValue.path(str(layout.region_dir(STATS_TABLE, region))),
-                "version": os.path.basename(path),
+                "path": MetadataValue.path(str(layout.region_dir(STATS_TABLE, record["region"]))),
+                "version": record["version"],
             },
-            partition_key=region,
+            partition_key=record["region"],
         )
-    total = {name: sum(pm.totals(t)[name] for t in per_region.values()) for name in ("n_sources", "n_pm", "pixels")}
-    seconds = time.perf_counter() - started
+    total = {name: sum(record[name] for record in published) for name in ("n_sources", "n_pm", "pixels", "stored_bytes")}
     metadata = {
         "regions": len(regions),
         "level": config.level,
+        "engine": choice.engine,
+        "engine_reason": choice.reason,
         "run_rows": total["n_sources"],
         "run_rows_with_pm": total["n_pm"],
         "run_pixels": total["pixels"],
         "spark_seconds": round(spark_seconds, 3),
-        "wall_seconds": round(seconds, 3),
+        "wall_seconds": round(time.perf_counter() - started, 3),
         "rows_per_second": round(total["n_sources"] / max(spark_seconds, 1e-9)),
-        "result_kib": round(sum(t.nbytes for t in per_region.values()) / 1024, 1),
+        "stored_kib": round(total["stored_bytes"] / 1024, 1),
     }
     metadata.update({f"spark_{name}": value for name, value in stage_io(session, job_group).items()})
     return MaterializeResult(metadata=metadata)

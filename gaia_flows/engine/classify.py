@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import ABS_FEATURES, FEATURES, FeatureError
+from gaia_flows.science.planner import balanced_groups
 
 Engine = Literal["sklearn", "spark"]
 SCORE_SCHEMA = "source_id long, probability double, label byte"
@@ -484,19 +485,6 @@ def _check_files(files: list[str], population: Population) -> None:
                 raise FeatureError(f"feature column '{name}' is not numeric (Arrow type {kind} in {path})")
 
 
-def balanced_groups(paths: list[str], groups: int) -> list[list[str]]:
-    """``paths`` in at most ``groups`` groups of similar total size (largest file first into the
-    lightest group)."""
-    sizes = {path: os.path.getsize(path) for path in paths}
-    bins: list[list[str]] = [[] for _ in range(max(1, min(groups, len(paths))))]
-    load = [0] * len(bins)
-    for path in sorted(paths, key=sizes.get, reverse=True):
-        lightest = load.index(min(load))
-        bins[lightest].append(path)
-        load[lightest] += sizes[path]
-    return bins
-
-
 def score_files(session, files: list[str], loaded: LoadedModel, threshold: float = 0.5, parallax_min: float | None = None):
     """Spark DataFrame of ``source_id, probability, label`` for the population
     (:func:`population_filter`) of Parquet ``files``, scored by a scikit-learn model in Spark
@@ -518,7 +506,7 @@ def score_files(session, files: list[str], loaded: LoadedModel, threshold: float
     files = [str(f) for f in files]
     population = population_filter(parallax_min)
     _check_files(files, population)
-    groups = balanced_groups(files, 2 * session.sparkContext.defaultParallelism)
+    groups = balanced_groups({path: os.path.getsize(path) for path in files}, 2 * session.sparkContext.defaultParallelism)
     rows = population.arrow  # what the tasks capture: the Spark column does not pickle
     columns = list(dict.fromkeys(["source_id", *FEATURES, *population.columns]))
     broadcast = session.sparkContext.broadcast(loaded.model)

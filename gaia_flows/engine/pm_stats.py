@@ -1,18 +1,29 @@
 """Proper-motion sufficient statistics per HEALPix pixel, computed inside Spark.
 
-One ``groupBy`` on ``source_id >> shift`` (the nested pixel at the chosen level, see
-:mod:`gaia_flows.science.healpix`) with plain sums. Spark aggregates each input split
-before the exchange (partial aggregation), and the region tables are sorted by
-``source_id``, so every task emits one small row per pixel it saw: raw rows are never
-shuffled, and only the per-pixel result (at most 12·4^level rows) reaches the driver, as
-Arrow. The column definitions match :mod:`gaia_flows.science.proper_motion`, whose numpy
-version is the reference these sums are tested against.
+Two engines, the same statistics (both tested against DuckDB):
+
+- **region tasks** (:func:`stats_in_region_tasks`): each Spark task takes whole sky regions,
+  reads their Parquet files with pyarrow, sums them with numpy
+  (:func:`gaia_flows.science.proper_motion.stats_from_table`, sorted rows, one ``reduceat``)
+  and publishes each region's table itself; the driver receives one row per region. No
+  exchange, no final aggregation stage, no per-pixel result through the JVM or the driver:
+  on 2 cores and 10M stars, 2.4x faster than the ``groupBy``.
+- **one ``groupBy``** on ``source_id >> shift`` (:func:`compute_region_stats`) with plain
+  sums. Spark aggregates each input split before the exchange (partial aggregation), and the
+  region tables are sorted by ``source_id``, so every task emits one small row per pixel it
+  saw: raw rows are never shuffled, and only the per-pixel result (at most 12·4^level rows)
+  reaches the driver, as Arrow. It splits a region's files across cores, so it is the one
+  for runs with fewer regions than cores (one region's refresh, a cluster).
+
+:func:`choose_engine` picks between them; neither ever shuffles raw rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +36,8 @@ from gaia_flows.contracts import load_contract
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import region_paths
+from gaia_flows.science.planner import balanced_groups
+from gaia_flows.tables import region_paths, write_region_arrow
 
 LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 
@@ -184,3 +196,117 @@ def split_by_region(stats: pa.Table, regions: list[str]) -> dict[str, pa.Table]:
     # Sorted by pixel, each region's rows are one zero-copy slice.
     bounds = np.searchsorted(owner, [[pixel, pixel + 1] for pixel in by_pixel])
     return {key: stats.slice(int(lo), int(hi - lo)) for key, (lo, hi) in zip(by_pixel.values(), bounds)}
+
+
+# --- region tasks -----------------------------------------------------------------------------
+
+ENGINES = ("auto", "region-tasks", "groupby")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    engine: str
+    reason: str
+
+
+def choose_engine(region_bytes: dict[str, int], cores: int, requested: str = "auto") -> EngineChoice:
+    """Region tasks when no region is more than one core's share of the run's input bytes.
+
+    A region is one task's work, so the run then keeps every core busy to the end (regions go
+    out largest first). One region on two cores, or 48 regions on a cluster of hundreds of
+    cores, would leave cores idle: the ``groupBy`` splits files across all of them instead.
+    """
+    if requested not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {requested!r}")
+    if requested != "auto":
+        return EngineChoice(requested, f"requested engine={requested}")
+    total, biggest = sum(region_bytes.values()), max(region_bytes.values(), default=0)
+    share = total / max(cores, 1)
+    if biggest <= share:
+        return EngineChoice("region-tasks", f"the biggest region ({biggest / 2**20:.1f} MiB) fits one core's share ({share / 2**20:.1f} MiB of {total / 2**20:.1f} MiB on {cores} cores)")
+    return EngineChoice("groupby", f"the biggest region ({biggest / 2**20:.1f} MiB) exceeds one core's share ({share / 2**20:.1f} MiB of {total / 2**20:.1f} MiB on {cores} cores)")
+
+
+def _read_pm_columns(path: str) -> pa.Table:
+    """The statistics' input columns of one file; absent error columns read as null (no weight),
+    as :func:`read_input` does. Required columns are checked first (:func:`check_input_columns`)."""
+    present = [name for name in pm.INPUT_COLUMNS if name in pq.read_schema(path).names]
+    table = pq.read_table(path, columns=present)
+    for name in pm.INPUT_COLUMNS:
+        if name not in present:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.float32()))
+    return table
+
+
+def region_stats(files: list[str], region: str, level: int = pm.DEFAULT_LEVEL) -> pa.Table:
+    """Statistics of one sky region's files at ``level``, one file at a time (memory stays one
+    file's columns). Like :func:`split_by_region`, a row outside ``region`` is an error, named by
+    file, and a level coarser than the region's is computed at the region's level and degraded."""
+    region_level, region_pixel = healpix.parse_region_key(region)
+    at = max(level, region_level)
+    parts = []
+    for path in files:
+        stats = pm.stats_from_table(_read_pm_columns(path), at)
+        owner = healpix.degrade(stats.column("pixel").to_numpy(), at, region_level)
+        if np.any(owner != region_pixel):
+            stray = sorted(set(np.unique(owner).tolist()) - {region_pixel})
+            raise ValueError(f"{path}: rows fall in region pixel(s) {stray} at level {region_level}, outside the run's region {region}")
+        parts.append(stats)
+    merged = pm.merge(parts, at)  # boundary pixels shared by consecutive files are summed here
+    return pm.degrade(merged, level) if level < at else merged
+
+
+@dataclass(frozen=True)
+class StatsPublisher:
+    """Publishes one region's statistics table with its manifest and returns its counts.
+
+    Picklable, so the region tasks publish from the executors and only these counts travel back.
+    """
+
+    layout: StateLayout
+    table: str
+    level: int
+    source_versions: dict
+    computed_at: str
+
+    def __call__(self, region: str, stats: pa.Table) -> dict:
+        counts = pm.totals(stats)
+        manifest = {
+            "level": self.level,
+            "rows": counts["n_sources"],
+            "rows_with_pm": counts["n_pm"],
+            "pixels": counts["pixels"],
+            "gaia_source_version": self.source_versions.get(region),
+            "computed_at": self.computed_at,
+        }
+        path = write_region_arrow(stats, self.layout, self.table, region, manifest=manifest)
+        return {"region": region, **counts, "version": os.path.basename(path), "stored_bytes": sum(f.stat().st_size for f in path.glob("*.parquet"))}
+
+
+PUBLISHED_SCHEMA = "region string, n_sources long, n_pm long, pixels long, version string, stored_bytes long"
+
+
+def stats_in_region_tasks(session: SparkSession, layout: StateLayout, table: str, regions: list[str], level: int, publish: Callable[[str, pa.Table], dict]) -> list[dict]:
+    """Every region's statistics computed and published by Spark tasks (:func:`region_stats`);
+    returns ``publish``'s record for each region. Two groups of regions per core: a Python task
+    costs ~45 ms to start in local mode, so one task per region would waste a tenth of a run,
+    and one group per core would leave nothing to rebalance if an executor falls behind."""
+    check_input_columns(layout, table, regions)
+    files = {region: [str(p) for p in layout.region_files(table, region)] for region in regions}
+    groups = balanced_groups(region_bytes(layout, table, regions), 2 * session.sparkContext.defaultParallelism)
+
+    def compute_and_publish(batches):
+        for batch in batches:
+            for group in batch.column(0).to_pylist():
+                records = [publish(region, region_stats(files[region], region, level)) for region in groups[group]]
+                yield pa.RecordBatch.from_pylist(records)
+
+    published = session.range(0, len(groups), 1, len(groups)).mapInArrow(compute_and_publish, PUBLISHED_SCHEMA).toArrow()
+    return published.to_pylist()
+
+
+def region_bytes(layout: StateLayout, table: str, regions: list[str]) -> dict[str, int]:
+    """Input bytes of each region, what :func:`choose_engine` and the task groups weigh; an
+    unpublished region fails here, by name."""
+    region_paths(layout, table, regions)
+    return {region: sum(os.path.getsize(p) for p in layout.region_files(table, region)) for region in regions}

@@ -52,6 +52,18 @@ DEFAULT_REGIONS = 48  # HEALPix level 1
 COST_TOLERANCE = 0.10
 
 
+def balanced_groups(weights: dict[str, int], groups: int) -> list[list[str]]:
+    """Keys in at most ``groups`` groups of similar total weight (bytes of input, say): largest
+    first into the lightest group, how Spark tasks that each take a group finish together."""
+    bins: list[list[str]] = [[] for _ in range(max(1, min(groups, len(weights))))]
+    load = [0] * len(bins)
+    for key in sorted(weights, key=weights.get, reverse=True):
+        lightest = load.index(min(load))
+        bins[lightest].append(key)
+        load[lightest] += weights[key]
+    return bins
+
+
 def files_per_region(region_bytes: int, bucket_bytes: int) -> int:
     """Number of Parquet files for one sky region: the seed's "dataset size / n ≈ worker memory".
 
