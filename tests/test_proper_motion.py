@@ -596,27 +596,40 @@ def test_region_stats_reads_missing_error_columns_as_unweighted_and_names_the_fi
         region_stats(files, REGIONS[1], L_MAX)
 
 
-def test_engine_rule_takes_region_tasks_only_when_every_region_fits_one_cores_share():
-    sizes = {"hpx1-00": 40, "hpx1-01": 30, "hpx1-02": 30}
+def test_engine_rule_splits_only_big_regions_that_exceed_one_cores_share():
+    mib = 2**20
+    sizes = {"hpx1-00": 400 * mib, "hpx1-01": 300 * mib, "hpx1-02": 300 * mib}
     assert choose_engine(sizes, 2).engine == "region-tasks"
-    assert choose_engine(sizes, 3).engine == "groupby"  # 40 > 100 / 3
-    assert choose_engine({"hpx1-05": 10}, 2).engine == "groupby"  # one region's refresh on two cores
-    assert choose_engine({"hpx1-05": 10}, 1).engine == "region-tasks"
+    assert choose_engine(sizes, 3).engine == "groupby"  # 400 MiB > 1000 / 3 and > SMALL_REGION_BYTES
+    assert choose_engine({k: v // 10 for k, v in sizes.items()}, 64).engine == "region-tasks"  # small regions
+    assert choose_engine({"hpx1-05": 10 * mib}, 2).engine == "region-tasks"  # one small region's refresh
+    assert choose_engine({"hpx1-05": 300 * mib}, 2).engine == "groupby"
     assert choose_engine(sizes, 64, requested="region-tasks").engine == "region-tasks"
     with pytest.raises(ValueError, match="engine must be one of"):
         choose_engine(sizes, 2, requested="duckdb")
 
 
 @pytest.mark.cluster
-def test_standalone_cluster_gives_the_same_statistics_as_local_mode(catalogue, cluster_spark):
+def test_standalone_cluster_gives_the_same_statistics_as_local_mode(catalogue, cluster_spark, tmp_path):
     """The same aggregation on a real standalone master with two workers on loopback, then in
     local mode: identical counts and pixels, sums equal to rounding (partial sums may be added
-    in another order), both equal to DuckDB."""
+    in another order), both equal to DuckDB; and the region tasks on the cluster publish the same."""
     layout, _ = catalogue
     assert cluster_spark.sparkContext.master.startswith("spark://127.0.0.1:")
     on_cluster = compute_pm_stats(read_regions(cluster_spark, layout, "gaia_source"), 6)
     executors = cluster_spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()
     assert executors >= 2, "the driver plus at least one worker's executor"
+    # The region tasks on the cluster's executors (before the switch to local mode stops it):
+    # Python workers of the worker processes read the region files and publish (here into
+    # another state folder) what the groupBy computed.
+    out = StateLayout.from_env(tmp_path / "out").ensure()
+    records = stats_in_region_tasks(cluster_spark, layout, "gaia_source", list(REGIONS), 6, StatsPublisher(out, maps.STATS_TABLE, 6, {}, "now"))
+    assert sorted(r["region"] for r in records) == sorted(REGIONS)
+    by_tasks = pm.merge(maps.read_region_stats(out, list(REGIONS)).values())
+    assert by_tasks.column("pixel").equals(on_cluster.column("pixel"))
+    for name in pm.STAT_COLUMNS:
+        np.testing.assert_allclose(by_tasks.column(name).to_numpy(), on_cluster.column(name).to_numpy(), rtol=1e-12, atol=1e-12, err_msg=name)
+
     local = spark_factory.session("local[2]", TEST_SPARK_CONF)
     assert local.sparkContext.master == "local[2]"
     in_local = compute_pm_stats(read_regions(local, layout, "gaia_source"), 6)
@@ -778,10 +791,11 @@ def _image_of(markdown: str) -> Image.Image:
 
 
 def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
-    """gaia_source + pm_stats for two regions in one run (region tasks), then proper_motion_maps;
-    then one region's input changes and only that region is rerun (the groupBy: one region on two
-    cores). The other region's raw rows are deleted before the refresh, so the refreshed maps can
-    only have come from stored statistics."""
+    """gaia_source + pm_stats for two regions in one run, then proper_motion_maps; then one
+    region's input changes and only that region is rerun. The other region's raw rows are
+    deleted before the refresh, so the refreshed maps can only have come from stored statistics.
+    The first run is forced to the groupBy and the refresh takes the region tasks (auto), so the
+    asset's two engines both publish here."""
     synthetic.generate(stars=20_000, seed=5, out=layout.landing, files=48, processes=1, progress=False)
     tags = {"dagster/asset_partition_range_start": MAT_REGIONS[0], "dagster/asset_partition_range_end": MAT_REGIONS[1]}
     first = materialize(
@@ -789,10 +803,10 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         selection=[gaia_source.key, pm_stats.key],
         resources=_mat_resources(),
         tags=tags,
-        run_config={"ops": {"pm_stats": {"config": {"engine": "region-tasks"}}}},
+        run_config={"ops": {"pm_stats": {"config": {"engine": "groupby"}}}},
     )
     assert first.success
-    assert first.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "region-tasks"
+    assert first.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "groupby"
     assert all(check.passed for check in first.get_asset_check_evaluations())
     per_partition = {m.partition: m.metadata for m in first.asset_materializations_for_node("pm_stats")}
     assert set(per_partition) == set(MAT_REGIONS)
@@ -828,7 +842,7 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         raw.unlink()  # the other region's raw rows are gone: a refresh that read them would fail or miscount
     refresh = materialize([gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=_mat_resources(), partition_key=MAT_REGIONS[1])
     assert refresh.success
-    assert refresh.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "groupby"  # one region on two cores
+    assert refresh.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "region-tasks"  # a small region
     assert os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0])) == stats31_version
     png_before = maps.png_path(layout, 6, "pmra").read_bytes()
     meta = run_maps()
