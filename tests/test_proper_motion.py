@@ -598,12 +598,13 @@ def test_region_stats_reads_missing_error_columns_as_unweighted_and_names_the_fi
 
 def test_engine_rule_splits_only_big_regions_that_exceed_one_cores_share():
     mib = 2**20
-    sizes = {"hpx1-00": 400 * mib, "hpx1-01": 300 * mib, "hpx1-02": 300 * mib}
+    sizes = {"hpx1-00": 800 * mib, "hpx1-01": 600 * mib, "hpx1-02": 600 * mib}
     assert choose_engine(sizes, 2).engine == "region-tasks"
-    assert choose_engine(sizes, 3).engine == "groupby"  # 400 MiB > 1000 / 3 and > SMALL_REGION_BYTES
+    assert choose_engine(sizes, 3).engine == "groupby"  # 800 MiB > 2000 / 3 and > SMALL_REGION_BYTES
     assert choose_engine({k: v // 10 for k, v in sizes.items()}, 64).engine == "region-tasks"  # small regions
     assert choose_engine({"hpx1-05": 10 * mib}, 2).engine == "region-tasks"  # one small region's refresh
-    assert choose_engine({"hpx1-05": 300 * mib}, 2).engine == "groupby"
+    assert choose_engine({"hpx1-05": 300 * mib}, 2).engine == "region-tasks"
+    assert choose_engine({"hpx1-05": 600 * mib}, 2).engine == "groupby"
     assert choose_engine(sizes, 64, requested="region-tasks").engine == "region-tasks"
     with pytest.raises(ValueError, match="engine must be one of"):
         choose_engine(sizes, 2, requested="duckdb")

@@ -209,10 +209,12 @@ class EngineChoice:
     reason: str
 
 
-SMALL_REGION_BYTES = 256 * 2**20
+SMALL_REGION_BYTES = 512 * 2**20
 """A region up to this size is one task's work on any number of cores: one task sums ~700 MB/s
-of region files (a 2M-star region of 299 MB in 0.40-0.46 s on this laptop), and the groupBy
-costs ~0.35-0.5 s (planning, two stages) before it has read a row."""
+of region files (the 10M-star catalogue's biggest region, 299 MB, in 0.40-0.46 s), while the
+groupBy costs ~0.35-0.5 s before it has read a row when its plan is warm (0.66-0.71 s for that
+region on two cores) and seconds when it is not (1.99 s in a benchmark run where nothing else
+had run it; each Dagster run is a fresh process)."""
 
 
 def choose_engine(region_bytes: dict[str, int], cores: int, requested: str = "auto") -> EngineChoice:
