@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replot-level", type=int, default=5, help="the different level re-plotted in (c) (default 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs of a, b and d first: the JVM's JIT needs several runs of a plan to settle (default 3)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions of a, b, c and d (median reported)")
+    parser.add_argument("--compare-engines", type=int, default=0, metavar="ROUNDS",
+                        help="only (a) and (b) with each pm_stats engine, interleaved for ROUNDS rounds after --warmup ones: b/a per round, robust to a host whose speed drifts")
     parser.add_argument("--driver-memory-probe", action="store_true", help="child mode: run only (b) on the ingested catalogue in --work and print the driver's memory as JSON")
     return parser.parse_args()
 
@@ -73,7 +75,7 @@ def ensure_catalogue(work: Path, stars: int) -> Path:
     return landing
 
 
-def first_run_of_b(layout, resources: dict) -> tuple[float, float, dict]:
+def first_run_of_b(layout, resources: dict, engine: str = "auto") -> tuple[float, float, dict]:
     """(b) once from an empty statistics store: pm_stats over all regions in one run, then the
     maps. Returns both runs' wall seconds and pm_stats' run-level metadata."""
     from dagster import materialize
@@ -87,12 +89,33 @@ def first_run_of_b(layout, resources: dict) -> tuple[float, float, dict]:
     shutil.rmtree(layout.table(maps.STATS_TABLE), ignore_errors=True)
     shutil.rmtree(layout.table(maps.MAPS_TABLE), ignore_errors=True)
     started = time.perf_counter()
-    result = materialize([pm_stats], resources=resources, tags=all_regions, selection=[pm_stats.key])
+    config = {"ops": {"pm_stats": {"config": {"engine": engine}}}}
+    result = materialize([pm_stats], resources=resources, tags=all_regions, selection=[pm_stats.key], run_config=config)
     stats_seconds = time.perf_counter() - started
     started = time.perf_counter()
     materialize([pm_stats, proper_motion_maps], resources=resources, selection=[proper_motion_maps.key])
     # run-level metadata rides on every partition's materialization
     return stats_seconds, time.perf_counter() - started, result.asset_materializations_for_node("pm_stats")[0].metadata
+
+
+def compare_engines(naive, layout, resources: dict, warmup: int, rounds: int) -> int:
+    """(a), then (b) with the region tasks, then (b) with the groupBy, round after round: the
+    ratios within a round compare like with like even when the host's speed drifts."""
+    engines = ("region-tasks", "groupby")
+    for _ in range(warmup):
+        naive()
+        for engine in engines:
+            first_run_of_b(layout, resources, engine)
+    print("| round | a | " + " | ".join(f"(b) {e}: pm_stats run + maps run | b/a" for e in engines) + " |")
+    print("|---|---|" + "---|---|" * len(engines))
+    for i in range(rounds):
+        a, _ = timed(naive, 1)
+        cells = []
+        for engine in engines:
+            stats, maps_run, _ = first_run_of_b(layout, resources, engine)
+            cells += [f"{stats:.2f} + {maps_run:.2f} s", f"{(stats + maps_run) / a:.2f}"]
+        print(f"| {i} | {a:.2f} s | " + " | ".join(cells) + " |", flush=True)
+    return 0
 
 
 def resources_for_benchmark() -> dict:
@@ -196,6 +219,8 @@ def main() -> int:
             F.avg("pmra"), F.avg("pmdec"), F.count(F.lit(1))
         ).collect()
 
+    if args.compare_engines:
+        return compare_engines(naive, layout, resources, args.warmup, args.compare_engines)
     for _ in range(args.warmup):  # JIT, file listing, Python workers
         naive()
     a, naive_rows = timed(naive, args.repeat)
