@@ -305,6 +305,26 @@ def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level, row
     assert_matches_reference(maps.map_table(level, layout), reference)  # cut from the pyramid
 
 
+@pytest.mark.parametrize("top", [L_MAX, 1, 0])
+def test_pyramid_streamed_region_by_region_equals_the_merged_sky(stored, top):
+    """The maps asset builds the pyramid one region at a time: every level 0..top of the parts
+    (the regions' own levels, then the coarser ones from 48 carried rows, or everything carried
+    when top is coarser than the regions) and the kept levels equal the whole sky merged at once."""
+    layout, _ = stored
+    merged = maps.merged_region_stats(layout, top)
+    keep = sorted({0, min(6, top), top})
+    pyramid = maps.Pyramid(top, {level: [] for level in keep})
+    stacked = pa.concat_tables(list(maps.pyramid_parts(layout, list(REGIONS), pyramid)))
+    stacked = stacked.replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
+    for level in range(top + 1):
+        want = pm.degrade(merged, level)
+        for got in (pm.from_pyramid(stacked, level), *([pyramid.kept(level)] if level in keep else [])):
+            assert got.column("pixel").equals(want.column("pixel")), level
+            for name in pm.STAT_COLUMNS:
+                np.testing.assert_allclose(got.column(name).to_numpy(), want.column(name).to_numpy(), rtol=RTOL, atol=1e-9, err_msg=f"{level} {name}")
+    assert pyramid.totals == pm.totals(merged)
+
+
 def test_pyramid_is_stored_one_row_group_per_level(stored):
     """What lets a re-plot decode one level instead of the whole pyramid."""
     import pyarrow.parquet as pq

@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import (
@@ -46,7 +45,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import npix
-from gaia_flows.tables import read_manifest, write_table_arrow
+from gaia_flows.tables import read_manifest, write_table_parts
 
 SOURCE_TABLE = "gaia_source"
 STATS_TABLE = maps.STATS_TABLE
@@ -202,17 +201,41 @@ class ProperMotionMapsConfig(Config):
 _PLOTTED = ("pmra", "pmdec", "count")
 
 
-def _read_consistent(layout) -> tuple[dict[str, str], dict[str, pa.Table]]:
-    """Per-region statistics plus the versions they were read at; retried if a region is
-    republished while reading, so the recorded versions always describe what was merged."""
+class _Republished(Exception):
+    """A pm_stats region was republished while the pyramid was being written."""
+
+
+def _write_pyramid(layout, render_levels: list[int]) -> tuple[dict[str, str], dict[str, int], maps.Pyramid]:
+    """Stream every region's statistics into the stored pyramid (one region in memory at a
+    time); returns the versions it was built from, each region's level and what was kept for
+    rendering. Retried if a region is republished meanwhile: the check comes before the
+    pyramid is published, so the stored maps always describe the versions their manifest names."""
     for _ in range(5):
         before = maps.region_versions(layout, STATS_TABLE)
+        if not before:
+            raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
         try:
-            tables = maps.read_region_stats(layout, list(before))
-        except FileNotFoundError:
+            levels = {region: maps.stored_level(layout, region) for region in before}
+            level_max = min(levels.values())
+            pyramid = maps.Pyramid(level_max, {lv: [] for lv in render_levels if 0 <= lv <= level_max})
+
+            def manifest() -> dict:
+                if maps.region_versions(layout, STATS_TABLE) != before:
+                    raise _Republished
+                return {
+                    "level_max": level_max,
+                    "levels": list(range(level_max + 1)),
+                    "pm_stats_versions": before,
+                    "rows": pyramid.totals["n_sources"],
+                    "rows_with_pm": pyramid.totals["n_pm"],
+                    "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+
+            schema = pm.pyramid(pm.empty_stats(level_max), [level_max]).schema
+            write_table_parts(maps.pyramid_parts(layout, list(before), pyramid), schema, layout, MAPS_TABLE, manifest, row_group_key="level")
+        except (FileNotFoundError, _Republished):
             continue
-        if maps.region_versions(layout, STATS_TABLE) == before:
-            return before, tables
+        return before, levels, pyramid
     raise RuntimeError("pm_stats regions kept changing while the maps were being built; retry the run")
 
 
@@ -229,25 +252,10 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
     ``<home>/maps/proper_motion/``. Empty pixels are NaN (grey in the PNGs). No Spark."""
     layout = storage.layout
     started = time.perf_counter()
-    versions, per_region = _read_consistent(layout)
-    if not per_region:
-        raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
-    levels = {region: pm.stats_level(t) for region, t in per_region.items()}
-    merged = pm.merge(per_region.values())
-    level_max = pm.stats_level(merged)
+    versions, levels, pyramid = _write_pyramid(layout, config.render_levels)
+    level_max, totals = pyramid.level_max, pyramid.totals
     if len(set(levels.values())) > 1:
         context.log.warning(f"pm_stats regions were computed at different levels {sorted(set(levels.values()))}; maps use the coarsest, {level_max}")
-    stacked = pm.pyramid(merged)
-    totals = pm.totals(merged)
-    manifest = {
-        "level_max": level_max,
-        "levels": list(range(level_max + 1)),
-        "pm_stats_versions": versions,
-        "rows": totals["n_sources"],
-        "rows_with_pm": totals["n_pm"],
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_table_arrow(stacked, layout, MAPS_TABLE, manifest=manifest, row_group_key="level")
     merge_seconds = time.perf_counter() - started
     # Once per state folder: afterwards a re-plot at any level 0..L_max is a lookup, no healpy.
     new_grids = maps.warm_projection_cache(range(level_max + 1), maps.projection_cache(layout))
@@ -258,7 +266,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
     if bad_levels:
         context.log.warning(f"render levels {bad_levels} are outside 0..{level_max}; skipped")
     for level in sorted({lv for lv in config.render_levels if 0 <= lv <= level_max}):
-        table = pm.finalise(pm.from_pyramid(stacked, level))
+        table = pm.finalise(pyramid.kept(level))
         counts = table.column("n_sources").to_numpy()
         metadata[f"level_{level}_empty_pixels"] = int(np.count_nonzero(counts == 0))
         metadata[f"level_{level}_pixels_without_pm"] = int(np.count_nonzero(table.column("n_pm").to_numpy() == 0))
@@ -275,7 +283,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
             "level_max": level_max,
             "levels_stored": MetadataValue.json(list(range(level_max + 1))),
             "levels_rendered": MetadataValue.json(sorted({lv for lv in config.render_levels if 0 <= lv <= level_max})),
-            "regions_merged": len(per_region),
+            "regions_merged": len(versions),
             "rows": totals["n_sources"],
             "rows_with_pm": totals["n_pm"],
             "rows_without_pm": totals["n_sources"] - totals["n_pm"],
