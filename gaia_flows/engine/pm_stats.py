@@ -240,8 +240,9 @@ def choose_engine(region_bytes: dict[str, int], cores: int, requested: str = "au
 def _read_pm_columns(path: str) -> pa.Table:
     """The statistics' input columns of one file; absent error columns read as null (no weight),
     as :func:`read_input` does. Required columns are checked first (:func:`check_input_columns`)."""
-    present = [name for name in pm.INPUT_COLUMNS if name in pq.read_schema(path).names]
-    table = pq.read_table(path, columns=present)
+    parquet = pq.ParquetFile(path)  # not read_table: its dataset layer cost ~25 % more CPU per file
+    present = [name for name in pm.INPUT_COLUMNS if name in parquet.schema_arrow.names]
+    table = parquet.read(columns=present)
     for name in pm.INPUT_COLUMNS:
         if name not in present:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.float32()))

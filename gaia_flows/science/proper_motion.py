@@ -177,8 +177,9 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
     has_pm = _valid_pm(ra, dec)
     ra0, dec0 = np.where(has_pm, ra, 0.0), np.where(has_pm, dec, 0.0)
     wra, wdec = _weights(_as_float(pmra_error), has_pm), _weights(_as_float(pmdec_error), has_pm)
+    wx_ra, wx_dec = wra * ra0, wdec * dec0
     per_row = {
-        "n_sources": np.ones(sid.shape, dtype=np.int64),
+        "n_sources": None,  # the length of each pixel's run of rows, not a sum
         "n_pm": has_pm.astype(np.int64),
         "sum_pmra": ra0,
         "sum_pmdec": dec0,
@@ -186,10 +187,10 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
         "sum_pmdec2": dec0 * dec0,
         "sumw_pmra": wra,
         "sumw_pmdec": wdec,
-        "sumwx_pmra": wra * ra0,
-        "sumwx_pmdec": wdec * dec0,
-        "sumwx2_pmra": wra * ra0 * ra0,
-        "sumwx2_pmdec": wdec * dec0 * dec0,
+        "sumwx_pmra": wx_ra,
+        "sumwx_pmdec": wx_dec,
+        "sumwx2_pmra": wx_ra * ra0,
+        "sumwx2_pmdec": wx_dec * dec0,
     }
     return _group_sum(pixel, per_row, level)
 
@@ -199,16 +200,18 @@ def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
     return stats_from_columns(*(table.column(name) for name in INPUT_COLUMNS), level=level)
 
 
-def _group_sum(pixel: np.ndarray, columns: dict[str, np.ndarray], level: int) -> pa.Table:
-    """Sum every column per pixel; rows need not be sorted."""
+def _group_sum(pixel: np.ndarray, columns: dict[str, np.ndarray | None], level: int) -> pa.Table:
+    """Sum every column per pixel; rows need not be sorted. A column given as ``None`` is the
+    number of rows per pixel."""
     if pixel.size == 0:
         return empty_stats(level)
     if np.any(pixel[1:] < pixel[:-1]):
         order = np.argsort(pixel, kind="stable")
         pixel = pixel[order]
-        columns = {k: v[order] for k, v in columns.items()}
+        columns = {k: None if v is None else v[order] for k, v in columns.items()}
     starts = np.flatnonzero(np.r_[True, pixel[1:] != pixel[:-1]])
-    summed = {k: np.add.reduceat(v, starts) for k, v in columns.items()}
+    runs = np.diff(np.r_[starts, pixel.size])
+    summed = {k: runs if v is None else np.add.reduceat(v, starts) for k, v in columns.items()}
     return stats_table(pixel[starts], summed, level)
 
 
