@@ -59,8 +59,8 @@ class PmStatsConfig(Config):
     Maps can be cut at any level <= L_max without reading Gaia rows again."""
     engine: Literal["auto", "region-tasks", "groupby"] = "auto"
     """Spark tasks that each sum whole regions with numpy, or one Spark ``groupBy``; ``auto``
-    takes the tasks when no region is more than one core's share of the run
-    (``engine.pm_stats.choose_engine``)."""
+    takes the tasks unless a region is both over 512 MiB and more than one core's share of the
+    run (``engine.pm_stats.choose_engine``)."""
 
 
 @asset(
