@@ -166,6 +166,16 @@ def compute_region_stats(df: DataFrame, regions: list[str], level: int = pm.DEFA
     return {region: pm.degrade(table, level) for region, table in split_by_region(stats, regions).items()}
 
 
+def _owners(stats: pa.Table, region_level: int, allowed: set[int], allowed_name: str, rows_name: str) -> np.ndarray:
+    """Each statistics row's region pixel at ``region_level``; a pixel outside ``allowed`` means
+    the input held rows it should not, which is an error, not something to drop silently."""
+    owner = healpix.degrade(stats.column("pixel").to_numpy(), pm.stats_level(stats), region_level)
+    stray = sorted(set(np.unique(owner).tolist()) - allowed)
+    if stray:
+        raise ValueError(f"{rows_name} fall in region pixel(s) {stray} at level {region_level}, outside {allowed_name}")
+    return owner
+
+
 def _region_level(regions: list[str]) -> int:
     levels = {healpix.parse_region_key(r)[0] for r in regions}
     if len(levels) != 1:
@@ -178,19 +188,15 @@ def split_by_region(stats: pa.Table, regions: list[str]) -> dict[str, pa.Table]:
 
     Every pixel at the statistics level lies inside exactly one region (nested indices), and
     ``gaia_source`` only accepts rows whose ``source_id`` lies in their region, so this is
-    exact. A pixel outside ``regions`` means the input held rows it should not: that is an
-    error, not something to drop silently.
+    exact. A pixel outside ``regions`` is an error (:func:`_owners`).
     """
     level = pm.stats_level(stats)
     parsed = {r: healpix.parse_region_key(r) for r in regions}
     region_level = _region_level(regions)
     if region_level > level:
         raise ValueError(f"statistics level {level} is coarser than the region level {region_level}")
-    owner = healpix.degrade(stats.column("pixel").to_numpy(), level, region_level)
     by_pixel = {pixel: key for key, (_, pixel) in parsed.items()}
-    stray = sorted(set(np.unique(owner).tolist()) - set(by_pixel))
-    if stray:
-        raise ValueError(f"input rows fall in region pixel(s) {stray} at level {region_level}, outside the run's regions {sorted(regions)}")
+    owner = _owners(stats, region_level, set(by_pixel), f"the run's regions {sorted(regions)}", "input rows")
     if np.any(owner[1:] < owner[:-1]):
         raise ValueError("statistics must be sorted by pixel (pm.conform sorts them)")
     # Sorted by pixel, each region's rows are one zero-copy slice.
@@ -258,10 +264,7 @@ def region_stats(files: list[str], region: str, level: int = pm.DEFAULT_LEVEL) -
     parts = []
     for path in files:
         stats = pm.stats_from_table(_read_pm_columns(path), at)
-        owner = healpix.degrade(stats.column("pixel").to_numpy(), at, region_level)
-        if np.any(owner != region_pixel):
-            stray = sorted(set(np.unique(owner).tolist()) - {region_pixel})
-            raise ValueError(f"{path}: rows fall in region pixel(s) {stray} at level {region_level}, outside the run's region {region}")
+        _owners(stats, region_level, {region_pixel}, f"the run's region {region}", f"{path}: rows")
         parts.append(stats)
     merged = pm.merge(parts, at)  # boundary pixels shared by consecutive files are summed here
     return pm.degrade(merged, level) if level < at else merged
