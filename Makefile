@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "uv==$(UV_VERSION)"
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --constraint constraints.txt -e ".[test]"
+	$(BIN)/python -c "import gaia_flows.definitions"  # a broken install (e.g. a full disk) fails here, unstamped
 	touch $@
 
 demo: install

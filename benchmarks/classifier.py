@@ -31,7 +31,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from measure import timed
+from measure import timed, work_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the synthetic-catalogue publisher the tests use
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--home", default=None, help="state folder (default: a temporary one)")
     args = parser.parse_args()
 
-    home = Path(args.home or tempfile.mkdtemp(prefix="gaia-bench-classifier-"))
+    home = work_folder(Path(args.home) if args.home else None, "gaia-bench-classifier-")
     os.environ["GAIA_FLOWS_HOME"] = str(home)
     os.environ.pop("GAIA_FLOWS_LANDING", None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)

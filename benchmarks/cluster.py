@@ -21,13 +21,13 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cloud import servers  # noqa: E402
 from cloud.emulators import aws_cloud, openstack_cloud, write_profile  # noqa: E402
+from measure import work_folder  # noqa: E402
 
 from gaia_flows.cloud.drivers import build_driver  # noqa: E402
 from gaia_flows.cloud.provision import Provisioner  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local", action="store_true", help="also provision 9 real Spark JVMs with the local driver")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="gaia-bench-cluster-"))
+    work = work_folder(None, "gaia-bench-cluster-")
     layout = StateLayout.from_env(str(work / "state"))
     os.environ.update(GAIA_TEST_OS_USERNAME="bench", GAIA_TEST_OS_PASSWORD="bench-pw", GAIA_TEST_AWS_KEY_ID="AKIABENCH", GAIA_TEST_AWS_SECRET="bench")
     profiles = work / "profiles"

@@ -20,7 +20,6 @@ import itertools
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from gaia_flows.engine.ingest import TABLE, ingest_regions
 from gaia_flows.layout import StateLayout
 from gaia_flows.profiles import load_profile
 from gaia_flows.science.healpix import region_keys
-from measure import PeakRss
+from measure import PeakRss, work_folder
 
 
 def _header_lines(path: Path) -> int:
@@ -102,8 +101,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="gaia-bench-ingest-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, "gaia-bench-ingest-")
 
     profile = load_profile("local")
     started = time.perf_counter()

@@ -1,10 +1,26 @@
 """What every benchmark measures the same way: wall time (median of repeats) and peak memory."""
 
+import atexit
+import shutil
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
+
+
+def work_folder(given: Path | None, prefix: str) -> Path:
+    """The folder a benchmark writes into: ``given`` is kept (a rerun reuses the catalogue in
+    it); a temporary one is removed when the process exits, since a 10M-star run leaves
+    gigabytes behind and repeated runs once filled the disk CI shares."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        return given
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def timed(fn, repeat: int = 1) -> tuple[float, object]:

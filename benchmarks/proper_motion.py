@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import PeakRss, timed
+from measure import PeakRss, timed, work_folder
 
 CORES = len(os.sched_getaffinity(0))
 SPARK_CONF = {
@@ -166,8 +166,7 @@ def measure_driver_memory(work: Path, stars: int, runs: int) -> dict:
 def main() -> int:
     args = parse_args()
     load_start = os.getloadavg()
-    work = args.work or Path(tempfile.mkdtemp(prefix="pm-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, "pm-bench-")
     landing = ensure_catalogue(work, args.stars)
     os.environ["GAIA_FLOWS_HOME"] = str(work / "home")
     os.environ["GAIA_FLOWS_LANDING"] = str(landing)
