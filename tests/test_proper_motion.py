@@ -264,6 +264,36 @@ def test_constant_pixel_has_zero_dispersion_and_exact_weighted_mean():
     assert row["mean_pmdec"] == 3.0  # the source without an error still counts in the plain mean
 
 
+@pytest.mark.parametrize("block_rows", [1, 7, 1000])
+def test_blocked_sums_equal_per_pixel_bincount(catalogue, block_rows):
+    """Blocks that cut pixels' runs of rows, unsorted rows and unusable errors (NaN, null, 0,
+    negative, infinite) against per-pixel sums by ``np.bincount``, term by term."""
+    _, rows = catalogue
+    whole = pa.concat_tables(rows.values())
+    rng = np.random.default_rng(5)
+    order = rng.permutation(whole.num_rows)
+    error = whole.column("pmra_error").to_numpy(zero_copy_only=False).astype(np.float32)[order]
+    error[rng.choice(error.size, 60, replace=False)] = rng.choice([np.nan, 0.0, -0.2, np.inf], 60)
+    pmra_error = pa.array(error, mask=np.arange(error.size) % 97 == 0)
+    sid = whole.column("source_id").to_numpy()[order]
+    pmra, pmdec = (whole.column(c).to_numpy(zero_copy_only=False)[order] for c in ("pmra", "pmdec"))
+    stats = pm.stats_from_columns(pa.array(sid), pa.array(pmra), pa.array(pmdec), pmra_error, pa.array(error), level=L_MAX, block_rows=block_rows)
+
+    pixel, index = np.unique(sid >> healpix.source_id_shift(L_MAX), return_inverse=True)
+    has = ~np.isnan(pmra) & ~np.isnan(pmdec)
+    err_ra = np.where(np.arange(error.size) % 97 == 0, np.nan, error).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        w_ra = np.where(has & (err_ra > 0) & np.isfinite(err_ra), 1 / err_ra**2, 0.0)
+        w_dec = np.where(has & (error > 0) & np.isfinite(error), 1 / error.astype(np.float64) ** 2, 0.0)
+    x, y = np.where(has, pmra, 0.0), np.where(has, pmdec, 0.0)
+    expected = {"n_sources": np.ones(sid.size), "n_pm": has, "sum_pmra": x, "sum_pmdec": y, "sum_pmra2": x * x, "sum_pmdec2": y * y,
+                "sumw_pmra": w_ra, "sumw_pmdec": w_dec, "sumwx_pmra": w_ra * x, "sumwx_pmdec": w_dec * y, "sumwx2_pmra": w_ra * x * x, "sumwx2_pmdec": w_dec * y * y}
+    assert stats.column("pixel").to_numpy().tolist() == pixel.tolist()
+    for name, terms in expected.items():
+        np.testing.assert_allclose(stats.column(name).to_numpy(), np.bincount(index, weights=terms.astype(np.float64)), rtol=1e-12, err_msg=name)
+    assert np.count_nonzero(w_ra == 0) > np.count_nonzero(~has)  # the unusable errors were there
+
+
 def test_conform_accepts_engine_output_with_nulls_and_any_order():
     raw = pa.table({name: pa.array([2, 1], pa.int64()) for name in ("pixel", "n_sources", "n_pm")})
     for name in pm.SUM_COLUMNS:

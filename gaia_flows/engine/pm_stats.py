@@ -4,7 +4,8 @@ Two engines, the same statistics (both tested against DuckDB):
 
 - **region tasks** (:func:`stats_in_region_tasks`): each Spark task takes whole sky regions,
   reads their Parquet files with pyarrow, sums them with numpy
-  (:func:`gaia_flows.science.proper_motion.stats_from_table`, sorted rows, one ``reduceat``)
+  (:func:`gaia_flows.science.proper_motion.stats_from_table`: sorted rows, ``reduceat`` over
+  cache-sized blocks)
   and publishes each region's table itself; the driver receives one row per region. No
   exchange, no final aggregation stage, no per-pixel result through the JVM or the driver:
   on 2 cores and 10M stars, 2.4x faster than the ``groupBy``.

@@ -149,50 +149,78 @@ def conform(table: pa.Table, level: int) -> pa.Table:
 # --- computing statistics from rows (numpy; the Spark engine does the same in SQL) ------------
 
 
-def _valid_pm(pmra: np.ndarray, pmdec: np.ndarray) -> np.ndarray:
-    return np.isfinite(pmra) & np.isfinite(pmdec)
-
-
-def _weights(error: np.ndarray, has_pm: np.ndarray) -> np.ndarray:
-    error = error.astype(np.float64)
-    usable = has_pm & np.isfinite(error) & (error > 0)
-    w = np.zeros(error.shape, dtype=np.float64)
-    np.divide(1.0, error * error, out=w, where=usable)
-    return w
+BLOCK_ROWS = 65_536
+"""Rows whose per-row terms are computed and summed together. The eleven terms of a block
+(5.8 MB) stay in the CPU cache between being computed and being summed; as whole-column
+temporaries every term was a trip to memory (and freshly mapped pages), and the sums ran at
+about two thirds of the blocked speed."""
 
 
 def _as_float(values) -> np.ndarray:
-    """Arrow/pandas/numpy column to float64 with NaN for null."""
+    """Arrow/pandas/numpy column as a float array (float32 kept, not copied to float64) with
+    NaN for null."""
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        values = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float64)
+        if not pa.types.is_floating(values.type):
+            values = values.cast(pa.float64())
+        return values.to_numpy(zero_copy_only=False)
+    values = np.asarray(values)
+    return values if values.dtype.kind == "f" else values.astype(np.float64)
 
 
-def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: int = DEFAULT_LEVEL) -> pa.Table:
-    """Statistics of rows given as arrays (null/NaN proper motion = no proper motion)."""
+def _weights(error: np.ndarray, has_pm: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """1/σ² into ``out`` where a row has a proper motion and a finite error > 0, else 0."""
+    usable = (error > 0) & (error < np.inf)  # False for NaN
+    usable &= has_pm
+    np.multiply(error, error, out=out, dtype=np.float64)
+    np.divide(1.0, out, out=out, where=usable)
+    out[~usable] = 0.0
+    return out
+
+
+def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: int = DEFAULT_LEVEL, block_rows: int = BLOCK_ROWS) -> pa.Table:
+    """Statistics of rows given as arrays (null/NaN proper motion = no proper motion), summed
+    :data:`BLOCK_ROWS` rows at a time."""
     _check_level(level)
     sid = np.asarray(source_id.to_numpy() if isinstance(source_id, (pa.Array, pa.ChunkedArray)) else source_id, dtype=np.int64)
     pixel = sid >> source_id_shift(level)
-    ra, dec = _as_float(pmra), _as_float(pmdec)
-    has_pm = _valid_pm(ra, dec)
-    ra0, dec0 = np.where(has_pm, ra, 0.0), np.where(has_pm, dec, 0.0)
-    wra, wdec = _weights(_as_float(pmra_error), has_pm), _weights(_as_float(pmdec_error), has_pm)
-    wx_ra, wx_dec = wra * ra0, wdec * dec0
-    per_row = {
-        "n_sources": None,  # the length of each pixel's run of rows, not a sum
-        "n_pm": has_pm.astype(np.int64),
-        "sum_pmra": ra0,
-        "sum_pmdec": dec0,
-        "sum_pmra2": ra0 * ra0,
-        "sum_pmdec2": dec0 * dec0,
-        "sumw_pmra": wra,
-        "sumw_pmdec": wdec,
-        "sumwx_pmra": wx_ra,
-        "sumwx_pmdec": wx_dec,
-        "sumwx2_pmra": wx_ra * ra0,
-        "sumwx2_pmdec": wx_dec * dec0,
-    }
-    return _group_sum(pixel, per_row, level)
+    inputs = [_as_float(v) for v in (pmra, pmdec, pmra_error, pmdec_error)]
+    if pixel.size == 0:
+        return empty_stats(level)
+    if np.any(pixel[1:] < pixel[:-1]):
+        order = np.argsort(pixel, kind="stable")
+        pixel, inputs = pixel[order], [v[order] for v in inputs]
+    terms = np.empty((len(STAT_COLUMNS) - 1, min(block_rows, pixel.size)))  # every column but n_sources
+    n_pm, ra, dec, ra2, dec2, w_ra, w_dec, wx_ra, wx_dec, wx2_ra, wx2_dec = range(len(terms))
+    pixels, runs, sums = [], [], []
+    for lo in range(0, pixel.size, block_rows):
+        part = pixel[lo : lo + block_rows]
+        t = terms[:, : part.size]
+        pmra_b, pmdec_b, pmra_error_b, pmdec_error_b = (v[lo : lo + block_rows] for v in inputs)
+        has_pm = np.isfinite(pmra_b)
+        has_pm &= np.isfinite(pmdec_b)
+        t[n_pm] = has_pm
+        np.copyto(t[ra], pmra_b)
+        np.copyto(t[dec], pmdec_b)
+        t[ra:dec + 1, ~has_pm] = 0.0
+        np.multiply(t[ra], t[ra], out=t[ra2])
+        np.multiply(t[dec], t[dec], out=t[dec2])
+        _weights(pmra_error_b, has_pm, t[w_ra])
+        _weights(pmdec_error_b, has_pm, t[w_dec])
+        np.multiply(t[w_ra], t[ra], out=t[wx_ra])
+        np.multiply(t[w_dec], t[dec], out=t[wx_dec])
+        np.multiply(t[wx_ra], t[ra], out=t[wx2_ra])
+        np.multiply(t[wx_dec], t[dec], out=t[wx2_dec])
+        starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
+        pixels.append(part[starts])
+        runs.append(np.diff(np.r_[starts, part.size]))
+        sums.append(np.add.reduceat(t, starts, axis=1))
+    pixel, n_sources, summed = np.concatenate(pixels), np.concatenate(runs), np.concatenate(sums, axis=1)
+    if pixel.size > 1 and np.any(pixel[1:] == pixel[:-1]):  # a pixel's rows ran across blocks
+        starts = np.flatnonzero(np.r_[True, pixel[1:] != pixel[:-1]])
+        pixel, n_sources, summed = pixel[starts], np.add.reduceat(n_sources, starts), np.add.reduceat(summed, starts, axis=1)
+    columns = {"n_sources": n_sources, "n_pm": np.rint(summed[n_pm]).astype(np.int64)}
+    columns.update(zip(SUM_COLUMNS, summed[ra:]))
+    return stats_table(pixel, columns, level)
 
 
 def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
@@ -200,19 +228,16 @@ def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
     return stats_from_columns(*(table.column(name) for name in INPUT_COLUMNS), level=level)
 
 
-def _group_sum(pixel: np.ndarray, columns: dict[str, np.ndarray | None], level: int) -> pa.Table:
-    """Sum every column per pixel; rows need not be sorted. A column given as ``None`` is the
-    number of rows per pixel."""
+def _group_sum(pixel: np.ndarray, columns: dict[str, np.ndarray], level: int) -> pa.Table:
+    """Sum every column per pixel; rows need not be sorted."""
     if pixel.size == 0:
         return empty_stats(level)
     if np.any(pixel[1:] < pixel[:-1]):
         order = np.argsort(pixel, kind="stable")
         pixel = pixel[order]
-        columns = {k: None if v is None else v[order] for k, v in columns.items()}
+        columns = {k: v[order] for k, v in columns.items()}
     starts = np.flatnonzero(np.r_[True, pixel[1:] != pixel[:-1]])
-    runs = np.diff(np.r_[starts, pixel.size])
-    summed = {k: runs if v is None else np.add.reduceat(v, starts) for k, v in columns.items()}
-    return stats_table(pixel[starts], summed, level)
+    return stats_table(pixel[starts], {k: np.add.reduceat(v, starts) for k, v in columns.items()}, level)
 
 
 # --- merging and degrading --------------------------------------------------------------------
