@@ -9,9 +9,11 @@ cheap cut of small stored tables, so re-plotting never rescans the catalogue::
 
 Where the statistics come from, newest first:
 
-1. ``warehouse/proper_motion_maps/``: the all-sky pyramid (every level 0..L_max, one Parquet
-   file, one row group per level, so a map reads only its level) the ``proper_motion_maps``
-   asset writes; used when it was built from the pm_stats versions that are published now.
+1. ``warehouse/proper_motion_maps/``: the all-sky pyramid (every level 0..L_max) the
+   ``proper_motion_maps`` asset writes, used when it was built from the pm_stats versions
+   that are published now: ``sky.parquet`` holds the whole sky up to level 6, each
+   ``region-<key>.parquet`` one region's own levels (from the regions' level up), one row
+   group per level, so a map reads only its level;
 2. otherwise the per-region ``warehouse/pm_stats/<region>/`` tables, merged on the fly (a
    region rerun since the last maps run is therefore never invisible).
 
@@ -27,7 +29,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gaia_flows.layout import StateLayout, parquet_files
+from gaia_flows.layout import StateLayout
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import nside, parse_region_key
 
@@ -90,24 +92,48 @@ def stored_level(layout: StateLayout, region: str) -> int:
     return int(pq.read_schema(files[0]).metadata[pm.LEVEL_METADATA_KEY])
 
 
-@dataclass
-class Pyramid:
-    """What :func:`pyramid_parts` found while streaming: the level of the pyramid, the totals
-    at that level and the statistics kept for the levels asked for (the ones to render)."""
+SKY_FILE = "sky.parquet"
 
-    level_max: int
-    keep: dict[int, list[pa.Table]]
-    totals: dict[str, int] = field(default_factory=lambda: {"n_sources": 0, "n_pm": 0, "pixels": 0})
 
-    def kept(self, level: int) -> pa.Table:
-        return pm.merge(self.keep[level], level)
+def region_file(region: str) -> str:
+    """The stored pyramid's file of one region's own levels."""
+    return f"region-{region}.parquet"
 
 
 HELD_LEVEL = 6
 """Pyramid levels up to this one (at most 65,532 pixels over the whole sky, whatever the star
-count) are gathered across regions and written once, one row group per level; only the finer
-levels go out region by region. Writing every level of every region as its own row group (385
-row groups at L_max 8) made a maps run 25 % slower."""
+count) are stored for the whole sky in one file, one row group per level, so a map at these
+levels opens one file; the finer levels stay in the regions' files (writing every level of every
+region as its own row group in one file made a maps run 25 % slower)."""
+
+
+@dataclass
+class Pyramid:
+    """What :func:`pyramid_files` found while streaming: the level of the pyramid, the totals
+    at that level, each region's totals, the statistics kept for the levels asked for (the ones
+    to render), the highest level of the all-sky file and the regions whose file was reused."""
+
+    level_max: int
+    keep: dict[int, list[pa.Table]]
+    totals: dict[str, int] = field(default_factory=lambda: {"n_sources": 0, "n_pm": 0, "pixels": 0})
+    region_totals: dict[str, dict[str, int]] = field(default_factory=dict)
+    sky_levels: int = 0
+    reused: list[str] = field(default_factory=list)
+
+    def kept(self, level: int) -> pa.Table:
+        return pm.merge(self.keep[level], level)
+
+    def manifest(self, versions: dict[str, str]) -> dict:
+        """What a later build needs to reuse this one's region files, and readers to find a level."""
+        return {
+            "level_max": self.level_max,
+            "levels": list(range(self.level_max + 1)),
+            "sky_levels": self.sky_levels,
+            "pm_stats_versions": versions,
+            "region_totals": self.region_totals,
+            "rows": self.totals["n_sources"],
+            "rows_with_pm": self.totals["n_pm"],
+        }
 
 
 def _level_slice(part: pa.Table, lo: int, hi: int) -> pa.Table:
@@ -117,49 +143,64 @@ def _level_slice(part: pa.Table, lo: int, hi: int) -> pa.Table:
     return part.slice(int(first), int(last - first))
 
 
-def pyramid_parts(layout: StateLayout, regions: list[str], pyramid: Pyramid) -> Iterator[pa.Table]:
-    """The all-sky pyramid (levels 0..``pyramid.level_max``) in parts sorted by level, reading
-    one region at a time, so the driver never holds the finest levels of the whole sky.
+def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyramid) -> Iterator[tuple[str, pa.Table | Path]]:
+    """The all-sky pyramid (levels 0..``pyramid.level_max``) of the pm_stats ``versions``, as
+    (file name, rows or a file to reuse) items for :func:`gaia_flows.tables.write_table_files`,
+    reading one region at a time, so the driver never holds the finest levels of the whole sky.
 
-    Every pixel at the regions' level or finer lies in one region, so those levels are each
-    region's own pyramid: levels finer than :data:`HELD_LEVEL` go out per region; the others,
-    and the levels coarser than the regions (from each region's statistics at the regions'
-    level, one row each), come last, in one part.
+    Every pixel at the regions' level or finer lies in one region, so each region's file holds
+    its own pyramid from the regions' level up; a region whose statistics have the version the
+    stored pyramid was built from keeps its file (hard-linked, not rewritten) and only its
+    coarse levels are read back. The last item is the all-sky file: the levels up to
+    :data:`HELD_LEVEL` gathered from the regions, and the levels coarser than the regions (from
+    each region's single pixel at the regions' level).
     """
     top = pyramid.level_max
+    regions = list(versions)
     region_level = parse_region_key(regions[0])[0] if regions else 0
     split = min(region_level, top + 1)  # levels split..top come from each region alone
+    sky_top = pyramid.sky_levels = top if split > top else max(split - 1, min(HELD_LEVEL, top))
+    fine_kept = [level for level in pyramid.keep if level > sky_top]
+    stored_root, stored = _stored_pyramid(layout)
+    reusable = stored.get("level_max") == top and stored.get("sky_levels") == sky_top
     carried, held = [], []
     for region in regions:
-        stats = read_region_stats(layout, [region])[region]
-        stats = pm.degrade(stats, top) if pm.stats_level(stats) > top else stats
         if split > top:
-            carried.append(stats)
+            stats = read_region_stats(layout, [region])[region]
+            carried.append(pm.degrade(stats, top) if pm.stats_level(stats) > top else stats)
             continue
-        part = pm.pyramid(stats, range(split, top + 1))
-        carried.append(pm.degrade(stats, split))
-        held.append(_level_slice(part, split, HELD_LEVEL))
-        counts = pm.totals(stats)
+        old = stored_root / region_file(region)
+        if reusable and stored["pm_stats_versions"].get(region) == versions[region] and region in stored.get("region_totals", {}):
+            part = _level_row_groups(old, [*range(split, sky_top + 1), *fine_kept])
+            counts = stored["region_totals"][region]
+            pyramid.reused.append(region)
+            yield region_file(region), old
+        else:
+            stats = read_region_stats(layout, [region])[region]
+            stats = pm.degrade(stats, top) if pm.stats_level(stats) > top else stats
+            part = pm.pyramid(stats, range(split, top + 1))
+            counts = pm.totals(stats)
+            yield region_file(region), part
+        part = part.replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
+        pyramid.region_totals[region] = counts
         for name in pyramid.totals:
             pyramid.totals[name] += counts[name]
-        fine = _level_slice(part, HELD_LEVEL + 1, top)
-        for level in pyramid.keep:
-            if level > HELD_LEVEL:
-                pyramid.keep[level].append(pm.from_pyramid(fine, level))
-        if fine.num_rows:
-            yield fine
-    last = [pa.concat_tables([_level_slice(t, level, level) for t in held]) for level in range(split, min(top, HELD_LEVEL) + 1)] if held else []
+        carried.append(pm.from_pyramid(part, split))
+        held.append(_level_slice(part, split, sky_top))
+        for level in fine_kept:
+            pyramid.keep[level].append(pm.from_pyramid(part, level))
+    sky = [pa.concat_tables([_level_slice(t, level, level) for t in held]) for level in range(split, sky_top + 1)] if held else []
     if split > 0 and carried:
         coarse = pm.merge(carried, min(split - 1, top))
         if split > top:
             pyramid.totals.update(pm.totals(coarse))
-        last.insert(0, pm.pyramid(coarse, range(0, pm.stats_level(coarse) + 1)))
-    if last:
-        part = pa.concat_tables([t.replace_schema_metadata(None) for t in last]).replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
+        sky.insert(0, pm.pyramid(coarse, range(0, pm.stats_level(coarse) + 1)))
+    if sky:
+        part = pa.concat_tables([t.replace_schema_metadata(None) for t in sky]).replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
         for level in pyramid.keep:
-            if level <= HELD_LEVEL:
+            if level <= sky_top:
                 pyramid.keep[level].append(pm.from_pyramid(part, level))
-        yield part
+        yield SKY_FILE, part
 
 
 def merged_region_stats(layout: StateLayout, level: int | None = None) -> pa.Table:
@@ -171,41 +212,60 @@ def merged_region_stats(layout: StateLayout, level: int | None = None) -> pa.Tab
     return pm.merge(per_region.values(), level=level)
 
 
+def _stored_pyramid(layout: StateLayout) -> tuple[Path, dict]:
+    """The published version directory of the maps pyramid and its manifest (``{}`` if none):
+    resolved once, so a reader keeps reading one version while a maps run publishes the next."""
+    root = layout.table(MAPS_TABLE).resolve()
+    path = root / REGION_MANIFEST
+    try:
+        return root, json.loads(path.read_text())
+    except FileNotFoundError:
+        return root, {}
+
+
 def maps_manifest(layout: StateLayout) -> dict:
     """Manifest of the stored all-sky pyramid (levels, pm_stats versions it was built from)."""
-    path = layout.table(MAPS_TABLE) / REGION_MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    return _stored_pyramid(layout)[1]
 
 
-def _level_row_groups(path: Path, level: int) -> pa.Table:
-    """Row groups of a stored pyramid that may hold ``level`` (by their min/max statistics; the
-    maps asset writes one row group per level), for :func:`pm.from_pyramid` to cut. Plain
-    ``ParquetFile`` rather than ``read_table(filters=...)``: importing pyarrow.dataset alone
-    costs ~0.3 s."""
+def _level_row_groups(path: Path, levels: Iterable[int]) -> pa.Table:
+    """Row groups of a stored pyramid file that may hold any of ``levels`` (by their min/max
+    statistics; every file is written one row group per level), for :func:`pm.from_pyramid`
+    to cut. Plain ``ParquetFile`` rather than ``read_table(filters=...)``: importing
+    pyarrow.dataset alone costs ~0.3 s."""
+    levels = set(levels)
     parquet = pq.ParquetFile(path)
     column = parquet.schema_arrow.get_field_index("level")
     groups = []
     for i in range(parquet.num_row_groups):
         stats = parquet.metadata.row_group(i).column(column).statistics
-        if stats is None or not stats.has_min_max or stats.min <= level <= stats.max:
+        if stats is None or not stats.has_min_max or any(stats.min <= level <= stats.max for level in levels):
             groups.append(i)
     return parquet.read_row_groups(groups)
+
+
+def pyramid_level(layout: StateLayout, level: int, current_only: bool = True) -> pa.Table | None:
+    """Statistics at ``level`` cut from the stored pyramid; ``None`` when there is none (or,
+    with ``current_only``, none built from the pm_stats versions published now)."""
+    root, manifest = _stored_pyramid(layout)
+    if "sky_levels" not in manifest or (current_only and manifest.get("pm_stats_versions") != region_versions(layout)):
+        return None
+    top = int(manifest["level_max"])
+    if level > top:
+        raise ValueError(f"level {level} is finer than the stored statistics (level {top})")
+    names = [SKY_FILE] if level <= manifest["sky_levels"] else [region_file(r) for r in manifest["pm_stats_versions"]]
+    stacked = pa.concat_tables([_level_row_groups(root / name, [level]) for name in names])
+    return pm.from_pyramid(stacked.replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()}), level)
 
 
 def sky_stats(level: int, layout: StateLayout | None = None) -> pa.Table:
     """All-sky statistics at ``level``: from the maps pyramid when it is current, else merged
     from the per-region statistics."""
     layout = layout or StateLayout.from_env()
-    manifest = maps_manifest(layout)
-    if manifest and manifest.get("pm_stats_versions") == region_versions(layout):
-        top = int(manifest["level_max"])
-        if level > top:
-            raise ValueError(f"level {level} is finer than the stored statistics (level {top})")
-        parts = [_level_row_groups(f, level) for f in parquet_files(layout.table(MAPS_TABLE))]
-        stacked = pa.concat_tables(parts).replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
-        return pm.from_pyramid(stacked, level)
-    stats = merged_region_stats(layout)
-    return pm.degrade(stats, level)
+    stored = pyramid_level(layout, level)
+    if stored is not None:
+        return stored
+    return pm.degrade(merged_region_stats(layout), level)
 
 
 def map_table(level: int, layout: StateLayout | None = None, dense: bool = True) -> pa.Table:

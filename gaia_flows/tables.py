@@ -7,7 +7,9 @@ stay untouched. Only this module writes there.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -106,38 +108,54 @@ def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: 
     return publish(staging, layout.region_dir(table, region))
 
 
-def write_table_arrow(data: pa.Table, layout: StateLayout, table: str, manifest: dict | None = None, row_group_key: str | None = None) -> Path:
-    """Publish an unpartitioned table (training set, all-sky maps) as one atomic directory.
+def _write_grouped(data: pa.Table, schema: pa.Schema, path: Path, table: str, row_group_key: str | None) -> None:
+    with pq.ParquetWriter(path, schema, **ARROW_WRITE_OPTIONS) as writer:
+        data = data.replace_schema_metadata(schema.metadata)
+        if row_group_key is None:
+            writer.write_table(data)
+            return
+        keys = data.column(row_group_key).to_numpy()
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, dtype=np.int64)
+        if np.unique(keys[starts]).size != starts.size:
+            raise ValueError(f"rows of {table!r} are not grouped by {row_group_key!r}")
+        for start, end in zip(starts.tolist(), np.r_[starts[1:], keys.size].tolist()):
+            writer.write_table(data.slice(start, end - start))
+
+
+def write_table_files(
+    files: Iterable[tuple[str, pa.Table | Path]],
+    schema: pa.Schema,
+    layout: StateLayout,
+    table: str,
+    manifest: Callable[[], dict | None],
+    row_group_key: str | None = None,
+) -> Path:
+    """Publish an unpartitioned table file by file, as one atomic directory.
+
+    Each item names a file and gives either its rows (written now) or a file of the published
+    version, hard-linked unchanged (published files are never modified), so a table of which
+    one file changed (the maps pyramid after one region's rerun) is republished for the price
+    of that file. Items are consumed one at a time, so the whole table need never be in
+    memory; ``manifest`` is asked for once every file is in place.
 
     ``row_group_key``: one row group per run of equal values of that column, so a reader
-    filtering on it (``filters=[(key, "=", v)]``) decodes only its group. Rows must already be
-    grouped by the key (the pyramid is sorted by level): each group is then a zero-copy slice,
-    where filtering the table once per value cost a quarter of a second on the 1M-row pyramid.
+    selecting on it decodes only its groups. Rows must already be grouped by the key (the
+    pyramid is sorted by level): each group is then a zero-copy slice, where filtering the
+    table once per value cost a quarter of a second on the 1M-row pyramid.
     """
-    return write_table_parts([data], data.schema, layout, table, lambda: manifest, row_group_key)
-
-
-def write_table_parts(
-    parts: Iterable[pa.Table], schema: pa.Schema, layout: StateLayout, table: str, manifest: Callable[[], dict | None], row_group_key: str | None = None
-) -> Path:
-    """:func:`write_table_arrow` for a table that arrives in parts (the maps pyramid, region by
-    region), so the whole table is never in memory; ``manifest`` is asked for once every part is
-    written. With ``row_group_key``, each part's runs of equal keys become row groups."""
     staging = layout.staging_dir(table)
     staging.mkdir(parents=True)
     try:
-        with pq.ParquetWriter(staging / "part-00000.parquet", schema, **ARROW_WRITE_OPTIONS) as writer:
-            for part in parts:
-                part = part.replace_schema_metadata(schema.metadata)
-                if row_group_key is None:
-                    writer.write_table(part)
-                    continue
-                keys = part.column(row_group_key).to_numpy()
-                starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, dtype=np.int64)
-                if np.unique(keys[starts]).size != starts.size:
-                    raise ValueError(f"rows of {table!r} are not grouped by {row_group_key!r}")
-                for start, end in zip(starts.tolist(), np.r_[starts[1:], keys.size].tolist()):
-                    writer.write_table(part.slice(start, end - start))
+        for name, content in files:
+            if isinstance(content, Path):
+                try:
+                    os.link(content, staging / name)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                    shutil.copy2(content, staging / name)  # a filesystem without hard links
+            else:
+                _write_grouped(content, schema, staging / name, table, row_group_key)
         write_manifest(staging, manifest())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

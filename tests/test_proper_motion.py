@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from conftest import TEST_SPARK_CONF
 from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
-from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps
+from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps, publish_pyramid
 from gaia_flows.engine.pm_stats import (
     LISTING_THRESHOLD,
     InputColumnsError,
@@ -42,7 +43,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import read_regions, write_region_arrow, write_table_arrow
+from gaia_flows.tables import read_regions, write_region_arrow
 
 RTOL = 1e-9
 L_MAX = 8
@@ -317,56 +318,90 @@ def stored(tmp_path):
     return layout, rows
 
 
-def publish_pyramid(layout: StateLayout, row_group_key: str | None = "level") -> None:
-    """The pyramid as proper_motion_maps stores it (one row group per level), or in one row group."""
-    versions = maps.region_versions(layout)
-    merged = maps.merged_region_stats(layout)
-    manifest = {"level_max": L_MAX, "levels": list(range(L_MAX + 1)), "pm_stats_versions": versions}
-    write_table_arrow(pm.pyramid(merged), layout, maps.MAPS_TABLE, manifest=manifest, row_group_key=row_group_key)
-
-
-@pytest.mark.parametrize("row_group_key", ["level", None])
 @pytest.mark.parametrize("level", [0, 6, L_MAX])
-def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level, row_group_key):
+def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level):
     layout, _ = stored
     reference = duckdb_reference(source_files(layout), level)
+    assert maps.pyramid_level(layout, level) is None
     assert_matches_reference(maps.map_table(level, layout), reference)  # merged from pm_stats
-    publish_pyramid(layout, row_group_key)
+    publish_pyramid(layout, [])
+    assert maps.pyramid_level(layout, level) is not None
     assert_matches_reference(maps.map_table(level, layout), reference)  # cut from the pyramid
+
+
+def _assert_stats_equal(got: pa.Table, want: pa.Table, what) -> None:
+    assert got.column("pixel").equals(want.column("pixel")), what
+    for name in pm.STAT_COLUMNS:
+        np.testing.assert_allclose(got.column(name).to_numpy(), want.column(name).to_numpy(), rtol=RTOL, atol=1e-9, err_msg=f"{what} {name}")
 
 
 @pytest.mark.parametrize("top", [L_MAX, 1, 0])
 def test_pyramid_streamed_region_by_region_equals_the_merged_sky(stored, top):
-    """The maps asset builds the pyramid one region at a time: every level 0..top of the parts
-    (the regions' own levels, then the coarser ones from 48 carried rows, or everything carried
-    when top is coarser than the regions) and the kept levels equal the whole sky merged at once."""
+    """The maps asset builds the pyramid one region at a time: every level 0..top as stored
+    (the regions' own levels in their files, the coarser ones from 3 carried rows, or everything
+    carried when top is coarser than the regions) and the kept levels equal the whole sky merged
+    at once."""
     layout, _ = stored
+    for region, stats in maps.read_region_stats(layout).items():
+        write_region_arrow(pm.degrade(stats, top), layout, maps.STATS_TABLE, region, manifest={"level": top})
     merged = maps.merged_region_stats(layout, top)
     keep = sorted({0, min(6, top), top})
-    pyramid = maps.Pyramid(top, {level: [] for level in keep})
-    stacked = pa.concat_tables(list(maps.pyramid_parts(layout, list(REGIONS), pyramid)))
-    stacked = stacked.replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
+    _, pyramid = publish_pyramid(layout, keep)
     for level in range(top + 1):
         want = pm.degrade(merged, level)
-        for got in (pm.from_pyramid(stacked, level), *([pyramid.kept(level)] if level in keep else [])):
-            assert got.column("pixel").equals(want.column("pixel")), level
-            for name in pm.STAT_COLUMNS:
-                np.testing.assert_allclose(got.column(name).to_numpy(), want.column(name).to_numpy(), rtol=RTOL, atol=1e-9, err_msg=f"{level} {name}")
+        _assert_stats_equal(maps.pyramid_level(layout, level), want, level)
+        if level in keep:
+            _assert_stats_equal(pyramid.kept(level), want, f"kept {level}")
     assert pyramid.totals == pm.totals(merged)
+    stored_files = sorted(p.name for p in layout.table(maps.MAPS_TABLE).glob("*.parquet"))
+    assert stored_files == sorted([maps.SKY_FILE] + ([maps.region_file(r) for r in REGIONS] if top >= 1 else []))
 
 
 def test_pyramid_is_stored_one_row_group_per_level(stored):
-    """What lets a re-plot decode one level instead of the whole pyramid."""
-    import pyarrow.parquet as pq
+    """What lets a re-plot decode one level instead of the whole pyramid: the all-sky file
+    holds levels 0-6, each region's file its levels 1..L_max, one row group each."""
+    layout, rows = stored
+    publish_pyramid(layout, [])
+    root = layout.table(maps.MAPS_TABLE)
+    regions = [(maps.region_file(r), range(1, L_MAX + 1) if rows[r].num_rows else []) for r in REGIONS]
+    for name, levels in [(maps.SKY_FILE, range(maps.HELD_LEVEL + 1)), *regions]:
+        meta = pq.ParquetFile(root / name).metadata
+        column = meta.schema.to_arrow_schema().get_field_index("level")
+        groups = [(meta.row_group(i).column(column).statistics.min, meta.row_group(i).column(column).statistics.max) for i in range(meta.num_row_groups)]
+        assert groups == [(lv, lv) for lv in levels], name
+    assert maps._level_row_groups(root / maps.SKY_FILE, [6]).num_rows == pq.ParquetFile(root / maps.SKY_FILE).metadata.row_group(6).num_rows
 
-    layout, _ = stored
-    publish_pyramid(layout)
-    (path,) = layout.table(maps.MAPS_TABLE).glob("*.parquet")
-    meta = pq.ParquetFile(path).metadata
-    column = meta.schema.to_arrow_schema().get_field_index("level")
-    levels = [(meta.row_group(i).column(column).statistics.min, meta.row_group(i).column(column).statistics.max) for i in range(meta.num_row_groups)]
-    assert levels == [(lv, lv) for lv in range(L_MAX + 1)]
-    assert maps._level_row_groups(path, 6).num_rows == meta.row_group(6).num_rows
+
+def test_pyramid_refresh_rewrites_only_the_changed_region(stored):
+    """After one region's statistics are republished, the next build hard-links the other
+    regions' files (same inode), rewrites the changed one, and stores what a build from
+    scratch stores, level by level."""
+    layout, rows = stored
+    publish_pyramid(layout, [])
+    root = layout.table(maps.MAPS_TABLE)
+    inodes = {r: (root / maps.region_file(r)).stat().st_ino for r in REGIONS}
+    changed = rows[REGIONS[1]].slice(0, 1500)  # the region's input lost rows
+    write_region_arrow(changed, layout, "gaia_source", REGIONS[1])
+    write_region_arrow(pm.stats_from_table(changed, L_MAX), layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX})
+    assert maps.pyramid_level(layout, 6) is None  # stale now: not used by readers
+
+    _, pyramid = publish_pyramid(layout, [6, L_MAX])
+    assert pyramid.reused == [REGIONS[0], REGIONS[2]]
+    assert {r: (root / maps.region_file(r)).stat().st_ino for r in REGIONS} == {**inodes, REGIONS[1]: (root / maps.region_file(REGIONS[1])).stat().st_ino}
+    assert (root / maps.region_file(REGIONS[1])).stat().st_ino != inodes[REGIONS[1]]
+    refreshed = {level: maps.pyramid_level(layout, level) for level in range(L_MAX + 1)}
+    kept = {level: pyramid.kept(level) for level in (6, L_MAX)}
+    assert pyramid.totals["n_sources"] == rows[REGIONS[0]].num_rows + 1500
+
+    shutil.rmtree(root.resolve())
+    root.unlink()
+    _, scratch = publish_pyramid(layout, [6, L_MAX])
+    assert scratch.reused == [] and scratch.totals == pyramid.totals
+    for level, stats in refreshed.items():
+        _assert_stats_equal(stats, maps.pyramid_level(layout, level), level)
+    for level, stats in kept.items():
+        _assert_stats_equal(stats, scratch.kept(level), f"kept {level}")
+    assert_matches_reference(maps.map_table(L_MAX, layout), duckdb_reference(source_files(layout), L_MAX))
 
 
 def test_numpy_arrow_conversions_keep_nan_and_fall_back_on_nulls():
@@ -403,7 +438,7 @@ def test_projection_grid_samples_exactly_what_mollview_draws(tmp_path, coord):
 
 def test_map_table_never_serves_a_stale_pyramid(stored):
     layout, rows = stored
-    publish_pyramid(layout)
+    publish_pyramid(layout, [])
     before = maps.map_table(6, layout)
     # one region is recomputed after the maps were built: its new rows must show at once
     changed = make_rows(np.random.default_rng(99), REGIONS[1], 500)
@@ -417,7 +452,7 @@ def test_map_table_never_serves_a_stale_pyramid(stored):
 
 def test_map_table_rejects_levels_finer_than_stored(stored):
     layout, _ = stored
-    publish_pyramid(layout)
+    publish_pyramid(layout, [])
     with pytest.raises(ValueError):
         maps.map_table(L_MAX + 1, layout)
     with pytest.raises(ValueError):
@@ -490,7 +525,7 @@ def test_cli_map_replots_without_pyspark(stored, tmp_path):
     (the maps asset warms them) it loads neither healpy nor pandas nor pyarrow.dataset either:
     those imports would cost a re-plot more than reading and drawing the map."""
     layout, _ = stored
-    publish_pyramid(layout)
+    publish_pyramid(layout, [])
     out = tmp_path / "pmra.png"
 
     def replot(heavy: tuple[str, ...]) -> None:
@@ -881,7 +916,7 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         assert abs(shown.width / shown.height - on_disk.width / on_disk.height) < 0.01
         assert (shown.width < on_disk.width) == (full.stat().st_size > maps.PREVIEW_MAX_BYTES)
         assert len(meta[f"map_{quantity}_level_6"].value) < 2 * maps.PREVIEW_MAX_BYTES
-    assert meta["regions_merged"].value == 2 and meta["level_max"].value == pm.DEFAULT_LEVEL
+    assert meta["regions_merged"].value == 2 and meta["regions_reused"].value == 0 and meta["level_max"].value == pm.DEFAULT_LEVEL
     before = maps.map_table(pm.DEFAULT_LEVEL, layout, dense=False)
     assert_matches_reference(maps.map_table(6, layout), duckdb_reference(source_files(layout), 6))
     stats31_version = os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0]))
@@ -903,6 +938,7 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     rows31 = int(pc.sum(_region_rows(before, MAT_REGIONS[0]).column("n_sources")).as_py())
     assert 0 < rows32 < per_partition[MAT_REGIONS[1]]["rows"].value
     assert meta["rows"].value == rows31 + rows32
+    assert meta["regions_merged"].value == 2 and meta["regions_reused"].value == 1  # hpx1-31's file was kept
     after = maps.map_table(pm.DEFAULT_LEVEL, layout, dense=False)
     unchanged, kept = _region_rows(after, MAT_REGIONS[0]), _region_rows(before, MAT_REGIONS[0])
     for name in unchanged.column_names:  # bit for bit, NaN where there was NaN

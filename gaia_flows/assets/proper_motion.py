@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import (
     AssetCheckResult,
@@ -45,7 +44,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import npix
-from gaia_flows.tables import read_manifest, write_table_parts
+from gaia_flows.tables import read_manifest, write_table_files
 
 SOURCE_TABLE = "gaia_source"
 STATS_TABLE = maps.STATS_TABLE
@@ -205,11 +204,12 @@ class _Republished(Exception):
     """A pm_stats region was republished while the pyramid was being written."""
 
 
-def _write_pyramid(layout, render_levels: list[int]) -> tuple[dict[str, str], dict[str, int], maps.Pyramid]:
+def publish_pyramid(layout, render_levels: list[int]) -> tuple[dict[str, int], maps.Pyramid]:
     """Stream every region's statistics into the stored pyramid (one region in memory at a
-    time); returns the versions it was built from, each region's level and what was kept for
-    rendering. Retried if a region is republished meanwhile: the check comes before the
-    pyramid is published, so the stored maps always describe the versions their manifest names."""
+    time; a region unchanged since the stored pyramid keeps its file); returns each region's
+    level and what was built. Retried if a region is republished meanwhile: the check comes
+    before the pyramid is published, so the stored maps always describe the versions their
+    manifest names."""
     for _ in range(5):
         before = maps.region_versions(layout, STATS_TABLE)
         if not before:
@@ -222,20 +222,13 @@ def _write_pyramid(layout, render_levels: list[int]) -> tuple[dict[str, str], di
             def manifest() -> dict:
                 if maps.region_versions(layout, STATS_TABLE) != before:
                     raise _Republished
-                return {
-                    "level_max": level_max,
-                    "levels": list(range(level_max + 1)),
-                    "pm_stats_versions": before,
-                    "rows": pyramid.totals["n_sources"],
-                    "rows_with_pm": pyramid.totals["n_pm"],
-                    "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                }
+                return {**pyramid.manifest(before), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
             schema = pm.pyramid(pm.empty_stats(level_max), [level_max]).schema
-            write_table_parts(maps.pyramid_parts(layout, list(before), pyramid), schema, layout, MAPS_TABLE, manifest, row_group_key="level")
+            write_table_files(maps.pyramid_files(layout, before, pyramid), schema, layout, MAPS_TABLE, manifest, row_group_key="level")
         except (FileNotFoundError, _Republished):
             continue
-        return before, levels, pyramid
+        return levels, pyramid
     raise RuntimeError("pm_stats regions kept changing while the maps were being built; retry the run")
 
 
@@ -252,7 +245,7 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
     ``<home>/maps/proper_motion/``. Empty pixels are NaN (grey in the PNGs). No Spark."""
     layout = storage.layout
     started = time.perf_counter()
-    versions, levels, pyramid = _write_pyramid(layout, config.render_levels)
+    levels, pyramid = publish_pyramid(layout, config.render_levels)
     level_max, totals = pyramid.level_max, pyramid.totals
     if len(set(levels.values())) > 1:
         context.log.warning(f"pm_stats regions were computed at different levels {sorted(set(levels.values()))}; maps use the coarsest, {level_max}")
@@ -283,7 +276,8 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
             "level_max": level_max,
             "levels_stored": MetadataValue.json(list(range(level_max + 1))),
             "levels_rendered": MetadataValue.json(sorted({lv for lv in config.render_levels if 0 <= lv <= level_max})),
-            "regions_merged": len(versions),
+            "regions_merged": len(levels),
+            "regions_reused": len(pyramid.reused),
             "rows": totals["n_sources"],
             "rows_with_pm": totals["n_pm"],
             "rows_without_pm": totals["n_sources"] - totals["n_pm"],
@@ -304,20 +298,17 @@ def maps_consistent(storage: StorageResource) -> AssetCheckResult:
     """Totals per level of the stored pyramid against the pm_stats versions it was built from;
     NaN means only in pixels without proper motions."""
     layout = storage.layout
-    files = sorted(layout.table(MAPS_TABLE).glob("*.parquet"))
-    if not files:
-        return AssetCheckResult(passed=False, metadata={"reason": "no stored maps"})
-    stacked = pq.read_table(files)
     manifest = maps.maps_manifest(layout)
+    if "sky_levels" not in manifest:
+        return AssetCheckResult(passed=False, metadata={"reason": "no stored maps"})
     per_level = {}
-    for level in manifest.get("levels", []):
-        part = stacked.filter(pc.equal(stacked.column("level"), level))
-        per_level[level] = int(np.sum(part.column("n_sources").to_numpy()))
+    for level in manifest["levels"]:
+        stats = maps.pyramid_level(layout, level, current_only=False)
+        per_level[level] = int(np.sum(stats.column("n_sources").to_numpy()))
+    finest = pm.finalise(stats, dense=False)  # the levels ascend: the last one read is L_max
     stats_rows = manifest.get("rows")
-    level_max = manifest.get("level_max", 0)
-    top = pm.finalise(pm.from_pyramid(stacked.replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(level_max).encode()}), level_max), dense=False)
-    has_pm = top.column("n_pm").to_numpy() > 0
-    nan_with_pm = int(np.count_nonzero(has_pm & ~np.isfinite(top.column("mean_pmra").to_numpy())))
+    has_pm = finest.column("n_pm").to_numpy() > 0
+    nan_with_pm = int(np.count_nonzero(has_pm & ~np.isfinite(finest.column("mean_pmra").to_numpy())))
     current = manifest.get("pm_stats_versions") == maps.region_versions(layout, STATS_TABLE)
     passed = len(set(per_level.values())) == 1 and set(per_level.values()) == {stats_rows} and nan_with_pm == 0
     return AssetCheckResult(
