@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.science.healpix import nside, parse_region_key
+from gaia_flows.science.healpix import children_range, nside, parse_region_key
 
 STATS_TABLE = "pm_stats"
 MAPS_TABLE = "proper_motion_maps"
@@ -143,6 +143,19 @@ def _level_slice(part: pa.Table, lo: int, hi: int) -> pa.Table:
     return part.slice(int(first), int(last - first))
 
 
+def _region_rows(stacked: pa.Table, region: str, lo: int, hi: int) -> pa.Table:
+    """One region's rows at levels ``lo..hi`` of an all-sky pyramid part sorted by (level,
+    pixel): at each level, the nested range of the region's pixel, as zero-copy slices."""
+    region_level, region_pixel = parse_region_key(region)
+    parts = []
+    for level in range(lo, hi + 1):
+        at_level = _level_slice(stacked, level, level)
+        first, last = children_range(region_pixel, region_level, level)
+        start, end = np.searchsorted(pm.as_numpy(at_level.column("pixel")), [first, last + 1])
+        parts.append(at_level.slice(int(start), int(end - start)))
+    return pa.concat_tables(parts)
+
+
 def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyramid) -> Iterator[tuple[str, pa.Table | Path]]:
     """The all-sky pyramid (levels 0..``pyramid.level_max``) of the pm_stats ``versions``, as
     (file name, rows or a file to reuse) items for :func:`gaia_flows.tables.write_table_files`,
@@ -150,10 +163,11 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
 
     Every pixel at the regions' level or finer lies in one region, so each region's file holds
     its own pyramid from the regions' level up; a region whose statistics have the version the
-    stored pyramid was built from keeps its file (hard-linked, not rewritten) and only its
-    coarse levels are read back. The last item is the all-sky file: the levels up to
-    :data:`HELD_LEVEL` gathered from the regions, and the levels coarser than the regions (from
-    each region's single pixel at the regions' level).
+    stored pyramid was built from keeps its file (hard-linked, not rewritten), and its coarse
+    levels are cut from the stored all-sky file (one file read, not one per region). The last
+    item is the new all-sky file: the levels up to :data:`HELD_LEVEL` gathered from the
+    regions, and the levels coarser than the regions (from each region's single pixel at the
+    regions' level).
     """
     top = pyramid.level_max
     regions = list(versions)
@@ -163,7 +177,7 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
     fine_kept = [level for level in pyramid.keep if level > sky_top]
     stored_root, stored = _stored_pyramid(layout)
     reusable = stored.get("level_max") == top and stored.get("sky_levels") == sky_top
-    carried, held = [], []
+    carried, held, stored_sky = [], [], None
     for region in regions:
         if split > top:
             stats = read_region_stats(layout, [region])[region]
@@ -171,7 +185,11 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
             continue
         old = stored_root / region_file(region)
         if reusable and stored["pm_stats_versions"].get(region) == versions[region] and region in stored.get("region_totals", {}):
-            part = _level_row_groups(old, [*range(split, sky_top + 1), *fine_kept])
+            if stored_sky is None:
+                stored_sky = _level_row_groups(stored_root / SKY_FILE, range(split, sky_top + 1))
+            part = _region_rows(stored_sky, region, split, sky_top)
+            if fine_kept:
+                part = pa.concat_tables([part, _level_row_groups(old, fine_kept).replace_schema_metadata(part.schema.metadata)])
             counts = stored["region_totals"][region]
             pyramid.reused.append(region)
             yield region_file(region), old
