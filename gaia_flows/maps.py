@@ -12,8 +12,8 @@ Where the statistics come from, newest first:
 1. ``warehouse/proper_motion_maps/``: the all-sky pyramid (every level 0..L_max) the
    ``proper_motion_maps`` asset writes, used when it was built from the pm_stats versions
    that are published now: ``sky.parquet`` holds the whole sky up to level 6, each
-   ``region-<key>.parquet`` one region's own levels (from the regions' level up), one row
-   group per level, so a map reads only its level;
+   ``region-<key>.parquet`` one region's finer levels, one row group per level, so a map reads
+   only its level;
 2. otherwise the per-region ``warehouse/pm_stats/<region>/`` tables, merged on the fly (a
    region rerun since the last maps run is therefore never invisible).
 
@@ -96,15 +96,15 @@ SKY_FILE = "sky.parquet"
 
 
 def region_file(region: str) -> str:
-    """The stored pyramid's file of one region's own levels."""
+    """The stored pyramid's file of one region's levels finer than :data:`HELD_LEVEL`."""
     return f"region-{region}.parquet"
 
 
 HELD_LEVEL = 6
 """Pyramid levels up to this one (at most 65,532 pixels over the whole sky, whatever the star
 count) are stored for the whole sky in one file, one row group per level, so a map at these
-levels opens one file; the finer levels stay in the regions' files (writing every level of every
-region as its own row group in one file made a maps run 25 % slower)."""
+levels opens one file; only the finer levels are stored region by region (writing every level of
+every region as its own row group made a maps run 25 % slower)."""
 
 
 @dataclass
@@ -161,13 +161,13 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
     (file name, rows or a file to reuse) items for :func:`gaia_flows.tables.write_table_files`,
     reading one region at a time, so the driver never holds the finest levels of the whole sky.
 
-    Every pixel at the regions' level or finer lies in one region, so each region's file holds
-    its own pyramid from the regions' level up; a region whose statistics have the version the
-    stored pyramid was built from keeps its file (hard-linked, not rewritten), and its coarse
-    levels are cut from the stored all-sky file (one file read, not one per region). The last
-    item is the new all-sky file: the levels up to :data:`HELD_LEVEL` gathered from the
-    regions, and the levels coarser than the regions (from each region's single pixel at the
-    regions' level).
+    Every pixel at the regions' level or finer lies in one region, so the levels finer than
+    :data:`HELD_LEVEL` are stored region by region, one file each. A region whose statistics
+    have the version the stored pyramid was built from keeps its file (hard-linked, not
+    rewritten), and its coarser levels are cut from the stored all-sky file (one file read, not
+    one per region). The last item is the new all-sky file: the levels up to
+    :data:`HELD_LEVEL`, gathered from the regions, and the levels coarser than the regions
+    (from each region's single pixel at the regions' level).
     """
     top = pyramid.level_max
     regions = list(versions)
@@ -192,13 +192,15 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
                 part = pa.concat_tables([part, _level_row_groups(old, fine_kept).replace_schema_metadata(part.schema.metadata)])
             counts = stored["region_totals"][region]
             pyramid.reused.append(region)
-            yield region_file(region), old
+            if sky_top < top:
+                yield region_file(region), old
         else:
             stats = read_region_stats(layout, [region])[region]
             stats = pm.degrade(stats, top) if pm.stats_level(stats) > top else stats
             part = pm.pyramid(stats, range(split, top + 1))
             counts = pm.totals(stats)
-            yield region_file(region), part
+            if sky_top < top:
+                yield region_file(region), _level_slice(part, sky_top + 1, top)
         part = part.replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
         pyramid.region_totals[region] = counts
         for name in pyramid.totals:

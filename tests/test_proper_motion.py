@@ -354,16 +354,16 @@ def test_pyramid_streamed_region_by_region_equals_the_merged_sky(stored, top):
             _assert_stats_equal(pyramid.kept(level), want, f"kept {level}")
     assert pyramid.totals == pm.totals(merged)
     stored_files = sorted(p.name for p in layout.table(maps.MAPS_TABLE).glob("*.parquet"))
-    assert stored_files == sorted([maps.SKY_FILE] + ([maps.region_file(r) for r in REGIONS] if top >= 1 else []))
+    assert stored_files == sorted([maps.SKY_FILE] + ([maps.region_file(r) for r in REGIONS] if top > maps.HELD_LEVEL else []))
 
 
 def test_pyramid_is_stored_one_row_group_per_level(stored):
     """What lets a re-plot decode one level instead of the whole pyramid: the all-sky file
-    holds levels 0-6, each region's file its levels 1..L_max, one row group each."""
+    holds levels 0-6, each region's file its levels 7..L_max, one row group each."""
     layout, rows = stored
     publish_pyramid(layout, [])
     root = layout.table(maps.MAPS_TABLE)
-    regions = [(maps.region_file(r), range(1, L_MAX + 1) if rows[r].num_rows else []) for r in REGIONS]
+    regions = [(maps.region_file(r), range(maps.HELD_LEVEL + 1, L_MAX + 1) if rows[r].num_rows else []) for r in REGIONS]
     for name, levels in [(maps.SKY_FILE, range(maps.HELD_LEVEL + 1)), *regions]:
         meta = pq.ParquetFile(root / name).metadata
         column = meta.schema.to_arrow_schema().get_field_index("level")
