@@ -77,6 +77,9 @@ def ensure_catalogue(work: Path, stars: int) -> Path:
     return landing
 
 
+_INSTANCE = None
+
+
 def materialize(assets, **kwargs):
     """Dagster's ``materialize`` on one in-memory instance for the whole process, as a
     deployment has one instance: a fresh one per run (``materialize``'s default) costs ~0.1 s
@@ -88,9 +91,6 @@ def materialize(assets, **kwargs):
     if _INSTANCE is None:
         _INSTANCE = DagsterInstance.ephemeral()
     return dagster_materialize(assets, instance=_INSTANCE, **kwargs)
-
-
-_INSTANCE = None
 
 
 def remove_table(path: Path) -> None:

@@ -108,12 +108,9 @@ def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: 
     return publish(staging, layout.region_dir(table, region))
 
 
-def _write_grouped(data: pa.Table, schema: pa.Schema, path: Path, table: str, row_group_key: str | None) -> None:
+def _write_grouped(data: pa.Table, schema: pa.Schema, path: Path, table: str, row_group_key: str) -> None:
     with pq.ParquetWriter(path, schema, **ARROW_WRITE_OPTIONS) as writer:
         data = data.replace_schema_metadata(schema.metadata)
-        if row_group_key is None:
-            writer.write_table(data)
-            return
         keys = data.column(row_group_key).to_numpy()
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, dtype=np.int64)
         if np.unique(keys[starts]).size != starts.size:
@@ -128,7 +125,7 @@ def write_table_files(
     layout: StateLayout,
     table: str,
     manifest: Callable[[], dict | None],
-    row_group_key: str | None = None,
+    row_group_key: str,
 ) -> Path:
     """Publish an unpartitioned table file by file, as one atomic directory.
 

@@ -43,7 +43,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import read_regions, write_region_arrow
+from gaia_flows.tables import read_regions, write_region_arrow, write_table_files
 
 RTOL = 1e-9
 L_MAX = 8
@@ -402,6 +402,22 @@ def test_pyramid_refresh_rewrites_only_the_changed_region(stored):
     for level, stats in kept.items():
         _assert_stats_equal(stats, scratch.kept(level), f"kept {level}")
     assert_matches_reference(maps.map_table(L_MAX, layout), duckdb_reference(source_files(layout), L_MAX))
+
+
+def test_a_table_that_fails_to_write_leaves_the_published_version_alone(stored):
+    """Rows not grouped by the row-group key stop the publish: the maps readers keep the
+    version they had, and no staging directory is left behind."""
+    layout, _ = stored
+    publish_pyramid(layout, [])
+    before = os.readlink(layout.table(maps.MAPS_TABLE))
+    sky = maps.pyramid_level(layout, 3)
+    bad = pm.pyramid(maps.merged_region_stats(layout), [2, 3])
+    bad = pa.concat_tables([bad, bad.slice(0, 1)])  # level 2 again after level 3
+    with pytest.raises(ValueError, match="not grouped by 'level'"):
+        write_table_files([("sky.parquet", bad)], bad.schema, layout, maps.MAPS_TABLE, lambda: {}, row_group_key="level")
+    assert os.readlink(layout.table(maps.MAPS_TABLE)) == before
+    assert maps.pyramid_level(layout, 3).equals(sky)
+    assert not any(layout.staging_dir(maps.MAPS_TABLE).parent.glob(f"{maps.MAPS_TABLE}-*"))
 
 
 def test_numpy_arrow_conversions_keep_nan_and_fall_back_on_nulls():
