@@ -70,15 +70,19 @@ def region_versions(layout: StateLayout, table: str = STATS_TABLE) -> dict[str, 
     return out
 
 
+def _stats_files(layout: StateLayout, region: str) -> list[Path]:
+    files = layout.region_files(STATS_TABLE, region)
+    if not files:
+        raise FileNotFoundError(f"{layout.region_dir(STATS_TABLE, region)} holds no statistics")
+    return files
+
+
 def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> dict[str, pa.Table]:
     """The stored statistics of each (by default every published) region."""
     wanted = list(region_versions(layout)) if regions is None else regions
     out = {}
     for region in wanted:
-        files = layout.region_files(STATS_TABLE, region)
-        parts = [pq.read_table(f) for f in files]
-        if not parts:
-            raise FileNotFoundError(f"{layout.region_dir(STATS_TABLE, region)} holds no statistics")
+        parts = [pq.read_table(f) for f in _stats_files(layout, region)]
         level = pm.stats_level(parts[0])
         out[region] = pa.concat_tables(parts).cast(pm.stats_schema(level)) if len(parts) > 1 else parts[0]
     return out
@@ -86,10 +90,7 @@ def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> 
 
 def stored_level(layout: StateLayout, region: str) -> int:
     """Level of a region's stored statistics, from its first file's footer (no data read)."""
-    files = layout.region_files(STATS_TABLE, region)
-    if not files:
-        raise FileNotFoundError(f"{layout.region_dir(STATS_TABLE, region)} holds no statistics")
-    return int(pq.read_schema(files[0]).metadata[pm.LEVEL_METADATA_KEY])
+    return int(pq.read_schema(_stats_files(layout, region)[0]).metadata[pm.LEVEL_METADATA_KEY])
 
 
 SKY_FILE = "sky.parquet"
@@ -181,7 +182,7 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
     for region in regions:
         if split > top:
             stats = read_region_stats(layout, [region])[region]
-            carried.append(pm.degrade(stats, top) if pm.stats_level(stats) > top else stats)
+            carried.append(pm.degrade(stats, top))
             continue
         old = stored_root / region_file(region)
         if reusable and stored["pm_stats_versions"].get(region) == versions[region] and region in stored.get("region_totals", {}):
@@ -196,7 +197,7 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
                 yield region_file(region), old
         else:
             stats = read_region_stats(layout, [region])[region]
-            stats = pm.degrade(stats, top) if pm.stats_level(stats) > top else stats
+            stats = pm.degrade(stats, top)
             part = pm.pyramid(stats, range(split, top + 1))
             counts = pm.totals(stats)
             if sky_top < top:

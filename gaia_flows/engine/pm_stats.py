@@ -268,7 +268,7 @@ def region_stats(files: list[str], region: str, level: int = pm.DEFAULT_LEVEL) -
         _owners(stats, region_level, {region_pixel}, f"the run's region {region}", f"{path}: rows")
         parts.append(stats)
     merged = pm.merge(parts, at)  # boundary pixels shared by consecutive files are summed here
-    return pm.degrade(merged, level) if level < at else merged
+    return pm.degrade(merged, level)
 
 
 @dataclass(frozen=True)

@@ -214,13 +214,9 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
         pixels.append(part[starts])
         runs.append(np.diff(np.r_[starts, part.size]))
         sums.append(np.add.reduceat(t, starts, axis=1))
-    pixel, n_sources, summed = np.concatenate(pixels), np.concatenate(runs), np.concatenate(sums, axis=1)
-    if pixel.size > 1 and np.any(pixel[1:] == pixel[:-1]):  # a pixel's rows ran across blocks
-        starts = np.flatnonzero(np.r_[True, pixel[1:] != pixel[:-1]])
-        pixel, n_sources, summed = pixel[starts], np.add.reduceat(n_sources, starts), np.add.reduceat(summed, starts, axis=1)
-    columns = {"n_sources": n_sources, "n_pm": np.rint(summed[n_pm]).astype(np.int64)}
-    columns.update(zip(SUM_COLUMNS, summed[ra:]))
-    return stats_table(pixel, columns, level)
+    summed = np.concatenate(sums, axis=1)
+    columns = {"n_sources": np.concatenate(runs), "n_pm": np.rint(summed[n_pm]).astype(np.int64), **dict(zip(SUM_COLUMNS, summed[ra:]))}
+    return _group_sum(np.concatenate(pixels), columns, level)  # sums again the pixels whose rows ran across blocks
 
 
 def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
