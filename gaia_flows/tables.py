@@ -56,6 +56,12 @@ def read_regions(spark: SparkSession, layout: StateLayout, table: str, regions: 
     return spark.read.parquet(*paths)
 
 
+def footer_rows(paths: Iterable[str | Path]) -> int:
+    """Rows of Parquet files from their footers (no data read), independent of the counts of the
+    job that wrote them."""
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+
+
 def read_manifest(layout: StateLayout, table: str, region: str) -> dict:
     path = layout.region_dir(table, region) / REGION_MANIFEST
     return json.loads(path.read_text()) if path.exists() else {}

@@ -1,7 +1,6 @@
 """The catalogue: Gaia bulk files in the landing folder become ``gaia_source``, one Parquet
 directory per sky region, rows sorted by ``source_id`` so neighbours share files."""
 
-import pyarrow.parquet as pq
 from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
@@ -21,7 +20,7 @@ from gaia_flows.engine.metrics import stage_io
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.tables import published_regions, read_manifest
+from gaia_flows.tables import footer_rows, published_regions, read_manifest
 
 gaia_landing = AssetSpec(
     "gaia_landing",
@@ -108,8 +107,8 @@ def rows_conserved(storage: StorageResource) -> AssetCheckResult:
     broken, totals = {}, {"rows_in": 0, "accepted": 0, "rejected": 0}
     for region in published_regions(layout, TABLE):
         manifest = read_manifest(layout, TABLE, region)
-        accepted = _footer_rows(layout.region_dir(TABLE, region))
-        rejected = _footer_rows(layout.quarantine_dir(TABLE, region))
+        accepted = footer_rows(layout.region_dir(TABLE, region).glob("*.parquet"))
+        rejected = footer_rows(layout.quarantine_dir(TABLE, region).glob("*.parquet"))  # no folder when nothing was rejected: 0
         rows_in = manifest.get("rows_in", -1)
         totals["rows_in"] += max(rows_in, 0)
         totals["accepted"] += accepted
@@ -117,7 +116,3 @@ def rows_conserved(storage: StorageResource) -> AssetCheckResult:
         if rows_in != accepted + rejected:
             broken[region] = {"rows_in": rows_in, "accepted": accepted, "rejected": rejected}
     return AssetCheckResult(passed=not broken, metadata={**totals, "regions_checked": len(published_regions(layout, TABLE)), "mismatched": MetadataValue.json(broken)})
-
-
-def _footer_rows(directory) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in directory.glob("*.parquet")) if directory.exists() else 0

@@ -51,7 +51,7 @@ from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FEATURES, FeatureError, GcnsCuts
 from gaia_flows.maps import preview_markdown, render_healpix
 from gaia_flows.science.healpix import REGION_LEVEL, npix, parse_region_key, source_id_shift
-from gaia_flows.tables import published_regions, read_regions, write_regions, write_table
+from gaia_flows.tables import footer_rows, published_regions, read_regions, write_regions, write_table
 
 SOURCE_TABLE = "gaia_source"
 TRAINING_TABLE = "astrometric_training_set"
@@ -532,7 +532,7 @@ def classified_sources(
 
     parallax_cut = parallax_min if config.population == "candidates" else None
     inputs = [path for region in regions for path in layout.region_files(SOURCE_TABLE, region)]
-    files = classify.files_for_rows(sum(pq.ParquetFile(path).metadata.num_rows for path in inputs))
+    files = classify.files_for_rows(footer_rows(inputs))
     manifest = {"model": uri, "model_version": version, "population": config.population, "parallax_min_mas": parallax_min, "threshold": config.threshold}
     try:
         if loaded.flavor == "sklearn":  # Python tasks read the region files (classify.score_files says why)

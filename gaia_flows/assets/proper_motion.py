@@ -44,7 +44,7 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import npix
-from gaia_flows.tables import read_manifest, write_table_files
+from gaia_flows.tables import footer_rows, read_manifest, write_table_files
 
 SOURCE_TABLE = "gaia_source"
 STATS_TABLE = maps.STATS_TABLE
@@ -134,13 +134,10 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
 
 def _stored_rows(layout, table: str, region: str, column: str | None = None) -> int:
     """Rows (or the sum of ``column``) of a published region, read from the files on disk."""
-    total = 0
-    for path in layout.region_files(table, region):
-        if column is None:
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            total += int(np.sum(pq.read_table(path, columns=[column]).column(column).to_numpy()))
-    return total
+    files = layout.region_files(table, region)
+    if column is None:
+        return footer_rows(files)
+    return sum(int(np.sum(pq.read_table(path, columns=[column]).column(column).to_numpy())) for path in files)
 
 
 @asset_check(asset=pm_stats, blocking=True, description="Every region's statistics count exactly the rows gaia_source accepted for it.")

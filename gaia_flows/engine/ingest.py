@@ -33,7 +33,7 @@ from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
 from gaia_flows.science.planner import files_per_region
 from gaia_flows.science.validation import check_header, home_regions, validate_rows
-from gaia_flows.tables import write_manifest
+from gaia_flows.tables import footer_rows, write_manifest
 
 TABLE = "gaia_source"
 DIAGNOSTIC_COLUMNS = [("_file", pa.string()), ("_line", pa.int64()), ("_rule", pa.string()), ("_reason", pa.string()), ("_region", pa.int64())]
@@ -305,8 +305,8 @@ def _publish_region(
         if not directory.exists():
             directory.mkdir(parents=True)
             pq.write_table(table_schema.empty_table(), directory / "part-00000-empty.parquet")
-    accepted = _parquet_rows(accepted_dir)
-    rejected = _parquet_rows(rejected_dir)
+    accepted = footer_rows(accepted_dir.glob("*.parquet"))
+    rejected = footer_rows(rejected_dir.glob("*.parquet"))
     files = sorted(accepted_dir.glob("*.parquet"))
     result = RegionResult(
         region=region,
@@ -332,8 +332,3 @@ def _publish_region(
     publish(rejected_dir, layout.quarantine_dir(TABLE, region))
     publish(accepted_dir, layout.region_dir(TABLE, region))
     return result
-
-
-def _parquet_rows(directory: Path) -> int:
-    """Rows actually on disk, read from the Parquet footers, independent of Spark's counts."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in directory.glob("*.parquet"))
