@@ -45,6 +45,7 @@ def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -
     from gaia_flows.engine import classify
     from gaia_flows.science import astrometric as astro
     from gaia_flows.science.astrometric import FEATURES
+    from gaia_flows.tables import footer_rows
 
     single = classify.set_threads(loaded.model, 1)
     features = astro.feature_frame(rows)
@@ -83,7 +84,7 @@ def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -
         # A quarter of the files in one job: what a job's fixed costs (task start, the JVM's
         # code generation and compilation, the last task's tail) do to the rate.
         quarter = files[: max(1, len(files) // 4)]
-        quarter_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in quarter)
+        quarter_rows = footer_rows(quarter)
         quarter_seconds, _ = timed(lambda: classify.score_files(session, quarter, loaded).write.format("noop").mode("overwrite").save(), 3)
         # The same files through Spark's Parquet reader and classify.score (the asset's path before).
         reader_seconds, _ = timed(lambda: classify.score(session.read.parquet(*files), loaded).write.format("noop").mode("overwrite").save(), 3)
