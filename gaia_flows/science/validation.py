@@ -62,6 +62,7 @@ class Reasons:
     def __post_init__(self) -> None:
         self.values = np.full(self.size, None, dtype=object)
         self.rules = np.full(self.size, None, dtype=object)
+        self._rejected = np.zeros(self.size, dtype=bool)  # rules != None, kept as booleans: asked once per column
 
     def add(self, mask: np.ndarray, rule: str, message) -> None:
         """``message`` is a string or a callable(index) -> string for row-specific detail."""
@@ -71,10 +72,11 @@ class Reasons:
                 self.values[i], self.rules[i] = text, rule
             else:
                 self.values[i] = f"{self.values[i]}; {text}"
+        self._rejected |= np.asarray(mask, dtype=bool)
 
     @property
     def rejected(self) -> np.ndarray:
-        return self.rules != None  # noqa: E711 (element-wise on an object array)
+        return self._rejected.copy()
 
 
 def _mask(array: pa.Array) -> np.ndarray:
