@@ -33,8 +33,9 @@ gaia_landing = AssetSpec(
 
 class GaiaSourceConfig(Config):
     bucket_mb: int = 128
-    """Target size of one Parquet file: about what one executor core holds in memory, the
-    seed's rule that dataset size / buckets ~ worker memory."""
+    """Compressed input one ingestion task takes at most (more tasks when the cores need
+    them): a task writes one sorted Parquet part per region it touches, so this bounds a
+    region file's size, the seed's rule that dataset size / buckets ~ worker memory."""
 
 
 @asset(
