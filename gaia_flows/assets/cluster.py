@@ -1,6 +1,6 @@
 """The Spark cluster as an asset, and the job that removes it.
 
-Materialising ``spark_cluster`` plans a cluster for the workload (``science.planner``) and
+Materialising ``spark_cluster`` plans a cluster for the workload (``cloud.planner``) and
 reconciles the cloud to it (``cloud.provision``); its manifest (master URL, nodes, size,
 price) is what ``SparkResource`` reads, so downstream assets run on ``local[*]``, a loopback
 standalone cluster or cloud VMs without a change. ``teardown_cluster`` is the one command
@@ -30,7 +30,7 @@ from gaia_flows.cloud.retry import CloudCallError, redact
 from gaia_flows.layout import StateLayout
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.science.planner import PlanError
+from gaia_flows.cloud.planner import PlanError
 
 LANDING_GLOB = "GaiaSource_*.csv*"
 
