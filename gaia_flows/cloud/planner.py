@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from gaia_flows.engine.sizing import files_per_region
+
 MiB = 1024**2
 GiB = 1024**3
 
@@ -50,31 +52,6 @@ BUCKET_MAX_BYTES = 1 * GiB
 SHUFFLE_PARTITION_TARGET_BYTES = 128 * MiB
 DEFAULT_REGIONS = 48  # HEALPix level 1
 COST_TOLERANCE = 0.10
-
-
-def balanced_groups(weights: dict[str, int], groups: int) -> list[list[str]]:
-    """Keys in at most ``groups`` groups of similar total weight (bytes of input, say): largest
-    first into the lightest group, how Spark tasks that each take a group finish together."""
-    bins: list[list[str]] = [[] for _ in range(max(1, min(groups, len(weights))))]
-    load = [0] * len(bins)
-    for key in sorted(weights, key=weights.get, reverse=True):
-        lightest = load.index(min(load))
-        bins[lightest].append(key)
-        load[lightest] += weights[key]
-    return bins
-
-
-def files_per_region(region_bytes: int, bucket_bytes: int) -> int:
-    """Number of Parquet files for one sky region: the seed's "dataset size / n ≈ worker memory".
-
-    A bucket no larger than the memory a task has means a region file is read in one
-    sequential pass and can be held whole, so neighbours on the sky stay in one file.
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    if region_bytes < 0:
-        raise ValueError(f"region_bytes must not be negative, got {region_bytes}")
-    return max(1, math.ceil(region_bytes / bucket_bytes))
 
 
 class Workload(str, Enum):

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import ABS_FEATURES, FEATURES, FeatureError
-from gaia_flows.cloud.planner import balanced_groups
+from gaia_flows.engine.sizing import balanced_groups
 
 Engine = Literal["sklearn", "spark"]
 SCORE_SCHEMA = "source_id long, probability double, label byte"

@@ -31,7 +31,7 @@ from gaia_flows.contracts import TableContract
 from gaia_flows.layout import StateLayout, publish
 from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
-from gaia_flows.cloud.planner import files_per_region
+from gaia_flows.engine.sizing import files_per_region
 from gaia_flows.science.validation import check_header, home_regions, validate_rows
 from gaia_flows.tables import footer_rows, write_manifest
 
