@@ -212,6 +212,19 @@ class _Carve:
         return self.executor_memory_mb * self.executors_per_worker
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """One worker size that fits the workload, with what ranking the candidates needs."""
+
+    cost: float  # the workload's cost metric (total, or per useful core for scans)
+    preference: int  # lower wins within COST_TOLERANCE of the cheapest
+    delivered_cores: int
+    size: Size
+    shape: _Carve
+    workers: int
+    notes: list[str]
+
+
 def worker_memory_mb(ram_mb: int) -> int:
     """What a node's Spark worker may hand to executors: its RAM less what the OS, the worker
     daemon and the page cache keep. Advertising all of it lets executors push the node into
@@ -308,7 +321,7 @@ def plan_cluster(
     master = choose_master(allowed, limits, by_price)
 
     rejected: list[str] = []
-    candidates: list[tuple[float, int, int, Size, _Carve, int, list[str]]] = []
+    candidates: list[_Candidate] = []
     for size in allowed:
         if limits.worker_sizes is not None and not (size.name in limits.worker_sizes or size.id in limits.worker_sizes):
             continue
@@ -352,7 +365,7 @@ def plan_cluster(
             delivered = min(workers * shape.cores, want_cores) or 1
             cost_metric = workers * size.cost_key(by_price) / delivered  # cost per useful core
             preference = -workers  # more, smaller workers: more disks and NICs reading at once
-        candidates.append((cost_metric, preference, delivered, size, shape, workers, notes))
+        candidates.append(_Candidate(cost_metric, preference, delivered, size, shape, workers, notes))
 
     if not candidates:
         if limits.worker_sizes is not None and not any(s.name in limits.worker_sizes or s.id in limits.worker_sizes for s in allowed):
@@ -366,13 +379,14 @@ def plan_cluster(
     if rules.strategy == "throughput":
         # When limits cap the worker count, a size that still delivers the cores wins over a
         # cheaper one that cannot: a scan's cost is also its wall time.
-        most = max(c[2] for c in candidates)
-        candidates = [c for c in candidates if c[2] >= most * (1 - COST_TOLERANCE)]
+        most = max(c.delivered_cores for c in candidates)
+        candidates = [c for c in candidates if c.delivered_cores >= most * (1 - COST_TOLERANCE)]
     # Within COST_TOLERANCE of the cheapest, the workload's preference decides (fewer big
     # workers for training, more small ones for scans); beyond it, money wins.
-    cheapest = min(c[0] for c in candidates)
-    near = [c for c in candidates if c[0] <= cheapest * (1 + COST_TOLERANCE) + 1e-12]
-    _, _, _, size, shape, workers, notes = min(near, key=lambda c: (c[1], c[0], c[3].vcpus, c[3].name))
+    cheapest = min(c.cost for c in candidates)
+    near = [c for c in candidates if c.cost <= cheapest * (1 + COST_TOLERANCE) + 1e-12]
+    best = min(near, key=lambda c: (c.preference, c.cost, c.size.vcpus, c.size.name))
+    size, shape, workers, notes = best.size, best.shape, best.workers, best.notes
     total_cores = workers * shape.cores
     shuffle_bytes = data_bytes * rules.shuffle_ratio
     shuffle_partitions = max(total_cores * 2, math.ceil(shuffle_bytes / SHUFFLE_PARTITION_TARGET_BYTES))
