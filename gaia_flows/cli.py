@@ -60,13 +60,14 @@ def materialize(layout: StateLayout, selection: str, partitioned: bool) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from gaia_flows.contracts import load_contract
     from gaia_flows.science.synthetic import generate
 
     layout = StateLayout.from_env().ensure()
     started = time.perf_counter()
     if not any(layout.landing.glob("GaiaSource_*.csv*")):
         print(f"Generating a synthetic catalogue of {args.stars:,} stars (seed {args.seed}) into {layout.landing}", flush=True)
-        generate(stars=args.stars, seed=args.seed, out=layout.landing)
+        generate(stars=args.stars, seed=args.seed, out=layout.landing, contract=load_contract())
     else:
         print(f"Using the Gaia files already in {layout.landing}", flush=True)
     for selection, partitioned in DEMO_STEPS:

@@ -28,7 +28,7 @@ from gaia_flows.tables import write_region_arrow
 def publish_synthetic(layout: StateLayout, stars: int, seed: int, files: int = 8) -> Path:
     """Generate ``stars`` synthetic sources into the landing folder, publish every region of
     ``gaia_source`` from them, and return the truth sidecar's path."""
-    generate(stars, seed, layout.landing, files=files, processes=2, progress=False)
+    generate(stars, seed, layout.landing, load_contract(), files=files, processes=2, progress=False)
     contract = load_contract(TABLE)
     paths = landing_files(layout.landing)
     schema = region_schema({str(p): read_file_header(p) for p in paths}, contract)

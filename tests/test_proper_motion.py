@@ -25,6 +25,7 @@ from conftest import TEST_SPARK_CONF
 from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+from gaia_flows.contracts import load_contract
 from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps, publish_pyramid
 from gaia_flows.engine.pm_stats import (
     LISTING_THRESHOLD,
@@ -898,7 +899,7 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     deleted before the refresh, so the refreshed maps can only have come from stored statistics.
     The first run is forced to the groupBy and the refresh takes the region tasks (auto), so the
     asset's two engines both publish here."""
-    synthetic.generate(stars=20_000, seed=5, out=layout.landing, files=48, processes=1, progress=False)
+    synthetic.generate(stars=20_000, seed=5, out=layout.landing, contract=load_contract(), files=48, processes=1, progress=False)
     tags = {"dagster/asset_partition_range_start": MAT_REGIONS[0], "dagster/asset_partition_range_end": MAT_REGIONS[1]}
     first = materialize(
         [gaia_landing, gaia_source, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current],

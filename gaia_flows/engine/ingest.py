@@ -27,9 +27,9 @@ from pyspark.sql import SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from gaia_flows.contracts import TableContract
 from gaia_flows.layout import StateLayout, publish
 from gaia_flows.science import healpix
+from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
 from gaia_flows.engine.sizing import files_per_region
 from gaia_flows.science.validation import check_header, home_regions, validate_rows

@@ -48,8 +48,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from gaia_flows.contracts import load_contract
 from gaia_flows.science import healpix
+from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvColumn, format_header
 
 # --- populations ---------------------------------------------------------------------------------
@@ -578,13 +578,12 @@ def plan_files(level8_sorted: np.ndarray, files: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def synthetic_header() -> str:
+def synthetic_header(contract: TableContract) -> str:
     """ECSV header and CSV column line of every synthetic file (the synthetic columns, contract order)."""
-    contract = load_contract("gaia_source")
     return format_header([EcsvColumn(c.name, c.datatype, c.unit, c.description) for c in contract.columns if c.name in SYNTHETIC_COLUMNS])
 
 
-def gaia_csv(columns: dict[str, np.ndarray]) -> bytes:
+def gaia_csv(columns: dict[str, np.ndarray], contract: TableContract) -> bytes:
     """One DR3 bulk file's text: ECSV header, then rows with strings quoted and ``null`` for missing.
 
     Columns are cast to the contract's types and written in its order. Missing values travel as
@@ -592,7 +591,7 @@ def gaia_csv(columns: dict[str, np.ndarray]) -> bytes:
     those letters, a single replace gives Gaia's ``null``, far cheaper than patching empty fields.
     """
     arrays = {}
-    for column in load_contract("gaia_source").columns:
+    for column in contract.columns:
         if column.name not in SYNTHETIC_COLUMNS:
             continue
         if column.name == "designation":
@@ -601,7 +600,7 @@ def gaia_csv(columns: dict[str, np.ndarray]) -> bytes:
             arrays[column.name] = pa.array(np.asarray(columns[column.name]).astype(np.dtype(column.datatype)), type=column.arrow_type)
     sink = io.BytesIO()
     pacsv.write_csv(pa.table(arrays), sink, pacsv.WriteOptions(include_header=False, batch_size=8192))
-    return synthetic_header().encode() + sink.getvalue().replace(b"nan", b"null")
+    return synthetic_header(contract).encode() + sink.getvalue().replace(b"nan", b"null")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -620,6 +619,7 @@ class _FileTask:
     sky: Sky
     source_id: np.ndarray
     random_index: np.ndarray
+    contract: TableContract
 
 
 def _write_file(task: _FileTask) -> tuple[int, np.ndarray]:
@@ -633,7 +633,7 @@ def _write_file(task: _FileTask) -> tuple[int, np.ndarray]:
         random_index=task.random_index,
         ref_epoch=np.full(n, REF_EPOCH),
     )
-    data = zlib.compress(gaia_csv(columns), GZIP_LEVEL, wbits=31)
+    data = zlib.compress(gaia_csv(columns, task.contract), GZIP_LEVEL, wbits=31)
     write_atomic(task.path, data)
     return len(data), spurious
 
@@ -665,8 +665,12 @@ def _refuse_stale(out: Path, planned: Sequence[Path]) -> None:
         raise FileExistsError(f"{out} already holds files of another synthetic catalogue ({len(stale)}: {names}, ...); empty it or choose another --out")
 
 
-def generate(stars: int, seed: int, out: Path, files: int | None = None, processes: int | None = None, progress: bool = True) -> GenerationReport:
+def generate(
+    stars: int, seed: int, out: Path, contract: TableContract, files: int | None = None, processes: int | None = None, progress: bool = True
+) -> GenerationReport:
     """Write a ``stars``-row synthetic DR3 catalogue to ``out`` plus ``out/truth/source_truth-<seed>.parquet``.
+
+    ``contract`` (the ``gaia_source`` contract) gives the files' column order, types and units.
 
     Positions are drawn for the whole catalogue first (about 50 bytes a star), sorted by their
     level-12 pixel to fix source_ids, random_index and the file ranges; then each file's sources
@@ -698,7 +702,7 @@ def generate(stars: int, seed: int, out: Path, files: int | None = None, process
 
     bounds = np.searchsorted(level8, [start for start, _ in ranges] + [healpix.npix(healpix.FILE_LEVEL)])
     tasks = [
-        _FileTask(path, seed, start, sky.take(slice(lo, hi)), source_id[lo:hi], random_index[lo:hi])
+        _FileTask(path, seed, start, sky.take(slice(lo, hi)), source_id[lo:hi], random_index[lo:hi], contract)
         for path, (start, _), lo, hi in zip(paths, ranges, bounds[:-1], bounds[1:])
     ]
     processes = max(1, min(processes, len(tasks)))

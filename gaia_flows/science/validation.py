@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gaia_flows.contracts import ColumnContract, TableContract
 from gaia_flows.science import healpix
+from gaia_flows.science.contract import ColumnContract, TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError
 
 NULL_TOKENS = ["", "null", "NULL", "Null", "nan", "NaN", "NAN"]
