@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from gaia_flows.layout import REPO_ROOT, StateLayout
+from gaia_flows.layout import REPO_ROOT, StateLayout, landing_files
 from gaia_flows.science.healpix import region_keys
 
 ALL_REGIONS = f"{region_keys()[0]}...{region_keys()[-1]}"
@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     layout = StateLayout.from_env().ensure()
     started = time.perf_counter()
-    if not any(layout.landing.glob("GaiaSource_*.csv*")):
+    if not landing_files(layout.landing):
         print(f"Generating a synthetic catalogue of {args.stars:,} stars (seed {args.seed}) into {layout.landing}", flush=True)
         generate(stars=args.stars, seed=args.seed, out=layout.landing, contract=load_contract())
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from gaia_flows.layout import REPO_ROOT
+from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE
 from gaia_flows.science.contract import ColumnContract, TableContract
 from gaia_flows.science.ecsv import ECSV_DATATYPES
 
@@ -44,7 +44,7 @@ def _column(entry: dict, where: str) -> ColumnContract:
 
 
 @functools.cache
-def load_contract(table: str = "gaia_source", directory: Path = CONTRACTS_DIR) -> TableContract:
+def load_contract(table: str = SOURCE_TABLE, directory: Path = CONTRACTS_DIR) -> TableContract:
     path = Path(directory) / f"{table}.yaml"
     try:
         spec = yaml.safe_load(path.read_text())

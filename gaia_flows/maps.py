@@ -37,37 +37,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gaia_flows.layout import StateLayout
+from gaia_flows.layout import MAPS_TABLE, REGION_MANIFEST, STATS_TABLE, StateLayout
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import children_range, nside, parse_region_key
 
-STATS_TABLE = "pm_stats"
-MAPS_TABLE = "proper_motion_maps"
-REGION_MANIFEST = "_region.json"  # same name tables.py writes; read here without importing pyspark
 MAPS_SUBDIR = "proper_motion"
 
 
 # --- reading stored statistics (pyarrow only) ---------------------------------------------------
-
-
-def region_versions(layout: StateLayout, table: str = STATS_TABLE) -> dict[str, str]:
-    """Published regions of a per-region table and the version each points at.
-
-    A region directory is a symlink into ``<table>/.versions/`` that every publish replaces,
-    so the link target identifies the exact content (see :func:`gaia_flows.layout.publish`).
-    """
-    root = layout.table(table)
-    if not root.exists():
-        return {}
-    out = {}
-    for path in sorted(root.iterdir()):
-        try:
-            parse_region_key(path.name)
-        except ValueError:
-            continue
-        if path.exists():
-            out[path.name] = os.readlink(path) if path.is_symlink() else path.name
-    return out
 
 
 def _stats_files(layout: StateLayout, region: str) -> list[Path]:
@@ -79,7 +56,7 @@ def _stats_files(layout: StateLayout, region: str) -> list[Path]:
 
 def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> dict[str, pa.Table]:
     """The stored statistics of each (by default every published) region."""
-    wanted = list(region_versions(layout)) if regions is None else regions
+    wanted = list(layout.region_versions(STATS_TABLE)) if regions is None else regions
     out = {}
     for region in wanted:
         parts = [pq.read_table(f) for f in _stats_files(layout, region)]
@@ -269,7 +246,7 @@ def pyramid_level(layout: StateLayout, level: int, current_only: bool = True) ->
     """Statistics at ``level`` cut from the stored pyramid; ``None`` when there is none (or,
     with ``current_only``, none built from the pm_stats versions published now)."""
     root, manifest = _stored_pyramid(layout)
-    if "sky_levels" not in manifest or (current_only and manifest.get("pm_stats_versions") != region_versions(layout)):
+    if "sky_levels" not in manifest or (current_only and manifest.get("pm_stats_versions") != layout.region_versions(STATS_TABLE)):
         return None
     top = int(manifest["level_max"])
     if level > top:

@@ -19,25 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
-from gaia_flows.layout import StateLayout, publish
-from gaia_flows.science.healpix import parse_region_key
-
-REGION_MANIFEST = "_region.json"
-
+from gaia_flows.layout import REGION_MANIFEST, StateLayout, publish
 
 def published_regions(layout: StateLayout, table: str) -> list[str]:
-    root = layout.table(table)
-    if not root.exists():
-        return []
-    regions = []
-    for path in root.iterdir():
-        try:
-            parse_region_key(path.name)
-        except ValueError:
-            continue
-        if path.exists():
-            regions.append(path.name)
-    return sorted(regions)
+    return sorted(layout.region_versions(table))
 
 
 def region_paths(layout: StateLayout, table: str, regions: list[str] | None = None) -> list[str]:

@@ -39,7 +39,7 @@ from gaia_flows.engine.pm_stats import (
     region_stats,
     stats_in_region_tasks,
 )
-from gaia_flows.layout import StateLayout, publish
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, publish
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
@@ -101,7 +101,7 @@ def publish_catalogue(layout: StateLayout, sizes: dict[str, int], seed: int = 7)
 def source_files(layout: StateLayout) -> list[str]:
     """The Parquet files of every published gaia_source region (never the .versions copies)."""
     files = []
-    for region in maps.region_versions(layout, "gaia_source"):
+    for region in layout.region_versions(SOURCE_TABLE):
         files += sorted(str(p) for p in layout.region_dir("gaia_source", region).glob("*.parquet"))
     return files
 

@@ -43,6 +43,7 @@ from dagster import (
 
 from gaia_flows.engine import classify
 from gaia_flows.engine.metrics import stage_io
+from gaia_flows.layout import CLASSIFIED_TABLE, REGION_MANIFEST, SOURCE_TABLE, TRAINING_TABLE
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
@@ -53,9 +54,6 @@ from gaia_flows.maps import preview_markdown, render_healpix
 from gaia_flows.science.healpix import REGION_LEVEL, npix, parse_region_key, source_id_shift
 from gaia_flows.tables import footer_rows, published_regions, read_regions, write_regions, write_table
 
-SOURCE_TABLE = "gaia_source"
-TRAINING_TABLE = "astrometric_training_set"
-CLASSIFIED_TABLE = "classified_sources"
 MODEL_NAME = "astrometric-quality-rf"
 CHAMPION = "champion"
 GROUP = "astrometric_quality"
@@ -257,7 +255,7 @@ def astrometric_classifier(
     if not table_path.exists():
         raise Failure(f"{TRAINING_TABLE} is not materialised ({table_path}); materialise it first")
     version_dir = table_path.resolve()
-    manifest = json.loads((version_dir / "_region.json").read_text()) if (version_dir / "_region.json").exists() else {}
+    manifest = json.loads((version_dir / REGION_MANIFEST).read_text()) if (version_dir / REGION_MANIFEST).exists() else {}
     rows = int(manifest.get("rows") or pq.ParquetDataset(version_dir).read(columns=["source_id"]).num_rows)
     memory = int(config.driver_memory_gb * 2**30) if config.driver_memory_gb else classify.driver_memory_bytes()
     choice = classify.choose_engine(rows, memory, config.driver_memory_fraction, config.engine)

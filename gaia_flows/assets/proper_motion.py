@@ -30,6 +30,7 @@ from pydantic import Field
 
 from gaia_flows import maps
 from gaia_flows.engine.metrics import stage_io
+from gaia_flows.layout import MAPS_TABLE, SOURCE_TABLE, STATS_TABLE
 from gaia_flows.engine.pm_stats import (
     InputColumnsError,
     StatsPublisher,
@@ -46,9 +47,6 @@ from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import npix
 from gaia_flows.tables import footer_rows, read_manifest, write_table_files
 
-SOURCE_TABLE = "gaia_source"
-STATS_TABLE = maps.STATS_TABLE
-MAPS_TABLE = maps.MAPS_TABLE
 GROUP = "proper_motion"
 
 
@@ -85,7 +83,7 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     job_group = f"{STATS_TABLE}-{context.run_id}"  # per run: stage_io must not add up earlier runs on a shared session
     session.sparkContext.setJobGroup(job_group, f"proper-motion statistics, {len(regions)} region(s), level {config.level}", interruptOnCancel=True)
     publish = StatsPublisher(
-        layout, STATS_TABLE, config.level, maps.region_versions(layout, SOURCE_TABLE), datetime.now(timezone.utc).isoformat(timespec="seconds")
+        layout, STATS_TABLE, config.level, layout.region_versions(SOURCE_TABLE), datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
     choice = choose_engine(region_bytes(layout, SOURCE_TABLE, regions), session.sparkContext.defaultParallelism, config.engine)
     context.log.info(f"engine {choice.engine}: {choice.reason}")
@@ -146,9 +144,9 @@ def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckRes
     gaia_source region's Parquet files and its manifest's ``rows_accepted``. Regions whose
     gaia_source was republished after their statistics are reported as stale, not compared."""
     layout = storage.layout
-    source_versions = maps.region_versions(layout, SOURCE_TABLE)
+    source_versions = layout.region_versions(SOURCE_TABLE)
     mismatched, stale, checked, rows = {}, [], 0, 0
-    for region in maps.region_versions(layout, STATS_TABLE):
+    for region in layout.region_versions(STATS_TABLE):
         if read_manifest(layout, STATS_TABLE, region).get("gaia_source_version") != source_versions.get(region):
             stale.append(region)
             continue
@@ -173,8 +171,8 @@ def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckRes
 @asset_check(asset=pm_stats, description="Every region's statistics were computed from the gaia_source version published now.")
 def pm_stats_current(storage: StorageResource) -> AssetCheckResult:
     layout = storage.layout
-    source_versions = maps.region_versions(layout, SOURCE_TABLE)
-    stats_regions = maps.region_versions(layout, STATS_TABLE)
+    source_versions = layout.region_versions(SOURCE_TABLE)
+    stats_regions = layout.region_versions(STATS_TABLE)
     stale = [r for r in stats_regions if read_manifest(layout, STATS_TABLE, r).get("gaia_source_version") != source_versions.get(r)]
     missing = sorted(set(source_versions) - set(stats_regions))
     return AssetCheckResult(
@@ -208,7 +206,7 @@ def publish_pyramid(layout, render_levels: list[int]) -> tuple[dict[str, int], m
     before the pyramid is published, so the stored maps always describe the versions their
     manifest names."""
     for _ in range(5):
-        before = maps.region_versions(layout, STATS_TABLE)
+        before = layout.region_versions(STATS_TABLE)
         if not before:
             raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
         try:
@@ -217,7 +215,7 @@ def publish_pyramid(layout, render_levels: list[int]) -> tuple[dict[str, int], m
             pyramid = maps.Pyramid(level_max, {lv: [] for lv in render_levels if 0 <= lv <= level_max})
 
             def manifest() -> dict:
-                if maps.region_versions(layout, STATS_TABLE) != before:
+                if layout.region_versions(STATS_TABLE) != before:
                     raise _Republished
                 return {**pyramid.manifest(before), "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -306,7 +304,7 @@ def maps_consistent(storage: StorageResource) -> AssetCheckResult:
     stats_rows = manifest.get("rows")
     has_pm = finest.column("n_pm").to_numpy() > 0
     nan_with_pm = int(np.count_nonzero(has_pm & ~np.isfinite(finest.column("mean_pmra").to_numpy())))
-    current = manifest.get("pm_stats_versions") == maps.region_versions(layout, STATS_TABLE)
+    current = manifest.get("pm_stats_versions") == layout.region_versions(STATS_TABLE)
     passed = len(set(per_level.values())) == 1 and set(per_level.values()) == {stats_rows} and nan_with_pm == 0
     return AssetCheckResult(
         passed=passed,

@@ -25,6 +25,8 @@ MAX_LEVEL = 12
 
 _REGION_RE = re.compile(r"^hpx(\d+)-(\d+)$")
 _FILE_RE = re.compile(r"^GaiaSource_(\d{6})-(\d{6})\.csv(\.gz)?$")
+FILE_GLOB = "GaiaSource_*.csv*"
+"""Gaia bulk files as the archive names them (``GaiaSource_<hpx8start>-<hpx8end>.csv.gz``)."""
 
 
 def nside(level: int) -> int:

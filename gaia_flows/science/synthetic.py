@@ -658,7 +658,7 @@ def truth_path(out: Path, seed: int) -> Path:
 def _refuse_stale(out: Path, planned: Sequence[Path]) -> None:
     """A landing folder mixing two generations would hold overlapping ranges and a truth that
     disagrees with the files; rerunning the same command (same names) is fine."""
-    present = {p for p in out.glob("GaiaSource_*.csv*")} | set((out / "truth").glob("source_truth-*.parquet"))
+    present = set(out.glob(healpix.FILE_GLOB)) | set((out / "truth").glob("source_truth-*.parquet"))
     stale = sorted(present - set(planned))
     if stale:
         names = ", ".join(p.name for p in stale[:3])
