@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE
+from gaia_flows.layout import CONTRACTS_PACKAGE_DIR, SOURCE_TABLE, package_data
 from gaia_flows.science.contract import ColumnContract, TableContract
 from gaia_flows.science.ecsv import ECSV_DATATYPES
 
-CONTRACTS_DIR = REPO_ROOT / "data_contracts"
+CONTRACTS_DIR = package_data(CONTRACTS_PACKAGE_DIR)
 
 _COLUMN_KEYS = {"name", "datatype", "unit", "description", "required", "nullable", "min", "max", "min_exclusive", "max_exclusive"}
 

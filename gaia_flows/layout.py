@@ -31,6 +31,7 @@ resets the platform. Every module asks this one helper for paths instead of join
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import shutil
 import uuid
@@ -49,6 +50,11 @@ MAPS_TABLE = "proper_motion_maps"
 TRAINING_TABLE = "astrometric_training_set"
 CLASSIFIED_TABLE = "classified_sources"
 
+CONTRACTS_PACKAGE_DIR = "data/contracts"
+"""The table contracts (top-level ``data_contracts/``) as installed with the package."""
+PROFILES_PACKAGE_DIR = "data/profiles"
+"""The deployment profiles (top-level ``resources/``) as installed with the package."""
+
 REGION_MANIFEST = "_region.json"
 """Sidecar of every published table version: what it holds and where it came from."""
 
@@ -57,6 +63,12 @@ def parquet_files(directory: Path) -> list[Path]:
     """A table directory's data files as Spark reads them: sorted, without hidden (``.``, ``_``)
     files."""
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def package_data(folder: str) -> Path:
+    """A data folder installed inside the package, found through :mod:`importlib.resources`, so
+    a wheel or a container works without a source checkout (packages install unzipped)."""
+    return Path(str(importlib.resources.files("gaia_flows").joinpath(folder)))
 
 
 def landing_files(landing: Path) -> list[Path]:
