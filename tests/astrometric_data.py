@@ -30,7 +30,7 @@ def publish_synthetic(layout: StateLayout, stars: int, seed: int, files: int = 8
     """Generate ``stars`` synthetic sources into the landing folder, publish every region of
     ``gaia_source`` from them, and return the truth sidecar's path."""
     generate(stars, seed, layout.landing, load_contract(), files=files, processes=2, progress=False)
-    contract = load_contract(TABLE)
+    contract = load_contract(SOURCE_TABLE)
     paths = landing_files(layout.landing)
     schema = region_schema({str(p): read_file_header(p) for p in paths}, contract)
     gaia_columns = [f.name for f in schema if not f.name.startswith("_")]
@@ -51,7 +51,7 @@ def publish_synthetic(layout: StateLayout, stars: int, seed: int, files: int = 8
 
 def catalogue_frame(layout: StateLayout, columns: list[str] | None = None) -> pd.DataFrame:
     """Every published ``gaia_source`` row joined with its truth (``spurious``, ``population``)."""
-    files = sorted(p for p in layout.table(TABLE).glob("hpx*/*.parquet"))
+    files = sorted(p for p in layout.table(SOURCE_TABLE).glob("hpx*/*.parquet"))
     frame = pa.concat_tables([pq.read_table(p, columns=columns) for p in files]).to_pandas()
     truth = pq.read_table(next((layout.landing / "truth").glob("source_truth-*.parquet"))).to_pandas()
     return frame.merge(truth, on="source_id", how="left", validate="one_to_one")
