@@ -122,7 +122,8 @@ def main() -> None:
     from dagster import materialize
 
     from astrometric_data import catalogue_frame, publish_synthetic
-    from gaia_flows.assets.classifier import ClassifierConfig, astrometric_classifier, astrometric_training_set
+    from gaia_flows.assets.classifier import ClassifierConfig, astrometric_classifier
+    from gaia_flows.assets.training_set import astrometric_training_set
     from gaia_flows.engine import classify
     from gaia_flows.layout import TRAINING_TABLE, StateLayout
     from gaia_flows.resources.mlflow import MlflowResource

@@ -28,16 +28,12 @@ from dagster import materialize
 from astrometric_data import catalogue_frame, publish_synthetic
 from conftest import TEST_SPARK_CONF
 from servers import ServerProcess, free_port
-from gaia_flows.assets.classifier import (
-    CHAMPION,
-    MODEL_NAME,
-    TrainingSetConfig,
-    astrometric_classifier,
-    astrometric_training_set,
-    classified_sources,
-)
+from gaia_flows.assets.classified_sources import classified_sources
+from gaia_flows.assets.classifier import astrometric_classifier
+from gaia_flows.assets.training_set import TrainingSetConfig, astrometric_training_set
 from gaia_flows.engine import classify
 from gaia_flows.layout import StateLayout
+from gaia_flows.ml.registry import CHAMPION, MODEL_NAME
 from gaia_flows.partitions import range_tags, sky_regions
 from gaia_flows.resources.mlflow import MlflowResource, server_command
 from gaia_flows.resources.spark import SparkResource
