@@ -108,7 +108,8 @@ def first_run_of_b(layout, resources: dict, engine: str = "auto") -> tuple[float
     """(b) once from an empty statistics store: pm_stats over all regions in one run, then the
     maps. Returns both runs' wall seconds and pm_stats' run-level metadata."""
     from gaia_flows import maps
-    from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+    from gaia_flows.assets.proper_motion import pm_stats
+    from gaia_flows.assets.proper_motion_maps import proper_motion_maps
     from gaia_flows.science import healpix
 
     regions = healpix.region_keys()
@@ -209,7 +210,8 @@ def main() -> int:
     from gaia_flows import maps
     from gaia_flows import spark as spark_factory
     from gaia_flows.assets.catalogue import gaia_landing, gaia_source
-    from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+    from gaia_flows.assets.proper_motion import pm_stats
+    from gaia_flows.assets.proper_motion_maps import proper_motion_maps
     from gaia_flows.layout import StateLayout
     from gaia_flows.science import healpix
     from gaia_flows.science import proper_motion as pm

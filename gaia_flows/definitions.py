@@ -10,6 +10,7 @@ from gaia_flows.assets import (
     classifier,
     cluster,
     proper_motion,
+    proper_motion_maps,
     training_set,
 )
 from gaia_flows.jobs import catalogue_job
@@ -17,7 +18,7 @@ from gaia_flows.resources import build_resources
 from gaia_flows.schedules import nightly_refresh
 from gaia_flows.sensors import landing_files_sensor
 
-_modules = [cluster, catalogue, proper_motion, training_set, classifier, classified_sources]
+_modules = [cluster, catalogue, proper_motion, proper_motion_maps, training_set, classifier, classified_sources]
 
 defs = Definitions(
     assets=load_assets_from_modules(_modules),

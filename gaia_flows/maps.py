@@ -31,6 +31,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,54 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
             if level <= sky_top:
                 pyramid.keep[level].append(pm.from_pyramid(part, level))
         yield SKY_FILE, part
+
+
+class _Republished(Exception):
+    """A pm_stats region was republished while the pyramid was being written."""
+
+
+def publish_pyramid(layout: StateLayout, render_levels: list[int]) -> tuple[dict[str, int], Pyramid]:
+    """Stream every region's statistics into the stored pyramid (one region in memory at a
+    time; a region unchanged since the stored pyramid keeps its file); returns each region's
+    level and what was built. Retried if a region is republished meanwhile: the check comes
+    before the pyramid is published, so the stored maps always describe the versions their
+    manifest names.
+
+    Parameters
+    ----------
+    layout
+        The state folder whose ``pm_stats`` regions are merged and whose ``proper_motion_maps``
+        table is (re)published.
+    render_levels
+        Levels whose full tables are kept in memory (``Pyramid.kept``) for drawing.
+
+    Returns
+    -------
+    levels, pyramid
+        The stored level of every region, and the pyramid built (totals, reused regions).
+    """
+    from gaia_flows.tables import write_table_files  # imports Spark: reading maps never needs it
+
+    for _ in range(5):
+        before = layout.region_versions(STATS_TABLE)
+        if not before:
+            raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
+        try:
+            levels = {region: stored_level(layout, region) for region in before}
+            level_max = min(levels.values())
+            pyramid = Pyramid(level_max, {lv: [] for lv in render_levels if 0 <= lv <= level_max})
+
+            def manifest() -> dict:
+                if layout.region_versions(STATS_TABLE) != before:
+                    raise _Republished
+                return {**pyramid.manifest(before), "built_at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+            schema = pm.pyramid(pm.empty_stats(level_max), [level_max]).schema
+            write_table_files(pyramid_files(layout, before, pyramid), schema, layout, MAPS_TABLE, manifest, row_group_key="level")
+        except (FileNotFoundError, _Republished):
+            continue
+        return levels, pyramid
+    raise RuntimeError("pm_stats regions kept changing while the maps were being built; retry the run")
 
 
 def merged_region_stats(layout: StateLayout, level: int | None = None) -> pa.Table:

@@ -26,7 +26,8 @@ from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.contracts import load_contract
-from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps, publish_pyramid
+from gaia_flows.assets.proper_motion import pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current
+from gaia_flows.assets.proper_motion_maps import maps_consistent, proper_motion_maps
 from gaia_flows.engine.pm_stats import (
     LISTING_THRESHOLD,
     InputColumnsError,
@@ -40,6 +41,7 @@ from gaia_flows.engine.pm_stats import (
     stats_in_region_tasks,
 )
 from gaia_flows.layout import SOURCE_TABLE, StateLayout, publish
+from gaia_flows.maps import publish_pyramid
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
