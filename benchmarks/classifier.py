@@ -121,7 +121,7 @@ def main() -> None:
 
     from dagster import materialize
 
-    from astrometric_data import catalogue_frame, publish_synthetic
+    from support.astrometric_data import catalogue_frame, publish_synthetic
     from gaia_flows.assets.classifier import ClassifierConfig, astrometric_classifier
     from gaia_flows.assets.training_set import astrometric_training_set
     from gaia_flows.engine import classify

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import materialize
 
-from astrometric_data import catalogue_frame, publish_synthetic
-from conftest import TEST_SPARK_CONF
-from servers import ServerProcess, free_port
+from support.astrometric_data import catalogue_frame, publish_synthetic
+from support.spark import TEST_SPARK_CONF
+from support.servers import ServerProcess, free_port
 from gaia_flows.assets.classified_sources import classified_sources
 from gaia_flows.assets.classifier import astrometric_classifier
 from gaia_flows.assets.training_set import TrainingSetConfig, astrometric_training_set

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from dagster import materialize
 
-from conftest import TEST_SPARK_CONF
+from support.spark import TEST_SPARK_CONF
 from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source

@@ -11,7 +11,7 @@ from gaia_flows.contracts import load_contract
 from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import GaiaFileError, read_header
 from gaia_flows.science.validation import check_header, home_regions, validate_rows
-from gaia_files import COLUMNS, header_for, region_file_range, render_rows, set_token, stars_in_region
+from support.gaia_files import COLUMNS, header_for, region_file_range, render_rows, set_token, stars_in_region
 
 REGION = "hpx1-07"
 
