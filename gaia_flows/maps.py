@@ -323,6 +323,27 @@ def map_table(level: int, layout: StateLayout | None = None, dense: bool = True)
     ``healpy`` with ``nest=True``; ``dense=False``: only pixels with sources). Columns are
     described in :func:`gaia_flows.science.proper_motion.finalise`; empty pixels have zero
     counts and NaN means. Spark is never started.
+
+    Parameters
+    ----------
+    level
+        HEALPix level of the map, at most the level the statistics were computed at.
+    layout
+        State folder to read; default ``StateLayout.from_env()`` (``$GAIA_FLOWS_HOME``).
+    dense
+        Every pixel of the sky (``True``) or only pixels with sources.
+
+    Returns
+    -------
+    pyarrow.Table
+        ``pixel``, counts, means, weighted means, dispersions and errors per pixel.
+
+    Examples
+    --------
+    >>> from gaia_flows import map_table
+    >>> table = map_table(6)                            # doctest: +SKIP
+    >>> table.num_rows                                  # doctest: +SKIP
+    49152
     """
     return pm.finalise(sky_stats(level, layout), dense=dense)
 

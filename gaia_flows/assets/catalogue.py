@@ -34,8 +34,8 @@ gaia_landing = AssetSpec(
 
 class GaiaSourceConfig(Config):
     bucket_mb: int = 128
-    """Target size of one Parquet file: about what one executor core holds in memory, the
-    seed's rule that dataset size / buckets ~ worker memory."""
+    """Target size of one Parquet file: about what one executor core holds in memory
+    (dataset size / buckets ~ worker memory), so a region file is read in one pass."""
 
 
 @asset(

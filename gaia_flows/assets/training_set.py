@@ -26,7 +26,7 @@ _DEFAULT_CUTS = GcnsCuts()
 
 
 class TrainingSetConfig(Config):
-    """GCNS selection thresholds (Smart et al. 2021; defaults as the seed used them)."""
+    """GCNS selection thresholds (Smart et al. 2021) and how the set is split and stored."""
 
     parallax_min_mas: float = _DEFAULT_CUTS.parallax_min_mas
     abs_b_min_deg: float = _DEFAULT_CUTS.abs_b_min_deg

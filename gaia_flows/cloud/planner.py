@@ -1,11 +1,10 @@
 """Workload planner: from data volume and workload kind to a Spark cluster shape.
 
-The seed's lesson is that on a cloud the *workload* should pick the worker shape, not the
-hardware at hand. This module turns that into arithmetic a reviewer can check: it takes the
+On a cloud the *workload* picks the worker shape, not the hardware at hand. This module turns that into arithmetic a reviewer can check: it takes the
 sizes a libcloud driver lists (vCPU, RAM, price) and returns how many workers of which size,
 how Spark should carve them into executors, how many shuffle partitions to use and how many
-files each sky region should be written as. It is pure (no libcloud, no Spark, no Dagster)
-so every rule is a millisecond unit test, and the same planner serves every cloud.
+files each sky region should be written as. It imports no libcloud, Spark or Dagster, so every
+rule is a millisecond unit test, and the same planner serves every cloud.
 
 Workload rules
 --------------
@@ -13,7 +12,7 @@ Workload rules
   disks/NICs reading at once, so pick the cheapest vCPU and buy enough of them to scan the
   data in a target time. Little memory is needed per core.
 * ``training`` (ML on a selected training set): the training set must stay in executor
-  memory (the seed's slowdown came from re-reading it with random access), so pick the
+  memory (re-reading it with random access is what makes later training runs slow), so pick the
   cluster that fits it with the *fewest* workers, memory-rich sizes first, then cost.
 * ``classification`` (apply a broadcast model per region): embarrassingly parallel like
   aggregation, but every executor holds a copy of the model, so it needs more memory per
@@ -298,8 +297,31 @@ def plan_cluster(
 ) -> Plan:
     """Cheapest cluster (within ``limits``) that suits ``workload`` over ``data_bytes``.
 
-    ``regions`` is either a count (data assumed spread evenly over that many sky regions) or
-    a mapping ``region -> bytes`` when the landing area already tells us the real spread.
+    Parameters
+    ----------
+    data_bytes
+        Input size the cluster is planned for (e.g. the landing area's Gaia files).
+    workload
+        ``"aggregate"``, ``"training"`` or ``"classification"`` (see the module docstring).
+    sizes
+        Node sizes the cloud's driver lists (``Size``: vCPU, RAM, price if known).
+    limits
+        Allowed sizes, worker counts and quotas; default ``Limits()``.
+    regions
+        A count (data assumed spread evenly over that many sky regions) or a mapping
+        ``region -> bytes`` when the landing area already tells the real spread; it decides
+        ``Plan.files_per_region``.
+
+    Returns
+    -------
+    Plan
+        Worker count and size, master size, executor shape, Spark settings
+        (``Plan.spark_conf()``), files per region, hourly cost and the reasons for each choice.
+
+    Raises
+    ------
+    PlanError
+        Nothing within ``limits`` fits; the message lists what was tried and why it failed.
     """
     if data_bytes < 0:
         raise PlanError(f"data_bytes must not be negative, got {data_bytes}")
