@@ -221,7 +221,8 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
 
 def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
     """Statistics of a gaia_source-shaped Arrow table."""
-    return stats_from_columns(*(table.column(name) for name in INPUT_COLUMNS), level=level)
+    source_id, pmra, pmdec, pmra_error, pmdec_error = (table.column(name) for name in INPUT_COLUMNS)
+    return stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level=level)
 
 
 def _group_sum(pixel: np.ndarray, columns: dict[str, np.ndarray], level: int) -> pa.Table:

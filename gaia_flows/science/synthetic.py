@@ -37,7 +37,7 @@ import multiprocessing
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -706,6 +706,7 @@ def generate(
         for path, (start, _), lo, hi in zip(paths, ranges, bounds[:-1], bounds[1:])
     ]
     processes = max(1, min(processes, len(tasks)))
+    written: Iterator[tuple[int, np.ndarray]]
     with contextlib.ExitStack() as stack:
         if processes == 1:
             written = map(_write_file, tasks)
