@@ -5,7 +5,15 @@ cheap cut of small stored tables, so re-plotting never rescans the catalogue::
 
     from gaia_flows import map_table
     table = map_table(6)                     # one row per level-6 pixel, pyarrow
-    df = table.to_pandas()                   # mean_pmra, wmean_pmra, std_pmra, n_sources, ...
+    df = table.to_pandas()                   # mean_pmra, sem_pmra, wmean_pmra, neff_pmra, ...
+
+Which quantity to use (the columns are listed in :func:`gaia_flows.science.proper_motion.finalise`):
+``mean_*`` with ``sem_*`` is the default map, the mean motion of a pixel's stars with an
+uncertainty that includes their intrinsic velocity spread. For the inverse-variance weighted
+mean ``wmean_*`` quote ``wmean_*_total_error`` (the scatter seen, over √(neff − 1)), never
+``wmean_*_measurement_error`` (1/√Σw, the measurement errors alone): within a pixel the stars'
+real velocity spread usually dominates, and the weighted mean then rests on ``neff_*`` stars,
+far fewer than ``n_pm``.
 
 Where the statistics come from, newest first:
 
@@ -78,11 +86,15 @@ def _stats_files(layout: StateLayout, region: str) -> list[Path]:
 
 
 def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> dict[str, pa.Table]:
-    """The stored statistics of each (by default every published) region."""
+    """The stored statistics of each (by default every published) region; a region stored by
+    an older gaia-flows, without every statistics column, raises
+    :class:`~gaia_flows.science.proper_motion.StaleStatisticsError` naming it."""
     wanted = list(region_versions(layout)) if regions is None else regions
     out = {}
     for region in wanted:
         parts = [pq.read_table(f) for f in _stats_files(layout, region)]
+        for path, part in zip(_stats_files(layout, region), parts):
+            pm.check_stats_columns(part.column_names, f"pm_stats region {region} ({path})")
         level = pm.stats_level(parts[0])
         out[region] = pa.concat_tables(parts).cast(pm.stats_schema(level)) if len(parts) > 1 else parts[0]
     return out
@@ -134,6 +146,7 @@ class Pyramid:
             "region_totals": self.region_totals,
             "rows": self.totals["n_sources"],
             "rows_with_pm": self.totals["n_pm"],
+            "stats_columns": list(pm.STAT_COLUMNS),
         }
 
 
@@ -177,7 +190,7 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
     sky_top = pyramid.sky_levels = top if split > top else max(split - 1, min(HELD_LEVEL, top))
     fine_kept = [level for level in pyramid.keep if level > sky_top]
     stored_root, stored = _stored_pyramid(layout)
-    reusable = stored.get("level_max") == top and stored.get("sky_levels") == sky_top
+    reusable = stored.get("level_max") == top and stored.get("sky_levels") == sky_top and _has_every_column(stored)
     carried, held, stored_sky = [], [], None
     for region in regions:
         if split > top:
@@ -244,6 +257,12 @@ def _stored_pyramid(layout: StateLayout) -> tuple[Path, dict]:
         return root, {}
 
 
+def _has_every_column(manifest: dict) -> bool:
+    """Whether a stored pyramid holds every statistics column this version computes (a pyramid
+    an older gaia-flows built is never reused or read: it is rebuilt from pm_stats)."""
+    return manifest.get("stats_columns") == list(pm.STAT_COLUMNS)
+
+
 def maps_manifest(layout: StateLayout) -> dict:
     """Manifest of the stored all-sky pyramid (levels, pm_stats versions it was built from)."""
     return _stored_pyramid(layout)[1]
@@ -267,10 +286,20 @@ def _level_row_groups(path: Path, levels: Iterable[int]) -> pa.Table:
 
 def pyramid_level(layout: StateLayout, level: int, current_only: bool = True) -> pa.Table | None:
     """Statistics at ``level`` cut from the stored pyramid; ``None`` when there is none (or,
-    with ``current_only``, none built from the pm_stats versions published now)."""
+    with ``current_only``, none built from the pm_stats versions published now, or one an older
+    gaia-flows built without every statistics column, so the caller merges pm_stats instead).
+    Read regardless of ``current_only``, an older pyramid raises
+    :class:`~gaia_flows.science.proper_motion.StaleStatisticsError`."""
     root, manifest = _stored_pyramid(layout)
     if "sky_levels" not in manifest or (current_only and manifest.get("pm_stats_versions") != region_versions(layout)):
         return None
+    if not _has_every_column(manifest):
+        if current_only:
+            return None
+        raise pm.StaleStatisticsError(
+            f"the stored {MAPS_TABLE} pyramid ({root}) was built by an older gaia-flows: its manifest lists the statistics "
+            f"columns {manifest.get('stats_columns')}, this version needs {list(pm.STAT_COLUMNS)}; re-materialize proper_motion_maps"
+        )
     top = int(manifest["level_max"])
     if level > top:
         raise ValueError(f"level {level} is finer than the stored statistics (level {top})")
