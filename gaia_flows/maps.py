@@ -565,20 +565,40 @@ def render_healpix(
     return _write_png(fig, out, dpi)
 
 
+FRAMES = {"C": ("ICRS", None), "G": ("Galactic", ["C", "G"])}
+"""``--coord`` letter (healpy's) -> the frame a map names in its title and healpy's ``coord``
+for drawing ICRS pixels in it."""
+
+
+def map_title(level: int, quantity: str, sources: int, weighted: bool = False, coord: str = "C") -> str:
+    """A map's title: the quantity, the frame it is drawn in (:data:`FRAMES`), the level and
+    the number of sources."""
+    label = {"pmra": "μα* (pmra)", "pmdec": "μδ (pmdec)", "count": "source count"}[quantity]
+    kind = "weighted mean " if weighted and quantity != "count" else ("mean " if quantity != "count" else "")
+    components = " (ICRS components)" if coord != "C" and quantity != "count" else ""
+    return f"{kind}{label}{components} — {FRAMES[coord][0]}, HEALPix level {level} (nside {nside(level)}), {sources:,} sources"
+
+
 def render_map(
     table: pa.Table,
     quantity: str,
     out: str | os.PathLike,
     weighted: bool = False,
+    coord: str = "C",
     title: str | None = None,
     xsize: int = DEFAULT_XSIZE,
     dpi: int = 120,
     cache_dir: Path | None = None,
 ) -> Path:
-    """Mollweide PNG (nested pixels, equatorial/ICRS, astro convention: east to the left,
-    graticule every 30°) of one quantity of a dense map table: mean pmra or pmdec on a
-    red/blue scale symmetric about zero in mas/yr, or source counts on a log scale. Empty
-    pixels are drawn grey. Written atomically."""
+    """Mollweide PNG (nested pixels, astro convention: east to the left, graticule every 30°)
+    of one quantity of a dense map table: mean pmra or pmdec on a red/blue scale symmetric
+    about zero in mas/yr, or source counts on a log scale. Empty pixels are drawn grey.
+    ``coord`` (:data:`FRAMES`) draws the sky in ICRS (``"C"``) or Galactic (``"G"``)
+    coordinates, and the title names the frame; pmra/pmdec stay the ICRS components either
+    way. Written atomically."""
+    if coord not in FRAMES:
+        raise ValueError(f"coord must be one of {', '.join(FRAMES)} (ICRS, Galactic), got {coord!r}")
+    healpy_coord = FRAMES[coord][1]
     level = pm.stats_level(table)
     column = pm.quantity_column(quantity, weighted)
     values = pm.as_numpy(table.column(column)).astype(np.float64)
@@ -587,11 +607,8 @@ def render_map(
     if quantity == "count":
         values = np.where(values > 0, values, np.nan)
     lo, hi = colour_limits(values, quantity)
-    n_total = int(pm.as_numpy(table.column("n_sources")).sum())
     if title is None:
-        label = {"pmra": "μα* (pmra)", "pmdec": "μδ (pmdec)", "count": "source count"}[quantity]
-        kind = "weighted mean " if weighted and quantity != "count" else ("mean " if quantity != "count" else "")
-        title = f"{kind}{label} — HEALPix level {level} (nside {nside(level)}), {n_total:,} sources"
+        title = map_title(level, quantity, int(pm.as_numpy(table.column("n_sources")).sum()), weighted, coord)
     return render_healpix(
         values,
         out,
@@ -601,6 +618,7 @@ def render_map(
         lo=lo,
         hi=hi,
         norm="log" if quantity == "count" else None,
+        coord=healpy_coord,
         xsize=xsize,
         dpi=dpi,
         cache_dir=cache_dir,
@@ -613,7 +631,7 @@ def png_path(layout: StateLayout, level: int, quantity: str, weighted: bool = Fa
     return layout.maps / MAPS_SUBDIR / f"level-{level:02d}" / f"{quantity}{suffix}.png"
 
 
-def plot(level: int, quantity: str, out: str | os.PathLike, weighted: bool = False, layout: StateLayout | None = None) -> Path:
-    """Re-plot one quantity at one level from stored statistics (what ``gaia-flows map`` runs)."""
+def plot(level: int, quantity: str, out: str | os.PathLike, weighted: bool = False, coord: str = "C", layout: StateLayout | None = None) -> Path:
+    """Re-plot one quantity at one level from stored statistics (what ``gaia-flows map`` draws)."""
     layout = layout or StateLayout.from_env()
-    return render_map(map_table(level, layout), quantity, out, weighted=weighted, cache_dir=projection_cache(layout))
+    return render_map(map_table(level, layout), quantity, out, weighted=weighted, coord=coord, cache_dir=projection_cache(layout))

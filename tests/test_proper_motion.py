@@ -635,6 +635,25 @@ def test_cli_map_replots_without_pyspark(stored, tmp_path):
     replot(("pyspark", "py4j", "healpy", "pandas", "astropy"))
 
 
+def test_maps_name_their_frame_and_the_cli_draws_galactic(stored, tmp_path, capsys, monkeypatch):
+    layout, _ = stored
+    assert "— ICRS, HEALPix level 6 (nside 64), 5,000 sources" in maps.map_title(6, "pmra", 5000)
+    assert maps.map_title(6, "pmdec", 5000, weighted=True, coord="G").startswith("weighted mean μδ (pmdec) (ICRS components) — Galactic,")
+    assert "— Galactic," in maps.map_title(3, "count", 10, coord="G")
+    with pytest.raises(ValueError, match="coord must be one of C, G"):
+        maps.render_map(maps.map_table(3, layout), "pmra", tmp_path / "x.png", coord="E")
+    from gaia_flows.cli import main
+
+    monkeypatch.setenv("GAIA_FLOWS_HOME", str(layout.home))
+    pngs = {}
+    for coord in ("C", "G"):
+        pngs[coord] = tmp_path / f"pmra-{coord}.png"
+        assert main(["map", "--level", "4", "--quantity", "pmra", "--coord", coord, "--out", str(pngs[coord])]) == 0
+        assert {"C": "ICRS", "G": "Galactic"}[coord] in capsys.readouterr().out
+    icrs, galactic = (np.asarray(Image.open(pngs[c]).convert("RGB")) for c in ("C", "G"))
+    assert icrs.shape == galactic.shape and not np.array_equal(icrs, galactic)  # the sky is drawn in another frame
+
+
 def test_cli_map_rejects_bad_arguments():
     import argparse
 
@@ -644,7 +663,8 @@ def test_cli_map_rejects_bad_arguments():
     add_map_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["map", "--level", "6", "--quantity", "count", "--out", "x.png", "--weighted"])
     assert (args.level, args.quantity, args.weighted, args.out) == (6, "count", True, Path("x.png"))
-    for bad in (["map", "--level", "13", "--out", "x.png"], ["map", "--level", "6", "--quantity", "parallax", "--out", "x.png"]):
+    assert args.coord == "C"
+    for bad in (["map", "--level", "13", "--out", "x.png"], ["map", "--level", "6", "--quantity", "parallax", "--out", "x.png"], ["map", "--level", "6", "--coord", "E", "--out", "x.png"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
