@@ -75,7 +75,7 @@ def test_source_id_outside_the_file_range_is_rejected_and_kept_in_the_file_regio
     assert list(home_regions(table.column("source_id"), (lo, hi))) == [7, 7]
 
 
-def test_position_must_be_in_the_encoded_pixel_or_a_neighbour():
+def test_position_must_be_near_the_encoded_pixel():
     cols = stars_in_region(REGION, 3)
     pix = int(cols["source_id"][1]) >> 35
     near = hp.get_all_neighbours(4096, pix, nest=True)[0]

@@ -243,10 +243,15 @@ def _check_source_ids(table: pa.Table, reasons: Reasons, file_range: tuple[int, 
         return
     idx = np.flatnonzero(placed)
     encoded = healpix.source_id_to_healpix(sid[idx])
+    # A row inside its encoded pixel is within the pixel radius: only the others are measured.
+    moved = encoded != healpix.radec_to_healpix(ra[idx], dec[idx], healpix.SOURCE_ID_LEVEL)
+    if not moved.any():
+        return
+    idx, encoded = idx[moved], encoded[moved]
     offset = np.zeros(table.num_rows)
     offset[idx] = healpix.distance_to_centre(encoded, healpix.SOURCE_ID_LEVEL, ra[idx], dec[idx])
     allowed = allowed_offset(_proper_motion_total(table))
-    far = placed & (offset > allowed)
+    far = offset > allowed
     if far.any():
         reasons.add(
             far,
