@@ -5,6 +5,7 @@ Every threshold is run config; the selection is :mod:`gaia_flows.ml.training_set
 """
 
 import time
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,6 +32,9 @@ class TrainingSetConfig(Config):
     parallax_min_mas: float = _DEFAULT_CUTS.parallax_min_mas
     abs_b_min_deg: float = _DEFAULT_CUTS.abs_b_min_deg
     exclude_magellanic_clouds: bool = _DEFAULT_CUTS.exclude_magellanic_clouds
+    magellanic_regions: Literal["seed_boxes", "circles"] = _DEFAULT_CUTS.magellanic_regions
+    """``seed_boxes``: the seed's ra/dec boxes; ``circles``: cones of lmc/smc_radius_deg
+    (see :data:`gaia_flows.science.astrometric.MAGELLANIC_REGIONS`)."""
     lmc_ra_deg: float = _DEFAULT_CUTS.lmc_ra_deg
     lmc_dec_deg: float = _DEFAULT_CUTS.lmc_dec_deg
     lmc_radius_deg: float = _DEFAULT_CUTS.lmc_radius_deg

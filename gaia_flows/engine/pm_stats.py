@@ -146,6 +146,8 @@ def pm_stats_frame(df: DataFrame, level: int = pm.DEFAULT_LEVEL) -> DataFrame:
         F.sum(F.col("w_dec") * F.col("dec")).alias("sumwx_pmdec"),
         F.sum(F.col("w_ra") * F.col("ra") * F.col("ra")).alias("sumwx2_pmra"),
         F.sum(F.col("w_dec") * F.col("dec") * F.col("dec")).alias("sumwx2_pmdec"),
+        F.sum(F.col("w_ra") * F.col("w_ra")).alias("sumw2_pmra"),
+        F.sum(F.col("w_dec") * F.col("w_dec")).alias("sumw2_pmdec"),
     )
 
 

@@ -75,7 +75,9 @@ SMC_CENTRE = (13.19, -72.83)
 LMC_SCALE_DEG = 1.5
 SMC_SCALE_DEG = 0.7
 LMC_PM = (1.91, 0.229)
-"""Mean (pmra, pmdec) of the LMC in mas/yr (Gaia Collaboration, Helmi et al. 2018)."""
+"""Mean (pmra, pmdec) of the LMC in mas/yr: the HST value of Kallivayalil et al. 2013 (ApJ 764,
+161; μW = −1.910, μN = 0.229). Gaia DR2 gives (1.850, 0.234) (Gaia Collaboration, Helmi et al.
+2018, A&A 616, A12)."""
 SMC_PM = (0.797, -1.220)
 """Mean (pmra, pmdec) of the SMC in mas/yr (Gaia Collaboration, Helmi et al. 2018)."""
 CLOUD_DISTANCE_KPC = {"lmc": (49.6, 1.5), "smc": (62.8, 2.5)}
