@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 
 from gaia_flows import spark as spark_factory
 from gaia_flows.contracts import load_contract
-from gaia_flows.engine.ingest import TABLE, IngestTask, file_groups, ingest_regions, landing_files, region_schema
-from gaia_flows.layout import StateLayout
+from gaia_flows.engine.ingest import IngestTask, file_groups, ingest_regions, region_schema
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.profiles import load_profile
 from gaia_flows.science.ecsv import read_file_header
 from gaia_flows.science.healpix import parse_region_key, region_keys
@@ -77,7 +77,7 @@ def ingest(spark, landing: Path, home: Path, profile: bool) -> tuple[object, Pea
     with PeakRss() as rss:
         if profiler:
             profiler.enable()
-        report = ingest_regions(spark, layout, region_keys(), load_contract(TABLE), 128 << 20)
+        report = ingest_regions(spark, layout, region_keys(), load_contract(SOURCE_TABLE), 128 << 20)
         if profiler:
             profiler.disable()
     assert not report.failures, report.failures
@@ -113,7 +113,7 @@ def stage_seconds(profiler: cProfile.Profile) -> dict[str, float]:
 
 def profile_tasks(landing: Path, staging: Path) -> tuple[float, dict[str, float]]:
     """Every task's work on one core, in this process: CPU seconds in all and per stage."""
-    contract = load_contract(TABLE)
+    contract = load_contract(SOURCE_TABLE)
     files = [str(p) for p in landing_files(landing)]
     schema = region_schema({p: read_file_header(p) for p in files}, contract)
     task = IngestTask(contract, schema, frozenset(parse_region_key(k)[1] for k in region_keys()), staging)

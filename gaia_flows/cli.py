@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from gaia_flows.layout import REPO_ROOT, StateLayout
+from gaia_flows.layout import REPO_ROOT, StateLayout, landing_files
 from gaia_flows.science.healpix import region_keys
 
 ALL_REGIONS = f"{region_keys()[0]}...{region_keys()[-1]}"
@@ -60,13 +60,14 @@ def materialize(layout: StateLayout, selection: str, partitioned: bool) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from gaia_flows.contracts import load_contract
     from gaia_flows.science.synthetic import generate
 
     layout = StateLayout.from_env().ensure()
     started = time.perf_counter()
-    if not any(layout.landing.glob("GaiaSource_*.csv*")):
+    if not landing_files(layout.landing):
         print(f"Generating a synthetic catalogue of {args.stars:,} stars (seed {args.seed}) into {layout.landing}", flush=True)
-        generate(stars=args.stars, seed=args.seed, out=layout.landing)
+        generate(stars=args.stars, seed=args.seed, out=layout.landing, contract=load_contract())
     else:
         print(f"Using the Gaia files already in {layout.landing}", flush=True)
     for selection, partitioned in DEMO_STEPS:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from gaia_flows.engine.ingest import landing_files
 from gaia_flows.jobs import catalogue_job
-from gaia_flows.layout import StateLayout
+from gaia_flows.layout import StateLayout, landing_files
 from gaia_flows.partitions import range_tags
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
 

@@ -31,14 +31,13 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-from gaia_flows.contracts import TableContract
-from gaia_flows.layout import StateLayout, publish
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files, publish
 from gaia_flows.science import healpix
+from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
 from gaia_flows.science.validation import NULL_TOKENS, check_header, home_regions, validate_rows
 from gaia_flows.tables import footer_rows, write_manifest
 
-TABLE = "gaia_source"
 DIAGNOSTIC_COLUMNS = [("_file", pa.string()), ("_line", pa.int64()), ("_rule", pa.string()), ("_reason", pa.string()), ("_region", pa.int64())]
 DUPLICATE_RULE = "duplicate:source_id"
 BATCH_BYTES = 8 << 20
@@ -71,18 +70,6 @@ class IngestReport:
 
 
 # --- landing files ------------------------------------------------------------------------------
-
-
-def landing_files(landing: Path) -> list[Path]:
-    """Gaia bulk files in the landing folder; a CSV that is not named like one is an error,
-    because its rows could not be placed on the sky without guessing."""
-    if not landing.exists():
-        return []
-    candidates = sorted(p for p in landing.iterdir() if p.is_file() and ".csv" in p.name)
-    unknown = [p for p in candidates if not healpix.is_gaia_file_name(p)]
-    if unknown:
-        raise GaiaFileError(unknown[0], "unknown file name: expected GaiaSource_<hpx8start>-<hpx8end>.csv.gz")
-    return candidates
 
 
 def region_schema(headers: dict[str, EcsvHeader], contract: TableContract) -> pa.Schema:
@@ -144,6 +131,7 @@ def _validated_batches(
 
     line = header.first_data_line
     for batch in _csv_batches(path, header, column_types, on_invalid_row, invalid, lambda: line):
+        _check_narrowing(path, batch, contract)
         typed, reasons = validate_rows(pa.Table.from_batches([batch]), header, contract, file_range)
         n = typed.num_rows
         extra = {
@@ -156,6 +144,16 @@ def _validated_batches(
         columns = [typed.column(f.name) if f.name in typed.column_names else extra.get(f.name, pa.nulls(n, f.type)) for f in schema]
         yield pa.RecordBatch.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns], schema=schema)
         line += n
+
+
+def _check_narrowing(path: str, batch: pa.RecordBatch, contract: TableContract) -> None:
+    """A float read as float64 must stay finite in its contract type (float32): a value beyond
+    that type's range ends the typed pass, so the text pass quarantines it with its token."""
+    for name, column in zip(batch.schema.names, batch.columns):
+        target = contract.by_name[name].arrow_type
+        if pa.types.is_float64(column.type) and target != column.type:
+            if pc.sum(pc.is_inf(pc.cast(column, target))).as_py() != pc.sum(pc.is_inf(column)).as_py():
+                raise GaiaFileError(path, f"column {name!r} holds a value beyond {target}")
 
 
 def _csv_batches(path: str, header: EcsvHeader, column_types: dict, on_invalid_row, invalid: list, current_line) -> Iterator[pa.RecordBatch]:
@@ -355,7 +353,7 @@ def _ingest_once(
         check_header(headers[path], contract, path)
     schema = region_schema(headers, contract)
     pixels = {healpix.parse_region_key(r)[1]: r for r in wanted}
-    staging = layout.staging_dir(TABLE)
+    staging = layout.staging_dir(SOURCE_TABLE)
     try:
         try:
             counts = _run_tasks(spark, all_files, IngestTask(contract, schema, frozenset(pixels), staging), bucket_bytes)
@@ -377,7 +375,7 @@ def _run_tasks(spark: SparkSession, files: list[str], task: IngestTask, bucket_b
     rows through the JVM); the driver receives one small Counter per task."""
     sc = spark.sparkContext
     chunks = task_chunks(file_groups(files), {p: os.path.getsize(p) for p in files}, bucket_bytes, sc.defaultParallelism)
-    sc.setJobGroup(TABLE, f"ingest {len(files)} files into {len(task.pixels)} regions", interruptOnCancel=True)
+    sc.setJobGroup(SOURCE_TABLE, f"ingest {len(files)} files into {len(task.pixels)} regions", interruptOnCancel=True)
     counts: Counter = Counter()
     if chunks:
         for part in sc.parallelize(list(enumerate(chunks)), len(chunks)).map(lambda item: task(*item)).collect():
@@ -408,7 +406,7 @@ def _publish_region(
         input_files=[p.name for p in inputs],
         output_files=len(files),
         output_bytes=sum(p.stat().st_size for p in files),
-        path=str(layout.region_dir(TABLE, region)),
+        path=str(layout.region_dir(SOURCE_TABLE, region)),
     )
     manifest = {
         "region": region,
@@ -420,6 +418,6 @@ def _publish_region(
     }
     write_manifest(accepted_dir, manifest)
     write_manifest(rejected_dir, manifest)
-    publish(rejected_dir, layout.quarantine_dir(TABLE, region))
-    publish(accepted_dir, layout.region_dir(TABLE, region))
+    publish(rejected_dir, layout.quarantine_dir(SOURCE_TABLE, region))
+    publish(accepted_dir, layout.region_dir(SOURCE_TABLE, region))
     return result
