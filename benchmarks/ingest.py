@@ -33,6 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+from measure import PeakRss, work_folder
 
 from gaia_flows import spark as spark_factory
 from gaia_flows.contracts import load_contract
@@ -41,7 +42,6 @@ from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.profiles import load_profile
 from gaia_flows.science.ecsv import read_file_header
 from gaia_flows.science.healpix import parse_region_key, region_keys
-from measure import PeakRss, work_folder
 
 
 def floor(files: list[Path], out: Path) -> tuple[float, int]:
