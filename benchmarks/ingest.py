@@ -1,107 +1,144 @@
-"""Ingestion throughput: synthetic DR3 files -> validated, region-partitioned ``gaia_source``.
+"""Ingestion throughput against the parsing floor: synthetic DR3 files -> ``gaia_source``.
 
 For each catalogue size, in one process and on the same files:
-  generate  the synthetic bulk files (the generator's own speed: issue target 10M < 5 min)
+  floor     one core, no Spark: gunzip, pyarrow's CSV reader (nulls as "" and "null", types
+            inferred), a zstd Parquet write per file -- what reading and rewriting costs
   ours      ``ingest_regions`` over all 48 regions in one Spark application (what the
-            ``gaia_source`` backfill runs): contract checks, quarantine, dedup, sort, publish
-  duckdb    the baseline: DuckDB converting the same gzip CSVs to one Parquet file, with no
-            validation, no partitioning and no sort -- the floor of "just read and rewrite"
+            ``gaia_source`` backfill runs): contract checks, quarantine, de-duplication,
+            partitioning, sorting and publishing included
+Before them, ``fixed``: the same backfill of a tiny catalogue (same 96 files, same 48 regions,
+almost no rows) on the fresh Spark application -- the run's cost that does not grow with rows
+(Python workers' start, tasks, headers, 48 publishes). Spark's own start is printed apart.
 
-It prints rows/s, input MB/s (compressed bytes), the ratio ours/duckdb, and peak RSS of the
-Python driver and of the Spark JVM (sampled), so "time grows linearly, driver memory stays
-flat" can be read off the table.
+It prints rows/s per core for both and their ratio, and peak RSS of the Python driver and of
+the Spark JVM (sampled), so "time grows linearly, driver memory stays flat" can be read off
+the table. ``--profile`` adds where the time goes: the driver's side of a run (cProfile of
+``ingest_regions``) and one core doing every task's work in process (cProfile of the tasks).
+The last line is machine-readable, for the largest size:
+``ingest stars=<n> rows_per_core=<n> floor_rows_per_core=<n> ratio=<r> fixed_s=<s>``.
 
-    .venv/bin/python benchmarks/ingest.py --stars 1000000 10000000
+    .venv/bin/python benchmarks/ingest.py --stars 1000000 10000000 [--landing-cache /tmp/x]
 """
 
 import argparse
-import gzip
-import itertools
+import cProfile
+import pstats
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-import duckdb
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+from measure import PeakRss, work_folder
 
 from gaia_flows import spark as spark_factory
 from gaia_flows.contracts import load_contract
-from gaia_flows.engine.ingest import ingest_regions
+from gaia_flows.engine.ingest import IngestTask, file_groups, ingest_regions, region_schema
 from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.profiles import load_profile
-from gaia_flows.science.healpix import region_keys
-from measure import PeakRss, work_folder
+from gaia_flows.science.ecsv import read_file_header
+from gaia_flows.science.healpix import parse_region_key, region_keys
 
 
-def _header_lines(path: Path) -> int:
-    """ECSV header lines before the CSV header: DuckDB's ``comment`` option does not skip them
-    reliably (it took data rows for column names), so the baseline skips them by count."""
-    with gzip.open(path, "rt") as fh:
-        return sum(1 for _ in itertools.takewhile(lambda line: line.startswith("#"), fh))
-
-
-def duckdb_baseline(files: list[Path], out: Path) -> tuple[float, int]:
-    started = time.perf_counter()
-    by_skip: dict[int, list[str]] = {}
+def floor(files: list[Path], out: Path) -> tuple[float, int]:
+    """Seconds and rows of the single-core floor over ``files`` (headers located beforehand)."""
+    skips = {f: read_file_header(f).comment_lines for f in files}
+    rows, started = 0, time.perf_counter()
     for f in files:
-        by_skip.setdefault(_header_lines(f), []).append(f"'{f}'")
-    selects = " UNION ALL BY NAME ".join(
-        f"SELECT * FROM read_csv([{', '.join(group)}], skip={skip}, header=true, nullstr=['null', '', 'nan'])" for skip, group in by_skip.items()
-    )
-    # DuckDB spills to ./.tmp by default; keep its scratch in the benchmark's work folder.
-    con = duckdb.connect(config={"temp_directory": str(out.parent / "duckdb-tmp")})
-    con.execute(f"COPY ({selects}) TO '{out}' (FORMAT parquet, COMPRESSION zstd)")
-    seconds = time.perf_counter() - started
-    rows = con.execute(f"SELECT count(*) FROM '{out}'").fetchone()[0]
-    con.close()
-    return seconds, rows
+        table = pcsv.read_csv(
+            pa.input_stream(str(f), compression="gzip"),
+            read_options=pcsv.ReadOptions(skip_rows=skips[f], use_threads=False),
+            convert_options=pcsv.ConvertOptions(null_values=["", "null"]),
+        )
+        pq.write_table(table, out, compression="zstd")
+        rows += table.num_rows
+    return time.perf_counter() - started, rows
 
 
-def generate_files(stars: int, seed: int, landing: Path) -> tuple[float, list[Path]]:
-    """``gaia-flows generate`` in its own process: its arrays must not count as driver memory."""
+def landing_for(stars: int, seed: int, cache: Path) -> tuple[float, Path]:
+    """``gaia-flows generate`` in its own process (its arrays must not count as driver memory),
+    into ``cache/stars-<n>``; an existing complete catalogue there is reused (0 s)."""
+    landing = cache / f"stars-{stars}"
+    if (landing / "truth").exists() and list(landing.glob("GaiaSource_*.csv.gz")):
+        return 0.0, landing
     command = [str(Path(sys.executable).with_name("gaia-flows")), "generate", "--stars", str(stars), "--seed", str(seed), "--out", str(landing)]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started, landing_files(landing)
+    return time.perf_counter() - started, landing
 
 
-def run_size(stars: int, work: Path, spark, seed: int) -> dict:
-    home = work / f"stars-{stars}"
-    layout = StateLayout.from_env(home=home, landing=home / "landing").ensure()
-    generate_seconds, files = generate_files(stars, seed, layout.landing)
-    in_bytes = sum(f.stat().st_size for f in files)
+def ingest(spark, landing: Path, home: Path, profile: bool) -> tuple[object, PeakRss, cProfile.Profile | None]:
+    layout = StateLayout.from_env(home=home, landing=landing).ensure()
+    profiler = cProfile.Profile() if profile else None
     with PeakRss() as rss:
+        if profiler:
+            profiler.enable()
         report = ingest_regions(spark, layout, region_keys(), load_contract(SOURCE_TABLE), 128 << 20)
+        if profiler:
+            profiler.disable()
     assert not report.failures, report.failures
     accepted = sum(r.accepted for r in report.regions.values())
     rejected = sum(r.rejected for r in report.regions.values())
     assert accepted + rejected == report.rows_read
-    duck, duck_rows = duckdb_baseline(files, work / f"duckdb-{stars}.parquet")
-    assert duck_rows == report.rows_read, f"baseline read {duck_rows:,} rows, ours {report.rows_read:,}"
     shutil.rmtree(home)
-    return {
-        "stars": stars,
-        "generate_s": generate_seconds,
-        "ingest_s": report.seconds,
-        "rows": report.rows_read,
-        "accepted": accepted,
-        "rejected": rejected,
-        "mb": in_bytes / 1e6,
-        "duckdb_s": duck,
-        "py_rss_mb": rss.python / 1e6,
-        "py_rss_start_mb": rss.python_start / 1e6,
-        "jvm_rss_mb": rss.jvm / 1e6,
-    }
+    return report, rss, profiler
+
+
+STAGES = {
+    # stage: (module or file fragment, function) whose cumulative time it is
+    "gunzip + CSV parse + convert": ("engine/ingest.py", "_csv_batches"),
+    "contract checks": ("validation.py", "validate_rows"),
+    "home regions": ("validation.py", "home_regions"),
+    "split, sort, de-duplicate": ("engine/ingest.py", "split_duplicates"),
+    "Parquet write (zstd)": ("engine/ingest.py", "_write"),
+    "header reads": ("ecsv.py", "read_file_header"),
+    "Spark job (tasks, waited for)": ("engine/ingest.py", "_run_tasks"),
+    "publish (footers, manifests, renames)": ("engine/ingest.py", "_publish_region"),
+}
+
+
+def stage_seconds(profiler: cProfile.Profile) -> dict[str, float]:
+    stats = pstats.Stats(profiler).stats
+    seconds = {}
+    for stage, (where, name) in STAGES.items():
+        found = [cum for (path, _, func), (_, _, _, cum, _) in stats.items() if func == name and path.endswith(where)]
+        if found:
+            seconds[stage] = sum(found)
+    return seconds
+
+
+def profile_tasks(landing: Path, staging: Path) -> tuple[float, dict[str, float]]:
+    """Every task's work on one core, in this process: CPU seconds in all and per stage."""
+    contract = load_contract(SOURCE_TABLE)
+    files = [str(p) for p in landing_files(landing)]
+    schema = region_schema({p: read_file_header(p) for p in files}, contract)
+    task = IngestTask(contract, schema, frozenset(parse_region_key(k)[1] for k in region_keys()), staging)
+    profiler = cProfile.Profile(time.process_time)  # CPU seconds: a busy machine's waits do not count
+    started = time.process_time()
+    profiler.enable()
+    counts: Counter = task(0, file_groups(files))
+    profiler.disable()
+    seconds = time.process_time() - started
+    shutil.rmtree(staging)
+    assert sum(counts.values()) > 0
+    return seconds, stage_seconds(profiler)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stars", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--fixed-stars", type=int, default=10_000, help="size of the tiny catalogue that measures the fixed cost")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--landing-cache", type=Path, default=None, help="keep generated catalogues here between runs (default: in --work)")
+    parser.add_argument("--profile", action="store_true", help="also print where the time goes (largest size)")
     args = parser.parse_args()
     work = work_folder(args.work, "gaia-bench-ingest-")
+    cache = args.landing_cache or work / "landing"
 
     profile = load_profile("local")
     started = time.perf_counter()
@@ -109,25 +146,59 @@ def main() -> None:
     cores = spark.sparkContext.defaultParallelism
     print(f"Spark {spark.version} {profile.spark_master} ({cores} cores) started in {time.perf_counter() - started:.1f} s")
 
-    header = f"{'stars':>11} {'gen s':>7} {'ingest s':>9} {'rows/s':>9} {'MB/s':>6} {'duckdb s':>9} {'ours/duckdb':>11} {'py RSS MB start->peak':>21} {'JVM RSS MB':>10} {'rejected':>9}"
-    print(header)
+    _, tiny = landing_for(args.fixed_stars, args.seed, cache)
+    fixed_report, _, _ = ingest(spark, tiny, work / "home-fixed", profile=False)
+    fixed_s = fixed_report.seconds
+    print(f"fixed cost: {args.fixed_stars:,} stars in {len(landing_files(tiny))} files, 48 regions, fresh application: {fixed_s:.2f} s")
+
+    print(
+        f"{'stars':>11} {'gen s':>6} {'floor s':>8} {'floor r/s/core':>14} {'ingest s':>9} {'r/s/core':>9} {'ratio':>6}"
+        f" {'(s-fixed)/Mrow':>14} {'py RSS MB start->peak':>21} {'JVM RSS MB':>10} {'rejected':>9}"
+    )
     results = []
     for stars in args.stars:
-        r = run_size(stars, work, spark, args.seed)
+        generate_s, landing = landing_for(stars, args.seed, cache)
+        floor_s, floor_rows = floor(landing_files(landing), work / "floor.parquet")
+        report, rss, driver_profile = ingest(spark, landing, work / f"home-{stars}", profile=args.profile and stars == max(args.stars))
+        assert floor_rows == report.rows_read, f"floor read {floor_rows:,} rows, ours {report.rows_read:,}"
+        r = {
+            "stars": stars,
+            "rows": report.rows_read,
+            "ingest_s": report.seconds,
+            "rows_per_core": report.rows_read / report.seconds / cores,
+            "floor_rows_per_core": floor_rows / floor_s,
+        }
+        r["ratio"] = r["rows_per_core"] / r["floor_rows_per_core"]
         results.append(r)
-        rss = f"{r['py_rss_start_mb']:.0f}->{r['py_rss_mb']:.0f}"
+        rejected = sum(x.rejected for x in report.regions.values())
         print(
-            f"{r['stars']:>11,} {r['generate_s']:>7.1f} {r['ingest_s']:>9.1f} {r['rows'] / r['ingest_s']:>9,.0f} {r['mb'] / r['ingest_s']:>6.1f}"
-            f" {r['duckdb_s']:>9.1f} {r['ingest_s'] / r['duckdb_s']:>11.2f} {rss:>21} {r['jvm_rss_mb']:>10.0f} {r['rejected']:>9,}",
+            f"{stars:>11,} {generate_s:>6.0f} {floor_s:>8.1f} {r['floor_rows_per_core']:>14,.0f} {report.seconds:>9.1f} {r['rows_per_core']:>9,.0f}"
+            f" {r['ratio']:>6.2f} {(report.seconds - fixed_s) / report.rows_read * 1e6:>14.2f} {f'{rss.python_start / 1e6:.0f}->{rss.python / 1e6:.0f}':>21}"
+            f" {rss.jvm / 1e6:>10.0f} {rejected:>9,}",
             flush=True,
         )
+        if driver_profile:
+            print("driver side of the run above (cProfile of ingest_regions), wall seconds:")
+            for stage, s in stage_seconds(driver_profile).items():
+                print(f"  {stage:<40} {s:8.2f}")
+            seconds, stages = profile_tasks(landing, work / "profile-staging")
+            print(f"every task's work on one core in process: {seconds:.1f} CPU s, {report.rows_read / seconds:,.0f} rows per CPU s; CPU s per stage:")
+            for stage, s in stages.items():
+                print(f"  {stage:<40} {s:8.2f}  {s / seconds:5.1%}")
+        if cache == work / "landing":
+            shutil.rmtree(landing)
     if len(results) > 1:
         first, last = results[0], results[-1]
         print(
-            f"scaling {first['stars']:,} -> {last['stars']:,} stars (x{last['stars'] / first['stars']:.0f}): ingest time x{last['ingest_s'] / first['ingest_s']:.1f},"
-            f" driver (Python) peak RSS x{last['py_rss_mb'] / first['py_rss_mb']:.2f}"
+            f"scaling {first['stars']:,} -> {last['stars']:,} stars (x{last['rows'] / first['rows']:.1f} rows):"
+            f" ingest time x{last['ingest_s'] / first['ingest_s']:.2f}, time less the fixed cost x{(last['ingest_s'] - fixed_s) / (first['ingest_s'] - fixed_s):.2f}"
         )
     spark_factory.stop_active()
+    last = results[-1]
+    print(
+        f"ingest stars={last['stars']} rows_per_core={last['rows_per_core']:.0f} floor_rows_per_core={last['floor_rows_per_core']:.0f}"
+        f" ratio={last['ratio']:.2f} fixed_s={fixed_s:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ gaia_landing = AssetSpec(
 
 class GaiaSourceConfig(Config):
     bucket_mb: int = 128
-    """Target size of one Parquet file: about what one executor core holds in memory
-    (dataset size / buckets ~ worker memory), so a region file is read in one pass."""
+    """Compressed input one ingestion task takes at most (more tasks when the cores need
+    them): a task writes one sorted Parquet part per region it touches, so this bounds a
+    region file's size (dataset size / buckets ~ worker memory)."""
 
 
 @asset(

@@ -1,15 +1,21 @@
-"""Ingest Gaia bulk files into the per-region ``gaia_source`` table with Spark.
+"""Ingest Gaia bulk files into the per-region ``gaia_source`` table with Spark tasks.
 
-One Spark task per landing file (gzip is not splittable) parses it with pyarrow's streaming
-CSV reader, so a file is read once, sequentially, with line numbers known, and the contract
-is enforced by :mod:`gaia_flows.science.validation`; the task stages the parsed rows as
-Parquet next to the output, which Spark then reads natively. Accepted rows are range-partitioned by
-``source_id`` so each region's Parquet files hold neighbouring stars; rejected rows go to the
-quarantine with a reason. Nothing is published until every write of the run has succeeded.
+Each Spark task takes a run of landing files in sky order (gzip is not splittable, so a file
+is one task's), parses them with pyarrow's CSV reader, so a file is read once, sequentially,
+with line numbers known, and enforces the contract with :mod:`gaia_flows.science.validation`.
+It then cuts the rows at region boundaries and writes each region's part itself, sorted by
+``source_id``, and the rejected rows with their reasons next to it. Gaia files are sorted by
+``source_id`` and cover disjoint level-8 ranges, and a row is accepted only inside its file's
+range, so the parts of a region are disjoint ranges and no rows move between tasks: files
+whose ranges overlap (the same stars landed twice) go to the same task, which keeps the first
+of each duplicated source_id. Nothing is published until every task of the run has succeeded;
+then each region's directory of parts is published in one rename.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import shutil
 import time
@@ -18,26 +24,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from pyspark import StorageLevel
-from pyspark.sql import SparkSession, Window
-from pyspark.sql import functions as F
-from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql import SparkSession
 
 from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files, publish
 from gaia_flows.science import healpix
 from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
-from gaia_flows.engine.sizing import files_per_region
-from gaia_flows.science.validation import check_header, home_regions, validate_rows
+from gaia_flows.science.validation import NULL_TOKENS, check_header, home_regions, validate_rows
 from gaia_flows.tables import footer_rows, write_manifest
 
 DIAGNOSTIC_COLUMNS = [("_file", pa.string()), ("_line", pa.int64()), ("_rule", pa.string()), ("_reason", pa.string()), ("_region", pa.int64())]
 DUPLICATE_RULE = "duplicate:source_id"
 BATCH_BYTES = 8 << 20
+PARQUET_COMPRESSION = "zstd"
 
 
 @dataclass
@@ -78,11 +82,47 @@ def region_schema(headers: dict[str, EcsvHeader], contract: TableContract) -> pa
 # --- executor side --------------------------------------------------------------------------------
 
 
+def _converted_types(header: EcsvHeader, contract: TableContract) -> dict[str, pa.DataType]:
+    """Column types for the CSV reader's typed pass: numbers converted while parsing.
+
+    Floats are read as float64 and integers as their contract type, so a token the reader
+    accepts has the value :func:`validate_rows` would give it, and one out of range fails the
+    pass. Strings, booleans and uint64 (whose bound is checked after an int64 parse) stay
+    tokens for :func:`validate_rows` to parse.
+    """
+    types = {}
+    for column in header.columns:
+        kind = contract.by_name[column.name].datatype
+        if kind.startswith("float"):
+            types[column.name] = pa.float64()
+        elif kind.startswith(("int", "uint")) and kind != "uint64":
+            types[column.name] = contract.by_name[column.name].arrow_type
+        else:
+            types[column.name] = pa.string()
+    return types
+
+
 def read_gaia_file(path: str, contract: TableContract, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """Parse and validate one file, yielding batches in ``schema`` with provenance columns."""
+    """Parse and validate one file, yielding batches in ``schema`` with provenance columns.
+
+    The first pass lets the CSV reader convert the numeric columns while it parses (about as
+    fast as parsing alone, where parsing every column as text and converting afterwards cost
+    twice that). Its batches are held until the file ends, because any token the reader cannot
+    convert (a typo, a value out of range, a bad row, a truncated file) abandons the pass: the
+    file is then read again as text, which names every bad value and the line of a file error.
+    """
     header = read_file_header(path)
     check_header(header, contract, path)
     file_range = healpix.parse_file_range(path)
+    try:
+        yield from list(_validated_batches(path, header, contract, schema, file_range, _converted_types(header, contract)))
+    except GaiaFileError:
+        yield from _validated_batches(path, header, contract, schema, file_range, {name: pa.string() for name in header.names})
+
+
+def _validated_batches(
+    path: str, header: EcsvHeader, contract: TableContract, schema: pa.Schema, file_range: tuple[int, int], column_types: dict
+) -> Iterator[pa.RecordBatch]:
     invalid: list = []
 
     def on_invalid_row(row) -> str:
@@ -90,7 +130,8 @@ def read_gaia_file(path: str, contract: TableContract, schema: pa.Schema) -> Ite
         return "error"
 
     line = header.first_data_line
-    for batch in _csv_batches(path, header, on_invalid_row, invalid, lambda: line):
+    for batch in _csv_batches(path, header, column_types, on_invalid_row, invalid, lambda: line):
+        _check_narrowing(path, batch, contract)
         typed, reasons = validate_rows(pa.Table.from_batches([batch]), header, contract, file_range)
         n = typed.num_rows
         extra = {
@@ -105,9 +146,19 @@ def read_gaia_file(path: str, contract: TableContract, schema: pa.Schema) -> Ite
         line += n
 
 
-def _csv_batches(path: str, header: EcsvHeader, on_invalid_row, invalid: list, current_line) -> Iterator[pa.RecordBatch]:
-    """Raw string batches; any parse or decompression failure becomes a GaiaFileError that
-    names the file and the line where reading stopped."""
+def _check_narrowing(path: str, batch: pa.RecordBatch, contract: TableContract) -> None:
+    """A float read as float64 must stay finite in its contract type (float32): a value beyond
+    that type's range ends the typed pass, so the text pass quarantines it with its token."""
+    for name, column in zip(batch.schema.names, batch.columns):
+        target = contract.by_name[name].arrow_type
+        if pa.types.is_float64(column.type) and target != column.type:
+            if pc.sum(pc.is_inf(pc.cast(column, target))).as_py() != pc.sum(pc.is_inf(column)).as_py():
+                raise GaiaFileError(path, f"column {name!r} holds a value beyond {target}")
+
+
+def _csv_batches(path: str, header: EcsvHeader, column_types: dict, on_invalid_row, invalid: list, current_line) -> Iterator[pa.RecordBatch]:
+    """Batches with ``column_types``; any parse, conversion or decompression failure becomes a
+    GaiaFileError that names the file and the line where reading stopped."""
     try:
         stream = pa.input_stream(path, compression="gzip" if path.endswith(".gz") else None)
         reader = pcsv.open_csv(
@@ -117,7 +168,7 @@ def _csv_batches(path: str, header: EcsvHeader, on_invalid_row, invalid: list, c
             ),
             parse_options=pcsv.ParseOptions(delimiter=header.delimiter, invalid_row_handler=on_invalid_row),
             convert_options=pcsv.ConvertOptions(
-                column_types={name: pa.string() for name in header.names}, strings_can_be_null=False, quoted_strings_can_be_null=False
+                column_types=column_types, null_values=NULL_TOKENS, strings_can_be_null=False, quoted_strings_can_be_null=True
             ),
         )
         yield from reader
@@ -128,6 +179,121 @@ def _csv_batches(path: str, header: EcsvHeader, on_invalid_row, invalid: list, c
             where = row.number if row.number is not None else line
             raise GaiaFileError(path, f"wrong column count: expected {row.expected_columns}, found {row.actual_columns}", line=where) from None
         raise GaiaFileError(path, f"unreadable after line {line - 1} ({exc}); truncated or corrupt file", line=line) from None
+
+
+def file_groups(paths: list[str]) -> list[list[str]]:
+    """Files in groups whose level-8 ranges overlap, groups in sky order, files by name.
+
+    A row is accepted only inside its file's range, so two accepted rows can share a
+    source_id only if their files' ranges overlap: de-duplication is needed within a group
+    and never between groups. Gaia's own files never overlap, so each is its own group.
+    """
+    groups: list[list[str]] = []
+    reach = -1
+    for path in sorted(paths, key=lambda p: (healpix.parse_file_range(p), p)):
+        start, end = healpix.parse_file_range(path)
+        if groups and start <= reach:
+            groups[-1].append(path)
+        else:
+            groups.append([path])
+        reach = max(reach, end)
+    return [sorted(group) for group in groups]
+
+
+def task_chunks(groups: list[list[str]], sizes: dict[str, int], bucket_bytes: int, cores: int) -> list[list[list[str]]]:
+    """Consecutive file groups cut into tasks of similar input bytes: enough tasks for two per
+    core, and none holding much more than ``bucket_bytes`` of input (a task writes one part
+    per region it touches, so a bucket is about a region file)."""
+    weights = np.array([sum(sizes[p] for p in group) for group in groups], dtype=np.float64)
+    count = min(len(groups), max(2 * cores, math.ceil(weights.sum() / bucket_bytes)))
+    if count <= 1:
+        return [groups] if groups else []
+    cumulative = np.cumsum(weights)
+    cuts = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, count) / count, side="right")
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(groups))), len(groups)]
+    return [groups[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def split_duplicates(part: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """One region's rows of a file group, in file and line order -> (accepted rows sorted by
+    source_id, rejected rows). Of the valid rows sharing a source_id, the first (by file name,
+    then line) is kept and the others are quarantined as duplicates."""
+    ok = np.asarray(pc.is_null(part.column("_rule")))
+    accepted = part if ok.all() else part.filter(ok)
+    rejected = part.filter(~ok)
+    sid = accepted.column("source_id").to_numpy()
+    if sid.size > 1 and not (sid[1:] > sid[:-1]).all():
+        order = np.argsort(sid, kind="stable")  # stable: file and line order among equal ids
+        accepted, sid = accepted.take(order), sid[order]
+        repeat = np.r_[False, sid[1:] == sid[:-1]]
+        if repeat.any():
+            duplicates = accepted.filter(repeat)
+            ids = duplicates.column("source_id").to_pylist()
+            duplicates = duplicates.set_column(
+                duplicates.schema.get_field_index("_rule"), "_rule", pa.array([DUPLICATE_RULE] * len(ids), pa.string())
+            ).set_column(
+                duplicates.schema.get_field_index("_reason"), "_reason", pa.array([f"duplicate source_id {i} (first kept)" for i in ids], pa.string())
+            )
+            accepted, rejected = accepted.filter(~repeat), pa.concat_tables([rejected, duplicates])
+    return accepted, rejected
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    """One Spark task's work over a run of consecutive file groups: parse, validate,
+    de-duplicate and write each wanted region's part of them, sorted by source_id.
+
+    Parts are ``<staging>/{accepted,rejected}/<pixel>/part-<task>.parquet``. Groups cover
+    disjoint source_id ranges in sky order, so a region's parts, in name order, are its rows
+    in source_id order, without a shuffle. Returns the rows per (region pixel, rule), ``None``
+    for accepted. Picklable: the driver sends it to the executors.
+    """
+
+    contract: TableContract
+    schema: pa.Schema
+    pixels: frozenset[int]
+    staging: Path
+
+    def __call__(self, index: int, groups: list[list[str]]) -> Counter:
+        counts: Counter = Counter()
+        writers: dict[Path, pq.ParquetWriter] = {}
+        accepted_columns = [f.name for f in self.schema if not f.name.startswith("_")]
+        try:
+            for group in groups:
+                table = pa.concat_tables(
+                    pa.Table.from_batches(list(read_gaia_file(path, self.contract, self.schema)), schema=self.schema) for path in group
+                )
+                regions = table.column("_region").to_numpy()
+                for pixel in sorted(set(np.unique(regions).tolist()) & self.pixels):
+                    part = table if (regions == pixel).all() else table.filter(regions == pixel)
+                    accepted, rejected = split_duplicates(part)
+                    self._write(writers, self.staging / "accepted" / str(pixel) / f"part-{index:05d}.parquet", accepted.select(accepted_columns))
+                    self._write(writers, self.staging / "rejected" / str(pixel) / f"part-{index:05d}.parquet", rejected.drop_columns(["_region"]))
+                    counts[(pixel, None)] += accepted.num_rows
+                    counts.update({(pixel, rule): n for rule, n in Counter(rejected.column("_rule").to_pylist()).items()})
+        except BaseException:
+            for writer in writers.values():
+                writer.close()
+            raise
+        for path, writer in writers.items():
+            writer.close()
+            _partial(path).replace(path)
+        return counts
+
+    @staticmethod
+    def _write(writers: dict[Path, pq.ParquetWriter], path: Path, rows: pa.Table) -> None:
+        if rows.num_rows == 0:
+            return
+        if path not in writers:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writers[path] = pq.ParquetWriter(_partial(path), rows.schema, compression=PARQUET_COMPRESSION)
+        writers[path].write_table(rows)
+
+
+def _partial(path: Path) -> Path:
+    """Where a part is written until its task has finished: hidden from readers, and replaced
+    whole if Spark runs the task again."""
+    return path.with_name(f".{path.name}.partial")
 
 
 # --- driver side --------------------------------------------------------------------------------
@@ -187,11 +353,10 @@ def _ingest_once(
         check_header(headers[path], contract, path)
     schema = region_schema(headers, contract)
     pixels = {healpix.parse_region_key(r)[1]: r for r in wanted}
-    planned = {r: files_per_region(_region_bytes(paths, r), bucket_bytes) for r, paths in wanted.items()}
     staging = layout.staging_dir(SOURCE_TABLE)
     try:
         try:
-            counts = _run_spark(spark, all_files, schema, contract, list(pixels), sum(planned.values()), staging)
+            counts = _run_tasks(spark, all_files, IngestTask(contract, schema, frozenset(pixels), staging), bucket_bytes)
         except Exception as exc:  # noqa: BLE001 - re-raised below, typed where we can name the file
             error = _file_error_from(exc)
             if error is not None:
@@ -205,79 +370,16 @@ def _ingest_once(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _region_bytes(paths: list[Path], region: str) -> int:
-    """Bytes of input that belong to a region: each file's size times the share of its
-    level-8 range inside the region. Feeds the planner's bucket count."""
-    level, pixel = healpix.parse_region_key(region)
-    lo, hi = healpix.children_range(pixel, level, healpix.FILE_LEVEL)
-    total = 0.0
-    for path in paths:
-        start, end = healpix.parse_file_range(path)
-        overlap = min(end, hi) - max(start, lo) + 1
-        total += path.stat().st_size * overlap / (end - start + 1)
-    return int(total)
-
-
-def parse_to_parquet(path: str, contract: TableContract, schema: pa.Schema, pixels: list[int], target: Path) -> int:
-    """Parse one file into a staged Parquet copy holding only the wanted regions' rows.
-
-    Written by the Python worker itself: handing every row back to the JVM through Arrow costs
-    more than the parsing, while Spark reads the staged Parquet natively and in parallel.
-    """
-    wanted = pa.array(pixels, pa.int64())
-    partial = target.with_name(f".{target.name}.partial")
-    rows = 0
-    with pq.ParquetWriter(partial, schema, compression="zstd") as writer:
-        for batch in read_gaia_file(path, contract, schema):
-            kept = batch.filter(pc.is_in(batch.column("_region"), value_set=wanted))
-            writer.write_batch(kept)
-            rows += kept.num_rows
-    partial.replace(target)
-    return rows
-
-
-def _run_spark(
-    spark: SparkSession, files: list[str], schema: pa.Schema, contract: TableContract, pixels: list[int], partitions: int, staging: Path
-) -> Counter:
-    spark.sparkContext.setJobGroup(SOURCE_TABLE, f"ingest {len(files)} files into {len(pixels)} regions", interruptOnCancel=True)
-    parsed_dir = staging / "parsed"
-    parsed_dir.mkdir(parents=True)
-
-    def parse(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            for path in batch.column("path").to_pylist():
-                target = parsed_dir / (Path(path).name.split(".")[0] + ".parquet")
-                rows = parse_to_parquet(path, contract, schema, pixels, target)
-                yield pa.RecordBatch.from_pydict({"path": [path], "rows": [rows]})
-
-    paths = spark.createDataFrame([(p,) for p in files], "path string").repartition(max(1, len(files)))
-    paths.mapInArrow(parse, "path string, rows long").collect()
-    parsed = spark.read.schema(from_arrow_schema(schema)).parquet(str(parsed_dir))
-    first_valid = Window.partitionBy("source_id").orderBy(F.col("_rule").isNotNull(), "_file", "_line")
-    marked = (
-        parsed.repartitionByRange(max(1, partitions), "source_id")
-        .withColumn("_rank", F.row_number().over(first_valid))
-        .withColumn("_duplicate", F.col("_rule").isNull() & F.col("source_id").isNotNull() & (F.col("_rank") > 1))
-        .withColumn("_rule", F.when(F.col("_duplicate"), F.lit(DUPLICATE_RULE)).otherwise(F.col("_rule")))
-        .withColumn(
-            "_reason",
-            F.when(F.col("_duplicate"), F.format_string("duplicate source_id %d (first kept)", F.col("source_id"))).otherwise(F.col("_reason")),
-        )
-        .drop("_rank", "_duplicate")
-        .sortWithinPartitions("_region", "source_id")
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
-    try:
-        gaia_columns = [f.name for f in schema if not f.name.startswith("_")]
-        accepted = marked.filter(F.col("_rule").isNull()).select(*gaia_columns, "_region")
-        accepted.write.partitionBy("_region").parquet(str(staging / "accepted"))
-        marked.filter(F.col("_rule").isNotNull()).write.partitionBy("_region").parquet(str(staging / "rejected"))
-        rows = marked.groupBy("_region", F.col("_rule").isNull().alias("ok"), "_rule").count().collect()
-    finally:
-        marked.unpersist()
+def _run_tasks(spark: SparkSession, files: list[str], task: IngestTask, bucket_bytes: int) -> Counter:
+    """Every file parsed and written by Python tasks of one plain RDD job (no SQL plan, no
+    rows through the JVM); the driver receives one small Counter per task."""
+    sc = spark.sparkContext
+    chunks = task_chunks(file_groups(files), {p: os.path.getsize(p) for p in files}, bucket_bytes, sc.defaultParallelism)
+    sc.setJobGroup(SOURCE_TABLE, f"ingest {len(files)} files into {len(task.pixels)} regions", interruptOnCancel=True)
     counts: Counter = Counter()
-    for row in rows:
-        counts[(row["_region"], row["_rule"])] += row["count"]
+    if chunks:
+        for part in sc.parallelize(list(enumerate(chunks)), len(chunks)).map(lambda item: task(*item)).collect():
+            counts.update(part)
     return counts
 
 
@@ -285,8 +387,8 @@ def _publish_region(
     layout: StateLayout, staging: Path, pixel: int, region: str, schema: pa.Schema, counts: Counter, inputs: list[Path]
 ) -> RegionResult:
     by_rule = {rule: n for (p, rule), n in counts.items() if p == pixel and rule is not None}
-    accepted_dir = staging / "accepted" / f"_region={pixel}"
-    rejected_dir = staging / "rejected" / f"_region={pixel}"
+    accepted_dir = staging / "accepted" / str(pixel)
+    rejected_dir = staging / "rejected" / str(pixel)
     gaia_schema = pa.schema([f for f in schema if not f.name.startswith("_")])
     for directory, table_schema in ((accepted_dir, gaia_schema), (rejected_dir, pa.schema([f for f in schema if f.name != "_region"]))):
         if not directory.exists():

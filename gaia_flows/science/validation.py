@@ -78,6 +78,7 @@ class Reasons:
     def __post_init__(self) -> None:
         self.values = np.full(self.size, None, dtype=object)
         self.rules = np.full(self.size, None, dtype=object)
+        self._rejected = np.zeros(self.size, dtype=bool)  # rules != None, kept as booleans: asked once per column
 
     def add(self, mask: np.ndarray, rule: str, message) -> None:
         """``message`` is a string or a callable(index) -> string for row-specific detail."""
@@ -87,10 +88,11 @@ class Reasons:
                 self.values[i], self.rules[i] = text, rule
             else:
                 self.values[i] = f"{self.values[i]}; {text}"
+        self._rejected |= np.asarray(mask, dtype=bool)
 
     @property
     def rejected(self) -> np.ndarray:
-        return self.rules != None  # noqa: E711 (element-wise on an object array)
+        return self._rejected.copy()
 
 
 def _mask(array: pa.Array) -> np.ndarray:
@@ -165,15 +167,18 @@ def validate_rows(
 ) -> tuple[pa.Table, Reasons]:
     """Type and check one batch of a Gaia file.
 
-    ``raw`` holds the file's columns as strings, in header order. Returns the typed table (same
-    columns, contract types) and the rows' reasons (``None`` = accepted).
+    ``raw`` holds the file's columns in header order, as strings, or already converted by a
+    reader that accepts only tokens :func:`_parse_column` would accept with the same value (the
+    ingestion's typed CSV pass); converted columns are only cast to the contract type. Returns
+    the typed table (same columns, contract types) and the rows' reasons (``None`` = accepted).
     """
     reasons = Reasons(raw.num_rows)
     typed = []
     for column in header.columns:
         spec = contract.by_name[column.name]
         before = reasons.rejected.copy()
-        values = _parse_column(raw.column(column.name).combine_chunks(), spec, reasons)
+        tokens = raw.column(column.name).combine_chunks()
+        values = _parse_column(tokens, spec, reasons) if pa.types.is_string(tokens.type) else pc.cast(tokens, spec.arrow_type)
         _check_column(values, spec, reasons, reasons.rejected & ~before)
         typed.append(values)
     table = pa.Table.from_arrays(typed, names=header.names)

@@ -7,12 +7,22 @@ import re
 import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance, materialize
+from support.gaia_files import (
+    COLUMNS,
+    header_for,
+    region_file_range,
+    render_rows,
+    set_token,
+    stars_in_region,
+    write_gaia_file,
+)
+from support.spark import TEST_SPARK_CONF
 
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source, rows_conserved
+from gaia_flows.engine.ingest import file_groups
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from support.gaia_files import COLUMNS, header_for, region_file_range, render_rows, set_token, stars_in_region, write_gaia_file
-from support.spark import TEST_SPARK_CONF
+from gaia_flows.science import healpix
 
 RANGE = {"dagster/asset_partition_range_start": "hpx1-07", "dagster/asset_partition_range_end": "hpx1-08"}
 
@@ -176,3 +186,39 @@ def test_conservation_check_fails_when_rows_go_missing(layout, spark):
     check = result.get_asset_check_evaluations()[0]
     assert not check.passed
     assert "hpx1-08" in check.metadata["mismatched"].value
+
+
+def test_stars_landed_twice_are_deduplicated_first_file_kept(layout, spark):
+    region = "hpx1-07"
+    lo, hi = region_file_range(region)
+    mid = (lo + hi) // 2
+    cols = stars_in_region(region, 200, 5)
+    write_gaia_file(layout.landing, lo, hi, cols)
+    again = {k: v[(cols["source_id"] >> 43) <= mid] for k, v in cols.items()}
+    again["pmra"] = again["pmra"] + 100.0  # tells which copy was kept
+    write_gaia_file(layout.landing, lo, mid, again)  # overlaps the first file's range
+    n_again = len(again["source_id"])
+    assert 0 < n_again < 200
+    result = _run(tags=None, partition_key=region)
+    assert result.success
+    accepted = _region_table(layout, region)
+    sid = accepted.column("source_id").to_numpy()
+    assert accepted.num_rows == 200 and (sid[1:] > sid[:-1]).all(), "every star once, sorted"
+    pmra = dict(zip(sid.tolist(), accepted.column("pmra").to_pylist()))
+    first = healpix.file_name(lo, mid)  # sorts before GaiaSource_<lo>-<hi>: its copies are kept
+    assert all(abs(pmra[int(s)] - p) < 1e-3 for s, p in zip(again["source_id"], again["pmra"]))
+    quarantine = pq.read_table(layout.quarantine_dir("gaia_source", region))
+    assert quarantine.num_rows == n_again
+    assert set(quarantine.column("_rule").to_pylist()) == {"duplicate:source_id"}
+    assert {os.path.basename(f) for f in quarantine.column("_file").to_pylist()} == {healpix.file_name(lo, hi)} != {first}
+    assert sorted(quarantine.column("source_id").to_pylist()) == sorted(again["source_id"].tolist())
+    meta = result.asset_materializations_for_node("gaia_source")[0].metadata
+    assert meta["rows_in"].value == 200 + n_again and meta["rejected_by_rule"].value == {"duplicate:source_id": n_again}
+
+
+def test_files_with_overlapping_ranges_are_grouped_and_others_not():
+    names = [healpix.file_name(*r) for r in ((0, 99), (100, 199), (150, 160), (161, 250), (300, 399), (300, 399))]
+    names[-1] = names[-1].replace(".csv.gz", ".csv")  # the same range landed as .csv and .csv.gz
+    groups = file_groups([f"/landing/{n}" for n in reversed(names)])
+    as_ranges = [[healpix.parse_file_range(p) for p in group] for group in groups]
+    assert as_ranges == [[(0, 99)], [(100, 199), (150, 160), (161, 250)], [(300, 399), (300, 399)]]
