@@ -53,6 +53,9 @@ def test_every_target_has_an_instance_file_and_a_profile():
         config = _yaml(DEPLOYMENTS / target / "dagster.yaml")
         assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
         assert 1 <= config["concurrency"]["runs"]["max_concurrent_runs"] <= 4, "a backfill must queue, not start 48 Spark apps"
+        assert config["concurrency"]["pools"]["default_limit"] == 1, "one writer per table"
+        monitoring = config["run_monitoring"]
+        assert monitoring["enabled"] and monitoring["poll_interval_seconds"] <= 30, "a dead run worker is failed within a minute"
 
 
 @pytest.mark.parametrize("target", SQLITE_TARGETS)
@@ -61,10 +64,13 @@ def test_sqlite_instance_loads_under_its_dagster_home(target, tmp_path, monkeypa
     instance = _instance(home, DEPLOYMENTS / target / "dagster.yaml", monkeypatch)
     try:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
-        assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+        assert type(instance.run_launcher).__name__ == "LocalRunLauncher"
+        assert instance.run_launcher.supports_check_run_worker_health
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         expected = _yaml(DEPLOYMENTS / target / "dagster.yaml")["concurrency"]["runs"]["max_concurrent_runs"]
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == expected
+        assert instance.run_monitoring_enabled and instance.run_monitoring_poll_interval_seconds <= 30
+        assert instance.event_log_storage.supports_global_concurrency_limits, "pools are enforced on SQLite"
         assert instance.get_runs() == []
         assert (home / "history" / "runs.db").is_file(), "run storage is SQLite inside the state folder"
     finally:
@@ -178,7 +184,7 @@ def test_postgres_instance_loads_against_a_real_server(target, postgres_server, 
             assert launcher.service_account_name == _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["service_account"]
             assert launcher.instance_config_map == "gaia-flows-instance"
         else:
-            assert type(launcher).__name__ == "DefaultRunLauncher"
+            assert type(launcher).__name__ == "LocalRunLauncher"
     finally:
         instance.dispose()
 

@@ -11,7 +11,6 @@ quarantine with a reason. Nothing is published until every write of the run has 
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
 from gaia_flows.science.planner import files_per_region
 from gaia_flows.science.validation import check_header, home_regions, validate_rows
-from gaia_flows.tables import footer_rows, write_manifest
+from gaia_flows.tables import claim_staging, footer_rows, release_staging, write_manifest
 
 TABLE = "gaia_source"
 DIAGNOSTIC_COLUMNS = [("_file", pa.string()), ("_line", pa.int64()), ("_rule", pa.string()), ("_reason", pa.string()), ("_region", pa.int64())]
@@ -201,7 +200,7 @@ def _ingest_once(
     schema = region_schema(headers, contract)
     pixels = {healpix.parse_region_key(r)[1]: r for r in wanted}
     planned = {r: files_per_region(_region_bytes(paths, r), bucket_bytes) for r, paths in wanted.items()}
-    staging = layout.staging_dir(TABLE)
+    staging = claim_staging(layout, TABLE)
     try:
         try:
             counts = _run_spark(spark, all_files, schema, contract, list(pixels), sum(planned.values()), staging)
@@ -215,7 +214,7 @@ def _ingest_once(
             results[region] = _publish_region(layout, staging, pixel, region, schema, counts, wanted[region])
         return results, sum(counts.values())
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
 
 
 def _region_bytes(paths: list[Path], region: str) -> int:
