@@ -114,7 +114,7 @@ def warehouse_errors(layout: StateLayout, table: str, regions: Iterable[str] = (
         text = _error_chain_text(exc)
         for refusal, pattern in _REFUSALS.items():
             if pattern.search(text):
-                where = _refused_path(exc, text) or layout.table(table)
+                where = _refused_path(exc, text, layout, table)
                 named = f" (regions {', '.join(regions)})" if regions else ""
                 raise WarehouseWriteError(
                     f"{refusal} at {where} while writing table {table!r}{named}; the previously published version is kept"
@@ -131,12 +131,12 @@ def _error_chain_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-def _refused_path(exc: BaseException, text: str) -> str | None:
-    filename = getattr(exc, "filename", None)
-    if filename:
-        return str(filename)
-    found = re.search(r"(?:file:)?(/[^\s'\"]+)", text)
-    return found.group(1) if found else None
+def _refused_path(exc: BaseException, text: str, layout: StateLayout, table: str) -> str:
+    """The refused file or directory when the error names one inside the state folder (the
+    warehouse's staging, a region), else the table's directory."""
+    named = [getattr(exc, "filename", None), *re.findall(r"(?:file:)?(/[^\s'\"\],)]+)", text)]
+    inside = [str(p) for p in named if p and str(p).startswith(str(layout.home))]
+    return inside[0] if inside else str(layout.table(table))
 
 
 def verify_region(layout: StateLayout, table: str, region: str) -> int:

@@ -145,7 +145,10 @@ def _refused_run(clean: StateLayout, home: Path, refuse) -> tuple[StateLayout, s
         )
         assert not run.success
         (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
-        text = failure.step_failure_data.error.message
+        error = failure.step_failure_data.error
+        while error.cause is not None and "WarehouseWriteError" not in error.cls_name:
+            error = error.cause  # the step error wraps the asset's own
+        text = error.message
         assert _table(layout).equals(before), "the previous version stays published and readable"
         assert _table(layout).equals(_table(clean))
         return layout, text
@@ -163,7 +166,7 @@ def test_full_disk_fails_the_run_naming_space_path_and_table_and_keeps_the_previ
         shutil.copytree(kept, layout.warehouse, symlinks=True, dirs_exist_ok=True)
 
     layout, text = _refused_run(clean, tmp_path / "state", fill)
-    assert text.startswith("no space left on device at "), text
+    assert text.startswith("gaia_flows.tables.WarehouseWriteError: no space left on device at "), text
     assert str(layout.warehouse) in text and repr(TABLE) in text and REGION in text
 
 
@@ -175,7 +178,7 @@ def test_read_only_warehouse_fails_the_run_naming_permission_path_and_table(clea
         _mount("-o", "remount,bind,ro", str(layout.warehouse))
 
     layout, text = _refused_run(clean, tmp_path / "state", freeze)
-    assert text.startswith("permission denied at "), text
+    assert text.startswith("gaia_flows.tables.WarehouseWriteError: permission denied at "), text
     assert str(layout.warehouse) in text and repr(TABLE) in text
 
 
