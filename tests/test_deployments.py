@@ -199,9 +199,12 @@ def _dockerfile_cmd() -> list[str]:
 
 def test_dockerfile_builds_the_pinned_project_as_a_non_root_code_server():
     text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M), "the public base stays the default"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert "openjdk-17-jre-headless" in text
-    assert re.search(r"pip install -c constraints\.txt \.", text), "dependencies pinned by constraints.txt"
+    assert re.search(r"uv pip install .*-c constraints\.txt \.", text), "dependencies pinned by constraints.txt"
+    uv_pin = re.search(r"^UV_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"uv=={uv_pin}" in text, "the image installs with the uv that make install uses"
     assert "GAIA_FLOWS_HOME=/var/lib/gaia-flows" in text
     user = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert user and user[-1].split(":")[0] not in {"root", "0"}
