@@ -232,7 +232,7 @@ def _kill_when_running(spark, worker_pids: list[int], killed: dict) -> None:
 @pytest.mark.cluster
 def test_spark_worker_killed_mid_ingestion_run_completes_with_the_clean_table(tmp_path, _spark_application):
     landing = tmp_path / "landing"
-    _land(landing, 60_000, seed=3, files=6)
+    _land(landing, 24_000, seed=3, files=6)
     contract = load_contract(TABLE)
     clean = StateLayout.from_env(tmp_path / "clean", landing).ensure()
     faulty = StateLayout.from_env(tmp_path / "faulty", landing).ensure()
@@ -250,7 +250,7 @@ def test_spark_worker_killed_mid_ingestion_run_completes_with_the_clean_table(tm
             spark_factory.stop_active()
     assert killed, "the worker was killed while a task ran"
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in killed["pids"])
-    assert not report.failures and report.rows_read == 60_000
+    assert not report.failures and report.rows_read == 24_000
     assert _table(faulty).equals(_table(clean))
     assert pq.read_table(faulty.quarantine_dir(TABLE, REGION)).num_rows == pq.read_table(clean.quarantine_dir(TABLE, REGION)).num_rows
 
