@@ -365,3 +365,76 @@ def test_secret_scan_flags_literal_credentials(content, tmp_path):
     sample = tmp_path / ("sample.yaml" if "export" not in content else "sample.sh")
     sample.write_text(content)
     assert _leaks(sample)
+
+
+# --- Pod Security Standard "restricted" ---------------------------------------------------------
+
+
+def _restricted_violations(pod_spec: dict) -> list[str]:
+    """The container-level rules of the "restricted" Pod Security Standard (v1.30+) for one pod
+    spec, pod-level settings inherited where the standard allows it."""
+    pod = pod_spec.get("securityContext") or {}
+    found = []
+    for container in pod_spec.get("containers", []):
+        ctx = container.get("securityContext") or {}
+        name = container.get("name", "?")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
+            found.append(f"{name}: capabilities must drop ALL")
+        if set((ctx.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities")
+        if not (ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is True):
+            found.append(f"{name}: runAsNonRoot must be true")
+        if ctx.get("runAsUser", pod.get("runAsUser")) == 0:
+            found.append(f"{name}: runs as uid 0")
+        seccomp = (ctx.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if ctx.get("privileged"):
+            found.append(f"{name}: privileged")
+    return found
+
+
+def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_standard(tmp_path):
+    from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
+
+    template = _yaml(DEPLOYMENTS / "spark" / "executor-pod-template.yaml")
+    assert _restricted_violations(template["spec"]) == []
+    assert _restricted_violations({"containers": [{"name": "bare"}]}), "the rules do catch a bare pod"
+
+    namespace = _yaml(DEPLOYMENTS / "kubernetes" / "namespace.yaml")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    launcher = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")["run_launcher"]["config"]
+    assert launcher["job_namespace"] == namespace["metadata"]["name"]
+    assert launcher["image_pull_secrets"] == [{"name": "gaia-flows-registry"}]
+
+    # The Job dagster-k8s builds for a run from this launcher config.
+    run_config = launcher["run_k8s_config"]
+    job_config = DagsterK8sJobConfig(
+        job_image=_yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["image"],
+        dagster_home=launcher["dagster_home"],
+        instance_config_map=launcher["instance_config_map"],
+        postgres_password_secret=launcher["postgres_password_secret"],
+        image_pull_secrets=launcher["image_pull_secrets"],
+        service_account_name=launcher["service_account_name"],
+        env_config_maps=launcher["env_config_maps"],
+        env_secrets=launcher["env_secrets"],
+        env_vars=launcher["env_vars"],
+    )
+    job = construct_dagster_k8s_job(
+        job_config, args=["dagster", "api", "execute_run", "{}"], job_name="dagster-run-test", pod_name="dagster-run-test",
+        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(run_config), component="run_worker",
+    ).to_dict()
+    pod_spec = _camel(job["spec"]["template"]["spec"])
+    assert _restricted_violations(pod_spec) == [], pod_spec.get("securityContext")
+    assert pod_spec["imagePullSecrets"] == [{"name": "gaia-flows-registry"}]
+
+
+def _camel(node):
+    """The Kubernetes client's snake_case dict as the API's camelCase (what a manifest holds)."""
+    if isinstance(node, dict):
+        return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): _camel(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_camel(v) for v in node]
+    return node
