@@ -396,9 +396,7 @@ def _restricted_violations(pod_spec: dict) -> list[str]:
     return found
 
 
-def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_standard(tmp_path):
-    from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
-
+def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_standard():
     template = _yaml(DEPLOYMENTS / "spark" / "executor-pod-template.yaml")
     assert _restricted_violations(template["spec"]) == []
     assert _restricted_violations({"containers": [{"name": "bare"}]}), "the rules do catch a bare pod"
@@ -409,8 +407,28 @@ def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_sta
     assert launcher["job_namespace"] == namespace["metadata"]["name"]
     assert launcher["image_pull_secrets"] == [{"name": "gaia-flows-registry"}]
 
-    # The Job dagster-k8s builds for a run from this launcher config.
-    run_config = launcher["run_k8s_config"]
+    pod_spec = _run_job_manifest()["spec"]["template"]["spec"]
+    assert _restricted_violations(pod_spec) == [], pod_spec.get("securityContext")
+    assert pod_spec["imagePullSecrets"] == [{"name": "gaia-flows-registry"}]
+
+
+def _camel(node):
+    """The Kubernetes client's snake_case dict as the API's camelCase (what a manifest holds)."""
+    if isinstance(node, dict):
+        return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): _camel(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_camel(v) for v in node]
+    return node
+
+
+KUBERNETES_VERSION = "1.34.0"  # a current release; kubernetes-validate ships its OpenAPI schemas
+
+
+def _run_job_manifest() -> dict:
+    """The Job dagster-k8s builds for a run from deployments/kubernetes/dagster.yaml."""
+    from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
+
+    launcher = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")["run_launcher"]["config"]
     job_config = DagsterK8sJobConfig(
         job_image=_yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["image"],
         dagster_home=launcher["dagster_home"],
@@ -424,17 +442,27 @@ def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_sta
     )
     job = construct_dagster_k8s_job(
         job_config, args=["dagster", "api", "execute_run", "{}"], job_name="dagster-run-test", pod_name="dagster-run-test",
-        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(run_config), component="run_worker",
+        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher["run_k8s_config"]), component="run_worker",
     ).to_dict()
-    pod_spec = _camel(job["spec"]["template"]["spec"])
-    assert _restricted_violations(pod_spec) == [], pod_spec.get("securityContext")
-    assert pod_spec["imagePullSecrets"] == [{"name": "gaia-flows-registry"}]
+    return {"apiVersion": "batch/v1", "kind": "Job", **_camel({k: v for k, v in job.items() if k not in ("api_version", "kind")})}
 
 
-def _camel(node):
-    """The Kubernetes client's snake_case dict as the API's camelCase (what a manifest holds)."""
-    if isinstance(node, dict):
-        return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): _camel(v) for k, v in node.items() if v is not None}
-    if isinstance(node, list):
-        return [_camel(v) for v in node]
-    return node
+def _manifests() -> list[tuple[str, dict]]:
+    found = [("run Job (dagster-k8s)", _run_job_manifest())]
+    for path in sorted([*(DEPLOYMENTS / "kubernetes").glob("*.yaml"), *(DEPLOYMENTS / "spark").glob("*.yaml")]):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc:
+                found.append((path.name, doc))
+    return found
+
+
+def test_every_kubernetes_manifest_and_the_run_job_validate_against_a_current_kubernetes():
+    import kubernetes_validate
+
+    manifests = _manifests()
+    assert {kind for _, m in manifests for kind in [m["kind"]]} >= {"Job", "Namespace", "Pod", "Role", "RoleBinding"}
+    for name, manifest in manifests:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+    bad = {**manifests[0][1], "spec": {**manifests[0][1]["spec"], "backoffLimitt": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)
