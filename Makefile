@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
+IMAGE  ?= localhost/gaia-flows:dev
 
-.PHONY: install demo test test-slow lint format clean
+.PHONY: install demo test test-slow lint format image clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +37,11 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The container image (deployments/Dockerfile) with podman, on a debootstrap'ed bookworm base
+# that is built once per machine; Python packages come from the uv cache `install` filled.
+image: install
+	deployments/podman/build-image.sh $(IMAGE)
 
 clean:
 	rm -rf $(VENV) .gaia

@@ -171,9 +171,14 @@ class StateLayout:
     def quarantine_dir(self, table: str, region: str) -> Path:
         return self.quarantine / table / region
 
-    def staging_dir(self, table: str) -> Path:
+    @property
+    def staging_root(self) -> Path:
         """Scratch space on the same filesystem as the warehouse, so publishing is a rename."""
-        return self.warehouse / "_staging" / f"{table}-{uuid.uuid4().hex[:12]}"
+        return self.warehouse / "_staging"
+
+    def staging_dir(self, table: str) -> Path:
+        """A fresh staging path for one write of ``table`` (claimed through ``tables.claim_staging``)."""
+        return self.staging_root / f"{table}-{uuid.uuid4().hex[:12]}"
 
     def ensure(self) -> "StateLayout":
         for path in (self.landing, self.warehouse, self.quarantine, self.dagster_home, self.mlflow_dir, self.maps):

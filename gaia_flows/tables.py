@@ -8,10 +8,13 @@ stay untouched. Only this module writes there.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,136 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
 from gaia_flows.layout import REGION_MANIFEST, StateLayout, publish
+
+STAGING_LOCK = ".lock"
+_HELD_STAGING: dict[Path, int] = {}
+
+
+class WarehouseWriteError(OSError):
+    """The warehouse refused a write (full disk, no permission): says which table, where, and
+    that the previously published version is untouched."""
+
+
+class CorruptTableError(ValueError):
+    """A published Parquet file of a region cannot be read back."""
+
+
+def claim_staging(layout: StateLayout, table: str) -> Path:
+    """A fresh staging path for ``table``, owned by this process until :func:`release_staging`.
+
+    Ownership is an exclusive ``flock`` on ``<staging>.lock``, taken before the lock file
+    appears under its name, so every visible lock file is held by a live process or by none.
+    The kernel drops the lock when its process dies (even by ``kill -9``); the next claim for
+    the same table then removes that dead run's staging directory, never a live run's.
+    """
+    layout.staging_root.mkdir(parents=True, exist_ok=True)
+    path = layout.staging_dir(table)
+    remove_stale_staging(layout, table)
+    pending = path.with_name(f".{path.name}{STAGING_LOCK}")
+    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.replace(pending, _lock_of(path))
+    _HELD_STAGING[path] = fd
+    return path
+
+
+def release_staging(path: Path) -> None:
+    """Remove a claimed staging directory, then give up its lock."""
+    shutil.rmtree(path, ignore_errors=True)
+    _lock_of(path).unlink(missing_ok=True)
+    fd = _HELD_STAGING.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_stale_staging(layout: StateLayout, table: str) -> list[Path]:
+    """Remove the staging directories of ``table`` whose owner is gone; returns them."""
+    removed = []
+    for path in sorted(layout.staging_root.glob(f"{table}-*")):
+        if not re.fullmatch(rf"{re.escape(table)}-[0-9a-f]{{12}}", path.name) or path in _HELD_STAGING:
+            continue
+        lock = _lock_of(path)
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = None  # no lock file: a staging directory whose owner has already released it
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run's
+            shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def _lock_of(path: Path) -> Path:
+    return path.with_name(path.name + STAGING_LOCK)
+
+
+_REFUSALS = {
+    "no space left on device": re.compile(r"No space left on device|ENOSPC|\[Errno 28\]|Disk quota exceeded", re.I),
+    "permission denied": re.compile(r"Permission denied|EACCES|\[Errno 13\]|Read-only file system|EROFS", re.I),
+}
+
+
+@contextmanager
+def warehouse_errors(layout: StateLayout, table: str, regions: Iterable[str] = ()) -> Iterator[None]:
+    """Turn a full disk or a refused write anywhere below (Python, PyArrow, or the Spark JVM)
+    into one :class:`WarehouseWriteError` naming the refusal, the path and the table."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unchanged unless it is a refused write
+        text = _error_chain_text(exc)
+        for refusal, pattern in _REFUSALS.items():
+            if pattern.search(text):
+                where = _refused_path(exc, text, layout, table)
+                named = f" (regions {', '.join(regions)})" if regions else ""
+                raise WarehouseWriteError(
+                    f"{refusal} at {where} while writing table {table!r}{named}; the previously published version is kept"
+                ) from exc
+        raise
+
+
+def _error_chain_text(exc: BaseException) -> str:
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def _refused_path(exc: BaseException, text: str, layout: StateLayout, table: str) -> str:
+    """The refused file or directory when the error names one inside the state folder (the
+    warehouse's staging, a region), else the table's directory."""
+    named = [getattr(exc, "filename", None), *re.findall(r"(?:file:)?(/[^\s'\"\],)]+)", text)]
+    inside = [str(p) for p in named if p and str(p).startswith(str(layout.home))]
+    return inside[0] if inside else str(layout.table(table))
+
+
+def verify_region(layout: StateLayout, table: str, region: str) -> int:
+    """Read every data page of a published region, page checksums verified; returns its rows.
+
+    Raises :class:`CorruptTableError` naming the table, the region and the file when a file
+    cannot be read back (overwritten bytes, a truncated footer).
+    """
+    rows = 0
+    for path in layout.region_files(table, region):
+        try:
+            with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+                for batch in parquet.iter_batches(batch_size=1 << 16):
+                    rows += batch.num_rows
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise CorruptTableError(f"table {table!r} region {region}: file {path.resolve()} is unreadable: {exc}") from exc
+    return rows
+
 
 def published_regions(layout: StateLayout, table: str) -> list[str]:
     return sorted(layout.region_versions(table))
@@ -95,10 +228,14 @@ def write_table(
 
 
 def _publish_spark(df: DataFrame, layout: StateLayout, table: str, final: Path, files: int, sort_key: str, manifest: dict | None) -> Path:
-    staging = layout.staging_dir(table)
-    df.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(sort_key).write.parquet(str(staging))
-    write_manifest(staging, manifest)
-    return publish(staging, final)
+    with warehouse_errors(layout, table):
+        staging = claim_staging(layout, table)
+        try:
+            df.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(sort_key).write.parquet(str(staging))
+            write_manifest(staging, manifest)
+            return publish(staging, final)
+        finally:
+            release_staging(staging)
 
 
 ARROW_WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False}
@@ -110,11 +247,15 @@ in 0.2 s instead of 0.5 s and reads in 0.1 s instead of 0.3 s (measured on this 
 
 def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: str, manifest: dict | None = None) -> Path:
     """Publish a small per-region table (statistics, predictions) written from the driver."""
-    staging = layout.staging_dir(table)
-    staging.mkdir(parents=True)
-    pq.write_table(data, staging / "part-00000.parquet", **ARROW_WRITE_OPTIONS)
-    write_manifest(staging, manifest)
-    return publish(staging, layout.region_dir(table, region))
+    with warehouse_errors(layout, table, [region]):
+        staging = claim_staging(layout, table)
+        try:
+            staging.mkdir()
+            pq.write_table(data, staging / "part-00000.parquet", **ARROW_WRITE_OPTIONS)
+            write_manifest(staging, manifest)
+            return publish(staging, layout.region_dir(table, region))
+        finally:
+            release_staging(staging)
 
 
 def _write_grouped(data: pa.Table, schema: pa.Schema, path: Path, table: str, row_group_key: str) -> None:
@@ -165,9 +306,9 @@ def write_table_files(
         The published version directory. A failure before publishing removes the staging
         folder and leaves the previous version in place.
     """
-    staging = layout.staging_dir(table)
-    staging.mkdir(parents=True)
+    staging = claim_staging(layout, table)
     try:
+        staging.mkdir()
         for name, content in files:
             if isinstance(content, Path):
                 try:
@@ -179,10 +320,9 @@ def write_table_files(
             else:
                 _write_grouped(content, schema, staging / name, table, row_group_key)
         write_manifest(staging, manifest())
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return publish(staging, layout.table(table))
+        return publish(staging, layout.table(table))
+    finally:
+        release_staging(staging)
 
 
 def write_regions(
@@ -225,7 +365,7 @@ def write_regions(
 
     from gaia_flows.science.healpix import REGION_LEVEL, region_key, source_id_shift
 
-    staging = layout.staging_dir(table)
+    staging = claim_staging(layout, table)
     try:
         keyed = df.withColumn("_region", F.shiftright(F.col(sort_key), source_id_shift(REGION_LEVEL)))
         keyed.repartitionByRange(max(1, files), sort_key).sortWithinPartitions("_region", sort_key).write.partitionBy("_region").parquet(str(staging))
@@ -244,4 +384,4 @@ def write_regions(
             published[region] = publish(directory, layout.region_dir(table, region))
         return published
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)

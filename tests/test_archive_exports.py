@@ -15,7 +15,7 @@ import pytest
 from gaia_flows.contracts import load_contract
 from gaia_flows.engine.ingest import read_gaia_file, region_schema
 from gaia_flows.science.ecsv import GaiaFileError, read_file_header
-from gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 REGION = "hpx1-07"
 

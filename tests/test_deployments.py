@@ -53,6 +53,9 @@ def test_every_target_has_an_instance_file_and_a_profile():
         config = _yaml(DEPLOYMENTS / target / "dagster.yaml")
         assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
         assert 1 <= config["concurrency"]["runs"]["max_concurrent_runs"] <= 4, "a backfill must queue, not start 48 Spark apps"
+        assert config["concurrency"]["pools"]["default_limit"] == 1, "one writer per table"
+        monitoring = config["run_monitoring"]
+        assert monitoring["enabled"] and monitoring["poll_interval_seconds"] <= 30, "a dead run worker is failed within a minute"
 
 
 @pytest.mark.parametrize("target", SQLITE_TARGETS)
@@ -61,10 +64,13 @@ def test_sqlite_instance_loads_under_its_dagster_home(target, tmp_path, monkeypa
     instance = _instance(home, DEPLOYMENTS / target / "dagster.yaml", monkeypatch)
     try:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
-        assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+        assert type(instance.run_launcher).__name__ == "LocalRunLauncher"
+        assert instance.run_launcher.supports_check_run_worker_health
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         expected = _yaml(DEPLOYMENTS / target / "dagster.yaml")["concurrency"]["runs"]["max_concurrent_runs"]
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == expected
+        assert instance.run_monitoring_enabled and instance.run_monitoring_poll_interval_seconds <= 30
+        assert instance.event_log_storage.supports_global_concurrency_limits, "pools are enforced on SQLite"
         assert instance.get_runs() == []
         assert (home / "history" / "runs.db").is_file(), "run storage is SQLite inside the state folder"
     finally:
@@ -178,7 +184,7 @@ def test_postgres_instance_loads_against_a_real_server(target, postgres_server, 
             assert launcher.service_account_name == _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["service_account"]
             assert launcher.instance_config_map == "gaia-flows-instance"
         else:
-            assert type(launcher).__name__ == "DefaultRunLauncher"
+            assert type(launcher).__name__ == "LocalRunLauncher"
     finally:
         instance.dispose()
 
@@ -193,9 +199,12 @@ def _dockerfile_cmd() -> list[str]:
 
 def test_dockerfile_builds_the_pinned_project_as_a_non_root_code_server():
     text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M), "the public base stays the default"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert "openjdk-17-jre-headless" in text
-    assert re.search(r"pip install -c constraints\.txt \.", text), "dependencies pinned by constraints.txt"
+    assert re.search(r"uv pip install .*-c constraints\.txt \.", text), "dependencies pinned by constraints.txt"
+    uv_pin = re.search(r"^UV_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"uv=={uv_pin}" in text, "the image installs with the uv that make install uses"
     assert "GAIA_FLOWS_HOME=/var/lib/gaia-flows" in text
     user = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert user and user[-1].split(":")[0] not in {"root", "0"}
@@ -356,3 +365,104 @@ def test_secret_scan_flags_literal_credentials(content, tmp_path):
     sample = tmp_path / ("sample.yaml" if "export" not in content else "sample.sh")
     sample.write_text(content)
     assert _leaks(sample)
+
+
+# --- Pod Security Standard "restricted" ---------------------------------------------------------
+
+
+def _restricted_violations(pod_spec: dict) -> list[str]:
+    """The container-level rules of the "restricted" Pod Security Standard (v1.30+) for one pod
+    spec, pod-level settings inherited where the standard allows it."""
+    pod = pod_spec.get("securityContext") or {}
+    found = []
+    for container in pod_spec.get("containers", []):
+        ctx = container.get("securityContext") or {}
+        name = container.get("name", "?")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
+            found.append(f"{name}: capabilities must drop ALL")
+        if set((ctx.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities")
+        if not (ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is True):
+            found.append(f"{name}: runAsNonRoot must be true")
+        if ctx.get("runAsUser", pod.get("runAsUser")) == 0:
+            found.append(f"{name}: runs as uid 0")
+        seccomp = (ctx.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if ctx.get("privileged"):
+            found.append(f"{name}: privileged")
+    return found
+
+
+def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_standard():
+    template = _yaml(DEPLOYMENTS / "spark" / "executor-pod-template.yaml")
+    assert _restricted_violations(template["spec"]) == []
+    assert _restricted_violations({"containers": [{"name": "bare"}]}), "the rules do catch a bare pod"
+
+    namespace = _yaml(DEPLOYMENTS / "kubernetes" / "namespace.yaml")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    launcher = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")["run_launcher"]["config"]
+    assert launcher["job_namespace"] == namespace["metadata"]["name"]
+    assert launcher["image_pull_secrets"] == [{"name": "gaia-flows-registry"}]
+
+    pod_spec = _run_job_manifest()["spec"]["template"]["spec"]
+    assert _restricted_violations(pod_spec) == [], pod_spec.get("securityContext")
+    assert pod_spec["imagePullSecrets"] == [{"name": "gaia-flows-registry"}]
+
+
+def _camel(node):
+    """The Kubernetes client's snake_case dict as the API's camelCase (what a manifest holds)."""
+    if isinstance(node, dict):
+        return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): _camel(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_camel(v) for v in node]
+    return node
+
+
+KUBERNETES_VERSION = "1.34.0"  # a current release; kubernetes-validate ships its OpenAPI schemas
+
+
+def _run_job_manifest() -> dict:
+    """The Job dagster-k8s builds for a run from deployments/kubernetes/dagster.yaml."""
+    from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
+
+    launcher = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")["run_launcher"]["config"]
+    job_config = DagsterK8sJobConfig(
+        job_image=_yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["image"],
+        dagster_home=launcher["dagster_home"],
+        instance_config_map=launcher["instance_config_map"],
+        postgres_password_secret=launcher["postgres_password_secret"],
+        image_pull_secrets=launcher["image_pull_secrets"],
+        service_account_name=launcher["service_account_name"],
+        env_config_maps=launcher["env_config_maps"],
+        env_secrets=launcher["env_secrets"],
+        env_vars=launcher["env_vars"],
+    )
+    job = construct_dagster_k8s_job(
+        job_config, args=["dagster", "api", "execute_run", "{}"], job_name="dagster-run-test", pod_name="dagster-run-test",
+        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher["run_k8s_config"]), component="run_worker",
+    ).to_dict()
+    return {"apiVersion": "batch/v1", "kind": "Job", **_camel({k: v for k, v in job.items() if k not in ("api_version", "kind")})}
+
+
+def _manifests() -> list[tuple[str, dict]]:
+    found = [("run Job (dagster-k8s)", _run_job_manifest())]
+    for path in sorted([*(DEPLOYMENTS / "kubernetes").glob("*.yaml"), *(DEPLOYMENTS / "spark").glob("*.yaml")]):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc:
+                found.append((path.name, doc))
+    return found
+
+
+def test_every_kubernetes_manifest_and_the_run_job_validate_against_a_current_kubernetes():
+    import kubernetes_validate
+
+    manifests = _manifests()
+    assert {kind for _, m in manifests for kind in [m["kind"]]} >= {"Job", "Namespace", "Pod", "Role", "RoleBinding"}
+    for name, manifest in manifests:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+    bad = {**manifests[0][1], "spec": {**manifests[0][1]["spec"], "backoffLimitt": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBERNETES_VERSION, strict=True)

@@ -21,7 +21,7 @@ from gaia_flows.layout import SOURCE_TABLE
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.tables import footer_rows, published_regions, read_manifest
+from gaia_flows.tables import CorruptTableError, footer_rows, published_regions, read_manifest, verify_region, warehouse_errors
 
 gaia_landing = AssetSpec(
     "gaia_landing",
@@ -45,6 +45,9 @@ class GaiaSourceConfig(Config):
     deps=[gaia_landing, "spark_cluster"],
     group_name="catalogue",
     kinds={"spark", "parquet"},
+    # Runs that write this table take turns (the instance's pools default_limit is 1): two runs
+    # of the same region would otherwise both ingest it, and the later publish would win.
+    pool=SOURCE_TABLE,
 )
 def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark: SparkResource, storage: StorageResource) -> MaterializeResult:
     """Gaia sources of each sky region, validated against ``data_contracts/gaia_source.yaml``.
@@ -55,7 +58,8 @@ def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark:
     """
     layout = storage.layout
     session = spark.session()
-    report = ingest_regions(session, layout, list(context.partition_keys), load_contract(SOURCE_TABLE), config.bucket_mb << 20)
+    with warehouse_errors(layout, SOURCE_TABLE, context.partition_keys):
+        report = ingest_regions(session, layout, list(context.partition_keys), load_contract(SOURCE_TABLE), config.bucket_mb << 20)
     for region, result in report.regions.items():
         context.add_asset_metadata(
             {
@@ -118,3 +122,21 @@ def rows_conserved(storage: StorageResource) -> AssetCheckResult:
         if rows_in != accepted + rejected:
             broken[region] = {"rows_in": rows_in, "accepted": accepted, "rejected": rejected}
     return AssetCheckResult(passed=not broken, metadata={**totals, "regions_checked": len(published_regions(layout, SOURCE_TABLE)), "mismatched": MetadataValue.json(broken)})
+
+
+@asset_check(asset=gaia_source, description="Every published Parquet file reads back, page checksums verified; a failure names file and region.")
+def parquet_readable(storage: StorageResource) -> AssetCheckResult:
+    """Catches files damaged after publishing (overwritten bytes, truncation). Reads every data
+    page once, so it costs a full scan of the table; rerunning a named region repairs it."""
+    layout = storage.layout
+    corrupt, rows = {}, 0
+    for region in published_regions(layout, SOURCE_TABLE):
+        try:
+            rows += verify_region(layout, SOURCE_TABLE, region)
+        except CorruptTableError as error:
+            corrupt[region] = str(error)
+    return AssetCheckResult(
+        passed=not corrupt,
+        description="\n".join(corrupt.values()) or None,
+        metadata={"rows_read": rows, "regions_checked": len(published_regions(layout, SOURCE_TABLE)), "corrupt": MetadataValue.json(corrupt)},
+    )

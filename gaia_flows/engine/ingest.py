@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from gaia_flows.science import healpix
 from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
 from gaia_flows.science.validation import NULL_TOKENS, check_header, home_regions, validate_rows
-from gaia_flows.tables import footer_rows, write_manifest
+from gaia_flows.tables import claim_staging, footer_rows, release_staging, write_manifest
 
 DIAGNOSTIC_COLUMNS = [("_file", pa.string()), ("_line", pa.int64()), ("_rule", pa.string()), ("_reason", pa.string()), ("_region", pa.int64())]
 DUPLICATE_RULE = "duplicate:source_id"
@@ -353,7 +352,7 @@ def _ingest_once(
         check_header(headers[path], contract, path)
     schema = region_schema(headers, contract)
     pixels = {healpix.parse_region_key(r)[1]: r for r in wanted}
-    staging = layout.staging_dir(SOURCE_TABLE)
+    staging = claim_staging(layout, SOURCE_TABLE)
     try:
         try:
             counts = _run_tasks(spark, all_files, IngestTask(contract, schema, frozenset(pixels), staging), bucket_bytes)
@@ -367,7 +366,7 @@ def _ingest_once(
             results[region] = _publish_region(layout, staging, pixel, region, schema, counts, wanted[region])
         return results, sum(counts.values())
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        release_staging(staging)
 
 
 def _run_tasks(spark: SparkSession, files: list[str], task: IngestTask, bucket_bytes: int) -> Counter:
