@@ -33,6 +33,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AutomationCondition,
     BackfillPolicy,
     Config,
     Failure,
@@ -507,6 +508,7 @@ def _table_digest(version_dir: Path) -> str:
     deps=[SOURCE_TABLE, astrometric_classifier],
     group_name=GROUP,
     kinds={"spark", "parquet"},
+    automation_condition=AutomationCondition.eager(),
 )
 def classified_sources(
     context: AssetExecutionContext, config: ClassifyConfig, spark: SparkResource, storage: StorageResource, mlflow: MlflowResource
