@@ -73,6 +73,7 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from gaia_flows.cli_demo import add_demo_command
+    from gaia_flows.cli_diagnose import add_diagnose_command
     from gaia_flows.cli_generate import add_generate_command
     from gaia_flows.cli_map import add_map_command
     from gaia_flows.cli_status import add_status_command
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_command(sub)
     add_status_command(sub)
+    add_diagnose_command(sub)
     ui = sub.add_parser("ui", help="Dagster web UI on this state folder")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
