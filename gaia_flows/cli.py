@@ -8,6 +8,7 @@ wires them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import subprocess
@@ -71,18 +72,32 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
     return subprocess.call(server_command(port=args.port), env=dagster_env(layout))
 
 
+def _lazy(module: str, function: str):
+    """A subcommand whose module (Dagster, rich) is imported only when it runs: `gaia-flows map`
+    stays a Parquet read and a drawing."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from gaia_flows.cli_demo import add_demo_command
-    from gaia_flows.cli_diagnose import add_diagnose_command
     from gaia_flows.cli_generate import add_generate_command
     from gaia_flows.cli_map import add_map_command
-    from gaia_flows.cli_status import add_status_command
 
     parser = argparse.ArgumentParser(prog="gaia-flows", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_demo_command(sub)
-    add_status_command(sub)
-    add_diagnose_command(sub)
+    demo = sub.add_parser("demo", help="generate a synthetic catalogue (if landing is empty) and materialise the whole graph")
+    demo.add_argument("--stars", type=int, default=1_000_000)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--verbose", action="store_true", help="stream the full Dagster log to the terminal too")
+    demo.set_defaults(func=_lazy("gaia_flows.cli_demo", "cmd_demo"))
+    status = sub.add_parser("status", help="assets' freshness, stale and failed regions, last runs and the champion model")
+    status.set_defaults(func=_lazy("gaia_flows.cli_status", "cmd_status"))
+    diagnose = sub.add_parser("diagnose", help="name what bound a run (CPU, reading, shuffle, driver) with its numbers")
+    diagnose.add_argument("run_id", help="a Dagster run id (or its first characters)")
+    diagnose.set_defaults(func=_lazy("gaia_flows.cli_diagnose", "cmd_diagnose"))
     ui = sub.add_parser("ui", help="Dagster web UI on this state folder")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)

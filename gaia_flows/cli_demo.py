@@ -218,12 +218,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
-
-
-def add_demo_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    demo = subparsers.add_parser("demo", help="generate a synthetic catalogue (if landing is empty) and materialise the whole graph")
-    demo.add_argument("--stars", type=int, default=1_000_000)
-    demo.add_argument("--seed", type=int, default=42)
-    demo.add_argument("--verbose", action="store_true", help="stream the full Dagster log to the terminal too")
-    demo.set_defaults(func=cmd_demo)
-    return demo

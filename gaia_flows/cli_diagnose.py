@@ -91,10 +91,3 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     for verdict in verdicts:
         print(f"{verdict.asset}: bound by {verdict.bound}. {verdict.evidence}")
     return 0
-
-
-def add_diagnose_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("diagnose", help="name what bound a run (CPU, reading, shuffle, driver) with its numbers")
-    parser.add_argument("run_id", help="a Dagster run id (or its first characters)")
-    parser.set_defaults(func=cmd_diagnose)
-    return parser

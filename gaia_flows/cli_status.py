@@ -156,9 +156,3 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(f"Champion model: {name}" + (f", accuracy {accuracy:.3f} on the hold-out" if accuracy is not None else ""), highlight=False)
     console.print(f"State folder: {layout.home}", highlight=False)
     return 0
-
-
-def add_status_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("status", help="assets' freshness, stale and failed regions, last runs and the champion model")
-    parser.set_defaults(func=cmd_status)
-    return parser

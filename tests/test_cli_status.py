@@ -1,6 +1,4 @@
 """``gaia-flows status`` reads the instance: materialised, stale and failed regions per asset."""
-
-import pytest
 from dagster import load_assets_from_modules, materialize
 
 from gaia_flows.cli import open_instance
