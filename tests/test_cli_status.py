@@ -1,4 +1,5 @@
 """``gaia-flows status`` reads the instance: materialised, stale and failed regions per asset."""
+
 from dagster import load_assets_from_modules, materialize
 
 from gaia_flows.cli import open_instance
