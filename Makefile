@@ -4,7 +4,7 @@ VENV   ?= .venv
 UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow lint format clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,17 @@ test: install
 
 test-slow: install
 	$(BIN)/pytest -m slow
+
+# The checks CI runs before the tests (settings in pyproject.toml: [tool.ruff], [tool.mypy]).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Rewrite the tree the way `make lint` wants it.
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) .gaia

@@ -121,10 +121,11 @@ def main() -> None:
 
     from dagster import materialize
 
-    from astrometric_data import catalogue_frame, publish_synthetic
-    from gaia_flows.assets.classifier import ClassifierConfig, astrometric_classifier, astrometric_training_set
+    from support.astrometric_data import catalogue_frame, publish_synthetic
+    from gaia_flows.assets.classifier import ClassifierConfig, astrometric_classifier
+    from gaia_flows.assets.training_set import astrometric_training_set
     from gaia_flows.engine import classify
-    from gaia_flows.layout import StateLayout
+    from gaia_flows.layout import TRAINING_TABLE, StateLayout
     from gaia_flows.resources.mlflow import MlflowResource
     from gaia_flows.resources.spark import SparkResource
     from gaia_flows.resources.storage import StorageResource
@@ -171,7 +172,7 @@ def main() -> None:
     model_uri = runs[-1][1]["model"]
     with resources["mlflow"].activate():
         champion = classify.load_model(model_uri)
-    table = __import__("pyarrow.parquet", fromlist=["parquet"]).read_table(layout.table("astrometric_training_set")).to_pandas()
+    table = __import__("pyarrow.parquet", fromlist=["parquet"]).read_table(layout.table(TRAINING_TABLE)).to_pandas()
     train, holdout = table[~table["holdout"]], table[table["holdout"]]
     seed_forest = classify.LoadedModel("sklearn", classify.train_sklearn(train, classify.ForestParams(n_estimators=500, max_depth=None)))
     for name, loaded, wanted in ((f"the champion, {model_uri}", champion, args.score_rows), ("the seed's forest, 500 fully grown trees", seed_forest, args.score_rows // 4)):

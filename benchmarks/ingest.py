@@ -27,8 +27,8 @@ import duckdb
 
 from gaia_flows import spark as spark_factory
 from gaia_flows.contracts import load_contract
-from gaia_flows.engine.ingest import TABLE, ingest_regions
-from gaia_flows.layout import StateLayout
+from gaia_flows.engine.ingest import ingest_regions
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.profiles import load_profile
 from gaia_flows.science.healpix import region_keys
 from measure import PeakRss, work_folder
@@ -63,7 +63,7 @@ def generate_files(stars: int, seed: int, landing: Path) -> tuple[float, list[Pa
     command = [str(Path(sys.executable).with_name("gaia-flows")), "generate", "--stars", str(stars), "--seed", str(seed), "--out", str(landing)]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started, sorted(landing.glob("GaiaSource_*.csv.gz"))
+    return time.perf_counter() - started, landing_files(landing)
 
 
 def run_size(stars: int, work: Path, spark, seed: int) -> dict:
@@ -72,7 +72,7 @@ def run_size(stars: int, work: Path, spark, seed: int) -> dict:
     generate_seconds, files = generate_files(stars, seed, layout.landing)
     in_bytes = sum(f.stat().st_size for f in files)
     with PeakRss() as rss:
-        report = ingest_regions(spark, layout, region_keys(), load_contract(TABLE), 128 << 20)
+        report = ingest_regions(spark, layout, region_keys(), load_contract(SOURCE_TABLE), 128 << 20)
     assert not report.failures, report.failures
     accepted = sum(r.accepted for r in report.regions.values())
     rejected = sum(r.rejected for r in report.regions.values())

@@ -42,6 +42,8 @@ from pathlib import Path
 
 from measure import PeakRss, timed, work_folder
 
+from gaia_flows.layout import SOURCE_TABLE, landing_files
+
 CORES = len(os.sched_getaffinity(0))
 SPARK_CONF = {
     "spark.driver.memory": "6g",
@@ -69,7 +71,7 @@ def parse_args() -> argparse.Namespace:
 
 def ensure_catalogue(work: Path, stars: int) -> Path:
     landing = work / "landing"
-    if not any(landing.glob("GaiaSource_*.csv*")):
+    if not landing_files(landing):
         gaia_flows_cli = Path(sys.executable).with_name("gaia-flows")
         command = [str(gaia_flows_cli), "generate", "--stars", str(stars), "--seed", str(SEED), "--out", str(landing)]
         print(f"$ {' '.join(command)}", flush=True)
@@ -106,7 +108,8 @@ def first_run_of_b(layout, resources: dict, engine: str = "auto") -> tuple[float
     """(b) once from an empty statistics store: pm_stats over all regions in one run, then the
     maps. Returns both runs' wall seconds and pm_stats' run-level metadata."""
     from gaia_flows import maps
-    from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+    from gaia_flows.assets.proper_motion import pm_stats
+    from gaia_flows.assets.proper_motion_maps import proper_motion_maps
     from gaia_flows.science import healpix
 
     regions = healpix.region_keys()
@@ -207,7 +210,8 @@ def main() -> int:
     from gaia_flows import maps
     from gaia_flows import spark as spark_factory
     from gaia_flows.assets.catalogue import gaia_landing, gaia_source
-    from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+    from gaia_flows.assets.proper_motion import pm_stats
+    from gaia_flows.assets.proper_motion_maps import proper_motion_maps
     from gaia_flows.layout import StateLayout
     from gaia_flows.science import healpix
     from gaia_flows.science import proper_motion as pm
@@ -220,12 +224,12 @@ def main() -> int:
     spark = spark_factory.session(MASTER, SPARK_CONF)
 
     # --- setup, not timed against anything: ingestion and the naive copy -------------------------
-    if published_regions(layout, "gaia_source") != regions:
+    if published_regions(layout, SOURCE_TABLE) != regions:
         seconds, _ = timed(lambda: materialize([gaia_landing, gaia_source], selection=[gaia_source.key], resources=resources, tags=all_regions))
         print(f"setup: gaia_source ingested (48 regions) in {seconds:.1f} s")
-    source = read_regions(spark, layout, "gaia_source")
+    source = read_regions(spark, layout, SOURCE_TABLE)
     rows = source.count()
-    source_files = [str(p) for r in regions for p in sorted(layout.region_dir("gaia_source", r).glob("*.parquet"))]
+    source_files = [str(p) for r in regions for p in sorted(layout.region_dir(SOURCE_TABLE, r).glob("*.parquet"))]
     naive_path = work / "naive_unsorted.parquet"
     if not naive_path.exists():
         started = time.perf_counter()
@@ -282,7 +286,7 @@ def main() -> int:
     # --- (e) one region's input changed: its pm_stats + the maps --------------------------------
     # Twice: a region of median size (the typical refresh) and the biggest one (the Galactic
     # bulge's, the worst case). Each is republished by the gaia_source asset first (not timed).
-    sizes = {r: sum(p.stat().st_size for p in layout.region_dir("gaia_source", r).glob("*.parquet")) for r in regions}
+    sizes = {r: sum(p.stat().st_size for p in layout.region_dir(SOURCE_TABLE, r).glob("*.parquet")) for r in regions}
     by_size = sorted(regions, key=sizes.get)
     refreshes = []
     for changed in (by_size[len(by_size) // 2], by_size[-1]):
@@ -301,7 +305,7 @@ def main() -> int:
     e = refreshes[0][2] + refreshes[0][3]
 
     # --- (d) DuckDB: the same sufficient statistics on the same files ---------------------------
-    source_files = [str(p) for r in regions for p in sorted(layout.region_dir("gaia_source", r).glob("*.parquet"))]  # (e) republished one
+    source_files = [str(p) for r in regions for p in sorted(layout.region_dir(SOURCE_TABLE, r).glob("*.parquet"))]  # (e) republished one
     shift = healpix.source_id_shift(pm.DEFAULT_LEVEL)
     has = "pmra IS NOT NULL AND pmdec IS NOT NULL"
     wra = f"CASE WHEN {has} AND pmra_error > 0 THEN 1 / (pmra_error::DOUBLE * pmra_error) ELSE 0 END"

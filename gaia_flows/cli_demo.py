@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gaia_flows.cli import ALL_REGIONS, dagster_cli, dagster_env, open_instance
-from gaia_flows.layout import REPO_ROOT, StateLayout
+from gaia_flows.layout import REPO_ROOT, StateLayout, landing_files
 from gaia_flows.partitions import sky_regions
 from gaia_flows.run_report import AssetProgress, RunReport, read_new_events
 
@@ -181,6 +181,7 @@ def failure_text(error: StepFailed) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from gaia_flows.contracts import load_contract
     from gaia_flows.science.synthetic import generate
 
     console = Console()
@@ -188,9 +189,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     log_path = layout.logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if not any(layout.landing.glob("GaiaSource_*.csv*")):
+    if not landing_files(layout.landing):
         console.print(f"Generating a synthetic catalogue of {args.stars:,} stars (seed {args.seed}) into {layout.landing}", highlight=False)
-        generate(stars=args.stars, seed=args.seed, out=layout.landing)  # its bar switches itself off off-terminal
+        generate(stars=args.stars, seed=args.seed, out=layout.landing, contract=load_contract())  # its bar switches itself off off-terminal
     else:
         console.print(f"Using the Gaia files already in {layout.landing}", highlight=False)
     instance = open_instance(layout)

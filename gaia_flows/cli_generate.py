@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gaia_flows.contracts import load_contract
 from gaia_flows.layout import StateLayout
 from gaia_flows.science.synthetic import DEFAULT_FILES, generate
 
@@ -38,7 +39,7 @@ def _positive(text: str) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else StateLayout.from_env().landing
-    report = generate(args.stars, args.seed, out, files=args.files, processes=args.processes)
+    report = generate(args.stars, args.seed, out, load_contract(), files=args.files, processes=args.processes)
     populations = ", ".join(f"{name} {count:,}" for name, count in report.populations.items())
     print(f"wrote {report.stars:,} sources in {len(report.files)} files ({report.bytes / 1e6:,.1f} MB) to {out} in {report.seconds:.1f} s")
     print(f"populations: {populations}; spurious: {report.spurious:,}")

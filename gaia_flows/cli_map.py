@@ -26,6 +26,7 @@ def add_map_command(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--quantity", choices=sorted(QUANTITIES), default="pmra", help="what to plot (default pmra)")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--weighted", action="store_true", help="inverse-variance weighted mean instead of the plain mean")
+    parser.add_argument("--coord", choices=["C", "G"], default="C", help="draw the sky in ICRS (C, default) or Galactic (G) coordinates")
     parser.set_defaults(func=run_map)
     return parser
 
@@ -46,8 +47,9 @@ def run_map(args: argparse.Namespace) -> int:
     layout = StateLayout.from_env()
     table = maps.map_table(args.level, layout)
     read = time.perf_counter() - started
-    out = maps.render_map(table, args.quantity, args.out, weighted=args.weighted)
+    out = maps.render_map(table, args.quantity, args.out, weighted=args.weighted, coord=args.coord)
     seconds = time.perf_counter() - started
     sources = int(pm.as_numpy(table.column("n_sources")).sum())
-    print(f"wrote {out} ({args.quantity}{' weighted' if args.weighted else ''}, level {args.level}, {table.num_rows:,} pixels, {sources:,} sources) in {seconds:.2f} s (read {read:.2f} s)")
+    frame = maps.FRAMES[args.coord][0]
+    print(f"wrote {out} ({args.quantity}{' weighted' if args.weighted else ''}, {frame}, level {args.level}, {table.num_rows:,} pixels, {sources:,} sources) in {seconds:.2f} s (read {read:.2f} s)")
     return 0

@@ -99,7 +99,7 @@ def asset_statuses(instance: DagsterInstance, asset_graph) -> list[AssetStatus]:
 
 def champion(mlflow_resource) -> tuple[str, float | None] | None:
     """The ``champion`` model version and its accuracy on the hold-out, or ``None``."""
-    from gaia_flows.assets.classifier import MODEL_NAME, current_champion
+    from gaia_flows.ml.registry import MODEL_NAME, current_champion
 
     uri = mlflow_resource.resolved_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():

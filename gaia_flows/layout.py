@@ -1,26 +1,90 @@
-"""Where everything lives on disk.
+"""Where everything lives on disk: every folder, table and file name, defined once.
 
 One state folder (``$GAIA_FLOWS_HOME``, default ``.gaia``) holds the Dagster instance, the
 landing and quarantine areas, the Parquet warehouse and the MLflow store, so deleting it
-resets the platform. Every module asks this one helper for paths instead of joining strings.
+resets the platform. Every module asks this one helper for paths instead of joining strings::
+
+    <home>/                                  StateLayout.home
+    ├── landing/                             .landing ($GAIA_FLOWS_LANDING overrides)
+    │   ├── GaiaSource_<hpx8>-<hpx8>.csv.gz  landing_files(), named as healpix.FILE_GLOB
+    │   └── truth/                           .truth: hidden labels of a synthetic catalogue
+    ├── warehouse/                           .warehouse
+    │   ├── gaia_source/<region>/            SOURCE_TABLE, .region_dir(table, region)
+    │   │   ├── part-*.parquet               .region_files(table, region)
+    │   │   └── _region.json                 REGION_MANIFEST: what a version holds
+    │   ├── pm_stats/<region>/               STATS_TABLE
+    │   ├── proper_motion_maps/              MAPS_TABLE (unpartitioned: .table(name))
+    │   ├── astrometric_training_set/        TRAINING_TABLE
+    │   ├── classified_sources/<region>/     CLASSIFIED_TABLE
+    │   ├── <table>/.versions/               immutable versions the links point at (publish())
+    │   └── _staging/                        .staging_dir(table): writes before publish()
+    ├── quarantine/<table>/<region>/         .quarantine_dir(table, region): rejected rows
+    ├── dagster/                             .dagster_home
+    ├── mlflow/                              .mlflow_dir (mlflow.db, artifacts/)
+    ├── maps/                                .maps: PNGs
+    ├── clusters/                            .clusters: provisioned clusters' manifests
+    └── spark-tmp/                           .spark_local_dir
+
+``<region>`` is a sky-region key such as ``hpx1-07``
+(:func:`gaia_flows.science.healpix.region_key`).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from gaia_flows.science.ecsv import GaiaFileError
+from gaia_flows.science.healpix import is_gaia_file_name, parse_region_key
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = ".gaia"
+
+SOURCE_TABLE = "gaia_source"
+STATS_TABLE = "pm_stats"
+MAPS_TABLE = "proper_motion_maps"
+TRAINING_TABLE = "astrometric_training_set"
+CLASSIFIED_TABLE = "classified_sources"
+
+CONTRACTS_PACKAGE_DIR = "data/contracts"
+"""The table contracts (top-level ``data_contracts/``) as installed with the package."""
+PROFILES_PACKAGE_DIR = "data/profiles"
+"""The deployment profiles (top-level ``resources/``) as installed with the package."""
+
+REGION_MANIFEST = "_region.json"
+"""Sidecar of every published table version: what it holds and where it came from."""
 
 
 def parquet_files(directory: Path) -> list[Path]:
     """A table directory's data files as Spark reads them: sorted, without hidden (``.``, ``_``)
     files."""
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def package_data(folder: str) -> Path:
+    """A data folder installed inside the package, found through :mod:`importlib.resources`, so
+    a wheel or a container works without a source checkout (packages install unzipped)."""
+    return Path(str(importlib.resources.files("gaia_flows").joinpath(folder)))
+
+
+def landing_files(landing: Path) -> list[Path]:
+    """Gaia bulk files in the landing folder (not its subfolders), sorted.
+
+    The one listing the ingestion, the landing sensor, cluster sizing and the CLI share. A CSV
+    that is not named like a bulk file is an error, because its rows could not be placed on
+    the sky without guessing.
+    """
+    if not landing.exists():
+        return []
+    candidates = sorted(p for p in landing.iterdir() if p.is_file() and ".csv" in p.name)
+    unknown = [p for p in candidates if not is_gaia_file_name(p)]
+    if unknown:
+        raise GaiaFileError(unknown[0], "unknown file name: expected GaiaSource_<hpx8start>-<hpx8end>.csv.gz")
+    return candidates
 
 
 @dataclass(frozen=True)
@@ -89,6 +153,25 @@ class StateLayout:
 
     def region_files(self, table: str, region: str) -> list[Path]:
         return parquet_files(self.region_dir(table, region))
+
+    def region_versions(self, table: str) -> dict[str, str]:
+        """Published regions of a per-region table and the version each points at.
+
+        A region directory is a symlink into ``<table>/.versions/`` that every publish
+        replaces, so the link target identifies the exact content (see :func:`publish`).
+        """
+        root = self.table(table)
+        if not root.exists():
+            return {}
+        out = {}
+        for path in sorted(root.iterdir()):
+            try:
+                parse_region_key(path.name)
+            except ValueError:
+                continue
+            if path.exists():
+                out[path.name] = os.readlink(path) if path.is_symlink() else path.name
+        return out
 
     def quarantine_dir(self, table: str, region: str) -> Path:
         return self.quarantine / table / region

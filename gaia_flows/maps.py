@@ -5,7 +5,15 @@ cheap cut of small stored tables, so re-plotting never rescans the catalogue::
 
     from gaia_flows import map_table
     table = map_table(6)                     # one row per level-6 pixel, pyarrow
-    df = table.to_pandas()                   # mean_pmra, wmean_pmra, std_pmra, n_sources, ...
+    df = table.to_pandas()                   # mean_pmra, sem_pmra, wmean_pmra, neff_pmra, ...
+
+Which quantity to use (the columns are listed in :func:`gaia_flows.science.proper_motion.finalise`):
+``mean_*`` with ``sem_*`` is the default map, the mean motion of a pixel's stars with an
+uncertainty that includes their intrinsic velocity spread. For the inverse-variance weighted
+mean ``wmean_*`` quote ``wmean_*_total_error`` (the scatter seen, over √(neff − 1)), never
+``wmean_*_measurement_error`` (1/√Σw, the measurement errors alone): within a pixel the stars'
+real velocity spread usually dominates, and the weighted mean then rests on ``neff_*`` stars,
+far fewer than ``n_pm``.
 
 Where the statistics come from, newest first:
 
@@ -31,43 +39,21 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gaia_flows.layout import StateLayout
+from gaia_flows.layout import MAPS_TABLE, REGION_MANIFEST, STATS_TABLE, StateLayout
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import children_range, nside, parse_region_key
 
-STATS_TABLE = "pm_stats"
-MAPS_TABLE = "proper_motion_maps"
-REGION_MANIFEST = "_region.json"  # same name tables.py writes; read here without importing pyspark
 MAPS_SUBDIR = "proper_motion"
 
 
 # --- reading stored statistics (pyarrow only) ---------------------------------------------------
-
-
-def region_versions(layout: StateLayout, table: str = STATS_TABLE) -> dict[str, str]:
-    """Published regions of a per-region table and the version each points at.
-
-    A region directory is a symlink into ``<table>/.versions/`` that every publish replaces,
-    so the link target identifies the exact content (see :func:`gaia_flows.layout.publish`).
-    """
-    root = layout.table(table)
-    if not root.exists():
-        return {}
-    out = {}
-    for path in sorted(root.iterdir()):
-        try:
-            parse_region_key(path.name)
-        except ValueError:
-            continue
-        if path.exists():
-            out[path.name] = os.readlink(path) if path.is_symlink() else path.name
-    return out
 
 
 def _stats_files(layout: StateLayout, region: str) -> list[Path]:
@@ -78,11 +64,15 @@ def _stats_files(layout: StateLayout, region: str) -> list[Path]:
 
 
 def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> dict[str, pa.Table]:
-    """The stored statistics of each (by default every published) region."""
-    wanted = list(region_versions(layout)) if regions is None else regions
+    """The stored statistics of each (by default every published) region; a region stored by
+    an older gaia-flows, without every statistics column, raises
+    :class:`~gaia_flows.science.proper_motion.StaleStatisticsError` naming it."""
+    wanted = list(layout.region_versions(STATS_TABLE)) if regions is None else regions
     out = {}
     for region in wanted:
         parts = [pq.read_table(f) for f in _stats_files(layout, region)]
+        for path, part in zip(_stats_files(layout, region), parts):
+            pm.check_stats_columns(part.column_names, f"pm_stats region {region} ({path})")
         level = pm.stats_level(parts[0])
         out[region] = pa.concat_tables(parts).cast(pm.stats_schema(level)) if len(parts) > 1 else parts[0]
     return out
@@ -134,6 +124,7 @@ class Pyramid:
             "region_totals": self.region_totals,
             "rows": self.totals["n_sources"],
             "rows_with_pm": self.totals["n_pm"],
+            "stats_columns": list(pm.STAT_COLUMNS),
         }
 
 
@@ -177,7 +168,7 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
     sky_top = pyramid.sky_levels = top if split > top else max(split - 1, min(HELD_LEVEL, top))
     fine_kept = [level for level in pyramid.keep if level > sky_top]
     stored_root, stored = _stored_pyramid(layout)
-    reusable = stored.get("level_max") == top and stored.get("sky_levels") == sky_top
+    reusable = stored.get("level_max") == top and stored.get("sky_levels") == sky_top and _has_every_column(stored)
     carried, held, stored_sky = [], [], None
     for region in regions:
         if split > top:
@@ -224,6 +215,54 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
         yield SKY_FILE, part
 
 
+class _Republished(Exception):
+    """A pm_stats region was republished while the pyramid was being written."""
+
+
+def publish_pyramid(layout: StateLayout, render_levels: list[int]) -> tuple[dict[str, int], Pyramid]:
+    """Stream every region's statistics into the stored pyramid (one region in memory at a
+    time; a region unchanged since the stored pyramid keeps its file); returns each region's
+    level and what was built. Retried if a region is republished meanwhile: the check comes
+    before the pyramid is published, so the stored maps always describe the versions their
+    manifest names.
+
+    Parameters
+    ----------
+    layout
+        The state folder whose ``pm_stats`` regions are merged and whose ``proper_motion_maps``
+        table is (re)published.
+    render_levels
+        Levels whose full tables are kept in memory (``Pyramid.kept``) for drawing.
+
+    Returns
+    -------
+    levels, pyramid
+        The stored level of every region, and the pyramid built (totals, reused regions).
+    """
+    from gaia_flows.tables import write_table_files  # imports Spark: reading maps never needs it
+
+    for _ in range(5):
+        before = layout.region_versions(STATS_TABLE)
+        if not before:
+            raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
+        try:
+            levels = {region: stored_level(layout, region) for region in before}
+            level_max = min(levels.values())
+            pyramid = Pyramid(level_max, {lv: [] for lv in render_levels if 0 <= lv <= level_max})
+
+            def manifest() -> dict:
+                if layout.region_versions(STATS_TABLE) != before:
+                    raise _Republished
+                return {**pyramid.manifest(before), "built_at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+            schema = pm.pyramid(pm.empty_stats(level_max), [level_max]).schema
+            write_table_files(pyramid_files(layout, before, pyramid), schema, layout, MAPS_TABLE, manifest, row_group_key="level")
+        except (FileNotFoundError, _Republished):
+            continue
+        return levels, pyramid
+    raise RuntimeError("pm_stats regions kept changing while the maps were being built; retry the run")
+
+
 def merged_region_stats(layout: StateLayout, level: int | None = None) -> pa.Table:
     """All published regions merged into one all-sky statistics table (at ``level`` or the
     coarsest level any region was computed at)."""
@@ -242,6 +281,12 @@ def _stored_pyramid(layout: StateLayout) -> tuple[Path, dict]:
         return root, json.loads(path.read_text())
     except FileNotFoundError:
         return root, {}
+
+
+def _has_every_column(manifest: dict) -> bool:
+    """Whether a stored pyramid holds every statistics column this version computes (a pyramid
+    an older gaia-flows built is never reused or read: it is rebuilt from pm_stats)."""
+    return manifest.get("stats_columns") == list(pm.STAT_COLUMNS)
 
 
 def maps_manifest(layout: StateLayout) -> dict:
@@ -267,10 +312,20 @@ def _level_row_groups(path: Path, levels: Iterable[int]) -> pa.Table:
 
 def pyramid_level(layout: StateLayout, level: int, current_only: bool = True) -> pa.Table | None:
     """Statistics at ``level`` cut from the stored pyramid; ``None`` when there is none (or,
-    with ``current_only``, none built from the pm_stats versions published now)."""
+    with ``current_only``, none built from the pm_stats versions published now, or one an older
+    gaia-flows built without every statistics column, so the caller merges pm_stats instead).
+    Read regardless of ``current_only``, an older pyramid raises
+    :class:`~gaia_flows.science.proper_motion.StaleStatisticsError`."""
     root, manifest = _stored_pyramid(layout)
-    if "sky_levels" not in manifest or (current_only and manifest.get("pm_stats_versions") != region_versions(layout)):
+    if "sky_levels" not in manifest or (current_only and manifest.get("pm_stats_versions") != layout.region_versions(STATS_TABLE)):
         return None
+    if not _has_every_column(manifest):
+        if current_only:
+            return None
+        raise pm.StaleStatisticsError(
+            f"the stored {MAPS_TABLE} pyramid ({root}) was built by an older gaia-flows: its manifest lists the statistics "
+            f"columns {manifest.get('stats_columns')}, this version needs {list(pm.STAT_COLUMNS)}; re-materialize proper_motion_maps"
+        )
     top = int(manifest["level_max"])
     if level > top:
         raise ValueError(f"level {level} is finer than the stored statistics (level {top})")
@@ -297,6 +352,27 @@ def map_table(level: int, layout: StateLayout | None = None, dense: bool = True)
     ``healpy`` with ``nest=True``; ``dense=False``: only pixels with sources). Columns are
     described in :func:`gaia_flows.science.proper_motion.finalise`; empty pixels have zero
     counts and NaN means. Spark is never started.
+
+    Parameters
+    ----------
+    level
+        HEALPix level of the map, at most the level the statistics were computed at.
+    layout
+        State folder to read; default ``StateLayout.from_env()`` (``$GAIA_FLOWS_HOME``).
+    dense
+        Every pixel of the sky (``True``) or only pixels with sources.
+
+    Returns
+    -------
+    pyarrow.Table
+        ``pixel``, counts, means, weighted means, dispersions and errors per pixel.
+
+    Examples
+    --------
+    >>> from gaia_flows import map_table
+    >>> table = map_table(6)                            # doctest: +SKIP
+    >>> table.num_rows                                  # doctest: +SKIP
+    49152
     """
     return pm.finalise(sky_stats(level, layout), dense=dense)
 
@@ -536,20 +612,40 @@ def render_healpix(
     return _write_png(fig, out, dpi)
 
 
+FRAMES = {"C": ("ICRS", None), "G": ("Galactic", ["C", "G"])}
+"""``--coord`` letter (healpy's) -> the frame a map names in its title and healpy's ``coord``
+for drawing ICRS pixels in it."""
+
+
+def map_title(level: int, quantity: str, sources: int, weighted: bool = False, coord: str = "C") -> str:
+    """A map's title: the quantity, the frame it is drawn in (:data:`FRAMES`), the level and
+    the number of sources."""
+    label = {"pmra": "μα* (pmra)", "pmdec": "μδ (pmdec)", "count": "source count"}[quantity]
+    kind = "weighted mean " if weighted and quantity != "count" else ("mean " if quantity != "count" else "")
+    components = " (ICRS components)" if coord != "C" and quantity != "count" else ""
+    return f"{kind}{label}{components} — {FRAMES[coord][0]}, HEALPix level {level} (nside {nside(level)}), {sources:,} sources"
+
+
 def render_map(
     table: pa.Table,
     quantity: str,
     out: str | os.PathLike,
     weighted: bool = False,
+    coord: str = "C",
     title: str | None = None,
     xsize: int = DEFAULT_XSIZE,
     dpi: int = 120,
     cache_dir: Path | None = None,
 ) -> Path:
-    """Mollweide PNG (nested pixels, equatorial/ICRS, astro convention: east to the left,
-    graticule every 30°) of one quantity of a dense map table: mean pmra or pmdec on a
-    red/blue scale symmetric about zero in mas/yr, or source counts on a log scale. Empty
-    pixels are drawn grey. Written atomically."""
+    """Mollweide PNG (nested pixels, astro convention: east to the left, graticule every 30°)
+    of one quantity of a dense map table: mean pmra or pmdec on a red/blue scale symmetric
+    about zero in mas/yr, or source counts on a log scale. Empty pixels are drawn grey.
+    ``coord`` (:data:`FRAMES`) draws the sky in ICRS (``"C"``) or Galactic (``"G"``)
+    coordinates, and the title names the frame; pmra/pmdec stay the ICRS components either
+    way. Written atomically."""
+    if coord not in FRAMES:
+        raise ValueError(f"coord must be one of {', '.join(FRAMES)} (ICRS, Galactic), got {coord!r}")
+    healpy_coord = FRAMES[coord][1]
     level = pm.stats_level(table)
     column = pm.quantity_column(quantity, weighted)
     values = pm.as_numpy(table.column(column)).astype(np.float64)
@@ -558,11 +654,8 @@ def render_map(
     if quantity == "count":
         values = np.where(values > 0, values, np.nan)
     lo, hi = colour_limits(values, quantity)
-    n_total = int(pm.as_numpy(table.column("n_sources")).sum())
     if title is None:
-        label = {"pmra": "μα* (pmra)", "pmdec": "μδ (pmdec)", "count": "source count"}[quantity]
-        kind = "weighted mean " if weighted and quantity != "count" else ("mean " if quantity != "count" else "")
-        title = f"{kind}{label} — HEALPix level {level} (nside {nside(level)}), {n_total:,} sources"
+        title = map_title(level, quantity, int(pm.as_numpy(table.column("n_sources")).sum()), weighted, coord)
     return render_healpix(
         values,
         out,
@@ -572,6 +665,7 @@ def render_map(
         lo=lo,
         hi=hi,
         norm="log" if quantity == "count" else None,
+        coord=healpy_coord,
         xsize=xsize,
         dpi=dpi,
         cache_dir=cache_dir,
@@ -584,7 +678,7 @@ def png_path(layout: StateLayout, level: int, quantity: str, weighted: bool = Fa
     return layout.maps / MAPS_SUBDIR / f"level-{level:02d}" / f"{quantity}{suffix}.png"
 
 
-def plot(level: int, quantity: str, out: str | os.PathLike, weighted: bool = False, layout: StateLayout | None = None) -> Path:
-    """Re-plot one quantity at one level from stored statistics (what ``gaia-flows map`` runs)."""
+def plot(level: int, quantity: str, out: str | os.PathLike, weighted: bool = False, coord: str = "C", layout: StateLayout | None = None) -> Path:
+    """Re-plot one quantity at one level from stored statistics (what ``gaia-flows map`` draws)."""
     layout = layout or StateLayout.from_env()
-    return render_map(map_table(level, layout), quantity, out, weighted=weighted, cache_dir=projection_cache(layout))
+    return render_map(map_table(level, layout), quantity, out, weighted=weighted, coord=coord, cache_dir=projection_cache(layout))

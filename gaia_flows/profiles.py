@@ -21,9 +21,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from gaia_flows.layout import REPO_ROOT
+from gaia_flows.layout import PROFILES_PACKAGE_DIR, package_data
 
-PROFILES_DIR = REPO_ROOT / "resources"
+PROFILES_DIR = package_data(PROFILES_PACKAGE_DIR)
 SCHEMA_PATH = PROFILES_DIR / "profile.schema.json"
 DEFAULT_PROFILE = "local"
 FROM_CLUSTER = "from-cluster"

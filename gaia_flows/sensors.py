@@ -6,12 +6,10 @@ from pathlib import Path
 
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from gaia_flows.engine.ingest import TABLE, landing_files
 from gaia_flows.jobs import catalogue_job
-from gaia_flows.layout import StateLayout
+from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import range_tags
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
-from gaia_flows.tables import REGION_MANIFEST
 
 
 def affected_regions(files: list[Path]) -> list[str]:
@@ -39,7 +37,7 @@ def _fingerprint(path: Path) -> str:
 def _already_ingested(layout: StateLayout, path: Path) -> bool:
     """Every region the file feeds was published after the file was last written."""
     regions = affected_regions([path])
-    manifests = [layout.region_dir(TABLE, region) / REGION_MANIFEST for region in regions]
+    manifests = [layout.region_dir(SOURCE_TABLE, region) / REGION_MANIFEST for region in regions]
     return bool(regions) and all(m.exists() and m.stat().st_mtime_ns > path.stat().st_mtime_ns for m in manifests)
 
 

@@ -19,25 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
-from gaia_flows.layout import StateLayout, publish
-from gaia_flows.science.healpix import parse_region_key
-
-REGION_MANIFEST = "_region.json"
-
+from gaia_flows.layout import REGION_MANIFEST, StateLayout, publish
 
 def published_regions(layout: StateLayout, table: str) -> list[str]:
-    root = layout.table(table)
-    if not root.exists():
-        return []
-    regions = []
-    for path in root.iterdir():
-        try:
-            parse_region_key(path.name)
-        except ValueError:
-            continue
-        if path.exists():
-            regions.append(path.name)
-    return sorted(regions)
+    return sorted(layout.region_versions(table))
 
 
 def region_paths(layout: StateLayout, table: str, regions: list[str] | None = None) -> list[str]:
@@ -80,6 +65,24 @@ def write_region(
 
     A range partition on the sort key keeps neighbouring sources in the same file, so a region
     (and any sub-range of source_id) is read sequentially.
+
+    Parameters
+    ----------
+    df
+        The region's rows.
+    layout, table, region
+        Where it is published: ``warehouse/<table>/<region>``.
+    files
+        Number of Parquet files (see :func:`gaia_flows.engine.sizing.files_per_region`).
+    sort_key
+        Column the files are range-partitioned and sorted by.
+    manifest
+        Written as the version's ``_region.json``.
+
+    Returns
+    -------
+    Path
+        The published version directory.
     """
     return _publish_spark(df, layout, table, layout.region_dir(table, region), files, sort_key, manifest)
 
@@ -141,10 +144,26 @@ def write_table_files(
     of that file. Items are consumed one at a time, so the whole table need never be in
     memory; ``manifest`` is asked for once every file is in place.
 
-    ``row_group_key``: one row group per run of equal values of that column, so a reader
-    selecting on it decodes only its groups. Rows must already be grouped by the key (the
-    pyramid is sorted by level): each group is then a zero-copy slice, where filtering the
-    table once per value cost a quarter of a second on the 1M-row pyramid.
+    Parameters
+    ----------
+    files
+        ``(file name, rows or a published file to hard-link)`` pairs, consumed one at a time.
+    schema
+        Schema of the written files.
+    layout, table
+        Where the table is published: ``warehouse/<table>``.
+    manifest
+        Called once every file is in place; its result is the version's ``_region.json``.
+    row_group_key
+        One row group per run of equal values of this column, so a reader selecting on it
+        decodes only its groups. Rows must already be grouped by the key (the pyramid is
+        sorted by level): each group is then a zero-copy slice.
+
+    Returns
+    -------
+    Path
+        The published version directory. A failure before publishing removes the staging
+        folder and leaves the previous version in place.
     """
     staging = layout.staging_dir(table)
     staging.mkdir(parents=True)
@@ -175,6 +194,31 @@ def write_regions(
     per-job overhead dominates otherwise. ``df``'s rows must belong to ``regions`` (the region
     is derived from ``sort_key``, a Gaia ``source_id``); a region without rows is published
     empty, with ``df``'s schema, so readers find every region they asked for.
+
+    Parameters
+    ----------
+    df
+        Rows of ``regions``, with a Gaia ``source_id`` in ``sort_key``.
+    layout, table
+        Where the regions are published: ``warehouse/<table>/<region>``.
+    regions
+        The region keys written; each is published, empty if it has no rows.
+    files
+        Number of Parquet files over all regions (range partitions of ``sort_key``).
+    sort_key
+        The ``source_id`` column the region is derived from and the files are sorted by.
+    manifest
+        Written to every region's ``_region.json`` with its ``region`` key added.
+
+    Returns
+    -------
+    dict[str, Path]
+        The published version directory of each region.
+
+    Raises
+    ------
+    ValueError
+        ``df`` holds rows of a region not in ``regions`` (nothing is published then).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import to_arrow_schema

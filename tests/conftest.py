@@ -9,13 +9,7 @@ import pytest
 from gaia_flows import spark as spark_factory
 from gaia_flows.cloud.local_spark import LocalSparkCluster
 from gaia_flows.layout import StateLayout
-
-TEST_SPARK_CONF = {
-    "spark.ui.enabled": "false",
-    "spark.sql.shuffle.partitions": "4",
-    "spark.default.parallelism": "2",
-    "spark.driver.memory": "2g",
-}
+from support.spark import TEST_SPARK_CONF
 
 
 @pytest.fixture(scope="session")

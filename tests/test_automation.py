@@ -6,7 +6,7 @@ from dagster import build_schedule_context, build_sensor_context
 
 from gaia_flows.schedules import nightly_refresh
 from gaia_flows.sensors import affected_regions, contiguous_runs, landing_files_sensor
-from gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 
 def test_contiguous_runs_group_neighbouring_regions():

@@ -13,8 +13,8 @@ import pytest
 from gaia_flows.cli import dagster_env
 from gaia_flows.layout import REPO_ROOT
 from gaia_flows.tables import read_manifest
-from gaia_files import region_file_range, stars_in_region, write_gaia_file
-from servers import ServerProcess, free_port
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.cli
 

@@ -10,8 +10,8 @@ from gaia_flows.partitions import range_tags
 from gaia_flows.resources import build_resources
 from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
-from conftest import TEST_SPARK_CONF
-from gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.spark import TEST_SPARK_CONF
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 from rich.console import Console
 
 

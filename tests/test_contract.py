@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from gaia_flows.contracts import ARROW_TYPES, load_contract
+from gaia_flows.contracts import load_contract
+from gaia_flows.science.contract import ARROW_TYPES
 
 
 @pytest.fixture(scope="module")

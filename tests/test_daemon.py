@@ -13,6 +13,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, load_assets_fro
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
 from gaia_flows.cli import dagster_env
+from gaia_flows.contracts import load_contract
 from gaia_flows import definitions
 from gaia_flows.definitions import defs
 from gaia_flows.layout import REPO_ROOT
@@ -21,8 +22,8 @@ from gaia_flows.resources import build_resources
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.science.synthetic import generate
 from gaia_flows.sensors import affected_regions
-from conftest import TEST_SPARK_CONF
-from servers import ServerProcess
+from support.spark import TEST_SPARK_CONF
+from support.servers import ServerProcess
 
 pytestmark = pytest.mark.daemon
 
@@ -56,7 +57,7 @@ def built_world(layout, spark, monkeypatch, tmp_path):
     env = dagster_env(layout)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     side = tmp_path / "download"
-    generate(STARS, SEED, side, files=FILES, processes=1, progress=False)
+    generate(STARS, SEED, side, load_contract(), files=FILES, processes=1, progress=False)
     files = sorted(side.glob("GaiaSource_*.csv.gz"))
     held_back = files[len(files) // 2]
     for path in files:

@@ -19,7 +19,7 @@ from dagster import DagsterInstance
 
 from gaia_flows import cli
 from gaia_flows.layout import REPO_ROOT
-from servers import free_port
+from support.servers import free_port
 
 DEPLOYMENTS = REPO_ROOT / "deployments"
 PROFILES = REPO_ROOT / "resources"

@@ -3,7 +3,7 @@
 import warnings
 
 import pytest
-from conftest import TEST_SPARK_CONF
+from support.spark import TEST_SPARK_CONF
 
 from gaia_flows import spark as spark_factory
 

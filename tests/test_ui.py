@@ -17,9 +17,9 @@ from gaia_flows.definitions import defs
 from gaia_flows.layout import REPO_ROOT
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from conftest import TEST_SPARK_CONF
-from gaia_files import region_file_range, stars_in_region, write_gaia_file
-from servers import ServerProcess, free_port
+from support.spark import TEST_SPARK_CONF
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.ui
 

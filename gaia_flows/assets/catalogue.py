@@ -15,8 +15,9 @@ from dagster import (
 )
 
 from gaia_flows.contracts import load_contract
-from gaia_flows.engine.ingest import TABLE, IngestReport, ingest_regions
+from gaia_flows.engine.ingest import IngestReport, ingest_regions
 from gaia_flows.engine.metrics import stage_io
+from gaia_flows.layout import SOURCE_TABLE
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -33,8 +34,8 @@ gaia_landing = AssetSpec(
 
 class GaiaSourceConfig(Config):
     bucket_mb: int = 128
-    """Target size of one Parquet file: about what one executor core holds in memory, the
-    seed's rule that dataset size / buckets ~ worker memory."""
+    """Target size of one Parquet file: about what one executor core holds in memory
+    (dataset size / buckets ~ worker memory), so a region file is read in one pass."""
 
 
 @asset(
@@ -53,7 +54,7 @@ def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark:
     """
     layout = storage.layout
     session = spark.session()
-    report = ingest_regions(session, layout, list(context.partition_keys), load_contract(TABLE), config.bucket_mb << 20)
+    report = ingest_regions(session, layout, list(context.partition_keys), load_contract(SOURCE_TABLE), config.bucket_mb << 20)
     for region, result in report.regions.items():
         context.add_asset_metadata(
             {
@@ -73,7 +74,7 @@ def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark:
             description=_failure_text(report),
             metadata={"failed_regions": MetadataValue.json(report.failures), "published_regions": sorted(report.regions)},
         )
-    return MaterializeResult(metadata=_run_metadata(report, stage_io(session, TABLE)))
+    return MaterializeResult(metadata=_run_metadata(report, stage_io(session, SOURCE_TABLE)))
 
 
 def _failure_text(report: IngestReport) -> str:
@@ -105,14 +106,14 @@ def rows_conserved(storage: StorageResource) -> AssetCheckResult:
     """Counts come from the Parquet footers on disk, not from the Spark job that wrote them."""
     layout = storage.layout
     broken, totals = {}, {"rows_in": 0, "accepted": 0, "rejected": 0}
-    for region in published_regions(layout, TABLE):
-        manifest = read_manifest(layout, TABLE, region)
-        accepted = footer_rows(layout.region_dir(TABLE, region).glob("*.parquet"))
-        rejected = footer_rows(layout.quarantine_dir(TABLE, region).glob("*.parquet"))  # no folder when nothing was rejected: 0
+    for region in published_regions(layout, SOURCE_TABLE):
+        manifest = read_manifest(layout, SOURCE_TABLE, region)
+        accepted = footer_rows(layout.region_dir(SOURCE_TABLE, region).glob("*.parquet"))
+        rejected = footer_rows(layout.quarantine_dir(SOURCE_TABLE, region).glob("*.parquet"))  # no folder when nothing was rejected: 0
         rows_in = manifest.get("rows_in", -1)
         totals["rows_in"] += max(rows_in, 0)
         totals["accepted"] += accepted
         totals["rejected"] += rejected
         if rows_in != accepted + rejected:
             broken[region] = {"rows_in": rows_in, "accepted": accepted, "rejected": rejected}
-    return AssetCheckResult(passed=not broken, metadata={**totals, "regions_checked": len(published_regions(layout, TABLE)), "mismatched": MetadataValue.json(broken)})
+    return AssetCheckResult(passed=not broken, metadata={**totals, "regions_checked": len(published_regions(layout, SOURCE_TABLE)), "mismatched": MetadataValue.json(broken)})

@@ -1,6 +1,6 @@
 """The Spark cluster as an asset, and the job that removes it.
 
-Materialising ``spark_cluster`` plans a cluster for the workload (``science.planner``) and
+Materialising ``spark_cluster`` plans a cluster for the workload (``cloud.planner``) and
 reconciles the cloud to it (``cloud.provision``); its manifest (master URL, nodes, size,
 price) is what ``SparkResource`` reads, so downstream assets run on ``local[*]``, a loopback
 standalone cluster or cloud VMs without a change. ``teardown_cluster`` is the one command
@@ -27,13 +27,10 @@ from dagster import (
 
 from gaia_flows.cloud.provision import ProvisionError, ProvisioningFailed
 from gaia_flows.cloud.retry import CloudCallError, redact
-from gaia_flows.layout import StateLayout
+from gaia_flows.layout import StateLayout, landing_files
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.science.planner import PlanError
-
-LANDING_GLOB = "GaiaSource_*.csv*"
-
+from gaia_flows.cloud.planner import PlanError
 
 class ClusterConfig(Config):
     """Run-time overrides; by default the profile's workload and the landing area's size decide."""
@@ -47,9 +44,7 @@ class ClusterConfig(Config):
 
 def landing_bytes(layout: StateLayout) -> int:
     """Bytes of Gaia bulk files waiting in the landing area: the planner's data size."""
-    if not layout.landing.exists():
-        return 0
-    return sum(p.stat().st_size for p in layout.landing.rglob(LANDING_GLOB) if p.is_file())
+    return sum(p.stat().st_size for p in landing_files(layout.landing))
 
 
 @asset(

@@ -21,7 +21,7 @@ from libcloud.compute.types import Provider
 
 from gaia_flows.cloud.retry import register_secret_env
 from gaia_flows.cloud.settings import CloudConfigError, CloudSettings
-from gaia_flows.science.planner import Size
+from gaia_flows.cloud.planner import Size
 
 LOCAL_PROVIDER = "gaia-local-spark"
 

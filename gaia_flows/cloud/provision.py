@@ -46,7 +46,7 @@ from gaia_flows.cloud.settings import (
     CloudSettings,
 )
 from gaia_flows.layout import REPO_ROOT
-from gaia_flows.science.planner import Plan, plan_cluster, worker_memory_mb
+from gaia_flows.cloud.planner import Plan, plan_cluster, worker_memory_mb
 
 log = logging.getLogger(__name__)
 

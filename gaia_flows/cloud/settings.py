@@ -13,7 +13,7 @@ from pathlib import Path
 from gaia_flows.cloud.retry import RetryPolicy
 from gaia_flows.layout import StateLayout
 from gaia_flows.profiles import Profile
-from gaia_flows.science.planner import DEFAULT_REGIONS, Limits
+from gaia_flows.cloud.planner import DEFAULT_REGIONS, Limits
 
 TAG_CLUSTER = "gaia-flows-cluster"
 TAG_ROLE = "gaia-flows-role"

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import ABS_FEATURES, FEATURES, FeatureError
-from gaia_flows.science.planner import balanced_groups
+from gaia_flows.engine.sizing import balanced_groups
 
 Engine = Literal["sklearn", "spark"]
 SCORE_SCHEMA = "source_id long, probability double, label byte"
@@ -49,11 +49,11 @@ only thing we vouch for, and only for models this project wrote."""
 class ForestParams:
     """Random Forest hyper-parameters shared by both engines (names as in scikit-learn).
 
-    The seed grew 500 trees fully. ``benchmarks/classifier.py`` (docs/benchmarks.md) shows
-    hold-out accuracy flat from 10 trees and depth 8 upwards, while prediction cost grows with
-    trees x nodes: 100 trees capped at depth 16 sit on that plateau and score ~4-5x faster
-    than 500 fully grown ones; the cap also bounds the cost on noisier real data, where
-    unlimited trees grow far deeper than on the synthetic catalogue.
+    Hold-out accuracy is flat from 10 trees and depth 8 upwards (``benchmarks/classifier.py``),
+    while prediction cost grows with trees x nodes: 100 trees capped at depth 16 sit on that
+    plateau and score several times faster than 500 fully grown ones. The cap also bounds the
+    cost on noisier real data, where unlimited trees grow far deeper than on the synthetic
+    catalogue.
     """
 
     n_estimators: int = 100
@@ -370,8 +370,8 @@ def arrow_features(table) -> pd.DataFrame:
 def column_features(table) -> pd.DataFrame:
     """The 16 features of an Arrow table with one column per feature, as float32 columns
     (null -> NaN). One array per column, not one row-major matrix: filling a matrix column by
-    column writes with a 64-byte stride, which cost 5x more than the arrays (~0.08 against
-    0.015 µs per row) and made no prediction faster."""
+    column writes with a 64-byte stride, several times the cost of the arrays, for no faster
+    prediction."""
     columns = {name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float32, copy=False) for name in FEATURES}
     _check_not_entirely_null(np.array([np.isnan(values).all() for values in columns.values()]), table.num_rows)
     return pd.DataFrame(columns, copy=False)

@@ -27,15 +27,14 @@ from pyspark.sql import SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from gaia_flows.contracts import TableContract
-from gaia_flows.layout import StateLayout, publish
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files, publish
 from gaia_flows.science import healpix
+from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
-from gaia_flows.science.planner import files_per_region
+from gaia_flows.engine.sizing import files_per_region
 from gaia_flows.science.validation import check_header, home_regions, validate_rows
 from gaia_flows.tables import footer_rows, write_manifest
 
-TABLE = "gaia_source"
 DIAGNOSTIC_COLUMNS = [("_file", pa.string()), ("_line", pa.int64()), ("_rule", pa.string()), ("_reason", pa.string()), ("_region", pa.int64())]
 DUPLICATE_RULE = "duplicate:source_id"
 BATCH_BYTES = 8 << 20
@@ -67,18 +66,6 @@ class IngestReport:
 
 
 # --- landing files ------------------------------------------------------------------------------
-
-
-def landing_files(landing: Path) -> list[Path]:
-    """Gaia bulk files in the landing folder; a CSV that is not named like one is an error,
-    because its rows could not be placed on the sky without guessing."""
-    if not landing.exists():
-        return []
-    candidates = sorted(p for p in landing.iterdir() if p.is_file() and ".csv" in p.name)
-    unknown = [p for p in candidates if not healpix.is_gaia_file_name(p)]
-    if unknown:
-        raise GaiaFileError(unknown[0], "unknown file name: expected GaiaSource_<hpx8start>-<hpx8end>.csv.gz")
-    return candidates
 
 
 def region_schema(headers: dict[str, EcsvHeader], contract: TableContract) -> pa.Schema:
@@ -201,7 +188,7 @@ def _ingest_once(
     schema = region_schema(headers, contract)
     pixels = {healpix.parse_region_key(r)[1]: r for r in wanted}
     planned = {r: files_per_region(_region_bytes(paths, r), bucket_bytes) for r, paths in wanted.items()}
-    staging = layout.staging_dir(TABLE)
+    staging = layout.staging_dir(SOURCE_TABLE)
     try:
         try:
             counts = _run_spark(spark, all_files, schema, contract, list(pixels), sum(planned.values()), staging)
@@ -252,7 +239,7 @@ def parse_to_parquet(path: str, contract: TableContract, schema: pa.Schema, pixe
 def _run_spark(
     spark: SparkSession, files: list[str], schema: pa.Schema, contract: TableContract, pixels: list[int], partitions: int, staging: Path
 ) -> Counter:
-    spark.sparkContext.setJobGroup("gaia_source", f"ingest {len(files)} files into {len(pixels)} regions", interruptOnCancel=True)
+    spark.sparkContext.setJobGroup(SOURCE_TABLE, f"ingest {len(files)} files into {len(pixels)} regions", interruptOnCancel=True)
     parsed_dir = staging / "parsed"
     parsed_dir.mkdir(parents=True)
 
@@ -317,7 +304,7 @@ def _publish_region(
         input_files=[p.name for p in inputs],
         output_files=len(files),
         output_bytes=sum(p.stat().st_size for p in files),
-        path=str(layout.region_dir(TABLE, region)),
+        path=str(layout.region_dir(SOURCE_TABLE, region)),
     )
     manifest = {
         "region": region,
@@ -329,6 +316,6 @@ def _publish_region(
     }
     write_manifest(accepted_dir, manifest)
     write_manifest(rejected_dir, manifest)
-    publish(rejected_dir, layout.quarantine_dir(TABLE, region))
-    publish(accepted_dir, layout.region_dir(TABLE, region))
+    publish(rejected_dir, layout.quarantine_dir(SOURCE_TABLE, region))
+    publish(accepted_dir, layout.region_dir(SOURCE_TABLE, region))
     return result

@@ -40,7 +40,7 @@ from gaia_flows.contracts import load_contract
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.science.planner import balanced_groups
+from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.tables import region_paths, write_region_arrow
 
 LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
@@ -149,6 +149,8 @@ def pm_stats_frame(df: DataFrame, level: int = pm.DEFAULT_LEVEL) -> DataFrame:
         F.sum(F.col("w_dec") * F.col("dec")).alias("sumwx_pmdec"),
         F.sum(F.col("w_ra") * F.col("ra") * F.col("ra")).alias("sumwx2_pmra"),
         F.sum(F.col("w_dec") * F.col("dec") * F.col("dec")).alias("sumwx2_pmdec"),
+        F.sum(F.col("w_ra") * F.col("w_ra")).alias("sumw2_pmra"),
+        F.sum(F.col("w_dec") * F.col("w_dec")).alias("sumw2_pmdec"),
     )
 
 

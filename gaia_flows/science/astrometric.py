@@ -5,7 +5,8 @@ the seed platform did:
 
 - *candidates*: ``|parallax| > parallax_min`` (8 mas) with a 5- or 6-parameter solution;
 - *good*: ``parallax > parallax_min``, ``|b| > abs_b_min`` (25 deg), outside the Large and
-  Small Magellanic Clouds, and a BP/RP flux excess consistent with a single point source:
+  Small Magellanic Clouds (:func:`magellanic_masks`), and a BP/RP flux excess consistent with
+  a single point source:
   ``|C*| < n_sigma * sigma_C*(G)`` with the colour polynomial of Riello et al. 2021 (A&A 649,
   A3, Table 2 and Eq. 18);
 - *bad*: ``parallax < -parallax_min`` -- a negative parallax that large is unphysical, so the
@@ -84,6 +85,23 @@ def entirely_null(name: str, rows: int) -> FeatureError:
 # --- cuts ------------------------------------------------------------------------------------------
 
 
+MAGELLANIC_REGIONS = ("seed_boxes", "circles")
+"""How the training set excludes the Magellanic Clouds.
+
+``seed_boxes`` (the default): the equatorial boxes of the seed platform's Random Forest notebook
+(the ROE Gaia data mining platform, quoted in issue 13), :data:`LMC_BOX` and :data:`SMC_BOX`
+(761 and 225 deg²), which take in the Clouds' outskirts as well as their bars.
+``circles``: cones around the Clouds' centres as SIMBAD gives them (LMC 05 23 34.6 −69 45 22,
+SMC 00 52 44.8 −72 49 43) with radii of 9° and 5° (254 and 79 deg²), a tighter cut around
+the bodies; the radii are this project's choice, not a published one."""
+
+LMC_BOX = ((40.0, 120.0), (-80.0, -55.0))
+"""LMC box, ((ra_min, ra_max), (dec_min, dec_max)) in degrees, bounds excluded: 40 < ra < 120
+and −80 < dec < −55."""
+SMC_BOX = ((350.0, 40.0), (-80.0, -65.0))
+"""SMC box across ra = 0: (ra > 350 or ra < 40) and −80 < dec < −65."""
+
+
 @dataclass(frozen=True)
 class GcnsCuts:
     """Every threshold of the training-set selection (defaults: Smart et al. 2021 / the seed)."""
@@ -91,6 +109,7 @@ class GcnsCuts:
     parallax_min_mas: float = 8.0
     abs_b_min_deg: float = 25.0
     exclude_magellanic_clouds: bool = True
+    magellanic_regions: str = "seed_boxes"
     lmc_ra_deg: float = 80.8942
     lmc_dec_deg: float = -69.7561
     lmc_radius_deg: float = 9.0
@@ -100,8 +119,31 @@ class GcnsCuts:
     excess_n_sigma: float = 2.0
     bad_per_good: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.magellanic_regions not in MAGELLANIC_REGIONS:
+            raise ValueError(f"magellanic_regions must be one of {', '.join(MAGELLANIC_REGIONS)}, got {self.magellanic_regions!r}")
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _in_box(ra: np.ndarray, dec: np.ndarray, box) -> np.ndarray:
+    (ra_lo, ra_hi), (dec_lo, dec_hi) = box
+    in_ra = (ra > ra_lo) & (ra < ra_hi) if ra_lo < ra_hi else (ra > ra_lo) | (ra < ra_hi)
+    return in_ra & (dec > dec_lo) & (dec < dec_hi)
+
+
+def magellanic_masks(ra, dec, cuts: GcnsCuts = GcnsCuts()) -> tuple[np.ndarray, np.ndarray]:
+    """(in LMC, in SMC) for positions in degrees, by ``cuts.magellanic_regions``
+    (:data:`MAGELLANIC_REGIONS`); False where a position is unknown."""
+    ra, dec = np.asarray(ra, dtype=float), np.asarray(dec, dtype=float)
+    with np.errstate(invalid="ignore"):
+        if cuts.magellanic_regions == "seed_boxes":
+            return _in_box(ra, dec, LMC_BOX), _in_box(ra, dec, SMC_BOX)
+        return (
+            angular_separation_deg(ra, dec, cuts.lmc_ra_deg, cuts.lmc_dec_deg) < cuts.lmc_radius_deg,
+            angular_separation_deg(ra, dec, cuts.smc_ra_deg, cuts.smc_dec_deg) < cuts.smc_radius_deg,
+        )
 
 
 # Reasons a candidate is not in the good set, in the order the cuts are applied.
@@ -186,12 +228,8 @@ def selection_reason(frame: pd.DataFrame, cuts: GcnsCuts = GcnsCuts()) -> np.nda
         undecided &= ~low_b
 
     if cuts.exclude_magellanic_clouds:
-        ra, dec = col("ra"), col("dec")
-        for name, ra0, dec0, radius in (
-            ("in_lmc", cuts.lmc_ra_deg, cuts.lmc_dec_deg, cuts.lmc_radius_deg),
-            ("in_smc", cuts.smc_ra_deg, cuts.smc_dec_deg, cuts.smc_radius_deg),
-        ):
-            inside = undecided & (angular_separation_deg(ra, dec, ra0, dec0) < radius)
+        for name, region in zip(("in_lmc", "in_smc"), magellanic_masks(col("ra"), col("dec"), cuts)):
+            inside = undecided & region
             reason[inside] = name
             undecided &= ~inside
 

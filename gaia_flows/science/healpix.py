@@ -25,6 +25,8 @@ MAX_LEVEL = 12
 
 _REGION_RE = re.compile(r"^hpx(\d+)-(\d+)$")
 _FILE_RE = re.compile(r"^GaiaSource_(\d{6})-(\d{6})\.csv(\.gz)?$")
+FILE_GLOB = "GaiaSource_*.csv*"
+"""Gaia bulk files as the archive names them (``GaiaSource_<hpx8start>-<hpx8end>.csv.gz``)."""
 
 
 def nside(level: int) -> int:
@@ -82,16 +84,23 @@ def healpix_centres(pixels, level: int) -> tuple[np.ndarray, np.ndarray]:
     return hp.pix2ang(nside(level), np.asarray(pixels, dtype=np.int64), nest=True, lonlat=True)
 
 
-def same_or_neighbour(pixel_a, pixel_b, level: int) -> np.ndarray:
-    """True where ``pixel_b`` equals ``pixel_a`` or is one of its (up to 8) neighbours."""
-    a = np.asarray(pixel_a, dtype=np.int64)
-    b = np.asarray(pixel_b, dtype=np.int64)
-    if a.size == 0:
-        return np.zeros(0, dtype=bool)
+def max_pixel_radius(level: int) -> float:
+    """Largest angular distance (degrees) from a pixel's centre to its edge at ``level``:
+    53.8\" at level 12, the farthest a position can sit from the centre of its own pixel."""
     import healpy as hp
 
-    neighbours = hp.get_all_neighbours(nside(level), a, nest=True)  # shape (8, n), -1 where none
-    return (a == b) | (neighbours == b[np.newaxis, :]).any(axis=0)
+    return float(hp.max_pixrad(nside(level), degrees=True))
+
+
+def distance_to_centre(pixels, level: int, ra, dec) -> np.ndarray:
+    """Angular distance (degrees) from positions (degrees, ICRS) to the centres of nested
+    ``pixels`` at ``level``."""
+    import healpy as hp
+
+    centre = hp.pix2vec(nside(level), np.asarray(pixels, dtype=np.int64), nest=True)
+    where = hp.ang2vec(np.asarray(ra, float), np.asarray(dec, float), lonlat=True)
+    cosine = np.clip(np.einsum("ij,ji->i", np.atleast_2d(where), np.atleast_2d(np.array(centre))), -1.0, 1.0)
+    return np.degrees(np.arccos(cosine))
 
 
 # --- sky regions: the partition key of every per-region table -------------------------------------

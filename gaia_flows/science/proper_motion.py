@@ -20,6 +20,8 @@ metadata as ``healpix_level``) and these columns::
     sumwx_pmdec    float64  Σ w·pmdec
     sumwx2_pmra    float64  Σ w·pmra²
     sumwx2_pmdec   float64  Σ w·pmdec²
+    sumw2_pmra     float64  Σ w²      (Kish's effective sample size (Σw)²/Σw²)
+    sumw2_pmdec    float64  Σ w²
 
 Every column is a plain sum, so the statistics of a union of rows are the column sums of the
 parts (``merge``) and the statistics of a parent pixel are the sums over its children
@@ -54,6 +56,8 @@ SUM_COLUMNS = (
     "sumwx_pmdec",
     "sumwx2_pmra",
     "sumwx2_pmdec",
+    "sumw2_pmra",
+    "sumw2_pmdec",
 )
 STAT_COLUMNS = COUNT_COLUMNS + SUM_COLUMNS
 STATS_FIELDS = [pa.field("pixel", pa.int64(), nullable=False)]
@@ -90,6 +94,22 @@ def from_numpy(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
     :func:`as_numpy`, also pandas-free, where ``pa.array`` would import pandas to inspect it."""
     values = np.ascontiguousarray(values, dtype=_NUMPY_TYPES[dtype])
     return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
+
+
+class StaleStatisticsError(ValueError):
+    """A stored statistics table lacks columns this version computes (it was written by an older
+    gaia-flows): its maps would be wrong, so it is rebuilt, never read."""
+
+
+def check_stats_columns(names, where: str) -> None:
+    """Raise :class:`StaleStatisticsError`, naming ``where`` and the columns, if ``names`` (a
+    stored table's column names) lack any statistics column."""
+    missing = [field.name for field in STATS_FIELDS if field.name not in set(names)]
+    if missing:
+        raise StaleStatisticsError(
+            f"{where} has no {', '.join(missing)}: it was written by an older gaia-flows; "
+            "re-materialize pm_stats (every region) and then proper_motion_maps to rebuild it"
+        )
 
 
 def stats_schema(level: int) -> pa.Schema:
@@ -150,8 +170,8 @@ def conform(table: pa.Table, level: int) -> pa.Table:
 
 
 BLOCK_ROWS = 65_536
-"""Rows whose per-row terms are computed and summed together. The eleven terms of a block
-(5.8 MB) stay in the CPU cache between being computed and being summed; as whole-column
+"""Rows whose per-row terms are computed and summed together. The thirteen terms of a block
+(6.8 MB) stay in the CPU cache between being computed and being summed; as whole-column
 temporaries every term was a trip to memory (and freshly mapped pages), and summing the 10M-star
 catalogue took 1.04-1.56x as long (median 1.38, old and new code alternating in one process)."""
 
@@ -190,7 +210,7 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
         order = np.argsort(pixel, kind="stable")
         pixel, inputs = pixel[order], [v[order] for v in inputs]
     terms = np.empty((len(STAT_COLUMNS) - 1, min(block_rows, pixel.size)))  # every column but n_sources
-    n_pm, ra, dec, ra2, dec2, w_ra, w_dec, wx_ra, wx_dec, wx2_ra, wx2_dec = range(len(terms))
+    n_pm, ra, dec, ra2, dec2, w_ra, w_dec, wx_ra, wx_dec, wx2_ra, wx2_dec, w2_ra, w2_dec = range(len(terms))
     pixels, runs, sums = [], [], []
     for lo in range(0, pixel.size, block_rows):
         part = pixel[lo : lo + block_rows]
@@ -210,6 +230,8 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
         np.multiply(t[w_dec], t[dec], out=t[wx_dec])
         np.multiply(t[wx_ra], t[ra], out=t[wx2_ra])
         np.multiply(t[wx_dec], t[dec], out=t[wx2_dec])
+        np.multiply(t[w_ra], t[w_ra], out=t[w2_ra])
+        np.multiply(t[w_dec], t[w_dec], out=t[w2_dec])
         starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
         pixels.append(part[starts])
         runs.append(np.diff(np.r_[starts, part.size]))
@@ -221,7 +243,8 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
 
 def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
     """Statistics of a gaia_source-shaped Arrow table."""
-    return stats_from_columns(*(table.column(name) for name in INPUT_COLUMNS), level=level)
+    source_id, pmra, pmdec, pmra_error, pmdec_error = (table.column(name) for name in INPUT_COLUMNS)
+    return stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level=level)
 
 
 def _group_sum(pixel: np.ndarray, columns: dict[str, np.ndarray], level: int) -> pa.Table:
@@ -327,8 +350,12 @@ MAP_FIELDS = [
     ("sem_pmdec", pa.float64()),
     ("wmean_pmra", pa.float64()),
     ("wmean_pmdec", pa.float64()),
-    ("wmean_pmra_error", pa.float64()),
-    ("wmean_pmdec_error", pa.float64()),
+    ("wmean_pmra_measurement_error", pa.float64()),
+    ("wmean_pmdec_measurement_error", pa.float64()),
+    ("wmean_pmra_total_error", pa.float64()),
+    ("wmean_pmdec_total_error", pa.float64()),
+    ("neff_pmra", pa.float64()),
+    ("neff_pmdec", pa.float64()),
     ("wstd_pmra", pa.float64()),
     ("wstd_pmdec", pa.float64()),
 ]
@@ -345,13 +372,28 @@ def finalise(stats: pa.Table, dense: bool = True) -> pa.Table:
 
     ``dense=True`` gives one row for every one of the 12·4^level pixels (what healpy plots);
     pixels without sources have counts 0 and NaN for every mean — never uninitialised memory.
-    ``dense=False`` keeps only the pixels that have sources. Columns:
+    ``dense=False`` keeps only the pixels that have sources. Columns, per component (``*`` =
+    ``pmra`` or ``pmdec``, all in mas/yr):
 
     - ``n_sources``, ``n_pm``, ``n_no_pm`` (sources without a proper motion);
-    - ``mean_*``: plain mean over the ``n_pm`` sources [mas/yr];
-    - ``std_*``: sample standard deviation (NaN below 2 sources); ``sem_*`` = std/√n;
-    - ``wmean_*``: inverse-variance weighted mean, ``wmean_*_error`` = 1/√Σw its formal error;
-    - ``wstd_*``: weighted standard deviation √(Σw·x²/Σw − wmean²).
+    - ``mean_*``: plain mean over the ``n_pm`` sources; ``std_*``: sample standard deviation
+      (NaN below 2 sources); ``sem_*`` = std/√n, the uncertainty of the plain mean;
+    - ``wmean_*``: inverse-variance weighted mean (w = 1/error²);
+    - ``wmean_*_measurement_error`` = 1/√Σw: the weighted mean's error *if every star moved
+      exactly alike*, i.e. from the measurement errors alone;
+    - ``neff_*`` = (Σw)²/Σw²: Kish's effective number of stars behind the weighted mean;
+    - ``wstd_*`` = √(Σw·x²/Σw − wmean²): the weighted spread;
+    - ``wmean_*_total_error`` = wstd/√(neff − 1): the weighted mean's uncertainty from the
+      scatter actually seen, intrinsic velocity dispersion included (NaN for neff ≤ 1).
+
+    Which to use: the plain mean with ``sem_*`` is the default map and answers "how does the
+    population in this pixel move"; its uncertainty includes the stars' real spread. Inside a
+    pixel the spread of stellar velocities (several mas/yr) usually dwarfs DR3's errors, so the
+    weighted mean is dominated by the few most precise (bright, nearby) stars: ``neff_*`` says
+    how few, and ``wmean_*_total_error`` is then larger than ``sem_*``. Quote
+    ``wmean_*_total_error`` for a weighted mean; ``wmean_*_measurement_error`` only bounds what
+    the measurements alone allow and is far too small wherever stars differ (a pixel of 2,000
+    stars with a 6 mas/yr dispersion: 0.0015 against a real scatter of ~0.5 mas/yr).
     """
     level = stats_level(stats)
     pixel = as_numpy(stats.column("pixel"))
@@ -386,8 +428,14 @@ def finalise(stats: pa.Table, dense: bool = True) -> pa.Table:
         out[f"std_{comp}"] = std
         out[f"sem_{comp}"] = _safe_div(std, np.sqrt(n))
         out[f"wmean_{comp}"] = wmean
-        out[f"wmean_{comp}_error"] = _safe_div(np.ones_like(sw), np.sqrt(sw))
-        out[f"wstd_{comp}"] = np.sqrt(np.maximum(_safe_div(swx2, sw) - wmean * wmean, 0.0))
+        wvar = np.maximum(_safe_div(swx2, sw) - wmean * wmean, 0.0)
+        neff = _safe_div(sw * sw, col[f"sumw2_{comp}"])
+        out[f"wmean_{comp}_measurement_error"] = _safe_div(np.ones_like(sw), np.sqrt(sw))
+        # wvar·neff/(neff-1) is the unbiased weighted variance (reliability weights); divided
+        # by neff it is the variance of the weighted mean. Equal weights give std²/n exactly.
+        out[f"wmean_{comp}_total_error"] = np.sqrt(_safe_div(wvar, neff - 1.0))
+        out[f"neff_{comp}"] = neff
+        out[f"wstd_{comp}"] = np.sqrt(wvar)
     schema = pa.schema([pa.field(name, typ) for name, typ in MAP_FIELDS], metadata={LEVEL_METADATA_KEY: str(level).encode()})
     return pa.Table.from_arrays([from_numpy(out[name], typ) for name, typ in MAP_FIELDS], schema=schema)
 
@@ -415,10 +463,12 @@ __all__ = [
     "QUANTITIES",
     "SOURCE_ID_LEVEL",
     "STAT_COLUMNS",
+    "StaleStatisticsError",
     "conform",
     "degrade",
     "empty_stats",
     "as_numpy",
+    "check_stats_columns",
     "finalise",
     "from_numpy",
     "from_pyramid",

@@ -37,7 +37,7 @@ import multiprocessing
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +48,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from gaia_flows.contracts import load_contract
 from gaia_flows.science import healpix
+from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvColumn, format_header
 
 # --- populations ---------------------------------------------------------------------------------
@@ -75,7 +75,9 @@ SMC_CENTRE = (13.19, -72.83)
 LMC_SCALE_DEG = 1.5
 SMC_SCALE_DEG = 0.7
 LMC_PM = (1.91, 0.229)
-"""Mean (pmra, pmdec) of the LMC in mas/yr (Gaia Collaboration, Helmi et al. 2018)."""
+"""Mean (pmra, pmdec) of the LMC in mas/yr: the HST value of Kallivayalil et al. 2013 (ApJ 764,
+161; μW = −1.910, μN = 0.229). Gaia DR2 gives (1.850, 0.234) (Gaia Collaboration, Helmi et al.
+2018, A&A 616, A12)."""
 SMC_PM = (0.797, -1.220)
 """Mean (pmra, pmdec) of the SMC in mas/yr (Gaia Collaboration, Helmi et al. 2018)."""
 CLOUD_DISTANCE_KPC = {"lmc": (49.6, 1.5), "smc": (62.8, 2.5)}
@@ -578,13 +580,12 @@ def plan_files(level8_sorted: np.ndarray, files: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def synthetic_header() -> str:
+def synthetic_header(contract: TableContract) -> str:
     """ECSV header and CSV column line of every synthetic file (the synthetic columns, contract order)."""
-    contract = load_contract("gaia_source")
     return format_header([EcsvColumn(c.name, c.datatype, c.unit, c.description) for c in contract.columns if c.name in SYNTHETIC_COLUMNS])
 
 
-def gaia_csv(columns: dict[str, np.ndarray]) -> bytes:
+def gaia_csv(columns: dict[str, np.ndarray], contract: TableContract) -> bytes:
     """One DR3 bulk file's text: ECSV header, then rows with strings quoted and ``null`` for missing.
 
     Columns are cast to the contract's types and written in its order. Missing values travel as
@@ -592,7 +593,7 @@ def gaia_csv(columns: dict[str, np.ndarray]) -> bytes:
     those letters, a single replace gives Gaia's ``null``, far cheaper than patching empty fields.
     """
     arrays = {}
-    for column in load_contract("gaia_source").columns:
+    for column in contract.columns:
         if column.name not in SYNTHETIC_COLUMNS:
             continue
         if column.name == "designation":
@@ -601,7 +602,7 @@ def gaia_csv(columns: dict[str, np.ndarray]) -> bytes:
             arrays[column.name] = pa.array(np.asarray(columns[column.name]).astype(np.dtype(column.datatype)), type=column.arrow_type)
     sink = io.BytesIO()
     pacsv.write_csv(pa.table(arrays), sink, pacsv.WriteOptions(include_header=False, batch_size=8192))
-    return synthetic_header().encode() + sink.getvalue().replace(b"nan", b"null")
+    return synthetic_header(contract).encode() + sink.getvalue().replace(b"nan", b"null")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -620,6 +621,7 @@ class _FileTask:
     sky: Sky
     source_id: np.ndarray
     random_index: np.ndarray
+    contract: TableContract
 
 
 def _write_file(task: _FileTask) -> tuple[int, np.ndarray]:
@@ -633,7 +635,7 @@ def _write_file(task: _FileTask) -> tuple[int, np.ndarray]:
         random_index=task.random_index,
         ref_epoch=np.full(n, REF_EPOCH),
     )
-    data = zlib.compress(gaia_csv(columns), GZIP_LEVEL, wbits=31)
+    data = zlib.compress(gaia_csv(columns, task.contract), GZIP_LEVEL, wbits=31)
     write_atomic(task.path, data)
     return len(data), spurious
 
@@ -658,15 +660,19 @@ def truth_path(out: Path, seed: int) -> Path:
 def _refuse_stale(out: Path, planned: Sequence[Path]) -> None:
     """A landing folder mixing two generations would hold overlapping ranges and a truth that
     disagrees with the files; rerunning the same command (same names) is fine."""
-    present = {p for p in out.glob("GaiaSource_*.csv*")} | set((out / "truth").glob("source_truth-*.parquet"))
+    present = set(out.glob(healpix.FILE_GLOB)) | set((out / "truth").glob("source_truth-*.parquet"))
     stale = sorted(present - set(planned))
     if stale:
         names = ", ".join(p.name for p in stale[:3])
         raise FileExistsError(f"{out} already holds files of another synthetic catalogue ({len(stale)}: {names}, ...); empty it or choose another --out")
 
 
-def generate(stars: int, seed: int, out: Path, files: int | None = None, processes: int | None = None, progress: bool = True) -> GenerationReport:
+def generate(
+    stars: int, seed: int, out: Path, contract: TableContract, files: int | None = None, processes: int | None = None, progress: bool = True
+) -> GenerationReport:
     """Write a ``stars``-row synthetic DR3 catalogue to ``out`` plus ``out/truth/source_truth-<seed>.parquet``.
+
+    ``contract`` (the ``gaia_source`` contract) gives the files' column order, types and units.
 
     Positions are drawn for the whole catalogue first (about 50 bytes a star), sorted by their
     level-12 pixel to fix source_ids, random_index and the file ranges; then each file's sources
@@ -698,10 +704,11 @@ def generate(stars: int, seed: int, out: Path, files: int | None = None, process
 
     bounds = np.searchsorted(level8, [start for start, _ in ranges] + [healpix.npix(healpix.FILE_LEVEL)])
     tasks = [
-        _FileTask(path, seed, start, sky.take(slice(lo, hi)), source_id[lo:hi], random_index[lo:hi])
+        _FileTask(path, seed, start, sky.take(slice(lo, hi)), source_id[lo:hi], random_index[lo:hi], contract)
         for path, (start, _), lo, hi in zip(paths, ranges, bounds[:-1], bounds[1:])
     ]
     processes = max(1, min(processes, len(tasks)))
+    written: Iterator[tuple[int, np.ndarray]]
     with contextlib.ExitStack() as stack:
         if processes == 1:
             written = map(_write_file, tasks)

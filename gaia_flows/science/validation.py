@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gaia_flows.contracts import ColumnContract, TableContract
 from gaia_flows.science import healpix
+from gaia_flows.science.contract import ColumnContract, TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError
 
 NULL_TOKENS = ["", "null", "NULL", "Null", "nan", "NaN", "NAN"]
@@ -33,15 +33,31 @@ _INT_BOUNDS = {
     "uint32": (0, 2**32 - 1),
     "uint64": (0, 2**63 - 1),
 }
+_FLOAT_MAX = {"float16": float(np.finfo(np.float32).max), "float32": float(np.finfo(np.float32).max)}  # contract float16 is stored as float32
+
+
+def datatype_kind(datatype: str) -> str:
+    """``"integer"`` for every signed and unsigned width, ``"float"`` for every float width,
+    else the datatype itself (``bool``, ``string``)."""
+    if "int" in datatype:
+        return "integer"
+    return "float" if datatype.startswith("float") else datatype
 
 
 def check_header(header: EcsvHeader, contract: TableContract, file: str) -> None:
-    """File-level agreement between a file's ECSV datatype block and the contract."""
+    """File-level agreement between a file's ECSV datatype block and the contract.
+
+    A declared type of the contract's kind but another width is accepted: the Gaia archive's
+    ECSV exports declare byte columns ``int16`` where the bulk files say ``int8``. Every value
+    is parsed and range-checked against the contract's type row by row (:func:`validate_rows`),
+    so a value the contract type cannot hold is quarantined with its reason, never truncated.
+    A different kind (text where a number is expected) is a file error naming the column.
+    """
     for column in header.columns:
         expected = contract.by_name.get(column.name)
         if expected is None:
             raise GaiaFileError(file, f"column {column.name!r} is not in the {contract.table} contract ({contract.source.name})")
-        if column.datatype != expected.datatype:
+        if datatype_kind(column.datatype) != datatype_kind(expected.datatype):
             raise GaiaFileError(
                 file, f"column {column.name!r} declared as {column.datatype} but the contract says {expected.datatype}"
             )
@@ -112,6 +128,12 @@ def _parse_column(tokens: pa.Array, column: ColumnContract, reasons: Reasons) ->
             if outside.any():
                 reasons.add(outside, f"parse:{column.name}", lambda i: f"{column.name}: {tokens[i].as_py()!r} does not fit {kind}")
                 values = pc.if_else(pa.array(outside), pa.scalar(None, target), values)
+        if kind in _FLOAT_MAX:
+            as_float = np.abs(pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False))
+            outside = np.isfinite(as_float) & (as_float > _FLOAT_MAX[kind])
+            if outside.any():
+                reasons.add(outside, f"parse:{column.name}", lambda i: f"{column.name}: {tokens[i].as_py()!r} does not fit {kind}")
+                values = pc.if_else(pa.array(outside), pa.scalar(None, target), values)
     if bad.any():
         reasons.add(bad, f"parse:{column.name}", lambda i: f"{column.name}: cannot parse {tokens[i].as_py()!r} as {kind}")
     return pc.cast(values, column.arrow_type)
@@ -159,10 +181,53 @@ def validate_rows(
     return table, reasons
 
 
+SOURCE_ID_SPAN_YEARS = 20.0
+"""Years a source may have moved between the creation of its ``source_id`` and the DR3
+reference epoch J2016.0, for :func:`_check_source_ids`.
+
+A DR3 ``source_id`` keeps the level-12 pixel of the position where the source record was
+created ("the source_id is assigned at the moment of the creation of the source record, but
+its position ... can be modified later": Gaia DR3 documentation, §13.2.4 Data partitioning).
+Gaia DR2's validation (documentation §10.2.1 Source identifiers) finds sources normally
+within 0.015° of the encoded pixel's centre, and the exceptions "largely due to high proper
+motion stars having moved to a neighbouring HEALPix either since the epoch for the input
+catalogue prepared before launch or since their first observation". That input catalogue is
+the Initial Gaia Source List (Smart & Nicastro 2014, A&A 570, A87), whose positions are at
+epoch J2000 (Gaia DR1 data model, ``igsl_source.ra``). J2000.0 to J2016.0 is 16 years;
+4 years of margin (25 %) cover input positions that came from older plates. Barnard's star
+(DR3 4472832130942575872, 10.4″/yr) sits 157″ from its encoded pixel's centre: 15 years of
+its motion."""
+
+
+def _proper_motion_total(table: pa.Table) -> np.ndarray:
+    """Total proper motion [mas/yr] of each row: √(pmra² + pmdec²), or the ``pm`` column where
+    the components are absent; NaN where the row (or the file) has none."""
+    def column(name: str) -> np.ndarray:
+        if name not in table.column_names:
+            return np.full(table.num_rows, np.nan)
+        return pc.fill_null(table.column(name).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+
+    total = np.hypot(column("pmra"), column("pmdec"))
+    return np.where(np.isfinite(total), total, column("pm"))
+
+
+def allowed_offset(pm_total) -> np.ndarray:
+    """Largest distance [degrees] a row may sit from the centre of its source_id's level-12 pixel.
+
+    The pixel's own radius plus the row's total proper motion over
+    :data:`SOURCE_ID_SPAN_YEARS`; at least twice the pixel radius (the reach of the pixel's
+    neighbours), which is also the allowance of a row without a proper motion.
+    """
+    radius = healpix.max_pixel_radius(healpix.SOURCE_ID_LEVEL)
+    motion = np.nan_to_num(np.asarray(pm_total, dtype=np.float64), nan=0.0) * SOURCE_ID_SPAN_YEARS / 3.6e6
+    return np.maximum(radius + motion, 2.0 * radius)
+
+
 def _check_source_ids(table: pa.Table, reasons: Reasons, file_range: tuple[int, int]) -> None:
-    """Gaia-specific rules: the source_id must sit in the file's level-8 range, and its
-    level-12 pixel must be the position's pixel or a neighbour (DR3 keeps the pixel where a
-    source was first catalogued, so a real row can sit one pixel over; farther is corrupt)."""
+    """Gaia-specific rules: the source_id must sit in the file's level-8 range, and the position
+    must lie within :func:`allowed_offset` of the centre of the level-12 pixel the source_id
+    encodes (the pixel where the source was first catalogued, so a fast star has moved on;
+    farther than its motion explains is corrupt)."""
     sid_col = table.column("source_id")
     known = ~_mask(pc.is_null(sid_col))
     sid = pc.fill_null(sid_col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -178,16 +243,21 @@ def _check_source_ids(table: pa.Table, reasons: Reasons, file_range: tuple[int, 
         return
     idx = np.flatnonzero(placed)
     encoded = healpix.source_id_to_healpix(sid[idx])
-    observed = healpix.radec_to_healpix(ra[idx], dec[idx], healpix.SOURCE_ID_LEVEL)
-    far = ~healpix.same_or_neighbour(encoded, observed, healpix.SOURCE_ID_LEVEL)
+    # A row inside its encoded pixel is within the pixel radius: only the others are measured.
+    moved = encoded != healpix.radec_to_healpix(ra[idx], dec[idx], healpix.SOURCE_ID_LEVEL)
+    if not moved.any():
+        return
+    idx, encoded = idx[moved], encoded[moved]
+    offset = np.zeros(table.num_rows)
+    offset[idx] = healpix.distance_to_centre(encoded, healpix.SOURCE_ID_LEVEL, ra[idx], dec[idx])
+    allowed = allowed_offset(_proper_motion_total(table))
+    far = offset > allowed
     if far.any():
-        mask = np.zeros(table.num_rows, dtype=bool)
-        mask[idx[far]] = True
         reasons.add(
-            mask,
+            far,
             "source_id:position",
-            lambda i: f"source_id {sid[i]} encodes level-12 pixel {sid[i] >> 35} but (ra, dec) = ({ra[i]:.6f}, {dec[i]:.6f}) "
-            "is neither in it nor a neighbour",
+            lambda i: f"source_id {sid[i]} encodes level-12 pixel {sid[i] >> 35} whose centre is {offset[i] * 3600:.1f}\" from "
+            f"(ra, dec) = ({ra[i]:.6f}, {dec[i]:.6f}); its proper motion allows {allowed[i] * 3600:.1f}\"",
         )
 
 

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from servers import ServerError, ServerProcess, free_port
+from support.servers import ServerError, ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import AssetSelection, materialize
 
-from gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job

@@ -11,8 +11,8 @@ from dagster import DagsterInstance, materialize
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source, rows_conserved
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_files import COLUMNS, header_for, region_file_range, render_rows, set_token, stars_in_region, write_gaia_file
-from conftest import TEST_SPARK_CONF
+from support.gaia_files import COLUMNS, header_for, region_file_range, render_rows, set_token, stars_in_region, write_gaia_file
+from support.spark import TEST_SPARK_CONF
 
 RANGE = {"dagster/asset_partition_range_start": "hpx1-07", "dagster/asset_partition_range_end": "hpx1-08"}
 

@@ -64,13 +64,18 @@ def test_files_for_region_selects_overlapping_ranges_only(tmp_path):
     assert [p.name for p in chosen] == names[1:3]
 
 
-def test_same_or_neighbour():
-    level = 12
-    pixel = np.array([1000, 1000, 1000])
-    neighbours = healpix.same_or_neighbour(pixel, np.array([1000, 1001, 5_000_000]), level)
-    # 1001 shares an edge with 1000 in the nested scheme only if healpy says so
+def test_distance_to_centre_and_pixel_radius_agree_with_healpy():
     import healpy as hp
 
-    assert neighbours[0]
-    assert neighbours[1] == (1001 in hp.get_all_neighbours(4096, 1000, nest=True))
-    assert not neighbours[2]
+    level = 12
+    pixels = np.array([1000, 123_456, 200_000_000])
+    ra, dec = healpix.healpix_centres(pixels, level)
+    assert np.allclose(healpix.distance_to_centre(pixels, level, ra, dec), 0.0, atol=1e-9)
+    # one degree north along a meridian is one degree away
+    moved = healpix.distance_to_centre(pixels[:2], level, ra[:2], dec[:2] + 1.0)
+    assert np.allclose(moved, 1.0, atol=1e-9)
+    assert healpix.max_pixel_radius(level) == hp.max_pixrad(4096, degrees=True)
+    # every corner of a pixel lies within its maximum radius
+    corners = hp.boundaries(4096, 1000, step=1, nest=True)
+    corner_ra, corner_dec = hp.vec2ang(corners.T, lonlat=True)
+    assert (healpix.distance_to_centre(np.full(4, 1000), level, corner_ra, corner_dec) <= healpix.max_pixel_radius(level) + 1e-12).all()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import socket
@@ -22,11 +23,13 @@ import pytest
 from PIL import Image
 from dagster import materialize
 
-from conftest import TEST_SPARK_CONF
+from support.spark import TEST_SPARK_CONF
 from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
-from gaia_flows.assets.proper_motion import maps_consistent, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current, proper_motion_maps, publish_pyramid
+from gaia_flows.contracts import load_contract
+from gaia_flows.assets.proper_motion import pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current
+from gaia_flows.assets.proper_motion_maps import maps_consistent, proper_motion_maps
 from gaia_flows.engine.pm_stats import (
     LISTING_THRESHOLD,
     InputColumnsError,
@@ -39,7 +42,8 @@ from gaia_flows.engine.pm_stats import (
     region_stats,
     stats_in_region_tasks,
 )
-from gaia_flows.layout import StateLayout, publish
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, publish
+from gaia_flows.maps import publish_pyramid
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
@@ -101,7 +105,7 @@ def publish_catalogue(layout: StateLayout, sizes: dict[str, int], seed: int = 7)
 def source_files(layout: StateLayout) -> list[str]:
     """The Parquet files of every published gaia_source region (never the .versions copies)."""
     files = []
-    for region in maps.region_versions(layout, "gaia_source"):
+    for region in layout.region_versions(SOURCE_TABLE):
         files += sorted(str(p) for p in layout.region_dir("gaia_source", region).glob("*.parquet"))
     return files
 
@@ -184,7 +188,7 @@ def test_single_star_empty_and_no_pm_pixels(catalogue):
     assert col["n_sources"][no_pm] == 3 and col["n_pm"][no_pm] == 0 and col["n_no_pm"][no_pm] == 3
     assert np.isnan(col["mean_pmra"][no_pm]) and np.isnan(col["wmean_pmdec"][no_pm])
     assert col["n_sources"][empty] == 0
-    for name in ("mean_pmra", "mean_pmdec", "std_pmra", "wmean_pmra", "wmean_pmra_error", "wstd_pmdec"):
+    for name in ("mean_pmra", "mean_pmdec", "std_pmra", "wmean_pmra", "wmean_pmra_measurement_error", "wmean_pmra_total_error", "neff_pmra", "wstd_pmdec"):
         assert np.isnan(col[name][empty]), name
     # 2-parameter sources are counted, never averaged as zero
     assert int(col["n_no_pm"].sum()) == int(pc.sum(pc.is_null(rows[REGIONS[0]].column("pmra"))).as_py())
@@ -262,7 +266,7 @@ def test_constant_pixel_has_zero_dispersion_and_exact_weighted_mean():
     assert row["std_pmra"] == 0.0
     w = 1 / error[:4] ** 2
     assert row["wmean_pmdec"] == pytest.approx(np.sum(w * np.arange(1, 5)) / w.sum(), rel=1e-12)
-    assert row["wmean_pmdec_error"] == pytest.approx(1 / np.sqrt(w.sum()), rel=1e-12)
+    assert row["wmean_pmdec_measurement_error"] == pytest.approx(1 / np.sqrt(w.sum()), rel=1e-12)
     assert row["mean_pmdec"] == 3.0  # the source without an error still counts in the plain mean
 
 
@@ -289,11 +293,52 @@ def test_blocked_sums_equal_per_pixel_bincount(catalogue, block_rows):
         w_dec = np.where(has & (error > 0) & np.isfinite(error), 1 / error.astype(np.float64) ** 2, 0.0)
     x, y = np.where(has, pmra, 0.0), np.where(has, pmdec, 0.0)
     expected = {"n_sources": np.ones(sid.size), "n_pm": has, "sum_pmra": x, "sum_pmdec": y, "sum_pmra2": x * x, "sum_pmdec2": y * y,
-                "sumw_pmra": w_ra, "sumw_pmdec": w_dec, "sumwx_pmra": w_ra * x, "sumwx_pmdec": w_dec * y, "sumwx2_pmra": w_ra * x * x, "sumwx2_pmdec": w_dec * y * y}
+                "sumw_pmra": w_ra, "sumw_pmdec": w_dec, "sumwx_pmra": w_ra * x, "sumwx_pmdec": w_dec * y, "sumwx2_pmra": w_ra * x * x, "sumwx2_pmdec": w_dec * y * y,
+                "sumw2_pmra": w_ra * w_ra, "sumw2_pmdec": w_dec * w_dec}
     assert stats.column("pixel").to_numpy().tolist() == pixel.tolist()
     for name, terms in expected.items():
         np.testing.assert_allclose(stats.column(name).to_numpy(), np.bincount(index, weights=terms.astype(np.float64)), rtol=1e-12, err_msg=name)
     assert np.count_nonzero(w_ra == 0) > np.count_nonzero(~has)  # the unusable errors were there
+
+
+def _pixels_with_intrinsic_spread(rng: np.random.Generator, pixels: int, stars: int, spread: float) -> pa.Table:
+    """``pixels`` pixels of ``stars`` stars each: true motions N(3, spread) mas/yr, DR3-like
+    errors log-uniform in 0.02..1 mas/yr (bright stars precise, faint ones not), observed with
+    those errors; every pixel an independent realisation of the same population."""
+    n = pixels * stars
+    sid = (np.repeat(np.arange(pixels, dtype=np.int64) * 7 + 1000, stars) << healpix.source_id_shift(6)) + np.tile(np.arange(stars), pixels)
+    error = np.exp(rng.uniform(np.log(0.02), np.log(1.0), (2, n)))
+    true = rng.normal(3.0, spread, (2, n))
+    observed = true + error * rng.standard_normal((2, n))
+    return pm.finalise(pm.stats_from_columns(sid, observed[0], observed[1], error[0], error[1], level=6), dense=False)
+
+
+def test_dispersion_aware_error_matches_the_scatter_of_the_weighted_mean():
+    """Over 1,000 realisations of a pixel of 2,000 stars with a 6 mas/yr intrinsic spread, the
+    weighted mean scatters as wmean_*_total_error says (within 10 %), the plain mean as
+    sem_* says, while wmean_*_measurement_error is two orders of magnitude too small."""
+    table = _pixels_with_intrinsic_spread(np.random.default_rng(2026), 1000, 2000, 6.0)
+    col = {name: table.column(name).to_numpy() for name in table.column_names}
+    for comp in ("pmra", "pmdec"):
+        scatter = np.std(col[f"wmean_{comp}"], ddof=1)
+        stated = np.sqrt(np.mean(col[f"wmean_{comp}_total_error"] ** 2))
+        assert stated == pytest.approx(scatter, rel=0.10), comp
+        assert np.sqrt(np.mean(col[f"sem_{comp}"] ** 2)) == pytest.approx(np.std(col[f"mean_{comp}"], ddof=1), rel=0.10), comp
+        assert np.max(col[f"wmean_{comp}_measurement_error"]) < scatter / 50
+        # the weighted mean rests on far fewer stars than the pixel holds, and is the noisier mean
+        assert np.all(col[f"neff_{comp}"] < 0.5 * 2000)
+        assert scatter > np.std(col[f"mean_{comp}"], ddof=1)
+
+
+def test_equal_weights_make_the_weighted_quantities_the_plain_ones():
+    rng = np.random.default_rng(3)
+    sid = np.full(50, 77 << healpix.source_id_shift(6), dtype=np.int64) + np.arange(50)
+    stats = pm.stats_from_columns(sid, rng.normal(0, 4, 50), rng.normal(0, 4, 50), np.full(50, 0.5), np.full(50, 0.5), level=6)
+    row = pm.finalise(stats, dense=False).to_pylist()[0]
+    for comp in ("pmra", "pmdec"):
+        assert row[f"neff_{comp}"] == pytest.approx(50.0, rel=1e-12)
+        assert row[f"wmean_{comp}"] == pytest.approx(row[f"mean_{comp}"], rel=1e-12)
+        assert row[f"wmean_{comp}_total_error"] == pytest.approx(row[f"sem_{comp}"], rel=1e-9)
 
 
 def test_conform_accepts_engine_output_with_nulls_and_any_order():
@@ -467,6 +512,34 @@ def test_map_table_never_serves_a_stale_pyramid(stored):
     assert_matches_reference(after, duckdb_reference(source_files(layout), 6))
 
 
+def test_statistics_an_older_version_stored_are_refused_or_rebuilt(stored):
+    """Stored statistics without Σw² cannot give the dispersion-aware errors: a pm_stats region
+    stored so is refused by name, and a maps pyramid built so is never read or reused, only
+    rebuilt from pm_stats (which then holds every column)."""
+    layout, rows = stored
+    publish_pyramid(layout, [])
+    reference = duckdb_reference(source_files(layout), 6)
+    manifest_path = layout.table(maps.MAPS_TABLE).resolve() / maps.REGION_MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["stats_columns"] == list(pm.STAT_COLUMNS)
+    del manifest["stats_columns"]  # what an older version wrote
+    manifest_path.write_text(json.dumps(manifest))
+    assert maps.pyramid_level(layout, 6) is None  # readers merge pm_stats instead
+    assert_matches_reference(maps.map_table(6, layout), reference)
+    with pytest.raises(pm.StaleStatisticsError, match="built by an older gaia-flows.*re-materialize proper_motion_maps"):
+        maps.pyramid_level(layout, 6, current_only=False)
+    _, rebuilt = publish_pyramid(layout, [])
+    assert rebuilt.reused == []  # no region file of the old pyramid is kept
+    assert maps.pyramid_level(layout, 6) is not None
+
+    old = pm.stats_from_table(rows[REGIONS[1]], L_MAX).drop_columns(["sumw2_pmra", "sumw2_pmdec"])
+    write_region_arrow(old, layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX})
+    with pytest.raises(pm.StaleStatisticsError, match=rf"pm_stats region {REGIONS[1]} .* has no sumw2_pmra, sumw2_pmdec.*re-materialize pm_stats"):
+        maps.map_table(6, layout)
+    with pytest.raises(pm.StaleStatisticsError, match=REGIONS[1]):
+        publish_pyramid(layout, [])
+
+
 def test_map_table_rejects_levels_finer_than_stored(stored):
     layout, _ = stored
     publish_pyramid(layout, [])
@@ -566,6 +639,25 @@ def test_cli_map_replots_without_pyspark(stored, tmp_path):
     replot(("pyspark", "py4j", "healpy", "pandas", "astropy"))
 
 
+def test_maps_name_their_frame_and_the_cli_draws_galactic(stored, tmp_path, capsys, monkeypatch):
+    layout, _ = stored
+    assert "— ICRS, HEALPix level 6 (nside 64), 5,000 sources" in maps.map_title(6, "pmra", 5000)
+    assert maps.map_title(6, "pmdec", 5000, weighted=True, coord="G").startswith("weighted mean μδ (pmdec) (ICRS components) — Galactic,")
+    assert "— Galactic," in maps.map_title(3, "count", 10, coord="G")
+    with pytest.raises(ValueError, match="coord must be one of C, G"):
+        maps.render_map(maps.map_table(3, layout), "pmra", tmp_path / "x.png", coord="E")
+    from gaia_flows.cli import main
+
+    monkeypatch.setenv("GAIA_FLOWS_HOME", str(layout.home))
+    pngs = {}
+    for coord in ("C", "G"):
+        pngs[coord] = tmp_path / f"pmra-{coord}.png"
+        assert main(["map", "--level", "4", "--quantity", "pmra", "--coord", coord, "--out", str(pngs[coord])]) == 0
+        assert {"C": "ICRS", "G": "Galactic"}[coord] in capsys.readouterr().out
+    icrs, galactic = (np.asarray(Image.open(pngs[c]).convert("RGB")) for c in ("C", "G"))
+    assert icrs.shape == galactic.shape and not np.array_equal(icrs, galactic)  # the sky is drawn in another frame
+
+
 def test_cli_map_rejects_bad_arguments():
     import argparse
 
@@ -575,7 +667,8 @@ def test_cli_map_rejects_bad_arguments():
     add_map_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["map", "--level", "6", "--quantity", "count", "--out", "x.png", "--weighted"])
     assert (args.level, args.quantity, args.weighted, args.out) == (6, "count", True, Path("x.png"))
-    for bad in (["map", "--level", "13", "--out", "x.png"], ["map", "--level", "6", "--quantity", "parallax", "--out", "x.png"]):
+    assert args.coord == "C"
+    for bad in (["map", "--level", "13", "--out", "x.png"], ["map", "--level", "6", "--quantity", "parallax", "--out", "x.png"], ["map", "--level", "6", "--coord", "E", "--out", "x.png"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -899,7 +992,7 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     deleted before the refresh, so the refreshed maps can only have come from stored statistics.
     The first run is forced to the groupBy and the refresh takes the region tasks (auto), so the
     asset's two engines both publish here."""
-    synthetic.generate(stars=20_000, seed=5, out=layout.landing, files=48, processes=1, progress=False)
+    synthetic.generate(stars=20_000, seed=5, out=layout.landing, contract=load_contract(), files=48, processes=1, progress=False)
     tags = {"dagster/asset_partition_range_start": MAT_REGIONS[0], "dagster/asset_partition_range_end": MAT_REGIONS[1]}
     first = materialize(
         [gaia_landing, gaia_source, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current],

@@ -23,7 +23,7 @@ SEED = 7
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory):
     out = tmp_path_factory.mktemp("landing")
-    report = syn.generate(STARS, SEED, out, files=6, processes=1, progress=False)
+    report = syn.generate(STARS, SEED, out, load_contract(), files=6, processes=1, progress=False)
     return report
 
 
@@ -273,18 +273,18 @@ def test_truth_sidecar_labels_every_row_and_stays_out_of_the_gaia_columns(catalo
 
 
 def test_same_seed_same_bytes_whatever_the_processes(tmp_path, catalogue):
-    again = syn.generate(STARS, SEED, tmp_path / "again", files=6, processes=2, progress=False)
+    again = syn.generate(STARS, SEED, tmp_path / "again", load_contract(), files=6, processes=2, progress=False)
     assert [p.name for p in again.files] == [p.name for p in catalogue.files]
     for a, b in zip(again.files, catalogue.files):
         assert a.read_bytes() == b.read_bytes(), a.name
     assert again.truth.read_bytes() == catalogue.truth.read_bytes()
-    other = syn.generate(2_000, SEED + 1, tmp_path / "other", files=2, processes=1, progress=False)
+    other = syn.generate(2_000, SEED + 1, tmp_path / "other", load_contract(), files=2, processes=1, progress=False)
     assert other.files[0].read_bytes() != again.files[0].read_bytes()
 
 
 def test_refuses_to_mix_two_catalogues_in_one_folder(tmp_path):
-    syn.generate(2_000, 1, tmp_path, files=2, processes=1, progress=False)
-    syn.generate(2_000, 1, tmp_path, files=2, processes=1, progress=False)  # rerun: same names, fine
+    syn.generate(2_000, 1, tmp_path, load_contract(), files=2, processes=1, progress=False)
+    syn.generate(2_000, 1, tmp_path, load_contract(), files=2, processes=1, progress=False)  # rerun: same names, fine
     with pytest.raises(FileExistsError, match="another synthetic catalogue"):
-        syn.generate(2_000, 2, tmp_path, files=3, processes=1, progress=False)
+        syn.generate(2_000, 2, tmp_path, load_contract(), files=3, processes=1, progress=False)
     assert not list(tmp_path.glob(".*tmp*"))

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from gaia_flows.contracts import load_contract
-from gaia_flows.engine.ingest import TABLE, ingest_regions
-from gaia_flows.layout import REPO_ROOT
+from gaia_flows.engine.ingest import ingest_regions
+from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE
 from gaia_flows.tables import read_manifest
-from gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 
 def _land(layout, region: str, n: int, seed: int) -> None:
@@ -47,7 +47,7 @@ def test_standalone_cluster_ingests_a_region_like_local_mode(layout, cluster_spa
     assert len([w for w in status["workers"] if w["state"] == "ALIVE"]) == 2
     assert cluster_spark.sparkContext.master == standalone_cluster.master_url
 
-    outcome = ingest_regions(cluster_spark, layout, ["hpx1-21"], load_contract(TABLE), 128 << 20)
+    outcome = ingest_regions(cluster_spark, layout, ["hpx1-21"], load_contract(SOURCE_TABLE), 128 << 20)
     on_cluster = pq.read_table(layout.region_dir("gaia_source", "hpx1-21")).sort_by("source_id")
     manifest = read_manifest(layout, "gaia_source", "hpx1-21")
     apps = json.loads(_get(standalone_cluster.webui_url + "/json/"))["activeapps"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from gaia_flows.profiles import PROFILES_DIR
-from gaia_flows.science.planner import (
+from gaia_flows.cloud.planner import (
     EXECUTOR_OVERHEAD_MIN_MB,
     MAX_EXECUTOR_CORES,
     NODE_RESERVED_MB,

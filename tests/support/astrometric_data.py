@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gaia_flows.contracts import load_contract
-from gaia_flows.engine.ingest import TABLE, landing_files, read_gaia_file, region_schema
+from gaia_flows.engine.ingest import read_gaia_file, region_schema
+from gaia_flows.layout import SOURCE_TABLE, landing_files
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import read_file_header
@@ -28,8 +29,8 @@ from gaia_flows.tables import write_region_arrow
 def publish_synthetic(layout: StateLayout, stars: int, seed: int, files: int = 8) -> Path:
     """Generate ``stars`` synthetic sources into the landing folder, publish every region of
     ``gaia_source`` from them, and return the truth sidecar's path."""
-    generate(stars, seed, layout.landing, files=files, processes=2, progress=False)
-    contract = load_contract(TABLE)
+    generate(stars, seed, layout.landing, load_contract(), files=files, processes=2, progress=False)
+    contract = load_contract(SOURCE_TABLE)
     paths = landing_files(layout.landing)
     schema = region_schema({str(p): read_file_header(p) for p in paths}, contract)
     gaia_columns = [f.name for f in schema if not f.name.startswith("_")]
@@ -44,13 +45,13 @@ def publish_synthetic(layout: StateLayout, stars: int, seed: int, files: int = 8
     table = table.select(gaia_columns)
     for pixel in np.unique(region):
         part = table.filter(pa.array(region == pixel)).sort_by("source_id")
-        write_region_arrow(part, layout, TABLE, healpix.region_key(int(pixel)), manifest={"rows_in": part.num_rows})
+        write_region_arrow(part, layout, SOURCE_TABLE, healpix.region_key(int(pixel)), manifest={"rows_in": part.num_rows})
     return truth_path(layout.landing, seed)
 
 
 def catalogue_frame(layout: StateLayout, columns: list[str] | None = None) -> pd.DataFrame:
     """Every published ``gaia_source`` row joined with its truth (``spurious``, ``population``)."""
-    files = sorted(p for p in layout.table(TABLE).glob("hpx*/*.parquet"))
+    files = sorted(p for p in layout.table(SOURCE_TABLE).glob("hpx*/*.parquet"))
     frame = pa.concat_tables([pq.read_table(p, columns=columns) for p in files]).to_pandas()
     truth = pq.read_table(next((layout.landing / "truth").glob("source_truth-*.parquet"))).to_pandas()
     return frame.merge(truth, on="source_id", how="left", validate="one_to_one")

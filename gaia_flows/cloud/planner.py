@@ -1,11 +1,10 @@
 """Workload planner: from data volume and workload kind to a Spark cluster shape.
 
-The seed's lesson is that on a cloud the *workload* should pick the worker shape, not the
-hardware at hand. This module turns that into arithmetic a reviewer can check: it takes the
+On a cloud the *workload* picks the worker shape, not the hardware at hand. This module turns that into arithmetic a reviewer can check: it takes the
 sizes a libcloud driver lists (vCPU, RAM, price) and returns how many workers of which size,
 how Spark should carve them into executors, how many shuffle partitions to use and how many
-files each sky region should be written as. It is pure (no libcloud, no Spark, no Dagster)
-so every rule is a millisecond unit test, and the same planner serves every cloud.
+files each sky region should be written as. It imports no libcloud, Spark or Dagster, so every
+rule is a millisecond unit test, and the same planner serves every cloud.
 
 Workload rules
 --------------
@@ -13,7 +12,7 @@ Workload rules
   disks/NICs reading at once, so pick the cheapest vCPU and buy enough of them to scan the
   data in a target time. Little memory is needed per core.
 * ``training`` (ML on a selected training set): the training set must stay in executor
-  memory (the seed's slowdown came from re-reading it with random access), so pick the
+  memory (re-reading it with random access is what makes later training runs slow), so pick the
   cluster that fits it with the *fewest* workers, memory-rich sizes first, then cost.
 * ``classification`` (apply a broadcast model per region): embarrassingly parallel like
   aggregation, but every executor holds a copy of the model, so it needs more memory per
@@ -31,6 +30,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+
+from gaia_flows.engine.sizing import files_per_region
 
 MiB = 1024**2
 GiB = 1024**3
@@ -50,31 +51,6 @@ BUCKET_MAX_BYTES = 1 * GiB
 SHUFFLE_PARTITION_TARGET_BYTES = 128 * MiB
 DEFAULT_REGIONS = 48  # HEALPix level 1
 COST_TOLERANCE = 0.10
-
-
-def balanced_groups(weights: dict[str, int], groups: int) -> list[list[str]]:
-    """Keys in at most ``groups`` groups of similar total weight (bytes of input, say): largest
-    first into the lightest group, how Spark tasks that each take a group finish together."""
-    bins: list[list[str]] = [[] for _ in range(max(1, min(groups, len(weights))))]
-    load = [0] * len(bins)
-    for key in sorted(weights, key=weights.get, reverse=True):
-        lightest = load.index(min(load))
-        bins[lightest].append(key)
-        load[lightest] += weights[key]
-    return bins
-
-
-def files_per_region(region_bytes: int, bucket_bytes: int) -> int:
-    """Number of Parquet files for one sky region: the seed's "dataset size / n ≈ worker memory".
-
-    A bucket no larger than the memory a task has means a region file is read in one
-    sequential pass and can be held whole, so neighbours on the sky stay in one file.
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    if region_bytes < 0:
-        raise ValueError(f"region_bytes must not be negative, got {region_bytes}")
-    return max(1, math.ceil(region_bytes / bucket_bytes))
 
 
 class Workload(str, Enum):
@@ -235,6 +211,19 @@ class _Carve:
         return self.executor_memory_mb * self.executors_per_worker
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """One worker size that fits the workload, with what ranking the candidates needs."""
+
+    cost: float  # the workload's cost metric (total, or per useful core for scans)
+    preference: int  # lower wins within COST_TOLERANCE of the cheapest
+    delivered_cores: int
+    size: Size
+    shape: _Carve
+    workers: int
+    notes: list[str]
+
+
 def worker_memory_mb(ram_mb: int) -> int:
     """What a node's Spark worker may hand to executors: its RAM less what the OS, the worker
     daemon and the page cache keep. Advertising all of it lets executors push the node into
@@ -308,8 +297,31 @@ def plan_cluster(
 ) -> Plan:
     """Cheapest cluster (within ``limits``) that suits ``workload`` over ``data_bytes``.
 
-    ``regions`` is either a count (data assumed spread evenly over that many sky regions) or
-    a mapping ``region -> bytes`` when the landing area already tells us the real spread.
+    Parameters
+    ----------
+    data_bytes
+        Input size the cluster is planned for (e.g. the landing area's Gaia files).
+    workload
+        ``"aggregate"``, ``"training"`` or ``"classification"`` (see the module docstring).
+    sizes
+        Node sizes the cloud's driver lists (``Size``: vCPU, RAM, price if known).
+    limits
+        Allowed sizes, worker counts and quotas; default ``Limits()``.
+    regions
+        A count (data assumed spread evenly over that many sky regions) or a mapping
+        ``region -> bytes`` when the landing area already tells the real spread; it decides
+        ``Plan.files_per_region``.
+
+    Returns
+    -------
+    Plan
+        Worker count and size, master size, executor shape, Spark settings
+        (``Plan.spark_conf()``), files per region, hourly cost and the reasons for each choice.
+
+    Raises
+    ------
+    PlanError
+        Nothing within ``limits`` fits; the message lists what was tried and why it failed.
     """
     if data_bytes < 0:
         raise PlanError(f"data_bytes must not be negative, got {data_bytes}")
@@ -331,7 +343,7 @@ def plan_cluster(
     master = choose_master(allowed, limits, by_price)
 
     rejected: list[str] = []
-    candidates: list[tuple[float, int, int, Size, _Carve, int, list[str]]] = []
+    candidates: list[_Candidate] = []
     for size in allowed:
         if limits.worker_sizes is not None and not (size.name in limits.worker_sizes or size.id in limits.worker_sizes):
             continue
@@ -375,7 +387,7 @@ def plan_cluster(
             delivered = min(workers * shape.cores, want_cores) or 1
             cost_metric = workers * size.cost_key(by_price) / delivered  # cost per useful core
             preference = -workers  # more, smaller workers: more disks and NICs reading at once
-        candidates.append((cost_metric, preference, delivered, size, shape, workers, notes))
+        candidates.append(_Candidate(cost_metric, preference, delivered, size, shape, workers, notes))
 
     if not candidates:
         if limits.worker_sizes is not None and not any(s.name in limits.worker_sizes or s.id in limits.worker_sizes for s in allowed):
@@ -389,13 +401,14 @@ def plan_cluster(
     if rules.strategy == "throughput":
         # When limits cap the worker count, a size that still delivers the cores wins over a
         # cheaper one that cannot: a scan's cost is also its wall time.
-        most = max(c[2] for c in candidates)
-        candidates = [c for c in candidates if c[2] >= most * (1 - COST_TOLERANCE)]
+        most = max(c.delivered_cores for c in candidates)
+        candidates = [c for c in candidates if c.delivered_cores >= most * (1 - COST_TOLERANCE)]
     # Within COST_TOLERANCE of the cheapest, the workload's preference decides (fewer big
     # workers for training, more small ones for scans); beyond it, money wins.
-    cheapest = min(c[0] for c in candidates)
-    near = [c for c in candidates if c[0] <= cheapest * (1 + COST_TOLERANCE) + 1e-12]
-    _, _, _, size, shape, workers, notes = min(near, key=lambda c: (c[1], c[0], c[3].vcpus, c[3].name))
+    cheapest = min(c.cost for c in candidates)
+    near = [c for c in candidates if c.cost <= cheapest * (1 + COST_TOLERANCE) + 1e-12]
+    best = min(near, key=lambda c: (c.preference, c.cost, c.size.vcpus, c.size.name))
+    size, shape, workers, notes = best.size, best.shape, best.workers, best.notes
     total_cores = workers * shape.cores
     shuffle_bytes = data_bytes * rules.shuffle_ratio
     shuffle_partitions = max(total_cores * 2, math.ceil(shuffle_bytes / SHUFFLE_PARTITION_TARGET_BYTES))

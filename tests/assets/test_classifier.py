@@ -25,19 +25,15 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import materialize
 
-from astrometric_data import catalogue_frame, publish_synthetic
-from conftest import TEST_SPARK_CONF
-from servers import ServerProcess, free_port
-from gaia_flows.assets.classifier import (
-    CHAMPION,
-    MODEL_NAME,
-    TrainingSetConfig,
-    astrometric_classifier,
-    astrometric_training_set,
-    classified_sources,
-)
+from support.astrometric_data import catalogue_frame, publish_synthetic
+from support.spark import TEST_SPARK_CONF
+from support.servers import ServerProcess, free_port
+from gaia_flows.assets.classified_sources import classified_sources
+from gaia_flows.assets.classifier import astrometric_classifier
+from gaia_flows.assets.training_set import TrainingSetConfig, astrometric_training_set
 from gaia_flows.engine import classify
 from gaia_flows.layout import StateLayout
+from gaia_flows.ml.registry import CHAMPION, MODEL_NAME
 from gaia_flows.partitions import range_tags, sky_regions
 from gaia_flows.resources.mlflow import MlflowResource, server_command
 from gaia_flows.resources.spark import SparkResource
@@ -147,6 +143,31 @@ def test_every_selection_threshold_is_run_config():
     cuts = {"parallax_min_mas": 10.0, "abs_b_min_deg": 30.0, "exclude_magellanic_clouds": False, "lmc_radius_deg": 7.0, "excess_n_sigma": 3.0, "bad_per_good": 0.5}
     assert set(GcnsCuts.__dataclass_fields__) <= set(TrainingSetConfig.model_fields)
     assert TrainingSetConfig(**cuts).cuts() == GcnsCuts(**cuts)
+
+
+def _good_star_at(ra: float, dec: float) -> dict:
+    """A candidate that passes every cut but the Magellanic Cloud one (|b| and photometry set good)."""
+    return {"source_id": 1, "ra": ra, "dec": dec, "l": 280.0, "b": -40.0, "parallax": 20.0, "random_index": 1,
+            "astrometric_params_solved": 31, "phot_g_mean_mag": 12.0, "bp_rp": 1.0, "phot_bp_rp_excess_factor": float(astro.excess_factor_expected(1.0))}
+
+
+@pytest.mark.parametrize("ra, dec, region", [(45.0, -60.0, "in_lmc"), (115.0, -78.0, "in_lmc"), (355.0, -78.0, "in_smc"), (35.0, -66.0, "in_smc")])
+def test_seed_boxes_exclude_stars_the_circles_keep(ra, dec, region):
+    """By default the seed's boxes decide: these positions lie inside a box but outside both circles."""
+    frame = pd.DataFrame([_good_star_at(ra, dec)])
+    circles = GcnsCuts(magellanic_regions="circles")
+    assert not any(mask[0] for mask in astro.magellanic_masks([ra], [dec], circles))
+    assert list(astro.selection_reason(frame)) == [region]
+    assert list(astro.selection_reason(frame, circles)) == ["good"]
+    assert list(astro.selection_reason(frame, GcnsCuts(exclude_magellanic_clouds=False))) == ["good"]
+
+
+def test_box_edges_and_the_smc_box_across_ra_zero():
+    lmc, smc = astro.magellanic_masks([40.0, 40.001, 119.999, 80.0, 0.0, 359.0, 349.9, 20.0], [-60.0, -60.0, -60.0, -55.0, -70.0, -70.0, -70.0, -64.9])
+    assert lmc.tolist() == [False, True, True, False, False, False, False, False]
+    assert smc.tolist() == [False, False, False, False, True, True, False, False]
+    with pytest.raises(ValueError, match="magellanic_regions must be one of seed_boxes, circles"):
+        GcnsCuts(magellanic_regions="squares")
 
 
 def test_selection_cuts_move_rows_as_configured(world):

@@ -1,0 +1,142 @@
+"""The MLflow model registry side: logging a trained forest as a registered version, the
+``champion`` alias and the gate that moves it only when a new version is not worse."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from gaia_flows.engine import classify
+from gaia_flows.science import astrometric as astro
+from gaia_flows.science.astrometric import FEATURES, GcnsCuts
+
+MODEL_NAME = "astrometric-quality-rf"
+CHAMPION = "champion"
+
+
+class NoChampionError(LookupError):
+    """No registered version carries the champion alias yet."""
+
+
+def log_model(trained: classify.LoadedModel, holdout: pd.DataFrame, probability: np.ndarray):
+    """Log (and register as :data:`MODEL_NAME`) the model with its signature and a five-row
+    input example, in the active MLflow run; returns MLflow's ``ModelInfo``."""
+    import mlflow as mlflow_lib
+    from mlflow.models import infer_signature
+
+    example = holdout[list(FEATURES)].head(5).astype("float64")
+    if trained.flavor == "sklearn":
+        import sklearn
+
+        output = np.column_stack([1 - probability[:5], probability[:5]])
+        signature = infer_signature(example, output)
+        return mlflow_lib.sklearn.log_model(
+            trained.model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            registered_model_name=MODEL_NAME,
+            pyfunc_predict_fn="predict_proba",
+            serialization_format=mlflow_lib.sklearn.SERIALIZATION_FORMAT_SKOPS,
+            skops_trusted_types=classify.SKOPS_TRUSTED_TYPES,
+            pip_requirements=[f"mlflow=={mlflow_lib.__version__}", f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"],
+        )
+    import mlflow.spark
+    import pyspark
+
+    signature = infer_signature(example, pd.DataFrame({"probability": probability[:5]}))
+    return mlflow.spark.log_model(
+        trained.model,
+        "model",
+        signature=signature,
+        input_example=example,
+        registered_model_name=MODEL_NAME,
+        pip_requirements=[f"mlflow=={mlflow_lib.__version__}", f"pyspark=={pyspark.__version__}"],
+    )
+
+
+def current_champion(client):
+    """The model version the ``champion`` alias points at, or ``None``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    except MlflowException:
+        return None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The champion gate's numbers: the new version's and the champion's value of the metric."""
+
+    promoted: bool
+    new_value: float
+    champion_value: float | None
+    champion_before: str | None
+    champion_after: str
+
+
+def champion_gate(
+    client, version: str, metrics: dict, holdout: pd.DataFrame, session: Callable, threshold: float, metric: str, tolerance: float
+) -> GateDecision:
+    """Score the current champion on the same hold-out; promote ``version`` if not worse.
+
+    Parameters
+    ----------
+    client
+        An ``MlflowClient`` of the tracking server that holds the registry.
+    version
+        The newly registered version of :data:`MODEL_NAME`.
+    metrics
+        The new version's hold-out metrics (:func:`gaia_flows.science.astrometric.classification_metrics`).
+    holdout
+        The hold-out rows (features and ``label``) both versions are scored on.
+    session
+        Returns a Spark session, called only if the champion is a Spark model.
+    threshold, metric, tolerance
+        Probability threshold of a good solution, the metric compared, and how much worse
+        than the champion the new version may be and still be promoted.
+
+    Returns
+    -------
+    GateDecision
+        Whether ``version`` becomes the champion, with both values.
+    """
+    champion = current_champion(client)
+    new_value = float(metrics[metric])
+    if champion is None:
+        return GateDecision(promoted=True, new_value=new_value, champion_value=None, champion_before=None, champion_after=version)
+    loaded = classify.load_model(f"models:/{MODEL_NAME}/{champion.version}", champion.version)
+    champion_probability = loaded.good_probability(holdout, spark=session() if loaded.flavor == "spark" else None)
+    champion_value = float(astro.classification_metrics(holdout["label"], champion_probability, threshold)[metric])
+    promoted = bool(new_value >= champion_value - tolerance)
+    return GateDecision(
+        promoted=promoted,
+        new_value=new_value,
+        champion_value=champion_value,
+        champion_before=str(champion.version),
+        champion_after=version if promoted else str(champion.version),
+    )
+
+
+def resolve_model(client, model_uri: str | None) -> tuple[str, str | None, float]:
+    """``(uri, version, population parallax threshold)`` of the model to apply: ``model_uri``
+    if given, else a fixed ``models:/<name>/<version>`` of the current champion, so a whole run
+    uses one version even if the alias moves meanwhile.
+
+    Raises
+    ------
+    NoChampionError
+        ``model_uri`` is ``None`` and no version is the champion yet.
+    """
+    default_min = GcnsCuts().parallax_min_mas
+    if model_uri:
+        return model_uri, None, default_min
+    champion = current_champion(client)
+    if champion is None:
+        raise NoChampionError(f"no model version of {MODEL_NAME!r} carries the alias '{CHAMPION}': materialise astrometric_classifier first")
+    population_min = float(champion.tags.get("population_parallax_min_mas", default_min))
+    return f"models:/{MODEL_NAME}/{champion.version}", str(champion.version), population_min
