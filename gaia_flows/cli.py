@@ -27,7 +27,8 @@ LOCAL_INSTANCE_YAML = REPO_ROOT / "deployments" / "local" / "dagster.yaml"
 # the commands this project runs itself stay on them (the design names them), so the warning is
 # noise there. Message prefixes, as Python's -W option matches them.
 QUIET_SUPERSEDED = ",".join(
-    f"ignore:Function `{name}` is superseded:FutureWarning" for name in ("asset_materialize_command", "dev_command")
+    f"ignore:Function `{name}` is superseded:FutureWarning"
+    for name in ("asset_materialize_command", "dev_command")
 )
 
 
@@ -61,7 +62,16 @@ def dagster_cli() -> str:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     layout = StateLayout.from_env().ensure()
-    command = [dagster_cli(), "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(args.port)]
+    command = [
+        dagster_cli(),
+        "dev",
+        "-w",
+        str(REPO_ROOT / "workspace.yaml"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(args.port),
+    ]
     return subprocess.call(command, cwd=REPO_ROOT, env=dagster_env(layout))
 
 
@@ -88,14 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="gaia-flows", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate a synthetic catalogue (if landing is empty) and materialise the whole graph")
+    demo = sub.add_parser(
+        "demo", help="generate a synthetic catalogue (if landing is empty) and materialise the whole graph"
+    )
     demo.add_argument("--stars", type=int, default=1_000_000)
     demo.add_argument("--seed", type=int, default=42)
-    demo.add_argument("--verbose", action="store_true", help="stream the full Dagster log to the terminal too")
+    demo.add_argument(
+        "--verbose", action="store_true", help="stream the full Dagster log to the terminal too"
+    )
     demo.set_defaults(func=_lazy("gaia_flows.cli_demo", "cmd_demo"))
-    status = sub.add_parser("status", help="assets' freshness, stale and failed regions, last runs and the champion model")
+    status = sub.add_parser(
+        "status", help="assets' freshness, stale and failed regions, last runs and the champion model"
+    )
     status.set_defaults(func=_lazy("gaia_flows.cli_status", "cmd_status"))
-    diagnose = sub.add_parser("diagnose", help="name what bound a run (CPU, reading, shuffle, driver) with its numbers")
+    diagnose = sub.add_parser(
+        "diagnose", help="name what bound a run (CPU, reading, shuffle, driver) with its numbers"
+    )
     diagnose.add_argument("run_id", help="a Dagster run id (or its first characters)")
     diagnose.set_defaults(func=_lazy("gaia_flows.cli_diagnose", "cmd_diagnose"))
     ui = sub.add_parser("ui", help="Dagster web UI on this state folder")

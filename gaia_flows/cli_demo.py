@@ -16,13 +16,21 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import IO
 
 from dagster import DagsterInstance
 from dagster._core.storage.dagster_run import RunsFilter
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from gaia_flows.cli import ALL_REGIONS, dagster_cli, dagster_env, open_instance
@@ -42,7 +50,15 @@ class Step:
     partition_range: str | None = None
 
     def command(self) -> list[str]:
-        command = [dagster_cli(), "asset", "materialize", "-m", "gaia_flows.definitions", "--select", self.selection]
+        command = [
+            dagster_cli(),
+            "asset",
+            "materialize",
+            "-m",
+            "gaia_flows.definitions",
+            "--select",
+            self.selection,
+        ]
         return command + (["--partition-range", self.partition_range] if self.partition_range else [])
 
 
@@ -72,14 +88,21 @@ def _copy_lines(source: IO[bytes], log: IO[bytes], echo: bool) -> None:
 
 
 def _new_run_id(instance: DagsterInstance, known: set[str], since: float) -> str | None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    runs = instance.get_runs(filters=RunsFilter(created_after=datetime.fromtimestamp(since - 5, timezone.utc)))
+    runs = instance.get_runs(filters=RunsFilter(created_after=datetime.fromtimestamp(since - 5, UTC)))
     fresh = [run.run_id for run in runs if run.run_id not in known]
     return fresh[0] if fresh else None
 
 
-def run_step(instance: DagsterInstance, layout: StateLayout, step: Step, log_path: Path, console: Console, verbose: bool = False) -> RunReport:
+def run_step(
+    instance: DagsterInstance,
+    layout: StateLayout,
+    step: Step,
+    log_path: Path,
+    console: Console,
+    verbose: bool = False,
+) -> RunReport:
     """Run one step through the ``dagster`` CLI and report it from its events.
 
     The CLI's output goes to ``log_path`` (and to the terminal with ``verbose``); the bar and
@@ -92,7 +115,13 @@ def run_step(instance: DagsterInstance, layout: StateLayout, step: Step, log_pat
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(step.command())}\n".encode())
         log.flush()
-        proc = subprocess.Popen(step.command(), cwd=REPO_ROOT, env=dagster_env(layout), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            step.command(),
+            cwd=REPO_ROOT,
+            env=dagster_env(layout),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         copier = threading.Thread(target=_copy_lines, args=(proc.stdout, log, verbose), daemon=True)
         copier.start()
         report, cursor, bars = None, None, {}
@@ -123,13 +152,28 @@ def run_step(instance: DagsterInstance, layout: StateLayout, step: Step, log_pat
                 time.sleep(POLL_SECONDS)
         copier.join(timeout=10)
     if report is None:
-        raise StepFailed(None, log_path, f"`{' '.join(step.command()[1:])}` stopped (exit code {proc.returncode}) before starting a run")
+        raise StepFailed(
+            None,
+            log_path,
+            f"`{' '.join(step.command()[1:])}` stopped (exit code {proc.returncode}) before starting a run",
+        )
     if proc.returncode != 0 or report.status != "SUCCESS":
-        raise StepFailed(report, log_path, report.run_failure or f"the run ended with exit code {proc.returncode}")
+        raise StepFailed(
+            report, log_path, report.run_failure or f"the run ended with exit code {proc.returncode}"
+        )
     return report
 
 
-def _show(kind: str, asset: AssetProgress | None, report: RunReport, progress: Progress, bars: dict, regions: int, console: Console, verbose: bool) -> None:
+def _show(
+    kind: str,
+    asset: AssetProgress | None,
+    report: RunReport,
+    progress: Progress,
+    bars: dict,
+    regions: int,
+    console: Console,
+    verbose: bool,
+) -> None:
     if asset is None:
         return
     if kind == "ASSET_MATERIALIZATION" and asset.regions:
@@ -139,9 +183,14 @@ def _show(kind: str, asset: AssetProgress | None, report: RunReport, progress: P
     elif kind == "STEP_SUCCESS" and not verbose:
         if asset.name in bars:
             progress.remove_task(bars.pop(asset.name))
-        console.print(f"  [green]✓[/] {asset.name:<24} {_scope(asset)} {asset.rows_in:>11,} rows {asset.wall_seconds or 0:6.1f} s", highlight=False)
+        console.print(
+            f"  [green]✓[/] {asset.name:<24} {_scope(asset)} {asset.rows_in:>11,} rows {asset.wall_seconds or 0:6.1f} s",
+            highlight=False,
+        )
     elif kind == "STEP_FAILURE" and not verbose:
-        console.print(f"  [red]✗[/] {asset.name:<24} failed after {asset.wall_seconds or 0:.1f} s", highlight=False)
+        console.print(
+            f"  [red]✗[/] {asset.name:<24} failed after {asset.wall_seconds or 0:.1f} s", highlight=False
+        )
 
 
 def _scope(asset: AssetProgress) -> str:
@@ -170,10 +219,16 @@ def failure_text(error: StepFailed) -> str:
     lines = []
     failed = error.report.failed if error.report else []
     for asset in failed:
-        where = f" in region{'s' if len(asset.failed_regions) > 1 else ''} {', '.join(asset.failed_regions)}" if asset.failed_regions else ""
+        where = (
+            f" in region{'s' if len(asset.failed_regions) > 1 else ''} {', '.join(asset.failed_regions)}"
+            if asset.failed_regions
+            else ""
+        )
         lines.append(f"{asset.name} failed{where}:\n  {asset.failure}")
     if error.report:
-        lines += [f"check {name} failed:\n  {message}" for name, message in error.report.failed_checks.items()]
+        lines += [
+            f"check {name} failed:\n  {message}" for name, message in error.report.failed_checks.items()
+        ]
     if not failed and not (error.report and error.report.failed_checks):
         lines.append(str(error))
     lines.append(f"Full Dagster log: {error.log_path}")
@@ -190,15 +245,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not landing_files(layout.landing):
-        console.print(f"Generating a synthetic catalogue of {args.stars:,} stars (seed {args.seed}) into {layout.landing}", highlight=False)
-        generate(stars=args.stars, seed=args.seed, out=layout.landing, contract=load_contract())  # its bar switches itself off off-terminal
+        console.print(
+            f"Generating a synthetic catalogue of {args.stars:,} stars (seed {args.seed}) into {layout.landing}",
+            highlight=False,
+        )
+        generate(
+            stars=args.stars, seed=args.seed, out=layout.landing, contract=load_contract()
+        )  # its bar switches itself off off-terminal
     else:
         console.print(f"Using the Gaia files already in {layout.landing}", highlight=False)
     instance = open_instance(layout)
     reports = []
     try:
         for step in DEMO_STEPS:
-            console.print(f"[bold]{step.selection.replace(',', ', ')}[/]" + (f" over {step.partition_range}" if step.partition_range else ""), highlight=False)
+            console.print(
+                f"[bold]{step.selection.replace(',', ', ')}[/]"
+                + (f" over {step.partition_range}" if step.partition_range else ""),
+                highlight=False,
+            )
             reports.append(run_step(instance, layout, step, log_path, console, args.verbose))
     except StepFailed as error:
         console.print(f"[red]Demo stopped.[/] {failure_text(error)}", highlight=False)

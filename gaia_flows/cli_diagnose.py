@@ -55,12 +55,26 @@ def name_bound(asset: str, metadata: dict) -> Verdict | None:
     rate = read / 2**20 / task_wall
     numbers = f"{wall:.1f} s wall on {cores:.0f} core(s), tasks {task_wall:.1f} s ({busy:.0%} of the cores' time), on a CPU {cpu_share:.0%} of it and waiting for one {cpu_wait / task_wall:.0%}, reading {read / 2**20:.1f} MiB at {rate:.1f} MB/s per core, shuffle {shuffled / 2**20:.1f} MiB"
     if busy < BUSY_MIN:
-        return Verdict(asset, "the driver or waiting for executors", f"the cores were busy in tasks for only {busy:.0%} of the step: {numbers}")
+        return Verdict(
+            asset,
+            "the driver or waiting for executors",
+            f"the cores were busy in tasks for only {busy:.0%} of the step: {numbers}",
+        )
     if read and shuffled > SHUFFLE_SHARE_MIN * read:
-        return Verdict(asset, "shuffle", f"the stages shuffled {shuffled / read:.0%} of the bytes they read: {numbers}")
+        return Verdict(
+            asset, "shuffle", f"the stages shuffled {shuffled / read:.0%} of the bytes they read: {numbers}"
+        )
     if wants_cpu >= CPU_SHARE_MIN:
-        return Verdict(asset, "CPU", f"tasks were on a CPU or queued for one for {wants_cpu:.0%} of their time: {numbers}")
-    return Verdict(asset, "reading", f"tasks were blocked (not computing, not queued for a CPU) for {1 - wants_cpu:.0%} of their time while reading at {rate:.1f} MB/s per core: {numbers}")
+        return Verdict(
+            asset,
+            "CPU",
+            f"tasks were on a CPU or queued for one for {wants_cpu:.0%} of their time: {numbers}",
+        )
+    return Verdict(
+        asset,
+        "reading",
+        f"tasks were blocked (not computing, not queued for a CPU) for {1 - wants_cpu:.0%} of their time while reading at {rate:.1f} MB/s per core: {numbers}",
+    )
 
 
 def run_metadata(instance, run_id: str) -> dict[str, dict]:
@@ -71,7 +85,9 @@ def run_metadata(instance, run_id: str) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for record in records:
         materialization = record.event_log_entry.dagster_event.event_specific_data.materialization
-        found[materialization.asset_key.to_user_string()] = {k: v.value for k, v in materialization.metadata.items()}
+        found[materialization.asset_key.to_user_string()] = {
+            k: v.value for k, v in materialization.metadata.items()
+        }
     return found
 
 
@@ -80,11 +96,17 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from gaia_flows.layout import StateLayout
 
     instance = open_instance(StateLayout.from_env())
-    run = instance.get_run_by_id(args.run_id) or next((r for r in instance.get_runs() if r.run_id.startswith(args.run_id)), None)
+    run = instance.get_run_by_id(args.run_id) or next(
+        (r for r in instance.get_runs() if r.run_id.startswith(args.run_id)), None
+    )
     if run is None:
         print(f"no run {args.run_id!r} in this state folder's instance")
         return 2
-    verdicts = [v for asset, metadata in run_metadata(instance, run.run_id).items() if (v := name_bound(asset, metadata))]
+    verdicts = [
+        v
+        for asset, metadata in run_metadata(instance, run.run_id).items()
+        if (v := name_bound(asset, metadata))
+    ]
     if not verdicts:
         print(f"run {run.run_id[:8]} recorded no task figures (no Spark-backed asset materialised)")
         return 1

@@ -128,7 +128,9 @@ def _age(timestamp: float | None) -> str:
 def status_table(statuses: list[AssetStatus]) -> Table:
     table = Table(title="Assets", title_justify="left")
     for column in ("asset", "last materialised", "materialised", "stale", "failed", "last run"):
-        table.add_column(column, justify="left" if column in ("asset", "last run") else "right", no_wrap=column == "asset")
+        table.add_column(
+            column, justify="left" if column in ("asset", "last run") else "right", no_wrap=column == "asset"
+        )
     for s in statuses:
         table.add_row(
             s.name,
@@ -153,6 +155,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print("Champion model: none yet (materialise astrometric_classifier)")
     else:
         name, accuracy = model
-        console.print(f"Champion model: {name}" + (f", accuracy {accuracy:.3f} on the hold-out" if accuracy is not None else ""), highlight=False)
+        console.print(
+            f"Champion model: {name}"
+            + (f", accuracy {accuracy:.3f} on the hold-out" if accuracy is not None else ""),
+            highlight=False,
+        )
     console.print(f"State folder: {layout.home}", highlight=False)
     return 0

@@ -26,7 +26,15 @@ from gaia_flows.resources import build_resources
 from gaia_flows.schedules import nightly_refresh
 from gaia_flows.sensors import landing_files_sensor
 
-_modules = [cluster, catalogue, proper_motion, proper_motion_maps, training_set, classifier, classified_sources]
+_modules = [
+    cluster,
+    catalogue,
+    proper_motion,
+    proper_motion_maps,
+    training_set,
+    classifier,
+    classified_sources,
+]
 
 # Declarative automation (the assets' `AutomationCondition.eager()`) only acts while a sensor
 # evaluates it; Dagster's implicit default sensor starts STOPPED. Declared here, RUNNING, so new

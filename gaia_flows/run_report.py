@@ -96,7 +96,11 @@ class RunReport:
         if kind == DagsterEventType.STEP_FAILURE and event.step_key not in self.selection:
             self.failed_checks[event.step_key] = _failure(event.event_specific_data)[0]
             return kind.value, None
-        if kind in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE) and event.step_key in self.selection:
+        if (
+            kind
+            in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE)
+            and event.step_key in self.selection
+        ):
             progress = self.asset(event.step_key)
             if kind == DagsterEventType.STEP_START:
                 progress.started = entry.timestamp
@@ -129,11 +133,15 @@ def _failure(data) -> tuple[str, list[str]]:
         cause = data.error.cause or data.error
         while cause.cause is not None:
             cause = cause.cause
-        return f"{data.error.cls_name}: {data.error.message.strip()}" + (f" (caused by {cause.cls_name}: {cause.message.strip()})" if cause is not data.error else ""), []
+        return f"{data.error.cls_name}: {data.error.message.strip()}" + (
+            f" (caused by {cause.cls_name}: {cause.message.strip()})" if cause is not data.error else ""
+        ), []
     return "failed", []
 
 
-def read_new_events(instance: DagsterInstance, report: RunReport, cursor: str | None) -> tuple[list, str | None]:
+def read_new_events(
+    instance: DagsterInstance, report: RunReport, cursor: str | None
+) -> tuple[list, str | None]:
     """The watched events written since ``cursor``, applied to ``report``; returns them with
     the next cursor."""
     applied = []

@@ -38,7 +38,9 @@ def _already_ingested(layout: StateLayout, path: Path) -> bool:
     """Every region the file feeds was published after the file was last written."""
     regions = affected_regions([path])
     manifests = [layout.region_dir(SOURCE_TABLE, region) / REGION_MANIFEST for region in regions]
-    return bool(regions) and all(m.exists() and m.stat().st_mtime_ns > path.stat().st_mtime_ns for m in manifests)
+    return bool(regions) and all(
+        m.exists() and m.stat().st_mtime_ns > path.stat().st_mtime_ns for m in manifests
+    )
 
 
 @sensor(job=catalogue_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)

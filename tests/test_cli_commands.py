@@ -9,12 +9,12 @@ import time
 import urllib.request
 
 import pytest
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.servers import ServerProcess, free_port
 
 from gaia_flows.cli import dagster_env
 from gaia_flows.layout import REPO_ROOT
 from gaia_flows.tables import read_manifest
-from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
-from support.servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.cli
 
@@ -53,23 +53,35 @@ def _argv(command: str) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c.split()[0:3]).removeprefix(".venv/bin/") for c in COMMANDS])
+@pytest.mark.parametrize(
+    "command", COMMANDS, ids=[" ".join(c.split()[0:3]).removeprefix(".venv/bin/") for c in COMMANDS]
+)
 def test_documented_command_works(command, state):
     layout, env = state
     argv = _argv(command)
     if command.endswith(" dev"):
         port = free_port()
-        server = ServerProcess(argv[0].rsplit("/", 1)[-1] + "-dev", [*argv, "--host", "127.0.0.1", "--port", str(port)], env=env, log_dir=layout.home, cwd=REPO_ROOT)
+        server = ServerProcess(
+            argv[0].rsplit("/", 1)[-1] + "-dev",
+            [*argv, "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            log_dir=layout.home,
+            cwd=REPO_ROOT,
+        )
         server.start(port=port, ready_path="/server_info", timeout=240)
         try:
             query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
-            request = urllib.request.Request(f"{server.url}/graphql", data=query, headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"{server.url}/graphql", data=query, headers={"Content-Type": "application/json"}
+            )
             for _ in range(60):  # the code location loads after the server answers
                 nodes = json.loads(urllib.request.urlopen(request, timeout=30).read())["data"]["assetNodes"]
                 if nodes:
                     break
                 time.sleep(2)
-            assert {"gaia_source", "pm_stats", "classified_sources"} <= {"/".join(n["assetKey"]["path"]) for n in nodes}
+            assert {"gaia_source", "pm_stats", "classified_sources"} <= {
+                "/".join(n["assetKey"]["path"]) for n in nodes
+            }
         finally:
             server.stop()
         return
@@ -81,4 +93,6 @@ def test_documented_command_works(command, state):
     if "--partition hpx1-07" in command:
         manifest = read_manifest(layout, "gaia_source", "hpx1-07")
         assert manifest["rows_in"] == manifest["rows_accepted"] == 123
-        assert any(layout.dagster_home.glob("storage/*")), "the run is recorded in the state folder's instance"
+        assert any(layout.dagster_home.glob("storage/*")), (
+            "the run is recorded in the state folder's instance"
+        )

@@ -5,11 +5,11 @@ import io
 
 import pytest
 from rich.console import Console
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 from gaia_flows.cli import open_instance
 from gaia_flows.cli_demo import Step, StepFailed, failure_text, run_step, summary_table
 from gaia_flows.tables import read_manifest
-from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 pytestmark = pytest.mark.cli
 
@@ -30,7 +30,9 @@ def test_step_is_reported_from_its_events_and_logged_to_a_file(layout):
     console, out = _console()
     log_path = layout.logs / "demo-test.log"
     layout.logs.mkdir(parents=True, exist_ok=True)
-    report = run_step(open_instance(layout), layout, Step("gaia_source,pm_stats", "hpx1-07...hpx1-08"), log_path, console)
+    report = run_step(
+        open_instance(layout), layout, Step("gaia_source,pm_stats", "hpx1-07...hpx1-08"), log_path, console
+    )
 
     assert report.status == "SUCCESS"
     source, stats = report.assets["gaia_source"], report.assets["pm_stats"]
@@ -42,7 +44,9 @@ def test_step_is_reported_from_its_events_and_logged_to_a_file(layout):
     assert 0 < source.wall_seconds and source.finished <= stats.started
 
     lines = out.getvalue().splitlines()
-    assert [line.split()[1] for line in lines] == ["gaia_source", "pm_stats"], "one line per step, no event flood"
+    assert [line.split()[1] for line in lines] == ["gaia_source", "pm_stats"], (
+        "one line per step, no event flood"
+    )
     assert "\x1b[" not in out.getvalue(), "no bar or colour codes when output is not a terminal"
     log = log_path.read_text()
     assert "RUN_SUCCESS" in log and "ASSET_MATERIALIZATION" in log, "the full Dagster log is in the file"

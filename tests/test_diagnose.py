@@ -51,7 +51,9 @@ def test_task_records_report_the_parquet_bytes_they_read(tmp_path):
     files = _files(tmp_path)
     record = timed_task("hpx1-07", files, _computing(files))
     assert record["read_bytes"] == sum((tmp_path / f"part-{i}.parquet").stat().st_size for i in range(3))
-    assert record["task_cpu_seconds"] >= 0.4 and record["task_wall_seconds"] >= record["task_cpu_seconds"] * 0.9
+    assert (
+        record["task_cpu_seconds"] >= 0.4 and record["task_wall_seconds"] >= record["task_cpu_seconds"] * 0.9
+    )
 
 
 def test_cpu_bound_run_is_named_cpu(tmp_path):
@@ -73,6 +75,14 @@ def test_read_throttled_run_is_named_reading(tmp_path):
 
 def test_idle_cores_and_shuffle_are_named():
     busy = {"task_wall_seconds": 10.0, "task_cpu_seconds": 9.0, "python_read_bytes": 100 << 20}
-    assert name_bound("a", {"wall_seconds": 40.0, "spark_cores": 2, **busy}).bound == "the driver or waiting for executors"
-    assert name_bound("a", {"wall_seconds": 6.0, "spark_cores": 2, **busy, "spark_shuffle_read_bytes": 80 << 20}).bound == "shuffle"
+    assert (
+        name_bound("a", {"wall_seconds": 40.0, "spark_cores": 2, **busy}).bound
+        == "the driver or waiting for executors"
+    )
+    assert (
+        name_bound(
+            "a", {"wall_seconds": 6.0, "spark_cores": 2, **busy, "spark_shuffle_read_bytes": 80 << 20}
+        ).bound
+        == "shuffle"
+    )
     assert name_bound("a", {"wall_seconds": 6.0}) is None
