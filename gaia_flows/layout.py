@@ -128,6 +128,11 @@ class StateLayout:
         return self.home / "maps"
 
     @property
+    def logs(self) -> Path:
+        """Full Dagster logs of the command line's runs (``gaia-flows demo`` prints the path)."""
+        return self.home / "logs"
+
+    @property
     def clusters(self) -> Path:
         return self.home / "clusters"
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
 from gaia_flows.jobs import catalogue_job
-from gaia_flows.layout import StateLayout, landing_files
+from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import range_tags
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
+
 
 def affected_regions(files: list[Path]) -> list[str]:
     return [region for region in region_keys() if files_for_region(files, region)]
@@ -33,17 +34,31 @@ def _fingerprint(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-@sensor(job=catalogue_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.STOPPED)
+def _already_ingested(layout: StateLayout, path: Path) -> bool:
+    """Every region the file feeds was published after the file was last written."""
+    regions = affected_regions([path])
+    manifests = [layout.region_dir(SOURCE_TABLE, region) / REGION_MANIFEST for region in regions]
+    return bool(regions) and all(
+        m.exists() and m.stat().st_mtime_ns > path.stat().st_mtime_ns for m in manifests
+    )
+
+
+@sensor(job=catalogue_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
 def landing_files_sensor(context: SensorEvaluationContext):
     """Launch only the regions whose landing files are new or changed since the last look.
 
     The cursor remembers each file's size and mtime, so a rewritten file triggers its regions
-    again, and an untouched folder triggers nothing.
+    again, and an untouched folder triggers nothing. The first look (no cursor, e.g. the first
+    ``gaia-flows ui`` after ``make demo``) skips files older than the published versions of all
+    their regions, so turning the daemon on does not ingest the catalogue a second time.
     """
     layout = StateLayout.from_env()
-    seen = json.loads(context.cursor) if context.cursor else {}
+    seen = json.loads(context.cursor) if context.cursor else None
     current = {p.name: _fingerprint(p) for p in landing_files(layout.landing)}
-    changed = [layout.landing / name for name, mark in current.items() if seen.get(name) != mark]
+    if seen is None:
+        changed = [p for p in (layout.landing / name for name in current) if not _already_ingested(layout, p)]
+    else:
+        changed = [layout.landing / name for name, mark in current.items() if seen.get(name) != mark]
     if not changed:
         return SkipReason(f"no new or changed files among {len(current)} in {layout.landing}")
     state = hashlib.sha1(json.dumps(current, sort_keys=True).encode()).hexdigest()[:12]

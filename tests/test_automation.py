@@ -48,3 +48,22 @@ def test_nightly_schedule_is_one_run_over_all_regions():
     request = nightly_refresh(build_schedule_context())
     assert request.tags["dagster/asset_partition_range_start"] == "hpx1-00"
     assert request.tags["dagster/asset_partition_range_end"] == "hpx1-47"
+
+
+def test_first_look_skips_files_already_ingested(layout):
+    """After `make demo` the daemon's first tick must not ingest the catalogue again: a file older
+    than its region's published version is skipped; a newer one (or an unpublished region) runs."""
+    old = []
+    for region in ("hpx1-07", "hpx1-20"):
+        lo, hi = region_file_range(region)
+        old.append(write_gaia_file(layout.landing, lo, hi, stars_in_region(region, 5)))
+    manifest = layout.region_dir("gaia_source", "hpx1-07") / "_region.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    os.utime(old[0], ns=(1, manifest.stat().st_mtime_ns - 1_000_000_000))
+    first = landing_files_sensor(build_sensor_context(cursor=None))
+    assert [r.tags["dagster/asset_partition_range_start"] for r in first.run_requests] == ["hpx1-20"]
+
+    os.utime(old[0], ns=(1, manifest.stat().st_mtime_ns + 1_000_000_000))  # rewritten after publishing
+    again = landing_files_sensor(build_sensor_context(cursor=None))
+    assert [r.tags["dagster/asset_partition_range_start"] for r in again.run_requests] == ["hpx1-07", "hpx1-20"]

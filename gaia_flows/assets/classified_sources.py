@@ -9,7 +9,7 @@ import time
 from typing import Literal
 
 import numpy as np
-from dagster import AssetExecutionContext, BackfillPolicy, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AutomationCondition, BackfillPolicy, Config, Failure, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from gaia_flows.assets.classifier import astrometric_classifier
@@ -46,6 +46,7 @@ class ClassifyConfig(Config):
     deps=[SOURCE_TABLE, astrometric_classifier],
     group_name=GROUP,
     kinds={"spark", "parquet"},
+    automation_condition=AutomationCondition.eager(),
 )
 def classified_sources(
     context: AssetExecutionContext, config: ClassifyConfig, spark: SparkResource, storage: StorageResource, mlflow: MlflowResource

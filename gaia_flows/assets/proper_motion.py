@@ -36,6 +36,7 @@ from gaia_flows.engine.pm_stats import (
     read_input,
     region_bytes,
     stats_in_region_tasks,
+    task_io,
 )
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
@@ -112,6 +113,7 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     metadata = {
         "regions": len(regions),
         "level": config.level,
+        "spark_cores": session.sparkContext.defaultParallelism,
         "engine": choice.engine,
         "engine_reason": choice.reason,
         "run_rows": total["n_sources"],
@@ -123,6 +125,9 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
         "stored_kib": round(total["stored_bytes"] / 1024, 1),
     }
     metadata.update({f"spark_{name}": value for name, value in stage_io(session, job_group).items()})
+    python_io = task_io(published)
+    if python_io:
+        metadata.update({name: MetadataValue.json(value) if name == "per_host" else value for name, value in python_io.items() if value is not None})
     return MaterializeResult(metadata=metadata)
 
 

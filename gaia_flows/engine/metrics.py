@@ -21,6 +21,7 @@ FIELDS = {
     "memoryBytesSpilled": "memory_spilled_bytes",
     "diskBytesSpilled": "disk_spilled_bytes",
     "executorRunTime": "executor_run_ms",
+    "executorCpuTime": "executor_cpu_ns",
 }
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -1038,6 +1039,14 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     refresh = materialize([gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=_mat_resources(), partition_key=MAT_REGIONS[1])
     assert refresh.success
     assert refresh.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "region-tasks"  # a small region
+    # Python tasks report what they read with pyarrow (Spark's stage metrics see none of it).
+    refreshed = refresh.asset_materializations_for_node("pm_stats")[0].metadata
+    read = layout.region_files("gaia_source", MAT_REGIONS[1])
+    assert refreshed["python_read_bytes"].value == sum(p.stat().st_size for p in read) > 0
+    assert refreshed["python_read_files"].value == len(read)
+    assert refreshed["python_read_rows"].value == refreshed["rows"].value
+    assert refreshed["task_wall_seconds"].value > 0 and 0 < refreshed["task_cpu_seconds"].value
+    assert list(refreshed["per_host"].value) == [socket.gethostname()]
     assert os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0])) == stats31_version
     png_before = maps.png_path(layout, 6, "pmra").read_bytes()
     meta = run_maps()

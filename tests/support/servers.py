@@ -48,9 +48,14 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, port_file: Path | None = None, port: int | None = None, ready_path: str = "/", timeout: float = 60.0) -> "ServerProcess":
+    def launch(self) -> "ServerProcess":
+        """Start the process without waiting for it to serve (a daemon serves no HTTP)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+        return self
+
+    def start(self, port_file: Path | None = None, port: int | None = None, ready_path: str = "/", timeout: float = 60.0) -> "ServerProcess":
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
