@@ -27,6 +27,7 @@ from dagster import (
 
 from gaia_flows.cloud.provision import ProvisionError, ProvisioningFailed
 from gaia_flows.cloud.retry import CloudCallError, redact
+from gaia_flows.cloud.settings import CloudConfigError
 from gaia_flows.layout import StateLayout
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.storage import StorageResource
@@ -70,6 +71,10 @@ def spark_cluster(
         return MaterializeResult(metadata={"profile": profile.name, "mode": "no cluster", "master_url": profile.spark_master})
 
     settings = cloud.settings()
+    try:
+        settings.driver_conf()
+    except CloudConfigError as exc:
+        raise Failure(description=str(exc)) from exc
     measured = landing_bytes(storage.layout)
     data_bytes = config.data_bytes if config.data_bytes is not None else (measured or settings.cluster.data_bytes)
     provisioner = cloud.provisioner(logger=context.log)
@@ -113,7 +118,7 @@ def spark_cluster(
         "shuffle_partitions": plan.shuffle_partitions,
         "bucket_mib": plan.bucket_bytes // 2**20,
         "files_per_region": MetadataValue.json(plan.files_per_region),
-        "spark_conf": MetadataValue.json(plan.spark_conf()),
+        "spark_conf": MetadataValue.json(manifest["spark_conf"]),
         "plan_reasons": MetadataValue.md("\n".join(f"- {r}" for r in plan.reasons)),
         "created": MetadataValue.json(result.created),
         "destroyed": MetadataValue.json(result.destroyed),
