@@ -27,9 +27,11 @@ from dagster import (
 
 from gaia_flows.cloud.provision import ProvisionError, ProvisioningFailed
 from gaia_flows.cloud.retry import CloudCallError, redact
-from gaia_flows.cloud.settings import CloudConfigError
+from gaia_flows.cloud.settings import CloudConfigError, CloudSettings
+from gaia_flows.cloud.stack import StackMismatch, check_cluster, local_stack
 from gaia_flows.layout import StateLayout
 from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science.planner import PlanError
 
@@ -64,6 +66,7 @@ def spark_cluster(
     config: ClusterConfig,
     cloud: CloudResource,
     storage: StorageResource,
+    spark: SparkResource,
 ) -> MaterializeResult:
     profile = cloud.load()
     if profile.cloud is None:
@@ -99,6 +102,7 @@ def spark_cluster(
         ) from exc
 
     manifest = result.manifest
+    stacks = _check_stacks(context, settings, spark, manifest)
     nodes = [manifest["master"], *manifest["workers"]]
     metadata = {
         "profile": profile.name,
@@ -127,11 +131,29 @@ def spark_cluster(
         "reconcile_seconds": result.seconds,
         "manifest": MetadataValue.path(str(settings.manifest_path)),
     }
+    if stacks is not None:
+        metadata["worker_stacks"] = MetadataValue.json(stacks)
     if plan.size.price is not None:
         metadata["price_per_worker_hour"] = plan.size.price
     if plan.cost_per_hour is not None:
         metadata["cost_per_hour"] = plan.cost_per_hour
     return MaterializeResult(metadata=metadata)
+
+
+def _check_stacks(context: AssetExecutionContext, settings: CloudSettings, spark: SparkResource, manifest: dict) -> dict | None:
+    """Wait for the workers to run a task and compare their Python stack with the driver's.
+
+    Doubles as the readiness check: VMs the cloud calls running may still be booting Spark.
+    The loopback driver's daemons run this very interpreter, so it is skipped there.
+    """
+    if settings.provider == "local-spark" or not settings.cluster.verify_stack:
+        return None
+    try:
+        stacks = check_cluster(spark.session(), manifest["worker_count"], settings.cluster.wait_timeout_s)
+    except StackMismatch as exc:
+        raise Failure(description=f"cluster {settings.name!r} is up but unusable: {exc}") from exc
+    context.log.info(f"{len(stacks)} worker host(s) run the driver's stack {local_stack()}")
+    return stacks
 
 
 @asset_check(asset=spark_cluster, description="Every node in the manifest exists and runs (asks the cloud, not the manifest).")

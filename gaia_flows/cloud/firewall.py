@@ -33,8 +33,9 @@ class Firewall:
     def find(self, name: str) -> Group | None:
         raise NotImplementedError
 
-    def create(self, name: str, description: str, orchestrator_cidr: str | None, ports: list[tuple[int, int]]) -> Group:
-        """The group, open inside itself and on ``ports`` (inclusive ranges) from ``orchestrator_cidr``."""
+    def create(self, name: str, description: str, orchestrator_cidr: str | None, ports: list[tuple[int, int]], subnet: str | None = None) -> Group:
+        """The group, open inside itself and on ``ports`` (inclusive ranges) from ``orchestrator_cidr``,
+        in the network of ``subnet`` where the cloud scopes groups by network (EC2's VPCs)."""
         raise NotImplementedError
 
     def delete(self, group: Group) -> None:
@@ -53,7 +54,7 @@ class OpenStackFirewall(Firewall):
                 return Group(str(g.id), g.name, g)
         return None
 
-    def create(self, name, description, orchestrator_cidr, ports):
+    def create(self, name, description, orchestrator_cidr, ports, subnet=None):
         g = self.call("ex_create_security_group", self.driver.ex_create_security_group, name, description)
         rule = self.driver.ex_create_security_group_rule
         self.call("ex_create_security_group_rule", rule, g, "tcp", 1, 65535, source_security_group=g)
@@ -78,8 +79,12 @@ class EC2Firewall(Firewall):
                 return Group(g.id, g.name, g)
         return None
 
-    def create(self, name, description, orchestrator_cidr, ports):
-        created = self.call("ex_create_security_group", self.driver.ex_create_security_group, name, description)
+    def create(self, name, description, orchestrator_cidr, ports, subnet=None):
+        vpc_id = None
+        if subnet:  # a group belongs to one VPC: the subnet's, or nodes there cannot use it
+            (found,) = self.call("ex_list_subnets", self.driver.ex_list_subnets, subnet_ids=[subnet])
+            vpc_id = found.extra["vpc_id"]
+        created = self.call("ex_create_security_group", self.driver.ex_create_security_group, name, description, vpc_id=vpc_id)
         gid = created["group_id"]
         ingress = self.driver.ex_authorize_security_group_ingress
         for protocol in ("tcp", "udp"):
@@ -112,7 +117,7 @@ class GCEFirewall(Firewall):
             raise
         return Group(fw.name, fw.name, fw)
 
-    def create(self, name, description, orchestrator_cidr, ports):
+    def create(self, name, description, orchestrator_cidr, ports, subnet=None):
         tag = name.removesuffix("-sg")
         allowed = [{"IPProtocol": "tcp", "ports": ["1-65535"]}, {"IPProtocol": "udp", "ports": ["1-65535"]}]
         fw = self.call(

@@ -255,7 +255,7 @@ class Provisioner:
         if group is not None:
             return group, False
         cidr = self.settings.orchestrator()[0] if self.settings.provider != "local-spark" else None
-        group = self.firewall.create(self.settings.group_name, self.settings.group_description, cidr, self.settings.orchestrator_ports())
+        group = self.firewall.create(self.settings.group_name, self.settings.group_description, cidr, self.settings.orchestrator_ports(), self.settings.subnet)
         return group, True
 
     def _resolve_image(self) -> NodeImage:

@@ -51,6 +51,7 @@ class ClusterSettings:
     driver_port: int = 7079
     block_manager_port: int = 7080
     port_retries: int = 8
+    verify_stack: bool = True
     spark_version: str | None = None
     user_data_template: str | None = None
 

@@ -355,6 +355,7 @@ class OpenStackFake(FakeApp):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (written to --port-file)")
     parser.add_argument("--user", default="gaia")
     parser.add_argument("--build-seconds", type=float, default=0.2)
     parser.add_argument("--max-instances", type=int, default=20)
@@ -365,7 +366,7 @@ def main(argv=None):
     password = os.environ.get("FAKE_OS_PASSWORD", "")
     quota = {"instances": args.max_instances, "cores": args.max_cores, "ram": args.max_ram_mb}
     app = OpenStackFake("", args.user, password, args.build_seconds, quota, subnet=args.subnet)
-    serve(app, args.port_file)
+    serve(app, args.port_file, args.port)
 
 
 if __name__ == "__main__":

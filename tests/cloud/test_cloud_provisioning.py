@@ -14,7 +14,9 @@ from dagster import materialize
 from cloud.emulators import ORCHESTRATOR_ADDRESS, ORCHESTRATOR_CIDR
 from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
 from gaia_flows.cloud.settings import TAG_CLUSTER, TAG_ROLE
+from gaia_flows.cloud.stack import local_stack, mismatches
 from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 
 # SSH, master, worker, master UI, worker UI, then the block managers' range.
@@ -22,7 +24,7 @@ ORCHESTRATOR_PORTS = [(22, 22), (7077, 7077), (7078, 7078), (8080, 8080), (8081,
 
 
 def _resources(target, profile=None):
-    return {"cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)), "storage": StorageResource()}
+    return {"cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)), "storage": StorageResource(), "spark": SparkResource()}
 
 
 def materialise(target, workers, profile=None, raise_on_error=True, instance=None):
@@ -223,7 +225,7 @@ def test_persistent_server_errors_stop_after_the_retry_budget(target, layout):
 
 
 def test_no_cloud_profile_is_a_no_op(layout):
-    result = materialize([spark_cluster], resources={"cloud": CloudResource(profile="local"), "storage": StorageResource()})
+    result = materialize([spark_cluster], resources={"cloud": CloudResource(profile="local"), "storage": StorageResource(), "spark": SparkResource()})
     meta = metadata(result)
     assert meta["mode"] == "no cluster" and meta["master_url"].startswith("local[")
     assert not layout.clusters.exists() or not any(layout.clusters.iterdir())
@@ -254,3 +256,13 @@ def test_the_placeholder_orchestrator_is_refused_before_any_cloud_call(target, l
     message, _ = failure(materialise(target, workers=1, profile=profile, raise_on_error=False))
     assert "192.0.2.10/32, the documentation placeholder" in message and "private address of the host that runs Dagster" in message
     assert target.count(target.create_request, before) == 0 and target.servers() == []
+
+
+def test_a_worker_stack_that_differs_from_the_drivers_is_named_with_both_versions():
+    driver = local_stack()
+    same, older = dict(driver), {**driver, "numpy": "1.26.4", "python": "3.10"}
+    assert mismatches(driver, {"10.0.0.12": same}) == []
+    assert mismatches(driver, {"10.0.0.12": same, "10.0.0.13": older}) == [
+        f"worker 10.0.0.13: python 3.10 (driver {driver['python']})",
+        f"worker 10.0.0.13: numpy 1.26.4 (driver {driver['numpy']})",
+    ]
