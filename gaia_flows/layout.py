@@ -27,6 +27,11 @@ resets the platform. Every module asks this one helper for paths instead of join
 
 ``<region>`` is a sky-region key such as ``hpx1-07``
 (:func:`gaia_flows.science.healpix.region_key`).
+
+On a cluster of separate hosts the data folders move to a shared file system that every node
+mounts at the same path (the profile's ``storage`` section, see :meth:`StateLayout.with_storage`):
+executors read the landing files and write the warehouse there, while the Dagster instance and
+Spark's scratch space stay in the orchestrator's own state folder.
 """
 
 from __future__ import annotations
@@ -87,10 +92,23 @@ def landing_files(landing: Path) -> list[Path]:
     return candidates
 
 
+STORAGE_DIRS = ("landing", "warehouse", "quarantine", "maps")
+
+
 @dataclass(frozen=True)
 class StateLayout:
+    """``home`` and the four data folders; each data folder defaults to ``home/<name>``."""
+
     home: Path
     landing: Path
+    warehouse: Path | None = None
+    quarantine: Path | None = None
+    maps: Path | None = None
+
+    def __post_init__(self):
+        for name in ("warehouse", "quarantine", "maps"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.home / name)
 
     @classmethod
     def from_env(cls, home: str | os.PathLike | None = None, landing: str | os.PathLike | None = None) -> "StateLayout":
@@ -99,13 +117,27 @@ class StateLayout:
         landing_path = landing or os.environ.get("GAIA_FLOWS_LANDING") or home_path / "landing"
         return cls(home=home_path, landing=Path(landing_path).expanduser().resolve())
 
-    @property
-    def warehouse(self) -> Path:
-        return self.home / "warehouse"
+    def with_storage(self, storage: dict | None) -> "StateLayout":
+        """The data folders a profile's ``storage`` section names.
 
-    @property
-    def quarantine(self) -> Path:
-        return self.home / "quarantine"
+        ``mount`` is the shared file system's path on every host; a data folder left null lies
+        under it (``<mount>/warehouse``...), one given explicitly must be an absolute path. With
+        neither, the folder stays in the state folder. A landing area chosen already
+        (``GAIA_FLOWS_LANDING`` or an argument) wins over the profile's.
+        """
+        storage = storage or {}
+        mount = storage.get("mount")
+        paths = {}
+        for name in STORAGE_DIRS:
+            value = storage.get(name)
+            if value is not None and not str(value).startswith("/"):
+                raise ValueError(f"storage.{name} = {value!r}: give an absolute path on the shared file system (object stores are not supported)")
+            if value is None and mount:
+                value = Path(mount) / name
+            if name == "landing" and self.landing != self.home / "landing":
+                value = None
+            paths[name] = Path(value) if value is not None else getattr(self, name)
+        return StateLayout(home=self.home, **paths)
 
     @property
     def dagster_home(self) -> Path:
@@ -122,10 +154,6 @@ class StateLayout:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.mlflow_dir / "artifacts"
-
-    @property
-    def maps(self) -> Path:
-        return self.home / "maps"
 
     @property
     def logs(self) -> Path:

@@ -1,8 +1,11 @@
 """The one Spark session factory.
 
 Assets never call ``SparkSession.builder`` themselves: they ask the Spark resource, which asks
-this module. Everything local binds to loopback, because Spark otherwise advertises the
-machine's outside interface, and nothing here may listen there.
+this module. A local master (``local[*]``, a standalone master on loopback) gets a driver bound
+to loopback, because Spark otherwise advertises the machine's outside interface and nothing
+local may listen there. A cluster master gets no such default: its driver must advertise an
+address the executors on other hosts can reach, which the ``spark_cluster`` manifest (or the
+profile's ``spark.conf``) supplies.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from pyspark.sql import SparkSession
 
 LOOPBACK = "127.0.0.1"
 
+LOOPBACK_CONF: dict[str, str] = {"spark.driver.host": LOOPBACK, "spark.driver.bindAddress": LOOPBACK}
+
 BASE_CONF: dict[str, str] = {
-    "spark.driver.host": LOOPBACK,
-    "spark.driver.bindAddress": LOOPBACK,
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.parquet.compression.codec": "zstd",
@@ -39,10 +42,19 @@ def session(master: str, conf: dict[str, str] | None = None, app_name: str = "ga
     (driver memory, executor shape) are fixed when the application starts, so a differing value
     raises a warning naming the keys instead of being dropped silently.
     """
-    wanted = {**BASE_CONF, **{k: str(v) for k, v in (conf or {}).items()}}
+    local = is_local_master(master)
+    wanted = {**(LOOPBACK_CONF if local else {}), **BASE_CONF, **{k: str(v) for k, v in (conf or {}).items()}}
+    if master.startswith("spark://") and not local and "spark.driver.host" not in wanted:
+        raise ValueError(
+            f"Spark master {master} is on another host: set spark.driver.host to the address its executors can call back "
+            "(spark_cluster's manifest does, from the profile's cloud.network.orchestrator_cidr)"
+        )
     merged = {**wanted, "spark.master": master, "spark.app.name": app_name}
-    if is_local_master(master):
+    if local:
         os.environ["SPARK_LOCAL_IP"] = LOOPBACK
+    if "spark.pyspark.python" in wanted:
+        # PySpark ships the interpreter path with every task: the executors' own, on their hosts.
+        os.environ["PYSPARK_PYTHON"] = wanted["spark.pyspark.python"]
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     active = SparkSession.getActiveSession()

@@ -27,8 +27,11 @@ from dagster import (
 
 from gaia_flows.cloud.provision import ProvisionError, ProvisioningFailed
 from gaia_flows.cloud.retry import CloudCallError, redact
+from gaia_flows.cloud.settings import CloudConfigError, CloudSettings
+from gaia_flows.cloud.stack import StackMismatch, check_cluster, local_stack
 from gaia_flows.layout import StateLayout, landing_files
 from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.cloud.planner import PlanError
 
@@ -58,6 +61,7 @@ def spark_cluster(
     config: ClusterConfig,
     cloud: CloudResource,
     storage: StorageResource,
+    spark: SparkResource,
 ) -> MaterializeResult:
     profile = cloud.load()
     if profile.cloud is None:
@@ -65,6 +69,10 @@ def spark_cluster(
         return MaterializeResult(metadata={"profile": profile.name, "mode": "no cluster", "master_url": profile.spark_master})
 
     settings = cloud.settings()
+    try:
+        settings.driver_conf()
+    except CloudConfigError as exc:
+        raise Failure(description=str(exc)) from exc
     measured = landing_bytes(storage.layout)
     data_bytes = config.data_bytes if config.data_bytes is not None else (measured or settings.cluster.data_bytes)
     provisioner = cloud.provisioner(logger=context.log)
@@ -89,6 +97,7 @@ def spark_cluster(
         ) from exc
 
     manifest = result.manifest
+    stacks = _check_stacks(context, settings, spark, manifest)
     nodes = [manifest["master"], *manifest["workers"]]
     metadata = {
         "profile": profile.name,
@@ -108,7 +117,7 @@ def spark_cluster(
         "shuffle_partitions": plan.shuffle_partitions,
         "bucket_mib": plan.bucket_bytes // 2**20,
         "files_per_region": MetadataValue.json(plan.files_per_region),
-        "spark_conf": MetadataValue.json(plan.spark_conf()),
+        "spark_conf": MetadataValue.json(manifest["spark_conf"]),
         "plan_reasons": MetadataValue.md("\n".join(f"- {r}" for r in plan.reasons)),
         "created": MetadataValue.json(result.created),
         "destroyed": MetadataValue.json(result.destroyed),
@@ -117,11 +126,29 @@ def spark_cluster(
         "reconcile_seconds": result.seconds,
         "manifest": MetadataValue.path(str(settings.manifest_path)),
     }
+    if stacks is not None:
+        metadata["worker_stacks"] = MetadataValue.json(stacks)
     if plan.size.price is not None:
         metadata["price_per_worker_hour"] = plan.size.price
     if plan.cost_per_hour is not None:
         metadata["cost_per_hour"] = plan.cost_per_hour
     return MaterializeResult(metadata=metadata)
+
+
+def _check_stacks(context: AssetExecutionContext, settings: CloudSettings, spark: SparkResource, manifest: dict) -> dict | None:
+    """Wait for the workers to run a task and compare their Python stack with the driver's.
+
+    Doubles as the readiness check: VMs the cloud calls running may still be booting Spark.
+    The loopback driver's daemons run this very interpreter, so it is skipped there.
+    """
+    if settings.provider == "local-spark" or not settings.cluster.verify_stack:
+        return None
+    try:
+        stacks = check_cluster(spark.session(), manifest["worker_count"], settings.cluster.wait_timeout_s)
+    except StackMismatch as exc:
+        raise Failure(description=f"cluster {settings.name!r} is up but unusable: {exc}") from exc
+    context.log.info(f"{len(stacks)} worker host(s) run the driver's stack {local_stack()}")
+    return stacks
 
 
 @asset_check(asset=spark_cluster, description="Every node in the manifest exists and runs (asks the cloud, not the manifest).")

@@ -4,9 +4,10 @@
 ``ex_`` extensions with different shapes on every cloud. Each adapter below maps the same
 four operations - find, create (cluster-internal + orchestrator rules), delete, and the
 ``create_node`` keyword that attaches the group - onto one family, so the provisioner stays
-cloud-neutral. The group admits all TCP/UDP from its own members and TCP from the
-orchestrator's CIDR (Spark's driver, running in the Dagster run, talks to the master, and
-executors open connections back to it on ephemeral ports), nothing else.
+cloud-neutral. The group admits all TCP/UDP from its own members and, from the orchestrator's
+CIDR, TCP to exactly the ports it needs (``CloudSettings.orchestrator_ports``: SSH, the
+master, the workers, their web UIs and the executors' block managers), nothing else. Executors
+call the driver back on its fixed ports; that is the orchestrator's firewall, not this group.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class Firewall:
     def find(self, name: str) -> Group | None:
         raise NotImplementedError
 
-    def create(self, name: str, description: str, orchestrator_cidr: str | None) -> Group:
+    def create(self, name: str, description: str, orchestrator_cidr: str | None, ports: list[tuple[int, int]], subnet: str | None = None) -> Group:
+        """The group, open inside itself and on ``ports`` (inclusive ranges) from ``orchestrator_cidr``,
+        in the network of ``subnet`` where the cloud scopes groups by network (EC2's VPCs)."""
         raise NotImplementedError
 
     def delete(self, group: Group) -> None:
@@ -51,13 +54,14 @@ class OpenStackFirewall(Firewall):
                 return Group(str(g.id), g.name, g)
         return None
 
-    def create(self, name, description, orchestrator_cidr):
+    def create(self, name, description, orchestrator_cidr, ports, subnet=None):
         g = self.call("ex_create_security_group", self.driver.ex_create_security_group, name, description)
         rule = self.driver.ex_create_security_group_rule
         self.call("ex_create_security_group_rule", rule, g, "tcp", 1, 65535, source_security_group=g)
         self.call("ex_create_security_group_rule", rule, g, "udp", 1, 65535, source_security_group=g)
         if orchestrator_cidr:
-            self.call("ex_create_security_group_rule", rule, g, "tcp", 1, 65535, cidr=orchestrator_cidr)
+            for low, high in ports:
+                self.call("ex_create_security_group_rule", rule, g, "tcp", low, high, cidr=orchestrator_cidr)
         return Group(str(g.id), g.name, g)
 
     def delete(self, group):
@@ -75,14 +79,19 @@ class EC2Firewall(Firewall):
                 return Group(g.id, g.name, g)
         return None
 
-    def create(self, name, description, orchestrator_cidr):
-        created = self.call("ex_create_security_group", self.driver.ex_create_security_group, name, description)
+    def create(self, name, description, orchestrator_cidr, ports, subnet=None):
+        vpc_id = None
+        if subnet:  # a group belongs to one VPC: the subnet's, or nodes there cannot use it
+            (found,) = self.call("ex_list_subnets", self.driver.ex_list_subnets, subnet_ids=[subnet])
+            vpc_id = found.extra["vpc_id"]
+        created = self.call("ex_create_security_group", self.driver.ex_create_security_group, name, description, vpc_id=vpc_id)
         gid = created["group_id"]
         ingress = self.driver.ex_authorize_security_group_ingress
         for protocol in ("tcp", "udp"):
             self.call("ex_authorize_security_group_ingress", ingress, gid, 0, 65535, group_pairs=[{"group_id": gid}], protocol=protocol)
         if orchestrator_cidr:
-            self.call("ex_authorize_security_group_ingress", ingress, gid, 0, 65535, cidr_ips=[orchestrator_cidr], protocol="tcp")
+            for low, high in ports:
+                self.call("ex_authorize_security_group_ingress", ingress, gid, low, high, cidr_ips=[orchestrator_cidr], protocol="tcp")
         return Group(gid, name, created)
 
     def delete(self, group):
@@ -108,7 +117,7 @@ class GCEFirewall(Firewall):
             raise
         return Group(fw.name, fw.name, fw)
 
-    def create(self, name, description, orchestrator_cidr):
+    def create(self, name, description, orchestrator_cidr, ports, subnet=None):
         tag = name.removesuffix("-sg")
         allowed = [{"IPProtocol": "tcp", "ports": ["1-65535"]}, {"IPProtocol": "udp", "ports": ["1-65535"]}]
         fw = self.call(
@@ -126,7 +135,7 @@ class GCEFirewall(Firewall):
                 "ex_create_firewall",
                 self.driver.ex_create_firewall,
                 f"{name}-orchestrator",
-                [{"IPProtocol": "tcp", "ports": ["1-65535"]}],
+                [{"IPProtocol": "tcp", "ports": [f"{low}-{high}" if high != low else str(low) for low, high in ports]}],
                 network=self.network,
                 source_ranges=[orchestrator_cidr],
                 target_tags=[tag],

@@ -35,6 +35,7 @@ from libcloud.compute.types import NodeState
 from gaia_flows.cloud import prometheus
 from gaia_flows.cloud.firewall import Group, firewall_for
 from gaia_flows.cloud.drivers import planner_sizes
+from gaia_flows.cloud.secret import ensure_secret
 from gaia_flows.cloud.retry import Caller, CloudCallError, describe, is_timeout, redact
 from gaia_flows.cloud.settings import (
     TAG_CLUSTER,
@@ -103,12 +104,14 @@ def render_user_data(settings: CloudSettings, *, role: str, node_name: str, mast
     if not path.is_absolute():
         path = REPO_ROOT / path
     template = string.Template(path.read_text())
+    daemon_conf = "\n".join(f"      {key} {value}" for key, value in settings.security_conf().items()) or "      # (no settings)"
     return template.substitute(
         cluster=settings.name,
         role=role,
         node_name=node_name,
         master_host=master_host,
         master_port=settings.cluster.spark_port,
+        worker_port=settings.cluster.worker_port,
         worker_cores=worker_cores,
         worker_memory_mb=worker_memory_mb,
         master_ui_port=prometheus.MASTER_UI_PORT,
@@ -117,7 +120,21 @@ def render_user_data(settings: CloudSettings, *, role: str, node_name: str, mast
         worker_metrics_options=prometheus.daemon_java_options("worker"),
         spark_version=settings.cluster.spark_version or pyspark.__version__,
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+        python_major=sys.version_info.major,
+        python_minor=sys.version_info.minor,
+        daemon_conf=daemon_conf,
+        mount_path=settings.storage.get("mount") or "(no shared file system)",
+        mounts=json.dumps(share_mounts(settings.storage)),
     )
+
+
+def share_mounts(storage: dict) -> list[list[str]]:
+    """cloud-init ``mounts`` entry for the profile's shared file system (none without one)."""
+    share = storage.get("share")
+    if not share or not storage.get("mount"):
+        return []
+    options = ",".join(filter(None, [share.get("options"), "_netdev"]))
+    return [[share["source"], storage["mount"], share["type"], options, "0", "0"]]
 
 
 @dataclass
@@ -237,7 +254,8 @@ class Provisioner:
         group = self.firewall.find(self.settings.group_name)
         if group is not None:
             return group, False
-        group = self.firewall.create(self.settings.group_name, self.settings.group_description, self.settings.orchestrator_cidr)
+        cidr = self.settings.orchestrator()[0] if self.settings.provider != "local-spark" else None
+        group = self.firewall.create(self.settings.group_name, self.settings.group_description, cidr, self.settings.orchestrator_ports(), self.settings.subnet)
         return group, True
 
     def _resolve_image(self) -> NodeImage:
@@ -373,6 +391,9 @@ class Provisioner:
         started = self.clock()
         deadline = started + self.settings.cluster.wait_timeout_s
         cluster = self.settings.name
+        driver_conf = self.settings.driver_conf()  # a placeholder orchestrator fails here, before any cloud call
+        if self.settings.security_conf():
+            ensure_secret(self.settings.secret_path)
         result = ReconcileResult(manifest={})
         attempted: list[str] = []
         master_replaced = False
@@ -438,11 +459,11 @@ class Provisioner:
 
         worker_nodes = [running[i] for i in running if i != master.id]
         result.seconds = round(self.clock() - started, 3)
-        result.manifest = self._manifest(plan, running[master.id], worker_nodes, result)
+        result.manifest = self._manifest(plan, running[master.id], worker_nodes, result, driver_conf)
         self.write_manifest(result.manifest)
         return result
 
-    def _manifest(self, plan: Plan, master: Node, workers: list[Node], result: ReconcileResult) -> dict:
+    def _manifest(self, plan: Plan, master: Node, workers: list[Node], result: ReconcileResult, driver_conf: dict[str, str]) -> dict:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         size = plan.size
         return {
@@ -456,7 +477,7 @@ class Provisioner:
             "size": {"id": size.id, "name": size.name, "vcpus": size.vcpus, "ram_mb": size.ram_mb, "price": size.price},
             "master_size": {"id": plan.master_size.id, "name": plan.master_size.name, "price": plan.master_size.price},
             "cost_per_hour": plan.cost_per_hour,
-            "spark_conf": plan.spark_conf(),
+            "spark_conf": {**plan.spark_conf(), **driver_conf, **self.settings.security_conf()},
             "plan": plan.to_dict(),
             "security_group": self.settings.group_name,
             "key_pair": self.settings.key_name,
@@ -575,6 +596,7 @@ class Provisioner:
             self.firewall.delete(group)
         key_deleted = self._delete_key()
         self.remove_manifest()
+        self.settings.secret_path.unlink(missing_ok=True)
         return {
             "cluster": self.settings.name,
             "destroyed_nodes": sorted(n.name for n in nodes),

@@ -7,10 +7,13 @@ optional keys through nested dicts.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gaia_flows.cloud.prometheus import MASTER_UI_PORT, WORKER_UI_PORT
 from gaia_flows.cloud.retry import RetryPolicy
+from gaia_flows.cloud.secret import secret_path
 from gaia_flows.layout import StateLayout
 from gaia_flows.profiles import Profile
 from gaia_flows.cloud.planner import DEFAULT_REGIONS, Limits
@@ -21,6 +24,13 @@ TAG_INDEX = "gaia-flows-index"
 TAG_SIZE = "gaia-flows-size"
 TAG_MASTER = "gaia-flows-master"
 TAG_MASTER_URL = "gaia-flows-master-url"
+
+
+# Where the node image keeps the pinned Python stack (deployments/node-image); executors run it.
+NODE_PYTHON = "/opt/gaia-flows/venv/bin/python"
+
+# RFC 5737's documentation range: the shipped profiles' orchestrator_cidr until a user fills it in.
+PLACEHOLDER_NETWORK = ipaddress.ip_network("192.0.2.0/24")
 
 
 class CloudConfigError(ValueError):
@@ -37,8 +47,18 @@ class ClusterSettings:
     wait_timeout_s: float = 900.0
     poll_interval_s: float = 5.0
     spark_port: int = 7077
+    worker_port: int = 7078
+    driver_port: int = 7079
+    block_manager_port: int = 7080
+    port_retries: int = 8
+    verify_stack: bool = True
     spark_version: str | None = None
     user_data_template: str | None = None
+
+    @property
+    def block_manager_ports(self) -> tuple[int, int]:
+        """Block managers (driver's and every executor's) bind the first free port of this range."""
+        return self.block_manager_port, self.block_manager_port + self.port_retries
 
 
 @dataclass(frozen=True)
@@ -59,12 +79,14 @@ class CloudSettings:
     network_name: str | None = None
     subnet: str | None = None
     orchestrator_cidr: str | None = None
+    driver_host: str | None = None
     use_public_ip: bool = False
     key_pair_name: str | None = None
     public_key_file: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     state_dir: Path | None = None
     clusters_dir: Path | None = None
+    storage: dict = field(default_factory=dict)
 
     @classmethod
     def from_profile(cls, profile: Profile, layout: StateLayout | None = None) -> "CloudSettings":
@@ -100,12 +122,14 @@ class CloudSettings:
             network_name=network.get("name"),
             subnet=network.get("subnet"),
             orchestrator_cidr=network.get("orchestrator_cidr"),
+            driver_host=network.get("driver_host"),
             use_public_ip=bool(network.get("use_public_ip", False)),
             key_pair_name=key_pair.get("name"),
             public_key_file=key_pair.get("public_key_file"),
             retry=RetryPolicy.from_mapping(spec.get("retry")),
             state_dir=Path(state_dir).expanduser() if state_dir else layout.clusters / "local-spark",
             clusters_dir=layout.clusters,
+            storage=dict(profile.storage),
         )
 
     @property
@@ -135,6 +159,68 @@ class CloudSettings:
     @property
     def cluster_dir(self) -> Path:
         return Path(self.clusters_dir) / self.cluster.name
+
+    @property
+    def secret_path(self) -> Path:
+        return secret_path(self.clusters_dir, self.cluster.name)
+
+    def orchestrator(self) -> tuple[str, str]:
+        """(CIDR the security group admits, address the Spark driver advertises), both checked.
+
+        The shipped profiles carry a documentation address; provisioning with it would open
+        the cluster to nobody and give executors an address to call back that is not the driver.
+        """
+        cidr, key = self.orchestrator_cidr, f"profile {self.profile!r}: cloud.network.orchestrator_cidr"
+        if not cidr:
+            raise CloudConfigError(f"{key} is required: the private address of the host that runs Dagster (the Spark driver), as a /32")
+        network = ipaddress.ip_network(cidr, strict=False)
+        if network.overlaps(PLACEHOLDER_NETWORK):
+            raise CloudConfigError(
+                f"{key} is {cidr}, the documentation placeholder: put the private address of the host that runs Dagster "
+                f"(the Spark driver) as a /32, e.g. the output of `hostname -I` on it followed by /32"
+            )
+        host = self.driver_host or (str(network.network_address) if network.prefixlen == 32 else None)
+        if host is None:
+            raise CloudConfigError(f"{key} is the range {cidr}: set cloud.network.driver_host to the orchestrator's own address in it")
+        if ipaddress.ip_address(host) not in network:
+            raise CloudConfigError(f"profile {self.profile!r}: cloud.network.driver_host {host} is outside orchestrator_cidr {cidr}")
+        return str(network), host
+
+    def driver_conf(self) -> dict[str, str]:
+        """How a driver on the orchestrator reaches this cluster and is reached by its executors.
+
+        The driver advertises the orchestrator's address (never loopback) and listens on fixed
+        ports, so the security group can open exactly them. The local driver's daemons run on
+        loopback, where Spark's own defaults apply.
+        """
+        if self.provider == "local-spark":
+            return {}
+        _, host = self.orchestrator()
+        return {
+            "spark.driver.host": host,
+            "spark.driver.bindAddress": host,
+            "spark.driver.port": str(self.cluster.driver_port),
+            "spark.blockManager.port": str(self.cluster.block_manager_port),
+            "spark.port.maxRetries": str(self.cluster.port_retries),
+            "spark.pyspark.python": NODE_PYTHON,
+        }
+
+    def orchestrator_ports(self) -> list[tuple[int, int]]:
+        """TCP ranges the orchestrator opens on nodes: SSH, master, workers, their web UIs
+        (people and Prometheus) and the executors' block managers (the driver fetches results)."""
+        c = self.cluster
+        single = sorted({22, c.spark_port, c.worker_port, MASTER_UI_PORT, WORKER_UI_PORT})
+        return [(p, p) for p in single] + [c.block_manager_ports]
+
+    def security_conf(self) -> dict[str, str]:
+        """Spark authentication and wire encryption, on for every cluster of separate hosts.
+
+        Daemons and driver share one secret per cluster (:mod:`gaia_flows.cloud.secret`); the
+        local driver's loopback daemons run without, as ``local[*]`` does.
+        """
+        if self.provider == "local-spark":
+            return {}
+        return {"spark.authenticate": "true", "spark.network.crypto.enabled": "true"}
 
     def secret_env_names(self) -> list[str]:
         return [v for k, v in self.credentials.items() if k.endswith("_env")]

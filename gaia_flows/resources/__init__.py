@@ -3,6 +3,8 @@ folder, which holds the YAML deployment profiles these resources are built from.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gaia_flows.layout import StateLayout
 from gaia_flows.profiles import Profile, load_profile
 from gaia_flows.resources.cloud import CloudResource
@@ -16,12 +18,20 @@ def build_resources(profile: Profile | None = None) -> dict:
     profile = profile or load_profile()
     layout = StateLayout.from_env()
     conf = {"spark.local.dir": str(layout.spark_local_dir), **profile.spark_conf}
+    storage = profile.storage
     return {
-        "storage": StorageResource(),
+        "storage": StorageResource.from_profile_storage(storage),
         "spark": SparkResource(master=profile.spark_master, spark_config=conf, cluster_manifest=_cluster_manifest(profile, layout)),
         "cloud": CloudResource(profile=profile.name, profiles_dir=str(profile.directory) if profile.directory else None),
-        "mlflow": MlflowResource(),
+        "mlflow": MlflowResource(tracking_uri=storage.get("mlflow_tracking_uri"), artifact_location=_mlflow_artifacts(storage)),
     }
+
+
+def _mlflow_artifacts(storage: dict) -> str | None:
+    """Artifacts on the shared file system when the profile has one (``<mount>/mlflow-artifacts``)."""
+    if storage.get("mlflow_artifacts"):
+        return storage["mlflow_artifacts"]
+    return (Path(storage["mount"]) / "mlflow-artifacts").as_uri() if storage.get("mount") else None
 
 
 def _cluster_manifest(profile: Profile, layout: StateLayout) -> str | None:

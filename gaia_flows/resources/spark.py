@@ -9,6 +9,7 @@ from dagster import ConfigurableResource
 from pyspark.sql import SparkSession
 
 from gaia_flows import spark as spark_factory
+from gaia_flows.cloud.secret import read_secret, secret_path
 
 
 class SparkResource(ConfigurableResource):
@@ -16,7 +17,9 @@ class SparkResource(ConfigurableResource):
 
     ``cluster_manifest`` points at the manifest the ``spark_cluster`` asset writes; when it
     exists its master URL wins over ``master``, so the same graph runs on ``local[*]``, a
-    loopback standalone cluster or cloud VMs without touching asset code.
+    loopback standalone cluster or cloud VMs without touching asset code. The manifest also
+    carries how the driver reaches the cluster (its address and fixed ports, authentication);
+    the cluster's secret is read from its own file, never from the manifest.
     """
 
     master: str = "local[*]"
@@ -38,4 +41,8 @@ class SparkResource(ConfigurableResource):
         manifest = self._manifest()
         if manifest is None:
             return spark_factory.session(self.master, self.spark_config)
-        return spark_factory.session(manifest["master_url"], {**self.spark_config, **manifest.get("spark_conf", {})})
+        conf = {**self.spark_config, **manifest.get("spark_conf", {})}
+        if conf.get("spark.authenticate") == "true":
+            # The cluster's secret, read now from its 0600 file; Spark redacts it in its UI and logs.
+            conf["spark.authenticate.secret"] = read_secret(secret_path(Path(self.cluster_manifest).parent, manifest["cluster"]))
+        return spark_factory.session(manifest["master_url"], conf)

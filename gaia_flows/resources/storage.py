@@ -1,4 +1,4 @@
-"""The state folder as a Dagster resource."""
+"""The state folder and the shared data folders as a Dagster resource."""
 
 from __future__ import annotations
 
@@ -8,15 +8,25 @@ from gaia_flows.layout import StateLayout
 
 
 class StorageResource(ConfigurableResource):
-    """Paths of landing, warehouse, quarantine and maps; ``None`` means "from the environment"
-    (``GAIA_FLOWS_HOME`` / ``GAIA_FLOWS_LANDING``), resolved when the run starts, not at import."""
+    """Paths of landing, warehouse, quarantine and maps.
+
+    ``None`` means "from the environment" (``GAIA_FLOWS_HOME`` / ``GAIA_FLOWS_LANDING``),
+    resolved when the run starts, not at import. ``mount`` and the folder fields come from the
+    profile's ``storage`` section (:meth:`StateLayout.with_storage`): on a multi-host cluster
+    they name the shared file system every node mounts, so executors and driver see one warehouse.
+    """
 
     home: str | None = None
     landing: str | None = None
+    mount: str | None = None
+    warehouse: str | None = None
+    quarantine: str | None = None
+    maps: str | None = None
 
     @property
     def layout(self) -> StateLayout:
-        return StateLayout.from_env(self.home, self.landing).ensure()
+        shared = {"mount": self.mount, "warehouse": self.warehouse, "quarantine": self.quarantine, "maps": self.maps}
+        return StateLayout.from_env(self.home, self.landing).with_storage(shared).ensure()
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         """Record this run's worker process (host, PID, start time) on the run, so the
@@ -25,3 +35,7 @@ class StorageResource(ConfigurableResource):
 
         if context.instance is not None and context.dagster_run is not None:
             context.instance.add_run_tags(context.dagster_run.run_id, run_worker_tag())
+
+    @classmethod
+    def from_profile_storage(cls, storage: dict) -> "StorageResource":
+        return cls(**{k: storage.get(k) for k in ("landing", "mount", "warehouse", "quarantine", "maps")})

@@ -111,7 +111,7 @@ class Target:
         return [k["KeyName"] for k in self._ec2().describe_key_pairs()["KeyPairs"]]
 
     def security_groups(self) -> list[dict]:
-        """Non-default groups with their ingress rules as (protocol, source) pairs."""
+        """Non-default groups with their ingress rules as [protocol, from port, to port, source]."""
         if self.name == "openstack":
             fake = self.api.state()
             return [g for g in fake["security_group_details"] if g["name"] != "default"]
@@ -119,11 +119,12 @@ class Target:
         for g in self._ec2().describe_security_groups()["SecurityGroups"]:
             if g["GroupName"] == "default":
                 continue
-            sources = []
+            rules = []
             for p in g["IpPermissions"]:
-                sources += [[p["IpProtocol"], pair["GroupId"]] for pair in p.get("UserIdGroupPairs", [])]
-                sources += [[p["IpProtocol"], r["CidrIp"]] for r in p.get("IpRanges", [])]
-            out.append({"id": g["GroupId"], "name": g["GroupName"], "sources": sorted(sources)})
+                ports = [p["IpProtocol"], p.get("FromPort"), p.get("ToPort")]
+                rules += [[*ports, pair["GroupId"]] for pair in p.get("UserIdGroupPairs", [])]
+                rules += [[*ports, r["CidrIp"]] for r in p.get("IpRanges", [])]
+            out.append({"id": g["GroupId"], "name": g["GroupName"], "rules": sorted(rules)})
         return out
 
     def _ec2(self):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import ipaddress
 import json
 import os
 import sys
@@ -47,13 +48,14 @@ def _now() -> str:
 
 
 class OpenStackFake(FakeApp):
-    def __init__(self, base: str, user: str, password: str, build_seconds: float, quota: dict):
+    def __init__(self, base: str, user: str, password: str, build_seconds: float, quota: dict, subnet: str = "10.0.0.0/24"):
         super().__init__()
         self.base = base
         self.user = user
         self.password = password
         self.build_seconds = build_seconds
         self.quota = quota
+        self.subnet = ipaddress.ip_network(subnet)
         self.tokens: set[str] = set()
         self.flavors = {str(i + 1): dict(id=str(i + 1), name=n, vcpus=c, ram=r, disk=d) for i, (n, c, r, d) in enumerate(FLAVORS)}
         self.images = {
@@ -79,7 +81,11 @@ class OpenStackFake(FakeApp):
         with self.lock:
             return {
                 "servers": [
-                    {**{k: s[k] for k in ("id", "name", "status", "metadata", "security_groups", "key_name")}, "user_data": s["_user_data"]}
+                    {
+                        **{k: v for k, v in self._server_view(s).items() if k in ("id", "name", "status", "metadata", "security_groups", "key_name")},
+                        "user_data": s["_user_data"],
+                        "address": s["_ip"],
+                    }
                     for s in self.servers.values()
                 ],
                 "keypairs": sorted(self.keypairs),
@@ -89,6 +95,10 @@ class OpenStackFake(FakeApp):
                         "id": g["id"],
                         "name": g["name"],
                         "sources": sorted([r["protocol"], r["remote_group_id"] or r["remote_ip_prefix"]] for r in g["security_group_rules"]),
+                        "rules": sorted(
+                            [r["protocol"], r["port_range_min"], r["port_range_max"], r["remote_group_id"] or r["remote_ip_prefix"]]
+                            for r in g["security_group_rules"]
+                        ),
                     }
                     for g in self.groups.values()
                 ],
@@ -271,7 +281,7 @@ class OpenStackFake(FakeApp):
                 {"rel": "bookmark", "href": f"{self.base}/compute/{PROJECT}/servers/{sid}"},
             ],
             "_t0": time.monotonic(),
-            "_ip": f"10.0.0.{self.ip_counter}",
+            "_ip": str(self.subnet.network_address + self.ip_counter),
             "_user_data": base64.b64decode(req.get("user_data", "") or b"").decode(),
         }
         self.servers[sid] = server
@@ -345,15 +355,18 @@ class OpenStackFake(FakeApp):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (written to --port-file)")
     parser.add_argument("--user", default="gaia")
     parser.add_argument("--build-seconds", type=float, default=0.2)
     parser.add_argument("--max-instances", type=int, default=20)
     parser.add_argument("--max-cores", type=int, default=128)
     parser.add_argument("--max-ram-mb", type=int, default=512 * 1024)
+    parser.add_argument("--subnet", default="10.0.0.0/24", help="fixed addresses of servers: .11, .12, ... of this network")
     args = parser.parse_args(argv)
     password = os.environ.get("FAKE_OS_PASSWORD", "")
-    app = OpenStackFake("", args.user, password, args.build_seconds, {"instances": args.max_instances, "cores": args.max_cores, "ram": args.max_ram_mb})
-    serve(app, args.port_file)
+    quota = {"instances": args.max_instances, "cores": args.max_cores, "ram": args.max_ram_mb}
+    app = OpenStackFake("", args.user, password, args.build_seconds, quota, subnet=args.subnet)
+    serve(app, args.port_file, args.port)
 
 
 if __name__ == "__main__":

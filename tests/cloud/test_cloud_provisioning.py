@@ -11,16 +11,20 @@ import re
 
 from dagster import materialize
 
+from cloud.emulators import ORCHESTRATOR_ADDRESS, ORCHESTRATOR_CIDR
 from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
 from gaia_flows.cloud.settings import TAG_CLUSTER, TAG_ROLE
+from gaia_flows.cloud.stack import local_stack, mismatches
 from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 
-ORCHESTRATOR_CIDR = "192.0.2.10/32"  # the shipped profiles' orchestrator address
+# SSH, master, worker, master UI, worker UI, then the block managers' range.
+ORCHESTRATOR_PORTS = [(22, 22), (7077, 7077), (7078, 7078), (8080, 8080), (8081, 8081), (7080, 7088)]
 
 
 def _resources(target, profile=None):
-    return {"cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)), "storage": StorageResource()}
+    return {"cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)), "storage": StorageResource(), "spark": SparkResource()}
 
 
 def materialise(target, workers, profile=None, raise_on_error=True, instance=None):
@@ -62,10 +66,11 @@ def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(
     assert sorted(s["tags"][TAG_ROLE] for s in live) == ["master", "worker", "worker", "worker"]
     assert all(s["groups"] == [f"{target.cluster}-sg"] for s in live)
     assert target.key_pairs() == [f"{target.cluster}-key"]
-    # The group admits its own members (tcp + udp) and the orchestrator (tcp), nothing else.
+    # The group admits its own members (tcp + udp) and the orchestrator on Spark's ports and SSH, nothing else.
     (group,) = target.security_groups()
     assert group["name"] == f"{target.cluster}-sg"
-    assert group["sources"] == sorted([["tcp", group["id"]], ["udp", group["id"]], ["tcp", ORCHESTRATOR_CIDR]])
+    inside = [["tcp", 0 if target.name == "aws" else 1, 65535, group["id"]], ["udp", 0 if target.name == "aws" else 1, 65535, group["id"]]]
+    assert group["rules"] == sorted(inside + [["tcp", low, high, ORCHESTRATOR_CIDR] for low, high in ORCHESTRATOR_PORTS])
 
     manifest = json.loads((layout.clusters / f"{target.cluster}.json").read_text())
     master = manifest["master"]
@@ -119,7 +124,8 @@ def test_nodes_boot_with_cloud_init_that_leaves_memory_for_the_os_and_serves_the
     for name, scraped in by_node.items():
         for job, address, path in scraped:
             host, port = address.rsplit(":", 1)
-            assert host and re.search(rf"--webui-port {port}\b", booted[name]), (name, address)
+            webui = "SPARK_MASTER_WEBUI_PORT" if name == f"{target.cluster}-master" else "SPARK_WORKER_WEBUI_PORT"
+            assert host and re.search(rf"^\s*{webui}={port}$", booted[name], re.M), (name, address)
             assert f"prometheusServlet.path={path}" in booted[name], (name, path)
             assert (job == "spark-worker") == (name != f"{target.cluster}-master")
     teardown(target)
@@ -219,8 +225,44 @@ def test_persistent_server_errors_stop_after_the_retry_budget(target, layout):
 
 
 def test_no_cloud_profile_is_a_no_op(layout):
-    result = materialize([spark_cluster], resources={"cloud": CloudResource(profile="local"), "storage": StorageResource()})
+    result = materialize([spark_cluster], resources={"cloud": CloudResource(profile="local"), "storage": StorageResource(), "spark": SparkResource()})
     meta = metadata(result)
     assert meta["mode"] == "no cluster" and meta["master_url"].startswith("local[")
     assert not layout.clusters.exists() or not any(layout.clusters.iterdir())
 
+
+
+def test_the_driver_advertises_the_orchestrator_on_fixed_ports_and_authenticates(target, layout):
+    meta = metadata(materialise(target, workers=1))
+    conf = meta["spark_conf"]
+    assert conf["spark.driver.host"] == conf["spark.driver.bindAddress"] == ORCHESTRATOR_ADDRESS
+    assert (conf["spark.driver.port"], conf["spark.blockManager.port"]) == ("7079", "7080")
+    assert conf["spark.authenticate"] == conf["spark.network.crypto.enabled"] == "true"
+    secret = layout.clusters / target.cluster / "spark-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    value = secret.read_text()
+    assert len(value) == 64
+    shown = [json.dumps(meta), (layout.clusters / f"{target.cluster}.json").read_text(), *target.user_data().values()]
+    assert not [text for text in shown if value in text], "the Spark secret stays in its own file"
+    assert teardown(target).success
+    assert not secret.exists()
+
+
+def test_the_placeholder_orchestrator_is_refused_before_any_cloud_call(target, layout):
+    profile = target.profile_with("placeholder")
+    path = target.profiles_dir / f"{profile}.yaml"
+    path.write_text(path.read_text().replace(ORCHESTRATOR_CIDR, "192.0.2.10/32"))
+    before = target.requests()
+    message, _ = failure(materialise(target, workers=1, profile=profile, raise_on_error=False))
+    assert "192.0.2.10/32, the documentation placeholder" in message and "private address of the host that runs Dagster" in message
+    assert target.count(target.create_request, before) == 0 and target.servers() == []
+
+
+def test_a_worker_stack_that_differs_from_the_drivers_is_named_with_both_versions():
+    driver = local_stack()
+    same, older = dict(driver), {**driver, "numpy": "1.26.4", "python": "3.10"}
+    assert mismatches(driver, {"10.0.0.12": same}) == []
+    assert mismatches(driver, {"10.0.0.12": same, "10.0.0.13": older}) == [
+        f"worker 10.0.0.13: python 3.10 (driver {driver['python']})",
+        f"worker 10.0.0.13: numpy 1.26.4 (driver {driver['numpy']})",
+    ]

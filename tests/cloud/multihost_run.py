@@ -1,0 +1,96 @@
+"""The Dagster run on the orchestrator host of a multi-host test (tests/cloud/test_multihost.py).
+
+Runs in the orchestrator's network namespace, as a run worker would: it materialises assets
+with the resources the profile gives (``build_resources``), so the Spark driver lives here and
+reaches the cluster only through the bridge. Steps, in order, from ``--steps``:
+
+- ``cluster``: ``spark_cluster`` (which waits until every worker runs the driver's stack);
+- ``catalogue``: ``gaia_source`` and ``pm_stats`` over ``--regions`` (one single-run backfill);
+- ``maps``: ``proper_motion_maps``;
+- ``teardown``: the ``teardown_cluster`` job.
+
+Writes ``--out`` (JSON): per step its success and what the test checks (the driver's settings,
+the executors' hosts). Exit status 0 only if every step succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from dagster import DagsterInstance, materialize
+
+from gaia_flows import spark as spark_factory
+from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
+from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+from gaia_flows.partitions import sky_regions
+from gaia_flows.profiles import load_profile
+from gaia_flows.resources import build_resources
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--profiles-dir", required=True)
+    parser.add_argument("--steps", required=True)
+    parser.add_argument("--regions", default="all")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--size", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    resources = build_resources(load_profile(args.profile, Path(args.profiles_dir)))
+    regions = sky_regions.get_partition_keys() if args.regions == "all" else args.regions.split(",")
+    instance = DagsterInstance.ephemeral()
+    out: dict = {}
+
+    def save():
+        Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+
+    try:
+        for step in args.steps.split(","):
+            if step == "cluster":
+                config = {"workers": args.workers, "size": args.size, "data_bytes": 2**30}
+                result = materialize([spark_cluster], resources=resources, run_config={"ops": {"spark_cluster": {"config": config}}}, instance=instance)
+                (event,) = result.asset_materializations_for_node("spark_cluster")
+                out["cluster"] = {"success": result.success, "metadata": {k: v.value for k, v in event.metadata.items()}}
+            elif step == "catalogue":
+                tags = {"dagster/asset_partition_range_start": regions[0], "dagster/asset_partition_range_end": regions[-1]}
+                result = materialize(
+                    [spark_cluster, gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=resources, tags=tags, instance=instance
+                )
+                session = resources["spark"].session()
+                hosts = sorted(set(session.sparkContext.parallelize(range(16), 16).map(lambda _: os.environ.get("SPARK_LOCAL_IP")).collect()))
+                conf = dict(session.sparkContext.getConf().getAll())
+                out["catalogue"] = {
+                    "success": result.success,
+                    "master": session.sparkContext.master,
+                    "driver": {k: conf.get(k) for k in ("spark.driver.host", "spark.driver.port", "spark.blockManager.port", "spark.authenticate", "spark.network.crypto.enabled")},
+                    "task_hosts": hosts,
+                }
+            elif step == "maps":
+                result = materialize([pm_stats, proper_motion_maps], selection=[proper_motion_maps.key], resources=resources, instance=instance)
+                out["maps"] = {"success": result.success}
+            elif step == "teardown":
+                spark_factory.stop_active()
+                result = teardown_cluster_job.execute_in_process(resources={"cloud": resources["cloud"]}, instance=instance)
+                out["teardown"] = {"success": result.success, "summary": result.output_for_node("teardown_cluster_nodes")}
+            else:
+                raise SystemExit(f"unknown step {step!r}")
+            save()
+            if not out[step]["success"]:
+                return 1
+    except Exception:
+        out["error"] = traceback.format_exc()
+        save()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

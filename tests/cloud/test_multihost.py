@@ -1,0 +1,438 @@
+"""The asset graph on a provisioned cluster whose nodes are separate network hosts.
+
+One machine plays a whole cloud deployment (``tests/cloud/multihost.py``): the OpenStack fake
+runs on the orchestrator host's loopback, ``spark_cluster`` provisions through libcloud as it
+would on a real cloud, a test hypervisor boots every server the fake reports running as its own
+network namespace with the address the fake gave it, the security group as nftables rules, and
+the start part of its user data. The Dagster run - the Spark driver - runs on the orchestrator
+host and reaches the master only at its bridge address. Every host mounts the cluster's shared
+directory at the profile's mount path.
+
+The module provisions one cluster (1 master + 2 workers), runs ``gaia_source`` and ``pm_stats``
+over all 48 regions of a small synthetic catalogue and ``proper_motion_maps`` on it, checks the
+tables against a ``local`` run of the same catalogue, probes the cluster from outside its
+group and with a wrong secret, then tears it down and checks nothing is left.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from dagster import materialize
+
+from cloud import multihost
+from cloud.conftest import AWS_KEY_ID, AWS_SECRET, OS_PASSWORD, OS_USER
+from cloud.emulators import ORCHESTRATOR_ADDRESS, TEST_NETWORK, aws_cloud, openstack_cloud, write_profile
+from support.spark import TEST_SPARK_CONF
+from gaia_flows import maps
+from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+from gaia_flows.cloud.stack import local_stack
+from gaia_flows.layout import StateLayout
+from gaia_flows.partitions import sky_regions
+from gaia_flows.resources.spark import SparkResource
+from gaia_flows.resources.storage import StorageResource
+from gaia_flows.science import synthetic
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces, veth pairs and nftables need root (CI runs as root)"),
+    pytest.mark.skipif(not (shutil.which("ip") and shutil.which("nft")), reason="needs iproute2 and nftables (.ci/run installs them)"),
+]
+
+HERE = Path(__file__).resolve().parent
+MOUNT = "/mnt/gaia-flows"  # the profile's storage.mount: the share's path on every host
+STARS = 12_000
+REGIONS = sky_regions.get_partition_keys()
+NETWORK = ipaddress.ip_network(TEST_NETWORK)
+# What a Spark driver logs when the master closes the connection during the authentication
+# handshake (the bootstrap of every RPC connection once spark.authenticate is on).
+AUTH_REFUSED = re.compile(r"Exception while bootstrapping client")
+MOTO_PORT = 4566  # inside the orchestrator's namespace: nothing else listens there
+
+
+@dataclass
+class Cloud:
+    """One emulated cloud as the orchestrator host runs it, and the cloud's own view of it."""
+
+    profile: str
+    cluster: str
+    worker_size: str
+    credentials: dict[str, str]
+    servers: Callable[[], list[multihost.Server]]
+    group_rules: Callable[[str], list[dict]]
+    inventory: Callable[[], dict]  # {"servers": {name: address}, "key_pairs": [...], "security_groups": [...]}
+
+
+@dataclass
+class Deployment:
+    lab: multihost.Lab
+    orchestrator: multihost.InNamespace
+    hypervisor: multihost.Hypervisor
+    cloud: Cloud
+    root: Path
+    shared: Path
+    home: Path  # the orchestrator's state folder
+    profiles: Path
+
+    def run(self, steps: str, regions: str = "all", timeout: float = 900) -> dict:
+        """The Dagster run on the orchestrator host; returns its summary (fails the test on error)."""
+        out = self.root / f"run-{steps.replace(',', '-')}.json"
+        script = "\n".join(
+            [
+                "set -euo pipefail",
+                f"mount -t tmpfs -o mode=0755 gaia-mnt {Path(MOUNT).parent}",
+                f"mkdir -p {MOUNT}",
+                f"mount --bind {self.shared} {MOUNT}",
+                f"exec {sys.executable} {HERE / 'multihost_run.py'} --profile {self.cloud.profile} --profiles-dir {self.profiles} "
+                f"--steps {steps} --regions {regions} --size {self.cloud.worker_size} --out {out}",
+            ]
+        )
+        env = {"GAIA_FLOWS_HOME": str(self.home), **self.cloud.credentials}
+        log = self.root / "logs" / f"orchestrator-{steps.replace(',', '-')}.log"
+        proc = self.lab.spawn("orchestrator", script, log, env=env)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        summary = json.loads(out.read_text()) if out.exists() else {}
+        assert code == 0, f"run {steps} failed: {summary.get('error') or log.read_text()[-4000:]}\nhypervisor: {self.hypervisor.errors}"
+        return summary
+
+    def manifest(self) -> dict:
+        return json.loads((self.home / "clusters" / f"{self.cloud.cluster}.json").read_text())
+
+    def node_names(self) -> list[str]:
+        return [f"{self.cloud.cluster}-master", f"{self.cloud.cluster}-worker-0", f"{self.cloud.cluster}-worker-1"]
+
+
+def _write_profile(directory: Path, base: str, name: str, cloud: dict) -> None:
+    cloud["limits"] = {"min_workers": 1, "max_workers": 4, "master_min_ram_mb": 2048}
+    write_profile(directory, base, name, cloud)
+    path = directory / f"{name}.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["spark"]["conf"].update({"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false"})
+    spec["storage"] = {"mount": MOUNT}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _serve_on_orchestrator(lab, orchestrator, script: str, log: Path, url: str, env: dict | None = None) -> None:
+    """Start an emulator on the orchestrator host's loopback and wait until it answers there."""
+    lab.spawn("orchestrator", script, log, env=env)
+    deadline = time.monotonic() + 90
+    while not orchestrator(_answers, url):
+        assert time.monotonic() < deadline, f"{url} does not answer on the orchestrator's loopback:\n{log.read_text()[-2000:]}"
+        time.sleep(0.2)
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _openstack(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
+    port = 8774
+    url = f"http://127.0.0.1:{port}"
+    script = (
+        f"exec {sys.executable} {HERE / 'openstack_fake.py'} --port-file {root / 'openstack.port'} --port {port} "
+        f"--user {OS_USER} --subnet {TEST_NETWORK} --build-seconds 0.2\n"
+    )
+    _serve_on_orchestrator(lab, orchestrator, script, root / "logs" / "openstack-fake.log", f"{url}/identity/v3", env={"FAKE_OS_PASSWORD": OS_PASSWORD})
+    _write_profile(profiles, "openstack", "openstack-mh", openstack_cloud(SimpleNamespace(url=url), wait_timeout_s=300, verify_stack=True))
+    state = lambda: orchestrator(_get_json, f"{url}/_fake/state")  # noqa: E731
+
+    def servers():
+        return [
+            multihost.Server(s["id"], s["name"], s["status"] == "ACTIVE", s["address"], s["user_data"], (s["security_groups"] or [{}])[0].get("name"))
+            for s in state()["servers"]
+        ]
+
+    def group_rules(name):
+        for group in state()["security_group_details"]:
+            if group["name"] == name:
+                return [{"protocol": p, "from": lo, "to": hi, "source": "group" if src == group["id"] else src} for p, lo, hi, src in group["rules"]]
+        return []
+
+    def inventory():
+        now = state()
+        return {"servers": {s["name"]: s["address"] for s in now["servers"]}, "key_pairs": now["keypairs"], "security_groups": [g for g in now["security_groups"] if g != "default"]}
+
+    credentials = {"GAIA_TEST_OS_USERNAME": OS_USER, "GAIA_TEST_OS_PASSWORD": OS_PASSWORD}
+    return Cloud("openstack-mh", "gaia-os", "general.v1.small", credentials, servers, group_rules, inventory)
+
+
+def _ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
+    url = f"http://127.0.0.1:{MOTO_PORT}"
+    moto = Path(sys.executable).with_name("moto_server")
+    _serve_on_orchestrator(lab, orchestrator, f"exec {moto} -H 127.0.0.1 -p {MOTO_PORT}\n", root / "logs" / "moto.log", f"{url}/moto-api/")
+    ec2 = orchestrator(lambda: boto3.client("ec2", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"))
+    call = lambda fn, **kw: orchestrator(lambda: getattr(ec2, fn)(**kw))  # noqa: E731 - every request from the orchestrator host
+    # The cluster's subnet is the lab's network, so instances get addresses the lab can give them.
+    vpc = call("create_vpc", CidrBlock=str(NETWORK.supernet(new_prefix=16)))["Vpc"]["VpcId"]
+    subnet = call("create_subnet", VpcId=vpc, CidrBlock=TEST_NETWORK, AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+    cloud = aws_cloud(SimpleNamespace(port=MOTO_PORT), wait_timeout_s=300, verify_stack=True)
+    cloud["network"]["subnet"] = subnet
+    cloud["network"]["use_public_ip"] = False
+    _write_profile(profiles, "aws", "aws-mh", cloud)
+    user_data: dict[str, str] = {}
+
+    def live():
+        for reservation in call("describe_instances")["Reservations"]:
+            for i in reservation["Instances"]:
+                if i["State"]["Name"] not in ("terminated", "shutting-down"):
+                    yield i, {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+
+    def servers():
+        out = []
+        for i, tags in live():
+            iid = i["InstanceId"]
+            if iid not in user_data:
+                user_data[iid] = base64.b64decode(call("describe_instance_attribute", InstanceId=iid, Attribute="userData")["UserData"]["Value"]).decode()
+            group = (i.get("SecurityGroups") or [{}])[0].get("GroupName")
+            out.append(multihost.Server(iid, tags.get("Name", iid), i["State"]["Name"] == "running", i.get("PrivateIpAddress"), user_data[iid], group))
+        return out
+
+    def group_rules(name):
+        for g in call("describe_security_groups")["SecurityGroups"]:
+            if g["GroupName"] == name:
+                rules = []
+                for p in g["IpPermissions"]:
+                    base = {"protocol": p["IpProtocol"], "from": p["FromPort"], "to": p["ToPort"]}
+                    rules += [{**base, "source": "group"} for pair in p.get("UserIdGroupPairs", []) if pair["GroupId"] == g["GroupId"]]
+                    rules += [{**base, "source": r["CidrIp"]} for r in p.get("IpRanges", [])]
+                return rules
+        return []
+
+    def inventory():
+        return {
+            "servers": {tags.get("Name"): i.get("PrivateIpAddress") for i, tags in live()},
+            "key_pairs": [k["KeyName"] for k in call("describe_key_pairs")["KeyPairs"]],
+            "security_groups": [g["GroupName"] for g in call("describe_security_groups")["SecurityGroups"] if g["GroupName"] != "default"],
+        }
+
+    credentials = {"GAIA_TEST_AWS_KEY_ID": AWS_KEY_ID, "GAIA_TEST_AWS_SECRET": AWS_SECRET}
+    return Cloud("aws-mh", "gaia-aws", "m5.large", credentials, servers, group_rules, inventory)
+
+
+@contextlib.contextmanager
+def _deployment(tmp_path_factory, make_cloud, regions: list[str]):
+    """A lab with the orchestrator host, the emulator on it, a hypervisor and a catalogue on the share."""
+    root = tmp_path_factory.mktemp("multihost")
+    shared, home, profiles = root / "shared", root / "orchestrator-home", root / "profiles"
+    shared.mkdir()
+    lab = multihost.Lab(TEST_NETWORK).start()
+    orchestrator = hypervisor = None
+    try:
+        lab.add_host("orchestrator", ORCHESTRATOR_ADDRESS)
+        orchestrator = multihost.InNamespace(lab.hosts["orchestrator"].namespace)
+        cloud = make_cloud(lab, orchestrator, root, profiles)
+        secret_file = home / "clusters" / cloud.cluster / "spark-secret"
+        hypervisor = multihost.Hypervisor(
+            lab, servers=cloud.servers, group_rules=cloud.group_rules, mount=MOUNT, shared=shared,
+            secret=lambda: secret_file.read_text() if secret_file.exists() else None, log_dir=root / "logs",
+        )
+        files = 48 if len(regions) == len(REGIONS) else 4
+        synthetic.generate(stars=STARS if files == 48 else 2_000, seed=14, out=shared / "landing", files=files, processes=1, progress=False)
+        hypervisor.start()
+        yield Deployment(lab, orchestrator, hypervisor, cloud, root, shared, home, profiles)
+    finally:
+        if hypervisor is not None:
+            hypervisor.stop()
+        if orchestrator is not None:
+            orchestrator.close()
+        lab.close()
+    assert [ns for ns in multihost.lab_namespaces() if lab.tag in ns] == [], "namespaces left behind"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    with _deployment(tmp_path_factory, _openstack, REGIONS) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def graph_run(deployment):
+    return deployment.run("cluster,catalogue,maps")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, deployment, _spark_application):
+    """The same catalogue through the ``local`` profile's engine (local[2] in this process)."""
+    home = tmp_path_factory.mktemp("local-run")
+    storage = StorageResource(home=str(home), landing=str(deployment.shared / "landing"))
+    spark = SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF)
+    resources = {"storage": storage, "spark": spark}
+    tags = {"dagster/asset_partition_range_start": REGIONS[0], "dagster/asset_partition_range_end": REGIONS[-1]}
+    assert materialize([gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=resources, tags=tags).success
+    assert materialize([pm_stats, proper_motion_maps], selection=[proper_motion_maps.key], resources=resources).success
+    return storage.layout
+
+
+def _table(path: Path, key: str):
+    return pq.read_table(path).sort_by(key).to_pandas()
+
+
+def test_the_graph_runs_on_the_cluster_hosts(deployment, graph_run):
+    manifest = deployment.manifest()
+    servers = deployment.cloud.inventory()["servers"]
+    master, *worker_names = deployment.node_names()
+    assert sorted(servers) == [master, *worker_names]
+    master_address = servers[master]
+    workers = sorted(servers[name] for name in worker_names)
+    # The master URL the manifest records is reachable exactly as written, from the orchestrator host.
+    assert manifest["master_url"] == f"spark://{master_address}:7077"
+    assert graph_run["catalogue"]["master"] == manifest["master_url"]
+    # spark_cluster waited until both worker hosts ran a task, on the driver's own stack.
+    stacks = graph_run["cluster"]["metadata"]["worker_stacks"]
+    assert sorted(stacks) == workers
+    assert all(stack == local_stack() for stack in stacks.values())
+    driver = graph_run["catalogue"]["driver"]
+    assert driver == {
+        "spark.driver.host": ORCHESTRATOR_ADDRESS,
+        "spark.driver.port": "7079",
+        "spark.blockManager.port": "7080",
+        "spark.authenticate": "true",
+        "spark.network.crypto.enabled": "true",
+    }
+    assert set(graph_run["catalogue"]["task_hosts"]) <= set(workers) and graph_run["catalogue"]["task_hosts"], "tasks ran on the worker hosts"
+    assert graph_run["maps"]["success"]
+    assert deployment.hypervisor.errors == []
+
+
+def test_tables_and_maps_equal_a_local_run(deployment, graph_run, local_run):
+    cluster = StateLayout.from_env(deployment.home).with_storage({"mount": str(deployment.shared)})
+    assert cluster.warehouse == deployment.shared / "warehouse"
+    for region in REGIONS:
+        got, want = _table(cluster.region_dir("gaia_source", region), "source_id"), _table(local_run.region_dir("gaia_source", region), "source_id")
+        assert got.equals(want), region
+        got, want = _table(cluster.region_dir("pm_stats", region), "pixel"), _table(local_run.region_dir("pm_stats", region), "pixel")
+        assert list(got.columns) == list(want.columns) and len(got) == len(want), region
+        for column in got.columns:
+            assert got[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-12, nan_ok=True), (region, column)
+    got, want = maps.map_table(6, cluster).to_pandas(), maps.map_table(6, local_run).to_pandas()
+    assert len(got) == len(want) == 12 * 4**6
+    for column in got.columns:
+        assert got[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-12, nan_ok=True), column
+
+
+def _connects(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_host_outside_the_security_group_is_refused(deployment, graph_run):
+    servers = deployment.cloud.inventory()["servers"]
+    master, worker = (servers[name] for name in deployment.node_names()[:2])
+    deployment.lab.add_host("outsider", str(NETWORK.network_address + 200))
+    outsider = multihost.InNamespace(deployment.lab.hosts["outsider"].namespace)
+    try:
+        probes = [(master, 7077), (master, 8080), (worker, 7078), (worker, 8081), (worker, 7080), (master, 22)]
+        assert [p for p in probes if outsider(_connects, *p)] == []
+        # The same ports answer the orchestrator, which the group admits: the refusal is the group's.
+        assert deployment.orchestrator(_connects, master, 7077) and deployment.orchestrator(_connects, worker, 8081)
+    finally:
+        outsider.close()
+        deployment.lab.remove_host("outsider")
+
+
+def test_a_driver_with_a_wrong_secret_is_refused(deployment, graph_run):
+    """A driver inside the orchestrator's address, with the cluster's settings but another secret."""
+    manifest = deployment.manifest()
+    conf = {**manifest["spark_conf"], "spark.authenticate.secret": "0" * 64, "spark.driver.memory": "512m", "spark.ui.enabled": "false"}
+    code = f"from gaia_flows import spark; spark.session({manifest['master_url']!r}, {conf!r}, app_name='intruder').range(1).count()"
+    master_log = deployment.root / "logs" / f"{deployment.cloud.cluster}-master.log"
+    driver_log = deployment.root / "logs" / "intruder.log"
+    seen = len(master_log.read_text(errors="replace"))
+    proc = deployment.lab.spawn("orchestrator", f"exec {sys.executable} -c {shlex.quote(code)}\n", driver_log)
+    try:
+        deadline = time.monotonic() + 120
+        refused = []
+        while time.monotonic() < deadline and proc.poll() is None and not refused:
+            time.sleep(0.5)
+            refused = AUTH_REFUSED.findall(driver_log.read_text(errors="replace"))
+        text = driver_log.read_text(errors="replace")
+        assert refused and "Failed to connect to master" in text, f"the driver was not refused during authentication:\n{text[-3000:]}"
+        assert "Registering app intruder" not in master_log.read_text(errors="replace")[seen:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _teardown_leaves_nothing(deployment: Deployment) -> None:
+    pids = {name: multihost.netns_pids(host.namespace) for name, host in deployment.lab.hosts.items() if name != "orchestrator"}
+    assert sorted(pids) == deployment.node_names() and all(pids.values()), "every node host runs its daemon until teardown"
+    summary = deployment.run("teardown")["teardown"]["summary"]
+    assert sorted(summary["destroyed_nodes"]) == deployment.node_names()
+    assert deployment.cloud.inventory() == {"servers": {}, "key_pairs": [], "security_groups": []}
+    deadline = time.monotonic() + 30
+    while set(deployment.lab.hosts) != {"orchestrator"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(deployment.lab.hosts) == {"orchestrator"}, "the hypervisor powered off every deleted server"
+    alive = [pid for pids_of in pids.values() for pid in pids_of if Path(f"/proc/{pid}").exists()]
+    assert alive == [], "no process of a node host outlives it"
+    assert not (deployment.home / "clusters" / deployment.cloud.cluster / "spark-secret").exists()
+    assert deployment.hypervisor.errors == []
+
+
+def test_teardown_leaves_no_server_group_key_host_or_process(deployment, graph_run):
+    _teardown_leaves_nothing(deployment)
+
+
+@pytest.fixture(scope="module")
+def ec2_deployment(tmp_path_factory):
+    with _deployment(tmp_path_factory, _ec2, REGIONS[7:8]) as deployment:
+        yield deployment
+
+
+def test_ec2_provision_one_region_and_teardown(ec2_deployment):
+    """moto EC2, the same shape: provision, one region's gaia_source on the cluster, teardown."""
+    region = REGIONS[7]
+    run = ec2_deployment.run("cluster,catalogue", regions=region)
+    servers = ec2_deployment.cloud.inventory()["servers"]
+    workers = sorted(servers[name] for name in ec2_deployment.node_names()[1:])
+    assert all(ipaddress.ip_address(a) in NETWORK for a in servers.values()), servers
+    assert run["catalogue"]["master"] == f"spark://{servers[ec2_deployment.cloud.cluster + '-master']}:7077"
+    assert sorted(run["cluster"]["metadata"]["worker_stacks"]) == workers
+    assert set(run["catalogue"]["task_hosts"]) <= set(workers)
+    layout = StateLayout.from_env(ec2_deployment.home).with_storage({"mount": str(ec2_deployment.shared)})
+    rows = pq.read_table(layout.region_dir("gaia_source", region)).num_rows
+    truth = pq.read_table(next((ec2_deployment.shared / "landing" / "truth").glob("*.parquet")))
+    assert rows > 0 and rows <= truth.num_rows
+    _teardown_leaves_nothing(ec2_deployment)
