@@ -19,7 +19,6 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, materialize
 
 from support.spark import TEST_SPARK_CONF
@@ -344,49 +343,3 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
     assert _materialize(reference).success
     assert _table(layout).equals(_table(reference))
 
-
-# --- two runs of the same region at once ---------------------------------------------------------
-
-
-def _step_window(instance: DagsterInstance, run_id: str) -> tuple[float, float]:
-    """When the run's ingestion step started and succeeded."""
-    logs = [e for e in instance.all_logs(run_id) if e.dagster_event and e.step_key == "gaia_source"]
-    start = min(e.timestamp for e in logs if e.dagster_event.event_type_value == "STEP_START")
-    end = max(e.timestamp for e in logs if e.dagster_event.event_type_value == "STEP_SUCCESS")
-    return start, end
-
-
-def test_two_runs_of_one_region_take_turns_through_the_pool_and_publish_one_whole_version(clean, tmp_path, monkeypatch):
-    """Two runs of REGION from different landing folders, started together on one instance
-    (deployments/local/dagster.yaml: pool default_limit 1): their ingestion steps do not overlap,
-    and the published region is exactly one run's table, never a mixture."""
-    from gaia_flows import cli
-
-    layout = StateLayout.from_env(tmp_path / "state").ensure()
-    cli.dagster_env(layout)  # seeds the instance file
-    monkeypatch.setenv("DAGSTER_HOME", str(layout.dagster_home))
-    other = StateLayout.from_env(tmp_path / "other").ensure()
-    _land(other.landing, 2000, seed=9, files=1)
-    assert _materialize(other).success
-    sources = {"a": clean.landing, "b": other.landing}
-    results: dict = {}
-
-    def run(name: str) -> None:
-        with DagsterInstance.get() as instance:
-            results[name] = _materialize(StateLayout.from_env(layout.home, sources[name]), instance=instance)
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in sources]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(600)
-    assert set(results) == {"a", "b"} and all(r.success for r in results.values())
-
-    with DagsterInstance.get() as instance:
-        windows = {name: _step_window(instance, result.run_id) for name, result in results.items()}
-    first, second = sorted(windows, key=lambda n: windows[n][0])
-    assert windows[first][1] <= windows[second][0], f"ingestion steps overlapped: {windows}"
-    expected = {"a": clean, "b": other}[second]
-    assert _table(layout).equals(_table(expected)), "the later run's table, whole"
-    versions = [p for p in (layout.table(TABLE) / ".versions").iterdir() if p.name.startswith(REGION)]
-    assert len(versions) == 1, versions
