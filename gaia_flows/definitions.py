@@ -4,13 +4,13 @@ resources; the asset graph is the same on every target."""
 
 from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
 
-from gaia_flows.assets import catalogue, classifier, cluster, proper_motion
+from gaia_flows.assets import catalogue, classifier, cluster, hats_catalogue, proper_motion
 from gaia_flows.jobs import catalogue_job
 from gaia_flows.resources import build_resources
 from gaia_flows.schedules import nightly_refresh
 from gaia_flows.sensors import landing_files_sensor
 
-_modules = [cluster, catalogue, proper_motion, classifier]
+_modules = [cluster, catalogue, proper_motion, classifier, hats_catalogue]
 
 defs = Definitions(
     assets=load_assets_from_modules(_modules),

@@ -7,6 +7,7 @@ resets the platform. Every module asks this one helper for paths instead of join
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -62,6 +63,21 @@ class StateLayout:
     @property
     def maps(self) -> Path:
         return self.home / "maps"
+
+    @property
+    def hats(self) -> Path:
+        """HATS collections for LSDB and other HATS readers, one per exported table::
+
+            hats/<table>/                     symlink to one immutable version (see publish)
+                collection.properties         primary catalogue and default margin
+                <table>/                      the catalogue: properties, partition_info.csv,
+                    dataset/Norder=<k>/Dir=<d>/Npix=<n>.parquet, dataset/_metadata
+                <table>_<margin>arcs/         the margin cache, same layout
+        """
+        return self.home / "hats"
+
+    def hats_collection(self, table: str) -> Path:
+        return self.hats / table
 
     @property
     def clusters(self) -> Path:
@@ -121,3 +137,15 @@ def publish(staged: Path, final: Path) -> Path:
     if previous is not None and previous != target:
         shutil.rmtree(previous, ignore_errors=True)
     return target
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put an immutable published file into a new version without copying its bytes: a hard
+    link, or a copy on a filesystem without hard links."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(source, target)

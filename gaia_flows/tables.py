@@ -7,9 +7,7 @@ stay untouched. Only this module writes there.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
-from gaia_flows.layout import StateLayout, publish
+from gaia_flows.layout import StateLayout, link_or_copy, publish
 from gaia_flows.science.healpix import parse_region_key
 
 REGION_MANIFEST = "_region.json"
@@ -151,12 +149,7 @@ def write_table_files(
     try:
         for name, content in files:
             if isinstance(content, Path):
-                try:
-                    os.link(content, staging / name)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                        raise
-                    shutil.copy2(content, staging / name)  # a filesystem without hard links
+                link_or_copy(content, staging / name)
             else:
                 _write_grouped(content, schema, staging / name, table, row_group_key)
         write_manifest(staging, manifest())
