@@ -27,7 +27,7 @@ LOCAL_INSTANCE_YAML = REPO_ROOT / "deployments" / "local" / "dagster.yaml"
 # region in a single run (single-run backfill policy), not 48 cold starts.
 DEMO_STEPS: list[tuple[str, bool]] = [
     ("gaia_source,pm_stats", True),
-    ("proper_motion_maps,astrometric_training_set,astrometric_classifier", False),
+    ("proper_motion_maps,astrometric_training_set,astrometric_classifier,hats_catalogue", False),
     ("classified_sources", True),
 ]
 
@@ -75,6 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\nDone in {minutes:.1f} min. Everything is under {layout.home}:\n"
         f"  catalogue   {layout.table('gaia_source')}  (quarantine: {layout.quarantine})\n"
+        f"  HATS        {layout.hats_collection('gaia_source')}  (lsdb.open_catalog)\n"
         f"  sky maps    {layout.maps}\n"
         f"  MLflow      {layout.mlflow_tracking_uri}\n"
         f"Open the Dagster UI:   .venv/bin/gaia-flows ui      (http://127.0.0.1:3000)\n"
