@@ -5,7 +5,7 @@ The work is split the way the two libraries are good at it:
 - the catalogue's partitions are written by Spark tasks, one group of sky regions per task,
   each reading its regions' Parquet files with pyarrow, adding ``_healpix_29`` from ra/dec
   (``hats.pixel_math.compute_spatial_index``), sorting by it and cutting the rows into the
-  partitions the plan gives. ``benchmarks/hats.py`` measures this against hats-import's own
+  partitions the plan gives. ``benchmarks/hats_export.py`` measures this against hats-import's own
   Dask pipeline on the same catalogue;
 - the plan (adaptive partitions bounded by ``pixel_threshold`` rows) is hats'
   ``generate_alignment`` over a row-count histogram at ``highest_order``, and every metadata

@@ -1,6 +1,6 @@
 """HATS export benchmark: Spark tasks (``hats_catalogue``'s engine) vs hats-import's Dask pipeline.
 
-    .venv/bin/python benchmarks/hats.py --stars 1000000
+    .venv/bin/python benchmarks/hats_export.py --stars 1000000
 
 On the same published ``gaia_source``:
 
@@ -49,7 +49,7 @@ def hats_import_pipeline(files: list[str], out: Path, settings, cores: int) -> f
         .add_margin(margin_threshold=settings.margin_arcsec, is_default=True)
     )
     started = time.perf_counter()
-    with Client(n_workers=cores, threads_per_worker=1, dashboard_address=None) as client:
+    with Client(n_workers=cores, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as client:
         pipeline_with_client(args, client)
     return time.perf_counter() - started
 
