@@ -97,12 +97,18 @@ def test_cross_match_with_a_shifted_copy_finds_every_source_thanks_to_the_margin
     left = lsdb.from_dataframe(shifted, ra_column="ra", dec_column="dec", catalog_name="shifted")
     collection = layout.hats_collection("gaia_source")
     radius = SHIFT_ARCSEC + 1
-    with_margin = left.crossmatch(lsdb.open_catalog(collection), radius_arcsec=radius, n_neighbors=1, suffixes=("_shifted", "")).compute()
-    without = left.crossmatch(lsdb.open_catalog(collection / "gaia_source"), radius_arcsec=radius, n_neighbors=1, suffixes=("_shifted", "")).compute()
-    assert len(with_margin) == len(ours)
-    assert (with_margin["source_id_shifted"].to_numpy() == with_margin["source_id"].to_numpy()).all(), "every source matched its own twin"
+
+    def twins_found(right) -> set:
+        """Sources whose shifted twin is among their matches (a crowded field may hold another
+        star nearer than the twin, so several neighbours are asked for)."""
+        matched = left.crossmatch(right, radius_arcsec=radius, n_neighbors=4, suffixes=("_shifted", "")).compute()
+        return set(matched["source_id"][matched["source_id_shifted"].to_numpy() == matched["source_id"].to_numpy()])
+
+    with_margin = twins_found(lsdb.open_catalog(collection))
+    without = twins_found(lsdb.open_catalog(collection / "gaia_source"))
+    assert with_margin == set(ours["source_id"]), "every source finds its twin"
     missed = len(ours) - len(without)
-    print(f"\ncross-match: {len(with_margin)} of {len(ours)} found with the margin, {missed} missed without it")
+    print(f"\ncross-match: {len(with_margin)} of {len(ours)} twins found with the margin, {missed} missed without it")
     assert missed > 0, "some twins straddle a partition border: the margin is what finds them"
 
 
