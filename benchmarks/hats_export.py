@@ -49,7 +49,7 @@ def hats_import_pipeline(files: list[str], out: Path, settings, cores: int) -> f
         .add_margin(margin_threshold=settings.margin_arcsec, is_default=True)
     )
     started = time.perf_counter()
-    with Client(n_workers=cores, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as client:
+    with Client(n_workers=cores, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as client:
         pipeline_with_client(args, client)
     return time.perf_counter() - started
 

@@ -340,7 +340,7 @@ def _margin_and_collection(collection: Path, table: str, settings: HatsSettings)
         .catalog(catalog_path=collection / table)
         .add_margin(margin_threshold=settings.margin_arcsec, is_default=True)
     )
-    with Client(n_workers=1, threads_per_worker=max(1, os.cpu_count() or 1), processes=False, dashboard_address=None) as client:
+    with Client(n_workers=1, threads_per_worker=max(1, os.cpu_count() or 1), processes=False, dashboard_address="127.0.0.1:0") as client:  # its HTTP server on loopback only
         pipeline_with_client(args, client)
     margin = read_hats(collection).default_margin_catalog_dir
     return int(read_hats(margin).catalog_info.total_rows)
