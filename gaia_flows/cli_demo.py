@@ -34,7 +34,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gaia_flows.cli import ALL_REGIONS, dagster_cli, dagster_env, open_instance
-from gaia_flows.layout import REPO_ROOT, StateLayout, landing_files
+from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import sky_regions
 from gaia_flows.run_report import AssetProgress, RunReport, read_new_events
 
@@ -66,7 +66,7 @@ class Step:
 # region in a single run (single-run backfill policy), not 48 cold starts.
 DEMO_STEPS = [
     Step("gaia_source,pm_stats", ALL_REGIONS),
-    Step("proper_motion_maps,astrometric_training_set,astrometric_classifier"),
+    Step("proper_motion_maps,astrometric_training_set,astrometric_classifier,hats_catalogue"),
     Step("classified_sources", ALL_REGIONS),
 ]
 
@@ -271,8 +271,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(summary_table(reports))
     console.print(
         f"Done in {minutes:.1f} min. Everything is under {layout.home}:\n"
-        f"  catalogue   {layout.table('gaia_source')}  (quarantine: {layout.quarantine})\n"
+        f"  catalogue   {layout.table(SOURCE_TABLE)}  (quarantine: {layout.quarantine})\n"
         f"  warehouse   {layout.warehouse}\n"
+        f"  HATS        {layout.hats_collection(SOURCE_TABLE)}  (lsdb.open_catalog)\n"
         f"  sky maps    {layout.maps}\n"
         f"  MLflow      {layout.mlflow_tracking_uri}\n"
         f"  Dagster log {log_path}\n"

@@ -17,6 +17,7 @@ from gaia_flows.assets import (
     classified_sources,
     classifier,
     cluster,
+    hats_catalogue,
     proper_motion,
     proper_motion_maps,
     training_set,
@@ -34,6 +35,7 @@ _modules = [
     training_set,
     classifier,
     classified_sources,
+    hats_catalogue,
 ]
 
 # Declarative automation (the assets' `AutomationCondition.eager()`) only acts while a sensor

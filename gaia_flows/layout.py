@@ -36,6 +36,7 @@ Spark's scratch space stay in the orchestrator's own state folder.
 
 from __future__ import annotations
 
+import errno
 import importlib.resources
 import os
 import shutil
@@ -161,6 +162,21 @@ class StateLayout:
         return self.home / "logs"
 
     @property
+    def hats(self) -> Path:
+        """HATS collections for LSDB and other HATS readers, one per exported table::
+
+            hats/<table>/                     symlink to one immutable version (see publish)
+                collection.properties         primary catalogue and default margin
+                <table>/                      the catalogue: properties, partition_info.csv,
+                    dataset/Norder=<k>/Dir=<d>/Npix=<n>.parquet, dataset/_metadata
+                <table>_<margin>arcs/         the margin cache, same layout
+        """
+        return self.home / "hats"
+
+    def hats_collection(self, table: str) -> Path:
+        return self.hats / table
+
+    @property
     def clusters(self) -> Path:
         return self.home / "clusters"
 
@@ -242,3 +258,15 @@ def publish(staged: Path, final: Path) -> Path:
     if previous is not None and previous != target:
         shutil.rmtree(previous, ignore_errors=True)
     return target
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put an immutable published file into a new version without copying its bytes: a hard
+    link, or a copy on a filesystem without hard links."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(source, target)

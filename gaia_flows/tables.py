@@ -7,7 +7,6 @@ stay untouched. Only this module writes there.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
-from gaia_flows.layout import REGION_MANIFEST, StateLayout, publish
+from gaia_flows.layout import REGION_MANIFEST, StateLayout, link_or_copy, publish
 
 STAGING_LOCK = ".lock"
 _HELD_STAGING: dict[Path, int] = {}
@@ -311,12 +310,7 @@ def write_table_files(
         staging.mkdir()
         for name, content in files:
             if isinstance(content, Path):
-                try:
-                    os.link(content, staging / name)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                        raise
-                    shutil.copy2(content, staging / name)  # a filesystem without hard links
+                link_or_copy(content, staging / name)
             else:
                 _write_grouped(content, schema, staging / name, table, row_group_key)
         write_manifest(staging, manifest())

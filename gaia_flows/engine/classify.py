@@ -298,6 +298,23 @@ class LoadedModel:
         return {"trees": len(depths), "max_depth": int(max(depths)), "mean_depth": float(np.mean(depths)), "nodes": int(sum(nodes))}
 
 
+def model_signature(example: pd.DataFrame, output):
+    """The logged signature: the 16 raw features, each a nullable double, then the output
+    inferred from ``output``.
+
+    Inferred from an example, a feature whose values happen to be whole numbers
+    (``visibility_periods_used``) would become an integer column, and MLflow's schema
+    enforcement would then refuse a row where it is missing. As doubles, a missing value is
+    NaN, exactly what :func:`column_features` hands the forest in ``classified_sources``: the
+    trees route it, where training drops incomplete rows (:func:`training_rows`).
+    """
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("double", name) for name in FEATURES])
+    return ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
+
+
 def load_model(uri: str, version: str | None = None) -> LoadedModel:
     """Load an MLflow model in its native flavour (scikit-learn or Spark ML)."""
     import mlflow

@@ -25,14 +25,13 @@ def log_model(trained: classify.LoadedModel, holdout: pd.DataFrame, probability:
     """Log (and register as :data:`MODEL_NAME`) the model with its signature and a five-row
     input example, in the active MLflow run; returns MLflow's ``ModelInfo``."""
     import mlflow as mlflow_lib
-    from mlflow.models import infer_signature
 
     example = holdout[list(FEATURES)].head(5).astype("float64")
     if trained.flavor == "sklearn":
         import sklearn
 
         output = np.column_stack([1 - probability[:5], probability[:5]])
-        signature = infer_signature(example, output)
+        signature = classify.model_signature(example, output)
         return mlflow_lib.sklearn.log_model(
             trained.model,
             name="model",
@@ -47,7 +46,7 @@ def log_model(trained: classify.LoadedModel, holdout: pd.DataFrame, probability:
     import mlflow.spark
     import pyspark
 
-    signature = infer_signature(example, pd.DataFrame({"probability": probability[:5]}))
+    signature = classify.model_signature(example, pd.DataFrame({"probability": probability[:5]}))
     return mlflow.spark.log_model(
         trained.model,
         "model",

@@ -14,8 +14,10 @@ leaves room for other seeds without letting a broken selection (labels or featur
 
 import json
 import os
+import sys
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -225,6 +227,7 @@ def test_mlflow_run_holds_params_dataset_metrics_artifacts_and_model(world, cham
         assert plots == {"confusion_matrix.png", "feature_importances.png", "roc_curve.png"}
         info = mlflow.models.get_model_info(metadata["model"])
         assert [c.name for c in info.signature.inputs.inputs] == list(FEATURES)
+        assert {c.type.name for c in info.signature.inputs.inputs} == {"double"}, "nullable: a missing value is NaN"
         assert info.saved_input_example_info is not None
         assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == "1"
     evaluation = _check(champion["trained"], "not_worse_than_champion")
@@ -444,3 +447,50 @@ def test_mlflow_server_serves_run_metrics_and_registered_model(champion, tmp_pat
         assert tags["training_table_digest"] == metadata["training_table_digest"] and tags["champion_gate"] == "promoted"
     finally:
         server.stop()
+
+
+# --- the champion served the MLflow way ----------------------------------------------------------------
+
+
+def test_mlflow_models_serve_scores_the_champion_as_classified_sources_does(world, champion, tmp_path):
+    """``mlflow models serve`` on the registry alias, over HTTP on loopback, returns for the same
+    rows the probabilities ``classified_sources`` wrote, including for rows with missing
+    features (NaN for the forest in both, never a schema error).
+
+    The rows with missing values are made in a copy of one region in a separate state folder,
+    so the module's catalogue stays as the other tests expect it."""
+    layout, region = world["layout"], "hpx1-08"
+    table = pq.read_table(layout.region_dir("gaia_source", region))
+    frame = table.to_pandas()
+    candidates = np.flatnonzero(frame["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER) & (frame["parallax"].abs() > 8))
+    holes = {candidates[0]: ["ruwe", "pmra"], candidates[1]: ["visibility_periods_used"]}  # an integer-valued feature too
+    holed = frame.copy()
+    for index, names in holes.items():
+        holed.loc[index, names] = np.nan
+    copy = StorageResource(home=str(tmp_path / "state"))
+    write_region_arrow(pa.Table.from_pandas(holed, schema=table.schema, preserve_index=False), copy.layout, "gaia_source", region)
+    materialize(ASSETS, selection=[classified_sources.key], resources={**_resources(champion["store"]), "storage": copy}, partition_key=region)
+    classified = pq.read_table(copy.layout.region_dir("classified_sources", region)).to_pandas().set_index("source_id")
+    rows = holed.loc[candidates[:8], ["source_id", *FEATURES]]
+    assert rows[list(FEATURES)].isna().any(axis=1).sum() == len(holes)
+
+    port = free_port()
+    model = f"models:/{MODEL_NAME}@{CHAMPION}"
+    bin_dir = Path(sys.executable).parent  # the server execs uvicorn from PATH
+    env = {"MLFLOW_TRACKING_URI": champion["store"].resolved_tracking_uri(), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    server = ServerProcess("mlflow-models-serve", command, env=env, log_dir=tmp_path).start(port=port, ready_path="/ping", timeout=180)
+    try:
+        data = [[None if np.isnan(v) else float(v) for v in row] for row in rows[list(FEATURES)].to_numpy(dtype="float64")]
+        body = json.dumps({"dataframe_split": {"columns": list(FEATURES), "data": data}}).encode()
+        request = urllib.request.Request(f"{server.url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = np.asarray(json.loads(response.read())["predictions"])
+    finally:
+        server.stop()
+    assert predictions.shape == (len(rows), 2)
+    expected = classified.loc[rows["source_id"], "probability"].to_numpy()
+    # Spark tasks score float32 features single-threaded, the server float64 ones with the stored
+    # n_jobs: the trees compare in float32 either way, only the order of summing them may differ.
+    np.testing.assert_allclose(predictions[:, 1], expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(predictions[:, 0], 1 - expected, rtol=0, atol=1e-12)
