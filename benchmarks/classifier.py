@@ -30,7 +30,6 @@ import pandas as pd
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from measure import timed, work_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,21 +50,44 @@ def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -
     features = astro.feature_frame(rows)
     chunk = classify.SCORE_BATCH_ROWS
     whole, _ = timed(lambda: single.predict_proba(features), 3)
-    chunked, _ = timed(lambda: [single.predict_proba(features.iloc[i : i + chunk]) for i in range(0, len(features), chunk)], 3)
+    chunked, _ = timed(
+        lambda: [single.predict_proba(features.iloc[i : i + chunk]) for i in range(0, len(features), chunk)],
+        3,
+    )
     single_rate = len(rows) / min(whole, chunked)  # the better of the two is the baseline
     frame = session.createDataFrame(rows).repartition(4 * cores).cache()
     frame.count()
 
     def transfer_only(batches):  # the same columns to Python and a result back, no model
         for batch in batches:
-            yield pa.RecordBatch.from_arrays([batch.column(0), pa.array(np.zeros(batch.num_rows)), pa.array(np.zeros(batch.num_rows, np.int8))], names=["source_id", "probability", "label"])
+            yield pa.RecordBatch.from_arrays(
+                [
+                    batch.column(0),
+                    pa.array(np.zeros(batch.num_rows)),
+                    pa.array(np.zeros(batch.num_rows, np.int8)),
+                ],
+                names=["source_id", "probability", "label"],
+            )
 
-    to_python = frame.select(F.col("source_id"), F.array(*[F.col(f).cast("float") for f in FEATURES]).alias(classify.FEATURE_VECTOR))
-    transfer, _ = timed(lambda: to_python.mapInArrow(transfer_only, classify.SCORE_SCHEMA).write.format("noop").mode("overwrite").save(), 3)
+    to_python = frame.select(
+        F.col("source_id"),
+        F.array(*[F.col(f).cast("float") for f in FEATURES]).alias(classify.FEATURE_VECTOR),
+    )
+    transfer, _ = timed(
+        lambda: (
+            to_python.mapInArrow(transfer_only, classify.SCORE_SCHEMA)
+            .write.format("noop")
+            .mode("overwrite")
+            .save()
+        ),
+        3,
+    )
     started = time.perf_counter()  # the first pass also starts Python workers and unpickles the broadcast
     classify.score(frame, loaded).write.format("noop").mode("overwrite").save()
     cold_rate = len(rows) / (time.perf_counter() - started)
-    spark_seconds, _ = timed(lambda: classify.score(frame, loaded).write.format("noop").mode("overwrite").save(), 3)
+    spark_seconds, _ = timed(
+        lambda: classify.score(frame, loaded).write.format("noop").mode("overwrite").save(), 3
+    )
     spark_rate = len(rows) / spark_seconds
     frame.unpersist()
     # The asset's path for scikit-learn models: Python tasks read Parquet files of the size
@@ -80,28 +102,58 @@ def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -
             files.append(str(Path(folder) / f"part-{i:05d}.parquet"))
             pq.write_table(table.slice(start, 150_000), files[-1], compression="zstd")
         classify.score_files(session, files, loaded).write.format("noop").mode("overwrite").save()
-        files_seconds, _ = timed(lambda: classify.score_files(session, files, loaded).write.format("noop").mode("overwrite").save(), 3)
+        files_seconds, _ = timed(
+            lambda: (
+                classify.score_files(session, files, loaded).write.format("noop").mode("overwrite").save()
+            ),
+            3,
+        )
         # A quarter of the files in one job: what a job's fixed costs (task start, the JVM's
         # code generation and compilation, the last task's tail) do to the rate.
         quarter = files[: max(1, len(files) // 4)]
         quarter_rows = footer_rows(quarter)
-        quarter_seconds, _ = timed(lambda: classify.score_files(session, quarter, loaded).write.format("noop").mode("overwrite").save(), 3)
+        quarter_seconds, _ = timed(
+            lambda: (
+                classify.score_files(session, quarter, loaded).write.format("noop").mode("overwrite").save()
+            ),
+            3,
+        )
         # The same files through Spark's Parquet reader and classify.score (the asset's path before).
-        reader_seconds, _ = timed(lambda: classify.score(session.read.parquet(*files), loaded).write.format("noop").mode("overwrite").save(), 3)
+        reader_seconds, _ = timed(
+            lambda: (
+                classify.score(session.read.parquet(*files), loaded)
+                .write.format("noop")
+                .mode("overwrite")
+                .save()
+            ),
+            3,
+        )
     files_rate, reader_rate = len(rows) / files_seconds, len(rows) / reader_seconds
     print(f"\n## scoring with {title}; median of 3")
-    print(f"single process, one thread, predict_proba on all rows: {len(rows) / whole:,.0f} rows/s; in {chunk:,}-row chunks: {len(rows) / chunked:,.0f} rows/s")
-    print(f"Spark, the columns to Python and back without a model (the floor): {len(rows) / transfer:,.0f} rows/s ({transfer:.2f} s)")
+    print(
+        f"single process, one thread, predict_proba on all rows: {len(rows) / whole:,.0f} rows/s; in {chunk:,}-row chunks: {len(rows) / chunked:,.0f} rows/s"
+    )
+    print(
+        f"Spark, the columns to Python and back without a model (the floor): {len(rows) / transfer:,.0f} rows/s ({transfer:.2f} s)"
+    )
     print(f"Spark classify.score, first pass (cold workers): {cold_rate:,.0f} rows/s")
-    print(f"Spark classify.score, cached DataFrame (local[{cores}]): {spark_rate:,.0f} rows/s  = {spark_rate / single_rate:.2f}x the better single-process rate "
-          f"({spark_rate / single_rate / cores:.2f} x cores; target >= 0.7)")
+    print(
+        f"Spark classify.score, cached DataFrame (local[{cores}]): {spark_rate:,.0f} rows/s  = {spark_rate / single_rate:.2f}x the better single-process rate "
+        f"({spark_rate / single_rate / cores:.2f} x cores; target >= 0.7)"
+    )
     paths = (
         (f"classify.score_files, {len(files)} Parquet files (the asset's path)", files_rate),
-        (f"classify.score_files, the first {len(quarter)} of those files in one job ({quarter_rows:,} rows)", quarter_rows / quarter_seconds),
+        (
+            f"classify.score_files, the first {len(quarter)} of those files in one job ({quarter_rows:,} rows)",
+            quarter_rows / quarter_seconds,
+        ),
         ("classify.score on Spark's reader of the same files", reader_rate),
     )
     for label, rate in paths:
-        print(f"Spark {label}: {rate:,.0f} rows/s  = {rate / single_rate:.2f}x ({rate / single_rate / cores:.2f} x cores; target >= 0.7)", flush=True)
+        print(
+            f"Spark {label}: {rate:,.0f} rows/s  = {rate / single_rate:.2f}x ({rate / single_rate / cores:.2f} x cores; target >= 0.7)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -110,7 +162,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--trees", type=int, nargs="+", default=[10, 50, 100, 200, 500])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 12, 16, 0], help="0 = fully grown")
-    parser.add_argument("--score-rows", type=int, default=8_000_000, help="rows scored in part 2 with the default forest, a quarter of it with the seed's (the 5/6-parameter sources, repeated)")
+    parser.add_argument(
+        "--score-rows",
+        type=int,
+        default=8_000_000,
+        help="rows scored in part 2 with the default forest, a quarter of it with the seed's (the 5/6-parameter sources, repeated)",
+    )
     parser.add_argument("--home", default=None, help="state folder (default: a temporary one)")
     args = parser.parse_args()
 
@@ -120,8 +177,8 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
     from dagster import materialize
-
     from support.astrometric_data import catalogue_frame, publish_synthetic
+
     from gaia_flows.assets.classifier import ClassifierConfig, astrometric_classifier
     from gaia_flows.assets.training_set import astrometric_training_set
     from gaia_flows.engine import classify
@@ -133,8 +190,16 @@ def main() -> None:
     from gaia_flows.science.astrometric import FEATURES
 
     cores = len(os.sched_getaffinity(0))
-    conf = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": str(2 * cores), "spark.driver.memory": "4g"}
-    resources = {"spark": SparkResource(master=f"local[{cores}]", spark_config=conf), "storage": StorageResource(), "mlflow": MlflowResource()}
+    conf = {
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": str(2 * cores),
+        "spark.driver.memory": "4g",
+    }
+    resources = {
+        "spark": SparkResource(master=f"local[{cores}]", spark_config=conf),
+        "storage": StorageResource(),
+        "mlflow": MlflowResource(),
+    }
     layout = StateLayout.from_env().ensure()
     print(f"state {home}; {cores} cores; {args.stars:,} synthetic stars (seed {args.seed})", flush=True)
 
@@ -149,19 +214,29 @@ def main() -> None:
 
     # 1. three training runs, same data, one process -----------------------------------------
     default = ClassifierConfig()
-    print(f"\n## repeated training (asset, default forest: {default.n_estimators} trees, max_depth {default.max_depth})")
+    print(
+        f"\n## repeated training (asset, default forest: {default.n_estimators} trees, max_depth {default.max_depth})"
+    )
     runs = []
     for i in range(3):
         started = time.perf_counter()
         result = materialize(assets, selection=[astrometric_classifier.key], resources=resources)
         wall = time.perf_counter() - started
-        meta = {k: v.value for k, v in result.asset_materializations_for_node("astrometric_classifier")[0].metadata.items()}
+        meta = {
+            k: v.value
+            for k, v in result.asset_materializations_for_node("astrometric_classifier")[0].metadata.items()
+        }
         runs.append((wall, meta))
-        print(f"run {i + 1}: wall {wall:6.1f} s  read {meta['read_seconds']:.2f} s  fit {meta['fit_seconds']:6.2f} s  "
-              f"log_model {meta['log_model_seconds']:.2f} s  accuracy {meta['holdout_accuracy']:.4f}  rows {meta['training_rows']:,}", flush=True)
+        print(
+            f"run {i + 1}: wall {wall:6.1f} s  read {meta['read_seconds']:.2f} s  fit {meta['fit_seconds']:6.2f} s  "
+            f"log_model {meta['log_model_seconds']:.2f} s  accuracy {meta['holdout_accuracy']:.4f}  rows {meta['training_rows']:,}",
+            flush=True,
+        )
     for i in (1, 2):
-        print(f"run {i + 1} / run 1: wall {runs[i][0] / runs[0][0]:.2f}x  fit {runs[i][1]['fit_seconds'] / runs[0][1]['fit_seconds']:.2f}x  "
-              f"read {runs[i][1]['read_seconds'] / max(runs[0][1]['read_seconds'], 1e-9):.2f}x")
+        print(
+            f"run {i + 1} / run 1: wall {runs[i][0] / runs[0][0]:.2f}x  fit {runs[i][1]['fit_seconds'] / runs[0][1]['fit_seconds']:.2f}x  "
+            f"read {runs[i][1]['read_seconds'] / max(runs[0][1]['read_seconds'], 1e-9):.2f}x"
+        )
 
     # 2. scoring throughput: Spark mapInArrow vs one process -----------------------------------
     # Every 5/6-parameter source, repeated up to --score-rows: a rate, not a start-up cost.
@@ -172,19 +247,40 @@ def main() -> None:
     model_uri = runs[-1][1]["model"]
     with resources["mlflow"].activate():
         champion = classify.load_model(model_uri)
-    table = __import__("pyarrow.parquet", fromlist=["parquet"]).read_table(layout.table(TRAINING_TABLE)).to_pandas()
+    table = (
+        __import__("pyarrow.parquet", fromlist=["parquet"])
+        .read_table(layout.table(TRAINING_TABLE))
+        .to_pandas()
+    )
     train, holdout = table[~table["holdout"]], table[table["holdout"]]
-    seed_forest = classify.LoadedModel("sklearn", classify.train_sklearn(train, classify.ForestParams(n_estimators=500, max_depth=None)))
-    for name, loaded, wanted in ((f"the champion, {model_uri}", champion, args.score_rows), ("the seed's forest, 500 fully grown trees", seed_forest, args.score_rows // 4)):
+    seed_forest = classify.LoadedModel(
+        "sklearn", classify.train_sklearn(train, classify.ForestParams(n_estimators=500, max_depth=None))
+    )
+    for name, loaded, wanted in (
+        (f"the champion, {model_uri}", champion, args.score_rows),
+        ("the seed's forest, 500 fully grown trees", seed_forest, args.score_rows // 4),
+    ):
         copies = max(1, -(-wanted // len(solved)))
-        rows = pd.concat([solved[["source_id", *FEATURES, *classify.FILTER_COLUMNS]]] * copies, ignore_index=True).astype({f: "float64" for f in FEATURES})
-        scoring_rates(session, loaded, rows, cores, f"{name} ({loaded.describe()}); {len(rows):,} rows = {len(solved):,} 5/6-parameter sources x {copies}")
+        rows = pd.concat(
+            [solved[["source_id", *FEATURES, *classify.FILTER_COLUMNS]]] * copies, ignore_index=True
+        ).astype({f: "float64" for f in FEATURES})
+        scoring_rates(
+            session,
+            loaded,
+            rows,
+            cores,
+            f"{name} ({loaded.describe()}); {len(rows):,} rows = {len(solved):,} 5/6-parameter sources x {copies}",
+        )
 
     # 3. accuracy vs trees x depth ---------------------------------------------------------------
     candidates = solved[np.abs(solved["parallax"]) > 8]
     sample = solved.sample(min(len(solved), 100_000), random_state=0)
-    print(f"\n## accuracy vs forest size ({len(train):,} training rows, {len(holdout):,} hold-out, {len(candidates):,} candidates vs truth)")
-    print("| trees | max_depth | fit s | hold-out acc | truth acc (|plx|>8) | truth acc (all 5/6p) | predict rows/s (1 process) | nodes |")
+    print(
+        f"\n## accuracy vs forest size ({len(train):,} training rows, {len(holdout):,} hold-out, {len(candidates):,} candidates vs truth)"
+    )
+    print(
+        "| trees | max_depth | fit s | hold-out acc | truth acc (|plx|>8) | truth acc (all 5/6p) | predict rows/s (1 process) | nodes |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for depth in args.depths:
         for trees in args.trees:
@@ -192,20 +288,32 @@ def main() -> None:
             started = time.perf_counter()
             model = classify.train_sklearn(train, params, n_jobs=-1)
             fit = time.perf_counter() - started
-            acc = astro.classification_metrics(holdout["label"], classify.sklearn_good_probability(model, holdout))["accuracy"]
-            truth_candidates = np.mean((classify.sklearn_good_probability(model, candidates) >= 0.5) == ~candidates["spurious"].to_numpy())
+            acc = astro.classification_metrics(
+                holdout["label"], classify.sklearn_good_probability(model, holdout)
+            )["accuracy"]
+            truth_candidates = np.mean(
+                (classify.sklearn_good_probability(model, candidates) >= 0.5)
+                == ~candidates["spurious"].to_numpy()
+            )
             classify.set_threads(model, 1)
             started = time.perf_counter()
-            truth_all = np.mean((classify.sklearn_good_probability(model, sample) >= 0.5) == ~sample["spurious"].to_numpy())
+            truth_all = np.mean(
+                (classify.sklearn_good_probability(model, sample) >= 0.5) == ~sample["spurious"].to_numpy()
+            )
             rate = len(sample) / (time.perf_counter() - started)
             nodes = classify.LoadedModel("sklearn", model).describe()["nodes"]
-            print(f"| {trees} | {depth or 'None'} | {fit:.2f} | {acc:.4f} | {truth_candidates:.4f} | {truth_all:.4f} | {rate:,.0f} | {nodes:,} |", flush=True)
+            print(
+                f"| {trees} | {depth or 'None'} | {fit:.2f} | {acc:.4f} | {truth_candidates:.4f} | {truth_all:.4f} | {rate:,.0f} | {nodes:,} |",
+                flush=True,
+            )
 
     # 4. memory -----------------------------------------------------------------------------------
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     jvm = [c for c in psutil.Process().children(recursive=True) if "java" in c.name()]
     jvm_rss = sum(c.memory_info().rss for c in jvm) / 2**20
-    print(f"\n## memory\ndriver (Python) peak RSS {driver_peak:,.0f} MiB; Spark JVM RSS now {jvm_rss:,.0f} MiB")
+    print(
+        f"\n## memory\ndriver (Python) peak RSS {driver_peak:,.0f} MiB; Spark JVM RSS now {jvm_rss:,.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,12 @@ from gaia_flows.profiles import load_profile  # noqa: E402
 
 WORKERS = 8
 CREATE_OPS = ("create_node", "create_key_pair", "ex_create_security_group")
-DESTROY_OPS = ("destroy_node", "delete_key_pair", "ex_delete_security_group", "ex_delete_security_group_by_id")
+DESTROY_OPS = (
+    "destroy_node",
+    "delete_key_pair",
+    "ex_delete_security_group",
+    "ex_delete_security_group_by_id",
+)
 
 
 def _http(api) -> int:
@@ -75,20 +80,31 @@ def _baseline(settings: CloudSettings, plan, api) -> dict:
     nodes = []
     for i in range(WORKERS + 1):
         size = sizes[plan.master_size.id if i == 0 else plan.size.id]
-        meta = {"gaia-flows-role": "master" if i == 0 else "worker", "gaia-flows-master-url": "spark://127.0.0.1:7077"}
+        meta = {
+            "gaia-flows-role": "master" if i == 0 else "worker",
+            "gaia-flows-master-url": "spark://127.0.0.1:7077",
+        }
         if settings.provider == "local-spark" and i > 0:
             meta["gaia-flows-master-url"] = nodes[0].extra["spark_master_url"]
         nodes.append(driver.create_node(name=f"baseline-{i}", size=size, image=image, ex_metadata=meta))
     for node in reversed(nodes):
         driver.destroy_node(node)
     seconds = time.perf_counter() - started
-    return {"phase": "baseline", "seconds": seconds, "calls": 2 * len(nodes), "creates": len(nodes), "destroys": len(nodes),
-            "http": _http(api) - before if api is not None else None}
+    return {
+        "phase": "baseline",
+        "seconds": seconds,
+        "calls": 2 * len(nodes),
+        "creates": len(nodes),
+        "destroys": len(nodes),
+        "http": _http(api) - before if api is not None else None,
+    }
 
 
 def run(name: str, settings: CloudSettings, api) -> list[dict]:
     provisioner = Provisioner(build_driver(settings), settings)
-    plan_row = _phase("plan", lambda: provisioner.plan(workers=WORKERS, size=_worker_size(settings)), provisioner, api)
+    plan_row = _phase(
+        "plan", lambda: provisioner.plan(workers=WORKERS, size=_worker_size(settings)), provisioner, api
+    )
     plan = plan_row["out"]
     rows = [plan_row]
     rows.append(_phase("provision", lambda: provisioner.reconcile(plan), provisioner, api))
@@ -99,28 +115,47 @@ def run(name: str, settings: CloudSettings, api) -> list[dict]:
     assert len(rows[1]["out"].created) == WORKERS + 1, rows[1]["out"].created
     rows.append(_baseline(settings, plan, api))
     print(f"\n== {name}: 1 master ({plan.master_size.name}) + {plan.worker_count} x {plan.size.name}")
-    print(f"{'phase':<10} {'wall s':>8} {'calls':>6} {'creates':>8} {'destroys':>9} {'HTTP':>6}  slowest calls")
+    print(
+        f"{'phase':<10} {'wall s':>8} {'calls':>6} {'creates':>8} {'destroys':>9} {'HTTP':>6}  slowest calls"
+    )
     for r in rows:
         http = "-" if r["http"] is None else str(r["http"])
-        print(f"{r['phase']:<10} {r['seconds']:>8.3f} {r['calls']:>6} {r['creates']:>8} {r['destroys']:>9} {http:>6}  {r.get('slowest', '')}")
+        print(
+            f"{r['phase']:<10} {r['seconds']:>8.3f} {r['calls']:>6} {r['creates']:>8} {r['destroys']:>9} {http:>6}  {r.get('slowest', '')}"
+        )
     base = rows[-1]["seconds"]
-    print(f"provision/baseline {rows[1]['seconds'] / base:.2f}x   (provision+teardown)/baseline "
-          f"{(rows[1]['seconds'] + rows[3]['seconds']) / base:.2f}x   again/provision {rows[2]['seconds'] / rows[1]['seconds']:.3f}")
-    assert rows[2]["creates"] == 0 and rows[2]["destroys"] == 0, "re-provisioning an unchanged plan must not create or destroy"
+    print(
+        f"provision/baseline {rows[1]['seconds'] / base:.2f}x   (provision+teardown)/baseline "
+        f"{(rows[1]['seconds'] + rows[3]['seconds']) / base:.2f}x   again/provision {rows[2]['seconds'] / rows[1]['seconds']:.3f}"
+    )
+    assert rows[2]["creates"] == 0 and rows[2]["destroys"] == 0, (
+        "re-provisioning an unchanged plan must not create or destroy"
+    )
     return rows
 
 
 def _worker_size(settings: CloudSettings) -> str:
-    return {"openstack": "general.v1.medium", "ec2": "m5.xlarge", "local-spark": "local.1x1g"}[settings.provider]
+    return {"openstack": "general.v1.medium", "ec2": "m5.xlarge", "local-spark": "local.1x1g"}[
+        settings.provider
+    ]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--local", action="store_true", help="also provision 9 real Spark JVMs with the local driver")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--local", action="store_true", help="also provision 9 real Spark JVMs with the local driver"
+    )
     args = parser.parse_args(argv)
     work = work_folder(None, "gaia-bench-cluster-")
     layout = StateLayout.from_env(str(work / "state"))
-    os.environ.update(GAIA_TEST_OS_USERNAME="bench", GAIA_TEST_OS_PASSWORD="bench-pw", GAIA_TEST_AWS_KEY_ID="AKIABENCH", GAIA_TEST_AWS_SECRET="bench")
+    os.environ.update(
+        GAIA_TEST_OS_USERNAME="bench",
+        GAIA_TEST_OS_PASSWORD="bench-pw",
+        GAIA_TEST_AWS_KEY_ID="AKIABENCH",
+        GAIA_TEST_AWS_SECRET="bench",
+    )
     profiles = work / "profiles"
     started: list = []
     try:
@@ -138,11 +173,19 @@ def main(argv=None):
 
         if args.local:
             write_profile(
-                profiles, "local-cluster", "local-bench",
-                {"sizes": {"local": [{"name": "local.1x1g", "vcpus": 1, "ram_mb": 4096}]},
-                 "limits": {"min_workers": 1, "max_workers": WORKERS, "master_min_ram_mb": 1024}},
+                profiles,
+                "local-cluster",
+                "local-bench",
+                {
+                    "sizes": {"local": [{"name": "local.1x1g", "vcpus": 1, "ram_mb": 4096}]},
+                    "limits": {"min_workers": 1, "max_workers": WORKERS, "master_min_ram_mb": 1024},
+                },
             )
-            run("local driver (real Spark JVMs)", CloudSettings.from_profile(load_profile("local-bench", profiles), layout), None)
+            run(
+                "local driver (real Spark JVMs)",
+                CloudSettings.from_profile(load_profile("local-bench", profiles), layout),
+                None,
+            )
     finally:
         for server in reversed(started):
             server.stop()

@@ -65,13 +65,24 @@ def landing_for(stars: int, seed: int, cache: Path) -> tuple[float, Path]:
     landing = cache / f"stars-{stars}"
     if (landing / "truth").exists() and list(landing.glob("GaiaSource_*.csv.gz")):
         return 0.0, landing
-    command = [str(Path(sys.executable).with_name("gaia-flows")), "generate", "--stars", str(stars), "--seed", str(seed), "--out", str(landing)]
+    command = [
+        str(Path(sys.executable).with_name("gaia-flows")),
+        "generate",
+        "--stars",
+        str(stars),
+        "--seed",
+        str(seed),
+        "--out",
+        str(landing),
+    ]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - started, landing
 
 
-def ingest(spark, landing: Path, home: Path, profile: bool) -> tuple[object, PeakRss, cProfile.Profile | None]:
+def ingest(
+    spark, landing: Path, home: Path, profile: bool
+) -> tuple[object, PeakRss, cProfile.Profile | None]:
     layout = StateLayout.from_env(home=home, landing=landing).ensure()
     profiler = cProfile.Profile() if profile else None
     with PeakRss() as rss:
@@ -105,7 +116,11 @@ def stage_seconds(profiler: cProfile.Profile) -> dict[str, float]:
     stats = pstats.Stats(profiler).stats
     seconds = {}
     for stage, (where, name) in STAGES.items():
-        found = [cum for (path, _, func), (_, _, _, cum, _) in stats.items() if func == name and path.endswith(where)]
+        found = [
+            cum
+            for (path, _, func), (_, _, _, cum, _) in stats.items()
+            if func == name and path.endswith(where)
+        ]
         if found:
             seconds[stage] = sum(found)
     return seconds
@@ -131,25 +146,43 @@ def profile_tasks(landing: Path, staging: Path) -> tuple[float, dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stars", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--fixed-stars", type=int, default=10_000, help="size of the tiny catalogue that measures the fixed cost")
+    parser.add_argument(
+        "--fixed-stars",
+        type=int,
+        default=10_000,
+        help="size of the tiny catalogue that measures the fixed cost",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--landing-cache", type=Path, default=None, help="keep generated catalogues here between runs (default: in --work)")
-    parser.add_argument("--profile", action="store_true", help="also print where the time goes (largest size)")
+    parser.add_argument(
+        "--landing-cache",
+        type=Path,
+        default=None,
+        help="keep generated catalogues here between runs (default: in --work)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also print where the time goes (largest size)"
+    )
     args = parser.parse_args()
     work = work_folder(args.work, "gaia-bench-ingest-")
     cache = args.landing_cache or work / "landing"
 
     profile = load_profile("local")
     started = time.perf_counter()
-    spark = spark_factory.session(profile.spark_master, {**profile.spark_conf, "spark.local.dir": str(work / "spark")})
+    spark = spark_factory.session(
+        profile.spark_master, {**profile.spark_conf, "spark.local.dir": str(work / "spark")}
+    )
     cores = spark.sparkContext.defaultParallelism
-    print(f"Spark {spark.version} {profile.spark_master} ({cores} cores) started in {time.perf_counter() - started:.1f} s")
+    print(
+        f"Spark {spark.version} {profile.spark_master} ({cores} cores) started in {time.perf_counter() - started:.1f} s"
+    )
 
     _, tiny = landing_for(args.fixed_stars, args.seed, cache)
     fixed_report, _, _ = ingest(spark, tiny, work / "home-fixed", profile=False)
     fixed_s = fixed_report.seconds
-    print(f"fixed cost: {args.fixed_stars:,} stars in {len(landing_files(tiny))} files, 48 regions, fresh application: {fixed_s:.2f} s")
+    print(
+        f"fixed cost: {args.fixed_stars:,} stars in {len(landing_files(tiny))} files, 48 regions, fresh application: {fixed_s:.2f} s"
+    )
 
     print(
         f"{'stars':>11} {'gen s':>6} {'floor s':>8} {'floor r/s/core':>14} {'ingest s':>9} {'r/s/core':>9} {'ratio':>6}"
@@ -159,7 +192,9 @@ def main() -> None:
     for stars in args.stars:
         generate_s, landing = landing_for(stars, args.seed, cache)
         floor_s, floor_rows = floor(landing_files(landing), work / "floor.parquet")
-        report, rss, driver_profile = ingest(spark, landing, work / f"home-{stars}", profile=args.profile and stars == max(args.stars))
+        report, rss, driver_profile = ingest(
+            spark, landing, work / f"home-{stars}", profile=args.profile and stars == max(args.stars)
+        )
         assert floor_rows == report.rows_read, f"floor read {floor_rows:,} rows, ours {report.rows_read:,}"
         r = {
             "stars": stars,
@@ -182,7 +217,9 @@ def main() -> None:
             for stage, s in stage_seconds(driver_profile).items():
                 print(f"  {stage:<40} {s:8.2f}")
             seconds, stages = profile_tasks(landing, work / "profile-staging")
-            print(f"every task's work on one core in process: {seconds:.1f} CPU s, {report.rows_read / seconds:,.0f} rows per CPU s; CPU s per stage:")
+            print(
+                f"every task's work on one core in process: {seconds:.1f} CPU s, {report.rows_read / seconds:,.0f} rows per CPU s; CPU s per stage:"
+            )
             for stage, s in stages.items():
                 print(f"  {stage:<40} {s:8.2f}  {s / seconds:5.1%}")
         if cache == work / "landing":

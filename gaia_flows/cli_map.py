@@ -22,11 +22,25 @@ def add_map_command(subparsers: argparse._SubParsersAction) -> argparse.Argument
         description="Draw a Mollweide PNG of mean pmra, mean pmdec or source counts at any HEALPix level up to "
         "the stored statistics' level, from the tables pm_stats / proper_motion_maps wrote under $GAIA_FLOWS_HOME.",
     )
-    parser.add_argument("--level", type=_level, required=True, help=f"HEALPix level (0..{MAX_LEVEL}, at most the stored level, default 8)")
-    parser.add_argument("--quantity", choices=sorted(QUANTITIES), default="pmra", help="what to plot (default pmra)")
+    parser.add_argument(
+        "--level",
+        type=_level,
+        required=True,
+        help=f"HEALPix level (0..{MAX_LEVEL}, at most the stored level, default 8)",
+    )
+    parser.add_argument(
+        "--quantity", choices=sorted(QUANTITIES), default="pmra", help="what to plot (default pmra)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--weighted", action="store_true", help="inverse-variance weighted mean instead of the plain mean")
-    parser.add_argument("--coord", choices=["C", "G"], default="C", help="draw the sky in ICRS (C, default) or Galactic (G) coordinates")
+    parser.add_argument(
+        "--weighted", action="store_true", help="inverse-variance weighted mean instead of the plain mean"
+    )
+    parser.add_argument(
+        "--coord",
+        choices=["C", "G"],
+        default="C",
+        help="draw the sky in ICRS (C, default) or Galactic (G) coordinates",
+    )
     parser.set_defaults(func=run_map)
     return parser
 
@@ -51,5 +65,7 @@ def run_map(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     sources = int(pm.as_numpy(table.column("n_sources")).sum())
     frame = maps.FRAMES[args.coord][0]
-    print(f"wrote {out} ({args.quantity}{' weighted' if args.weighted else ''}, {frame}, level {args.level}, {table.num_rows:,} pixels, {sources:,} sources) in {seconds:.2f} s (read {read:.2f} s)")
+    print(
+        f"wrote {out} ({args.quantity}{' weighted' if args.weighted else ''}, {frame}, level {args.level}, {table.num_rows:,} pixels, {sources:,} sources) in {seconds:.2f} s (read {read:.2f} s)"
+    )
     return 0

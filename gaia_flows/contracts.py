@@ -21,7 +21,18 @@ from gaia_flows.science.ecsv import ECSV_DATATYPES
 
 CONTRACTS_DIR = package_data(CONTRACTS_PACKAGE_DIR)
 
-_COLUMN_KEYS = {"name", "datatype", "unit", "description", "required", "nullable", "min", "max", "min_exclusive", "max_exclusive"}
+_COLUMN_KEYS = {
+    "name",
+    "datatype",
+    "unit",
+    "description",
+    "required",
+    "nullable",
+    "min",
+    "max",
+    "min_exclusive",
+    "max_exclusive",
+}
 
 
 class ContractError(ValueError):

@@ -112,13 +112,15 @@ class StateLayout:
                 object.__setattr__(self, name, self.home / name)
 
     @classmethod
-    def from_env(cls, home: str | os.PathLike | None = None, landing: str | os.PathLike | None = None) -> "StateLayout":
+    def from_env(
+        cls, home: str | os.PathLike | None = None, landing: str | os.PathLike | None = None
+    ) -> StateLayout:
         """Resolve the folders from arguments first, then ``GAIA_FLOWS_HOME``/``GAIA_FLOWS_LANDING``."""
         home_path = Path(home or os.environ.get("GAIA_FLOWS_HOME") or DEFAULT_HOME).expanduser().resolve()
         landing_path = landing or os.environ.get("GAIA_FLOWS_LANDING") or home_path / "landing"
         return cls(home=home_path, landing=Path(landing_path).expanduser().resolve())
 
-    def with_storage(self, storage: dict | None) -> "StateLayout":
+    def with_storage(self, storage: dict | None) -> StateLayout:
         """The data folders a profile's ``storage`` section names.
 
         ``mount`` is the shared file system's path on every host; a data folder left null lies
@@ -132,7 +134,9 @@ class StateLayout:
         for name in STORAGE_DIRS:
             value = storage.get(name)
             if value is not None and not str(value).startswith("/"):
-                raise ValueError(f"storage.{name} = {value!r}: give an absolute path on the shared file system (object stores are not supported)")
+                raise ValueError(
+                    f"storage.{name} = {value!r}: give an absolute path on the shared file system (object stores are not supported)"
+                )
             if value is None and mount:
                 value = Path(mount) / name
             if name == "landing" and self.landing != self.home / "landing":
@@ -165,11 +169,11 @@ class StateLayout:
     def hats(self) -> Path:
         """HATS collections for LSDB and other HATS readers, one per exported table::
 
-            hats/<table>/                     symlink to one immutable version (see publish)
-                collection.properties         primary catalogue and default margin
-                <table>/                      the catalogue: properties, partition_info.csv,
-                    dataset/Norder=<k>/Dir=<d>/Npix=<n>.parquet, dataset/_metadata
-                <table>_<margin>arcs/         the margin cache, same layout
+        hats/<table>/                     symlink to one immutable version (see publish)
+            collection.properties         primary catalogue and default margin
+            <table>/                      the catalogue: properties, partition_info.csv,
+                dataset/Norder=<k>/Dir=<d>/Npix=<n>.parquet, dataset/_metadata
+            <table>_<margin>arcs/         the margin cache, same layout
         """
         return self.home / "hats"
 
@@ -229,8 +233,15 @@ class StateLayout:
         """A fresh staging path for one write of ``table`` (claimed through ``tables.claim_staging``)."""
         return self.staging_root / f"{table}-{uuid.uuid4().hex[:12]}"
 
-    def ensure(self) -> "StateLayout":
-        for path in (self.landing, self.warehouse, self.quarantine, self.dagster_home, self.mlflow_dir, self.maps):
+    def ensure(self) -> StateLayout:
+        for path in (
+            self.landing,
+            self.warehouse,
+            self.quarantine,
+            self.dagster_home,
+            self.mlflow_dir,
+            self.maps,
+        ):
             path.mkdir(parents=True, exist_ok=True)
         return self
 

@@ -148,7 +148,9 @@ def _region_rows(stacked: pa.Table, region: str, lo: int, hi: int) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyramid) -> Iterator[tuple[str, pa.Table | Path]]:
+def pyramid_files(
+    layout: StateLayout, versions: dict[str, str], pyramid: Pyramid
+) -> Iterator[tuple[str, pa.Table | Path]]:
     """The all-sky pyramid (levels 0..``pyramid.level_max``) of the pm_stats ``versions``, as
     (file name, rows or a file to reuse) items for :func:`gaia_flows.tables.write_table_files`,
     reading one region at a time, so the driver never holds the finest levels of the whole sky.
@@ -168,7 +170,9 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
     sky_top = pyramid.sky_levels = top if split > top else max(split - 1, min(HELD_LEVEL, top))
     fine_kept = [level for level in pyramid.keep if level > sky_top]
     stored_root, stored = _stored_pyramid(layout)
-    reusable = stored.get("level_max") == top and stored.get("sky_levels") == sky_top and _has_every_column(stored)
+    reusable = (
+        stored.get("level_max") == top and stored.get("sky_levels") == sky_top and _has_every_column(stored)
+    )
     carried, held, stored_sky = [], [], None
     for region in regions:
         if split > top:
@@ -176,12 +180,18 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
             carried.append(pm.degrade(stats, top))
             continue
         old = stored_root / region_file(region)
-        if reusable and stored["pm_stats_versions"].get(region) == versions[region] and region in stored.get("region_totals", {}):
+        if (
+            reusable
+            and stored["pm_stats_versions"].get(region) == versions[region]
+            and region in stored.get("region_totals", {})
+        ):
             if stored_sky is None:
                 stored_sky = _level_row_groups(stored_root / SKY_FILE, range(split, sky_top + 1))
             part = _region_rows(stored_sky, region, split, sky_top)
             if fine_kept:
-                part = pa.concat_tables([part, _level_row_groups(old, fine_kept).replace_schema_metadata(part.schema.metadata)])
+                part = pa.concat_tables(
+                    [part, _level_row_groups(old, fine_kept).replace_schema_metadata(part.schema.metadata)]
+                )
             counts = stored["region_totals"][region]
             pyramid.reused.append(region)
             if sky_top < top:
@@ -201,14 +211,23 @@ def pyramid_files(layout: StateLayout, versions: dict[str, str], pyramid: Pyrami
         held.append(_level_slice(part, split, sky_top))
         for level in fine_kept:
             pyramid.keep[level].append(pm.from_pyramid(part, level))
-    sky = [pa.concat_tables([_level_slice(t, level, level) for t in held]) for level in range(split, sky_top + 1)] if held else []
+    sky = (
+        [
+            pa.concat_tables([_level_slice(t, level, level) for t in held])
+            for level in range(split, sky_top + 1)
+        ]
+        if held
+        else []
+    )
     if split > 0 and carried:
         coarse = pm.merge(carried, min(split - 1, top))
         if split > top:
             pyramid.totals.update(pm.totals(coarse))
         sky.insert(0, pm.pyramid(coarse, range(0, pm.stats_level(coarse) + 1)))
     if sky:
-        part = pa.concat_tables([t.replace_schema_metadata(None) for t in sky]).replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()})
+        part = pa.concat_tables([t.replace_schema_metadata(None) for t in sky]).replace_schema_metadata(
+            {pm.LEVEL_METADATA_KEY: str(top).encode()}
+        )
         for level in pyramid.keep:
             if level <= sky_top:
                 pyramid.keep[level].append(pm.from_pyramid(part, level))
@@ -244,7 +263,9 @@ def publish_pyramid(layout: StateLayout, render_levels: list[int]) -> tuple[dict
     for _ in range(5):
         before = layout.region_versions(STATS_TABLE)
         if not before:
-            raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
+            raise FileNotFoundError(
+                f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first"
+            )
         try:
             levels = {region: stored_level(layout, region) for region in before}
             level_max = min(levels.values())
@@ -253,10 +274,20 @@ def publish_pyramid(layout: StateLayout, render_levels: list[int]) -> tuple[dict
             def manifest() -> dict:
                 if layout.region_versions(STATS_TABLE) != before:
                     raise _Republished
-                return {**pyramid.manifest(before), "built_at": datetime.now(UTC).isoformat(timespec="seconds")}
+                return {
+                    **pyramid.manifest(before),
+                    "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
 
             schema = pm.pyramid(pm.empty_stats(level_max), [level_max]).schema
-            write_table_files(pyramid_files(layout, before, pyramid), schema, layout, MAPS_TABLE, manifest, row_group_key="level")
+            write_table_files(
+                pyramid_files(layout, before, pyramid),
+                schema,
+                layout,
+                MAPS_TABLE,
+                manifest,
+                row_group_key="level",
+            )
         except (FileNotFoundError, _Republished):
             continue
         return levels, pyramid
@@ -268,7 +299,9 @@ def merged_region_stats(layout: StateLayout, level: int | None = None) -> pa.Tab
     coarsest level any region was computed at)."""
     per_region = read_region_stats(layout)
     if not per_region:
-        raise FileNotFoundError(f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first")
+        raise FileNotFoundError(
+            f"no proper-motion statistics under {layout.table(STATS_TABLE)}: materialize pm_stats first"
+        )
     return pm.merge(per_region.values(), level=level)
 
 
@@ -317,7 +350,9 @@ def pyramid_level(layout: StateLayout, level: int, current_only: bool = True) ->
     Read regardless of ``current_only``, an older pyramid raises
     :class:`~gaia_flows.science.proper_motion.StaleStatisticsError`."""
     root, manifest = _stored_pyramid(layout)
-    if "sky_levels" not in manifest or (current_only and manifest.get("pm_stats_versions") != layout.region_versions(STATS_TABLE)):
+    if "sky_levels" not in manifest or (
+        current_only and manifest.get("pm_stats_versions") != layout.region_versions(STATS_TABLE)
+    ):
         return None
     if not _has_every_column(manifest):
         if current_only:
@@ -329,7 +364,11 @@ def pyramid_level(layout: StateLayout, level: int, current_only: bool = True) ->
     top = int(manifest["level_max"])
     if level > top:
         raise ValueError(f"level {level} is finer than the stored statistics (level {top})")
-    names = [SKY_FILE] if level <= manifest["sky_levels"] else [region_file(r) for r in manifest["pm_stats_versions"]]
+    names = (
+        [SKY_FILE]
+        if level <= manifest["sky_levels"]
+        else [region_file(r) for r in manifest["pm_stats_versions"]]
+    )
     stacked = pa.concat_tables([_level_row_groups(root / name, [level]) for name in names])
     return pm.from_pyramid(stacked.replace_schema_metadata({pm.LEVEL_METADATA_KEY: str(top).encode()}), level)
 
@@ -417,7 +456,12 @@ def _grid_path(cache_dir: Path, level: int, xsize: int, coord: str | list[str] |
     return Path(cache_dir) / f"mollweide-nside{nside(level)}-x{xsize}-{_coord_tag(coord)}.npy"
 
 
-def projection_grid(level: int, xsize: int = DEFAULT_XSIZE, coord: str | list[str] | None = None, cache_dir: Path | None = None) -> np.ndarray:
+def projection_grid(
+    level: int,
+    xsize: int = DEFAULT_XSIZE,
+    coord: str | list[str] | None = None,
+    cache_dir: Path | None = None,
+) -> np.ndarray:
     """Nested pixel index (at ``level``) under every pixel of a Mollweide image ``xsize`` wide,
     ``-1`` outside the ellipse; row 0 is the bottom (``imshow(origin="lower")``). Exactly what
     ``healpy.mollview(nest=True, flip="astro", coord=coord)`` samples, computed by healpy's
@@ -432,7 +476,11 @@ def projection_grid(level: int, xsize: int = DEFAULT_XSIZE, coord: str | list[st
 
     n = nside(level)
     proj = hp.projector.MollweideProj(xsize=xsize, coord=coord, flipconv="astro")
-    image = proj.projmap(np.arange(hp.nside2npix(n), dtype=np.float64), lambda x, y, z: hp.vec2pix(n, x, y, z, nest=True), coord=coord)
+    image = proj.projmap(
+        np.arange(hp.nside2npix(n), dtype=np.float64),
+        lambda x, y, z: hp.vec2pix(n, x, y, z, nest=True),
+        coord=coord,
+    )
     grid = np.where(np.isfinite(image), image, -1).astype(np.int32)
     if path is not None:
         _save_npy(path, grid)
@@ -461,8 +509,14 @@ def graticule_lines(cache_dir: Path | None = None) -> np.ndarray:
 
     proj = hp.projector.MollweideProj(flipconv="astro")
     edge = 180 - 1e-6
-    lines = [(np.full(181, float(lon)), np.linspace(-90, 90, 181)) for lon in [-edge, *range(-180 + GRATICULE_STEP, 180, GRATICULE_STEP), edge]]
-    lines += [(np.linspace(-edge, edge, 361), np.full(361, float(lat))) for lat in range(-90 + GRATICULE_STEP, 90, GRATICULE_STEP)]
+    lines = [
+        (np.full(181, float(lon)), np.linspace(-90, 90, 181))
+        for lon in [-edge, *range(-180 + GRATICULE_STEP, 180, GRATICULE_STEP), edge]
+    ]
+    lines += [
+        (np.linspace(-edge, edge, 361), np.full(361, float(lat)))
+        for lat in range(-90 + GRATICULE_STEP, 90, GRATICULE_STEP)
+    ]
     parts = []
     for lon, lat in lines:
         x, y = proj.ang2xy(lon, lat, lonlat=True)
@@ -606,7 +660,9 @@ def render_healpix(
         # Plain "1,000" labels, not matplotlib's mathtext "10^3": its pyparsing packrat cache
         # keeps parse exceptions whose tracebacks hold every calling frame, and with them the
         # caller's tables (a whole copy of the per-pixel statistics) until the cyclic GC runs.
-        bar.ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}"))
+        bar.ax.xaxis.set_major_formatter(
+            ticker.FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")
+        )
         bar.ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     bar.set_label(unit)
     return _write_png(fig, out, dpi)
@@ -650,7 +706,9 @@ def render_map(
     column = pm.quantity_column(quantity, weighted)
     values = pm.as_numpy(table.column(column)).astype(np.float64)
     if values.size != 12 * 4**level:
-        raise ValueError(f"render_map needs a dense map table ({12 * 4**level} pixels), got {values.size} rows")
+        raise ValueError(
+            f"render_map needs a dense map table ({12 * 4**level} pixels), got {values.size} rows"
+        )
     if quantity == "count":
         values = np.where(values > 0, values, np.nan)
     lo, hi = colour_limits(values, quantity)
@@ -678,7 +736,21 @@ def png_path(layout: StateLayout, level: int, quantity: str, weighted: bool = Fa
     return layout.maps / MAPS_SUBDIR / f"level-{level:02d}" / f"{quantity}{suffix}.png"
 
 
-def plot(level: int, quantity: str, out: str | os.PathLike, weighted: bool = False, coord: str = "C", layout: StateLayout | None = None) -> Path:
+def plot(
+    level: int,
+    quantity: str,
+    out: str | os.PathLike,
+    weighted: bool = False,
+    coord: str = "C",
+    layout: StateLayout | None = None,
+) -> Path:
     """Re-plot one quantity at one level from stored statistics (what ``gaia-flows map`` draws)."""
     layout = layout or StateLayout.from_env()
-    return render_map(map_table(level, layout), quantity, out, weighted=weighted, coord=coord, cache_dir=projection_cache(layout))
+    return render_map(
+        map_table(level, layout),
+        quantity,
+        out,
+        weighted=weighted,
+        coord=coord,
+        cache_dir=projection_cache(layout),
+    )

@@ -114,7 +114,9 @@ def load_profile(name: str | None = None, directory: Path = PROFILES_DIR) -> Pro
 def _load_profile(name: str, directory: Path) -> Profile:
     path = directory / f"{name}.yaml"
     if not path.exists():
-        raise ProfileError(f"unknown profile {name!r}: no {path} (known: {', '.join(list_profiles(directory))})")
+        raise ProfileError(
+            f"unknown profile {name!r}: no {path} (known: {', '.join(list_profiles(directory))})"
+        )
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

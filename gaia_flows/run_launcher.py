@@ -24,7 +24,9 @@ RUN_WORKER_TAG = "gaia_flows/run_worker"
 def run_worker_tag() -> dict[str, str]:
     """The tag a run worker writes about itself."""
     me = psutil.Process(os.getpid())
-    return {RUN_WORKER_TAG: json.dumps({"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()})}
+    return {
+        RUN_WORKER_TAG: json.dumps({"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()})
+    }
 
 
 def run_worker_health(run: DagsterRun) -> CheckRunHealthResult:
@@ -44,7 +46,9 @@ def run_worker_health(run: DagsterRun) -> CheckRunHealthResult:
     if alive:
         return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=str(worker["pid"]))
     return CheckRunHealthResult(
-        WorkerStatus.FAILED, f"run worker process {worker['pid']} on {worker['host']} is gone", run_worker_id=str(worker["pid"])
+        WorkerStatus.FAILED,
+        f"run worker process {worker['pid']} on {worker['host']} is gone",
+        run_worker_id=str(worker["pid"]),
     )
 
 

@@ -96,8 +96,12 @@ def _lock_of(path: Path) -> Path:
 
 
 _REFUSALS = {
-    "no space left on device": re.compile(r"No space left on device|ENOSPC|\[Errno 28\]|Disk quota exceeded", re.I),
-    "permission denied": re.compile(r"Permission denied|EACCES|\[Errno 13\]|Read-only file system|EROFS", re.I),
+    "no space left on device": re.compile(
+        r"No space left on device|ENOSPC|\[Errno 28\]|Disk quota exceeded", re.I
+    ),
+    "permission denied": re.compile(
+        r"Permission denied|EACCES|\[Errno 13\]|Read-only file system|EROFS", re.I
+    ),
 }
 
 
@@ -149,7 +153,9 @@ def verify_region(layout: StateLayout, table: str, region: str) -> int:
                 for batch in parquet.iter_batches(batch_size=1 << 16):
                     rows += batch.num_rows
         except (OSError, ValueError, pa.ArrowException) as exc:
-            raise CorruptTableError(f"table {table!r} region {region}: file {path.resolve()} is unreadable: {exc}") from exc
+            raise CorruptTableError(
+                f"table {table!r} region {region}: file {path.resolve()} is unreadable: {exc}"
+            ) from exc
     return rows
 
 
@@ -161,11 +167,15 @@ def region_paths(layout: StateLayout, table: str, regions: list[str] | None = No
     wanted = published_regions(layout, table) if regions is None else regions
     missing = [r for r in wanted if not layout.region_dir(table, r).exists()]
     if missing:
-        raise FileNotFoundError(f"table {table!r} has no published region(s) {missing} under {layout.table(table)}")
+        raise FileNotFoundError(
+            f"table {table!r} has no published region(s) {missing} under {layout.table(table)}"
+        )
     return [str(layout.region_dir(table, r)) for r in wanted]
 
 
-def read_regions(spark: SparkSession, layout: StateLayout, table: str, regions: list[str] | None = None) -> DataFrame:
+def read_regions(
+    spark: SparkSession, layout: StateLayout, table: str, regions: list[str] | None = None
+) -> DataFrame:
     """Spark DataFrame over the given regions (all published ones by default)."""
     paths = region_paths(layout, table, regions)
     if not paths:
@@ -191,7 +201,13 @@ def write_manifest(directory: Path, manifest: dict | None) -> None:
 
 
 def write_region(
-    df: DataFrame, layout: StateLayout, table: str, region: str, files: int, sort_key: str = "source_id", manifest: dict | None = None
+    df: DataFrame,
+    layout: StateLayout,
+    table: str,
+    region: str,
+    files: int,
+    sort_key: str = "source_id",
+    manifest: dict | None = None,
 ) -> Path:
     """Write ``df`` as ``files`` Parquet files sorted by ``sort_key`` and publish it atomically.
 
@@ -220,17 +236,32 @@ def write_region(
 
 
 def write_table(
-    df: DataFrame, layout: StateLayout, table: str, files: int, sort_key: str = "source_id", manifest: dict | None = None
+    df: DataFrame,
+    layout: StateLayout,
+    table: str,
+    files: int,
+    sort_key: str = "source_id",
+    manifest: dict | None = None,
 ) -> Path:
     """Publish an unpartitioned table written by Spark (e.g. the contiguous training set)."""
     return _publish_spark(df, layout, table, layout.table(table), files, sort_key, manifest)
 
 
-def _publish_spark(df: DataFrame, layout: StateLayout, table: str, final: Path, files: int, sort_key: str, manifest: dict | None) -> Path:
+def _publish_spark(
+    df: DataFrame,
+    layout: StateLayout,
+    table: str,
+    final: Path,
+    files: int,
+    sort_key: str,
+    manifest: dict | None,
+) -> Path:
     with warehouse_errors(layout, table):
         staging = claim_staging(layout, table)
         try:
-            df.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(sort_key).write.parquet(str(staging))
+            df.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(sort_key).write.parquet(
+                str(staging)
+            )
             write_manifest(staging, manifest)
             return publish(staging, final)
         finally:
@@ -244,7 +275,9 @@ every page, and zstd saves ~10 % of the bytes. Without both, the 1M-row all-sky 
 in 0.2 s instead of 0.5 s and reads in 0.1 s instead of 0.3 s (measured on this machine)."""
 
 
-def write_region_arrow(data: pa.Table, layout: StateLayout, table: str, region: str, manifest: dict | None = None) -> Path:
+def write_region_arrow(
+    data: pa.Table, layout: StateLayout, table: str, region: str, manifest: dict | None = None
+) -> Path:
     """Publish a small per-region table (statistics, predictions) written from the driver."""
     with warehouse_errors(layout, table, [region]):
         staging = claim_staging(layout, table)
@@ -261,7 +294,9 @@ def _write_grouped(data: pa.Table, schema: pa.Schema, path: Path, table: str, ro
     with pq.ParquetWriter(path, schema, **ARROW_WRITE_OPTIONS) as writer:
         data = data.replace_schema_metadata(schema.metadata)
         keys = data.column(row_group_key).to_numpy()
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, dtype=np.int64)
+        starts = (
+            np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, dtype=np.int64)
+        )
         if np.unique(keys[starts]).size != starts.size:
             raise ValueError(f"rows of {table!r} are not grouped by {row_group_key!r}")
         for start, end in zip(starts.tolist(), np.r_[starts[1:], keys.size].tolist()):
@@ -320,7 +355,13 @@ def write_table_files(
 
 
 def write_regions(
-    df: DataFrame, layout: StateLayout, table: str, regions: list[str], files: int, sort_key: str = "source_id", manifest: dict | None = None
+    df: DataFrame,
+    layout: StateLayout,
+    table: str,
+    regions: list[str],
+    files: int,
+    sort_key: str = "source_id",
+    manifest: dict | None = None,
 ) -> dict[str, Path]:
     """Write many regions of ``df`` in one Spark job and publish each one atomically.
 
@@ -362,7 +403,9 @@ def write_regions(
     staging = claim_staging(layout, table)
     try:
         keyed = df.withColumn("_region", F.shiftright(F.col(sort_key), source_id_shift(REGION_LEVEL)))
-        keyed.repartitionByRange(max(1, files), sort_key).sortWithinPartitions("_region", sort_key).write.partitionBy("_region").parquet(str(staging))
+        keyed.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(
+            "_region", sort_key
+        ).write.partitionBy("_region").parquet(str(staging))
         written = {region_key(int(p.name.split("=", 1)[1])): p for p in staging.glob("_region=*")}
         stray = sorted(set(written) - set(regions))
         if stray:
@@ -373,7 +416,9 @@ def write_regions(
             if directory is None:
                 directory = staging / f"_region=empty-{region}"
                 directory.mkdir(parents=True)
-                pq.write_table(to_arrow_schema(df.schema).empty_table(), directory / "part-00000-empty.parquet")
+                pq.write_table(
+                    to_arrow_schema(df.schema).empty_table(), directory / "part-00000-empty.parquet"
+                )
             write_manifest(directory, {**(manifest or {}), "region": region})
             published[region] = publish(directory, layout.region_dir(table, region))
         return published

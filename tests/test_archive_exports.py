@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 from gaia_flows.contracts import load_contract
 from gaia_flows.engine.ingest import read_gaia_file, region_schema
 from gaia_flows.science.ecsv import GaiaFileError, read_file_header
-from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 REGION = "hpx1-07"
 
@@ -86,13 +86,18 @@ source_id,ra,dec,pmra,astrometric_params_solved,phot_g_mean_mag
 
 def _rows(n: int, missing: str) -> list[str]:
     stars = stars_in_region(REGION, n)
-    return [f"{stars['source_id'][i]},{float(stars['ra'][i])!r},{float(stars['dec'][i])!r},{missing if i == 0 else repr(float(stars['pmra'][i]))},31,{15.5 + i}" for i in range(n)]
+    return [
+        f"{stars['source_id'][i]},{float(stars['ra'][i])!r},{float(stars['dec'][i])!r},{missing if i == 0 else repr(float(stars['pmra'][i]))},31,{15.5 + i}"
+        for i in range(n)
+    ]
 
 
 def _read(*paths) -> pa.Table:
     contract = load_contract()
     schema = region_schema({str(p): read_file_header(p) for p in paths}, contract)
-    return pa.Table.from_batches([batch for path in paths for batch in read_gaia_file(str(path), contract, schema)], schema=schema)
+    return pa.Table.from_batches(
+        [batch for path in paths for batch in read_gaia_file(str(path), contract, schema)], schema=schema
+    )
 
 
 def _write(tmp_path, header: str, rows: list[str], name: str = "landing"):
@@ -100,7 +105,9 @@ def _write(tmp_path, header: str, rows: list[str], name: str = "landing"):
     return write_gaia_file(tmp_path / name, lo, hi, {}, rows=rows, header=header)
 
 
-@pytest.mark.parametrize("header, missing", [(BULK_HEADER, "null"), (ARCHIVE_HEADER, "")], ids=["bulk", "archive"])
+@pytest.mark.parametrize(
+    "header, missing", [(BULK_HEADER, "null"), (ARCHIVE_HEADER, "")], ids=["bulk", "archive"]
+)
 def test_both_header_flavours_load_into_the_contract_types(tmp_path, header, missing):
     table = _read(_write(tmp_path, header, _rows(3, missing)))
     contract = load_contract()
@@ -117,25 +124,43 @@ def test_a_value_the_contract_type_cannot_hold_is_quarantined_with_its_reason(tm
     rows[1] = rows[1].replace(",31,", ",300,")  # fits the declared int16, not the contract's int8
     rows[2] = rows[2].rsplit(",", 1)[0] + ",1e300"  # fits the declared float64, not float32
     table = _read(_write(tmp_path, ARCHIVE_HEADER, rows))
-    assert table.column("_rule").to_pylist() == [None, "parse:astrometric_params_solved", "parse:phot_g_mean_mag"]
+    assert table.column("_rule").to_pylist() == [
+        None,
+        "parse:astrometric_params_solved",
+        "parse:phot_g_mean_mag",
+    ]
     reasons = table.column("_reason").to_pylist()
     assert "astrometric_params_solved: '300' does not fit int8" in reasons[1]
     assert "phot_g_mean_mag: '1e300' does not fit float32" in reasons[2]
-    assert table.column("_line").to_pylist() == [16, 17, 18]  # every row kept, with its line (14 header lines, the column names, then data)
+    assert table.column("_line").to_pylist() == [
+        16,
+        17,
+        18,
+    ]  # every row kept, with its line (14 header lines, the column names, then data)
 
 
 def test_text_where_a_number_is_expected_refuses_the_file_naming_it_and_the_column(tmp_path):
-    header = ARCHIVE_HEADER.replace("{name: astrometric_params_solved, datatype: int16", "{name: astrometric_params_solved, datatype: string")
+    header = ARCHIVE_HEADER.replace(
+        "{name: astrometric_params_solved, datatype: int16",
+        "{name: astrometric_params_solved, datatype: string",
+    )
     path = _write(tmp_path, header, _rows(2, ""))
-    with pytest.raises(GaiaFileError, match="column 'astrometric_params_solved' declared as string but the contract says int8") as error:
+    with pytest.raises(
+        GaiaFileError,
+        match="column 'astrometric_params_solved' declared as string but the contract says int8",
+    ) as error:
         _read(path)
     assert error.value.file == str(path)
 
 
 def test_a_file_missing_optional_columns_loads_with_nulls_where_they_are_missing(tmp_path):
     full = _write(tmp_path, BULK_HEADER, _rows(2, "null"), "bulk")
-    subset_header = ARCHIVE_HEADER.replace("# - {name: phot_g_mean_mag, unit: mag, datatype: float64, description: G-band mean magnitude}\n", "")
-    subset_header = subset_header.replace(",phot_g_mean_mag\n", "\n").replace(", phot_g_mean_mag FROM", " FROM")
+    subset_header = ARCHIVE_HEADER.replace(
+        "# - {name: phot_g_mean_mag, unit: mag, datatype: float64, description: G-band mean magnitude}\n", ""
+    )
+    subset_header = subset_header.replace(",phot_g_mean_mag\n", "\n").replace(
+        ", phot_g_mean_mag FROM", " FROM"
+    )
     subset_rows = [row.rsplit(",", 1)[0] for row in _rows(2, "")]
     subset = _write(tmp_path, subset_header, subset_rows, "archive")
     alone = _read(subset)

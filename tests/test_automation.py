@@ -3,10 +3,10 @@
 import os
 
 from dagster import build_schedule_context, build_sensor_context
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 from gaia_flows.schedules import nightly_refresh
 from gaia_flows.sensors import affected_regions, contiguous_runs, landing_files_sensor
-from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 
 def test_contiguous_runs_group_neighbouring_regions():
@@ -22,7 +22,10 @@ def test_sensor_launches_only_regions_with_new_or_changed_files(layout):
         lo, hi = region_file_range(region)
         write_gaia_file(layout.landing, lo, hi, stars_in_region(region, 5))
     first = landing_files_sensor(build_sensor_context(cursor=None))
-    assert [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"]) for r in first.run_requests] == [
+    assert [
+        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+        for r in first.run_requests
+    ] == [
         ("hpx1-07", "hpx1-07"),
         ("hpx1-20", "hpx1-20"),
     ]
@@ -66,4 +69,7 @@ def test_first_look_skips_files_already_ingested(layout):
 
     os.utime(old[0], ns=(1, manifest.stat().st_mtime_ns + 1_000_000_000))  # rewritten after publishing
     again = landing_files_sensor(build_sensor_context(cursor=None))
-    assert [r.tags["dagster/asset_partition_range_start"] for r in again.run_requests] == ["hpx1-07", "hpx1-20"]
+    assert [r.tags["dagster/asset_partition_range_start"] for r in again.run_requests] == [
+        "hpx1-07",
+        "hpx1-20",
+    ]

@@ -54,7 +54,20 @@ def test_columns_carry_the_bulk_file_datatypes_and_units(contract, name, datatyp
 def test_keys_and_required_columns(contract):
     assert contract.primary_key == contract.sort_key == "source_id"
     assert set(contract.required) == {"source_id", "ra", "dec"}
-    for name in ("solution_id", "designation", "source_id", "random_index", "ref_epoch", "ra", "dec", "ra_error", "dec_error", "astrometric_params_solved", "l", "b"):
+    for name in (
+        "solution_id",
+        "designation",
+        "source_id",
+        "random_index",
+        "ref_epoch",
+        "ra",
+        "dec",
+        "ra_error",
+        "dec_error",
+        "astrometric_params_solved",
+        "l",
+        "b",
+    ):
         assert not contract.by_name[name].nullable, name
     for name in ("parallax", "pmra", "pmdec", "ruwe", "phot_bp_mean_mag", "radial_velocity"):
         assert contract.by_name[name].nullable, name
@@ -80,7 +93,13 @@ def test_ranges_are_sane(contract):
     assert by["l"].range_text() == "[0, 360)"
     assert by["b"].range_text() == "[-90, 90]"
     assert by["ipd_frac_multi_peak"].range_text() == by["ipd_frac_odd_win"].range_text() == "[0, 100]"
-    for name in ("ruwe", "astrometric_excess_noise", "visibility_periods_used", "random_index", "phot_bp_rp_excess_factor"):
+    for name in (
+        "ruwe",
+        "astrometric_excess_noise",
+        "visibility_periods_used",
+        "random_index",
+        "phot_bp_rp_excess_factor",
+    ):
         assert by[name].min == 0 and by[name].max is None, name
     for name in ("parallax", "parallax_over_error", "pmra", "pmdec"):
         assert not by[name].has_range, name

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import DagsterInstance
+from support.servers import free_port
 
 from gaia_flows import cli
 from gaia_flows.layout import REPO_ROOT
-from support.servers import free_port
 
 DEPLOYMENTS = REPO_ROOT / "deployments"
 PROFILES = REPO_ROOT / "resources"
@@ -52,10 +52,14 @@ def test_every_target_has_an_instance_file_and_a_profile():
         assert (PROFILES / f"{target}.yaml").is_file(), f"deployments/{target} has no resources/{target}.yaml"
         config = _yaml(DEPLOYMENTS / target / "dagster.yaml")
         assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
-        assert 1 <= config["concurrency"]["runs"]["max_concurrent_runs"] <= 4, "a backfill must queue, not start 48 Spark apps"
+        assert 1 <= config["concurrency"]["runs"]["max_concurrent_runs"] <= 4, (
+            "a backfill must queue, not start 48 Spark apps"
+        )
         assert config["concurrency"]["pools"]["default_limit"] == 1, "one writer per table"
         monitoring = config["run_monitoring"]
-        assert monitoring["enabled"] and monitoring["poll_interval_seconds"] <= 30, "a dead run worker is failed within a minute"
+        assert monitoring["enabled"] and monitoring["poll_interval_seconds"] <= 30, (
+            "a dead run worker is failed within a minute"
+        )
 
 
 @pytest.mark.parametrize("target", SQLITE_TARGETS)
@@ -81,7 +85,9 @@ def test_misspelt_instance_setting_is_rejected(tmp_path, monkeypatch):
     """The loader these tests rely on does catch a wrong key, so a passing load means something."""
 
     def misspell(config):
-        config["concurrency"]["runs"]["max_concurent_runs"] = config["concurrency"]["runs"].pop("max_concurrent_runs")
+        config["concurrency"]["runs"]["max_concurent_runs"] = config["concurrency"]["runs"].pop(
+            "max_concurrent_runs"
+        )
 
     with pytest.raises(Exception, match="max_concurent_runs"):
         _instance(tmp_path / "dagster", DEPLOYMENTS / "local" / "dagster.yaml", monkeypatch, edit=misspell)
@@ -117,29 +123,71 @@ def postgres_server():
     data = root / "data"
     (root / "pw").write_text(PG_PASSWORD + "\n")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-keyout", str(root / "server.key"), "-out", str(root / "server.crt")],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(root / "server.key"),
+            "-out",
+            str(root / "server.crt"),
+        ],
+        check=True,
+        capture_output=True,
     )
     (root / "server.key").chmod(0o600)
     if os.geteuid() == 0:
         for path in [root, *root.iterdir()]:
             shutil.chown(path, "nobody")
     subprocess.run(
-        _as_server_user(["initdb", "-D", str(data), "-U", "gaia", "--pwfile", str(root / "pw"),
-                         "-A", "scram-sha-256", "--no-sync", "-E", "UTF8"]),
-        check=True, capture_output=True,
+        _as_server_user(
+            [
+                "initdb",
+                "-D",
+                str(data),
+                "-U",
+                "gaia",
+                "--pwfile",
+                str(root / "pw"),
+                "-A",
+                "scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ]
+        ),
+        check=True,
+        capture_output=True,
     )
     port = free_port()
-    options = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off "
-               f"-c ssl=on -c ssl_cert_file={root / 'server.crt'} -c ssl_key_file={root / 'server.key'}")
-    subprocess.run(_as_server_user(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start"]),
-                   check=True, capture_output=True)
+    options = (
+        f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off "
+        f"-c ssl=on -c ssl_cert_file={root / 'server.crt'} -c ssl_key_file={root / 'server.key'}"
+    )
+    subprocess.run(
+        _as_server_user(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o", options, "start"]),
+        check=True,
+        capture_output=True,
+    )
     try:
-        yield {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_DB": "postgres", "DAGSTER_PG_USERNAME": "gaia",
-               "DAGSTER_PG_PASSWORD": PG_PASSWORD, "port": port}
+        yield {
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_DB": "postgres",
+            "DAGSTER_PG_USERNAME": "gaia",
+            "DAGSTER_PG_PASSWORD": PG_PASSWORD,
+            "port": port,
+        }
     finally:
-        subprocess.run(_as_server_user(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True)
+        subprocess.run(
+            _as_server_user(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -165,14 +213,24 @@ def test_postgres_instance_loads_against_a_real_server(target, postgres_server, 
     kubeconfig = None
     if target == "kubernetes":
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "t",
-            "clusters": [{"name": "t", "cluster": {"server": "https://127.0.0.1:1"}}],
-            "users": [{"name": "t", "user": {}}],
-            "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
-        }))
-    instance = _instance(tmp_path / "dagster", DEPLOYMENTS / target / "dagster.yaml", monkeypatch,
-                         edit=_point_at(postgres_server, kubeconfig))
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "t",
+                    "clusters": [{"name": "t", "cluster": {"server": "https://127.0.0.1:1"}}],
+                    "users": [{"name": "t", "user": {}}],
+                    "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+                }
+            )
+        )
+    instance = _instance(
+        tmp_path / "dagster",
+        DEPLOYMENTS / target / "dagster.yaml",
+        monkeypatch,
+        edit=_point_at(postgres_server, kubeconfig),
+    )
     try:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert instance.get_runs() == [], "tables were created and queried over the connection"
@@ -181,7 +239,10 @@ def test_postgres_instance_loads_against_a_real_server(target, postgres_server, 
         if target == "kubernetes":
             assert type(launcher).__name__ == "K8sRunLauncher"
             assert launcher.job_namespace == "gaia-flows"
-            assert launcher.service_account_name == _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["service_account"]
+            assert (
+                launcher.service_account_name
+                == _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["service_account"]
+            )
             assert launcher.instance_config_map == "gaia-flows-instance"
         else:
             assert type(launcher).__name__ == "LocalRunLauncher"
@@ -194,21 +255,35 @@ def test_postgres_instance_loads_against_a_real_server(target, postgres_server, 
 
 def _dockerfile_cmd() -> list[str]:
     line = next(l for l in DOCKERFILE.read_text().splitlines() if l.startswith("CMD "))
-    return yaml.safe_load(line[len("CMD "):])
+    return yaml.safe_load(line[len("CMD ") :])
 
 
 def test_dockerfile_builds_the_pinned_project_as_a_non_root_code_server():
     text = DOCKERFILE.read_text()
-    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M), "the public base stays the default"
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M), (
+        "the public base stays the default"
+    )
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert "openjdk-17-jre-headless" in text
-    assert re.search(r"uv pip install .*-c constraints\.txt \.", text), "dependencies pinned by constraints.txt"
+    assert re.search(r"uv pip install .*-c constraints\.txt \.", text), (
+        "dependencies pinned by constraints.txt"
+    )
     uv_pin = re.search(r"^UV_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
     assert f"uv=={uv_pin}" in text, "the image installs with the uv that make install uses"
     assert "GAIA_FLOWS_HOME=/var/lib/gaia-flows" in text
     user = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert user and user[-1].split(":")[0] not in {"root", "0"}
-    assert _dockerfile_cmd() == ["dagster", "api", "grpc", "-m", "gaia_flows.definitions", "-h", "0.0.0.0", "-p", "4000"]
+    assert _dockerfile_cmd() == [
+        "dagster",
+        "api",
+        "grpc",
+        "-m",
+        "gaia_flows.definitions",
+        "-h",
+        "0.0.0.0",
+        "-p",
+        "4000",
+    ]
     assert re.search(r"^EXPOSE 4000$", text, re.M)
     for referenced in re.findall(r"\b(deployments/\S+?\.(?:sh|yaml))\b", text):
         assert (REPO_ROOT / referenced).is_file(), f"Dockerfile uses missing {referenced}"
@@ -230,14 +305,27 @@ def test_prometheus_reads_the_targets_files_the_cluster_asset_writes_in_the_imag
     for cluster in ("gaia-aws", "gaia-os-2"):
         written = targets_path(manifest_path(Path(home) / "clusters", cluster))
         assert fnmatch.fnmatch(str(written), pattern), (written, pattern)
-    assert not fnmatch.fnmatch(str(manifest_path(Path(home) / "clusters", "gaia-aws")), pattern), "the manifest itself is not a target list"
+    assert not fnmatch.fnmatch(str(manifest_path(Path(home) / "clusters", "gaia-aws")), pattern), (
+        "the manifest itself is not a target list"
+    )
 
 
 def test_dockerignore_keeps_state_and_venv_out_but_the_project_in():
-    patterns = [l.strip() for l in (REPO_ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    patterns = [
+        l.strip()
+        for l in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    ]
     for excluded in (".venv", ".gaia", ".git", "**/__pycache__"):
         assert excluded in patterns
-    for needed in ("gaia_flows", "resources", "data_contracts", "deployments", "pyproject.toml", "constraints.txt"):
+    for needed in (
+        "gaia_flows",
+        "resources",
+        "data_contracts",
+        "deployments",
+        "pyproject.toml",
+        "constraints.txt",
+    ):
         assert not any(p.strip("/") == needed for p in patterns), f"{needed} must reach the image"
 
 
@@ -262,10 +350,15 @@ def test_helm_values_run_our_image_with_the_k8s_run_launcher():
     queue = values["dagsterDaemon"]["runCoordinator"]
     assert queue["type"] == "QueuedRunCoordinator"
     instance = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")
-    assert queue["config"]["queuedRunCoordinator"]["maxConcurrentRuns"] == instance["concurrency"]["runs"]["max_concurrent_runs"]
+    assert (
+        queue["config"]["queuedRunCoordinator"]["maxConcurrentRuns"]
+        == instance["concurrency"]["runs"]["max_concurrent_runs"]
+    )
 
     assert values["generatePostgresqlPasswordSecret"] is False
-    assert "postgresqlPassword" not in values["postgresql"], "the password comes from global.postgresqlSecretName"
+    assert "postgresqlPassword" not in values["postgresql"], (
+        "the password comes from global.postgresqlSecretName"
+    )
     assert values["global"]["postgresqlSecretName"]
 
 
@@ -273,7 +366,9 @@ def test_kubernetes_profile_files_exist_in_the_image_layout():
     profile = _yaml(PROFILES / "kubernetes.yaml")
     template = profile["kubernetes"]["pod_template"]
     assert (REPO_ROOT / template).is_file()
-    assert profile["spark"]["conf"]["spark.kubernetes.executor.podTemplateFile"] == f"/opt/gaia-flows/{template}"
+    assert (
+        profile["spark"]["conf"]["spark.kubernetes.executor.podTemplateFile"] == f"/opt/gaia-flows/{template}"
+    )
     assert re.search(r"^WORKDIR /opt/gaia-flows$", DOCKERFILE.read_text(), re.M)
     pod = _yaml(REPO_ROOT / template)
     command = pod["spec"]["containers"][0]["command"][0]
@@ -298,7 +393,9 @@ def _secret_like_values(node, path=""):
     if isinstance(node, dict):
         for key, value in node.items():
             here = f"{path}.{key}" if path else str(key)
-            leaf = str(key).rsplit(".", 1)[-1]  # Spark conf keys: judge `...credentials.provider` by `provider`
+            leaf = str(key).rsplit(".", 1)[
+                -1
+            ]  # Spark conf keys: judge `...credentials.provider` by `provider`
             if SECRET_KEY.search(leaf) and not _is_reference(leaf, value):
                 yield here, value
             yield from _secret_like_values(value, here)
@@ -314,7 +411,9 @@ def _is_reference(key: str, value) -> bool:
         return True  # `{env: NAME}`, or a group whose own keys are checked one by one
     if isinstance(value, list):  # envSecrets: [{name: ...}] / env_secrets: [name]: Secrets named, not inlined
         names = [v["name"] if isinstance(v, dict) and set(v) <= {"name", "optional"} else v for v in value]
-        return key.lower().endswith("secrets") and all(isinstance(n, str) and K8S_NAME.match(n) for n in names)
+        return key.lower().endswith("secrets") and all(
+            isinstance(n, str) and K8S_NAME.match(n) for n in names
+        )
     if isinstance(value, str):
         if key.lower().endswith("_env"):
             return bool(ENV_NAME.match(value))
@@ -384,7 +483,7 @@ def _restricted_violations(pod_spec: dict) -> list[str]:
             found.append(f"{name}: capabilities must drop ALL")
         if set((ctx.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
             found.append(f"{name}: adds capabilities")
-        if not (ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is True):
+        if ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
             found.append(f"{name}: runAsNonRoot must be true")
         if ctx.get("runAsUser", pod.get("runAsUser")) == 0:
             found.append(f"{name}: runs as uid 0")
@@ -415,7 +514,11 @@ def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_sta
 def _camel(node):
     """The Kubernetes client's snake_case dict as the API's camelCase (what a manifest holds)."""
     if isinstance(node, dict):
-        return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): _camel(v) for k, v in node.items() if v is not None}
+        return {
+            re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): _camel(v)
+            for k, v in node.items()
+            if v is not None
+        }
     if isinstance(node, list):
         return [_camel(v) for v in node]
     return node
@@ -441,15 +544,25 @@ def _run_job_manifest() -> dict:
         env_vars=launcher["env_vars"],
     )
     job = construct_dagster_k8s_job(
-        job_config, args=["dagster", "api", "execute_run", "{}"], job_name="dagster-run-test", pod_name="dagster-run-test",
-        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher["run_k8s_config"]), component="run_worker",
+        job_config,
+        args=["dagster", "api", "execute_run", "{}"],
+        job_name="dagster-run-test",
+        pod_name="dagster-run-test",
+        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher["run_k8s_config"]),
+        component="run_worker",
     ).to_dict()
-    return {"apiVersion": "batch/v1", "kind": "Job", **_camel({k: v for k, v in job.items() if k not in ("api_version", "kind")})}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        **_camel({k: v for k, v in job.items() if k not in ("api_version", "kind")}),
+    }
 
 
 def _manifests() -> list[tuple[str, dict]]:
     found = [("run Job (dagster-k8s)", _run_job_manifest())]
-    for path in sorted([*(DEPLOYMENTS / "kubernetes").glob("*.yaml"), *(DEPLOYMENTS / "spark").glob("*.yaml")]):
+    for path in sorted(
+        [*(DEPLOYMENTS / "kubernetes").glob("*.yaml"), *(DEPLOYMENTS / "spark").glob("*.yaml")]
+    ):
         for doc in yaml.safe_load_all(path.read_text()):
             if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc:
                 found.append((path.name, doc))
@@ -460,8 +573,14 @@ def test_every_kubernetes_manifest_and_the_run_job_validate_against_a_current_ku
     import kubernetes_validate
 
     manifests = _manifests()
-    assert {kind for _, m in manifests for kind in [m["kind"]]} >= {"Job", "Namespace", "Pod", "Role", "RoleBinding"}
-    for name, manifest in manifests:
+    assert {kind for _, m in manifests for kind in [m["kind"]]} >= {
+        "Job",
+        "Namespace",
+        "Pod",
+        "Role",
+        "RoleBinding",
+    }
+    for _, manifest in manifests:
         kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
     bad = {**manifests[0][1], "spec": {**manifests[0][1]["spec"], "backoffLimitt": 1}}
     with pytest.raises(kubernetes_validate.ValidationError):

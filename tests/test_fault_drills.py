@@ -20,9 +20,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, materialize
-
-from support.spark import TEST_SPARK_CONF
 from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.spark import TEST_SPARK_CONF
+
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source, parquet_readable, rows_conserved
 from gaia_flows.cloud.local_spark import LocalSparkCluster
@@ -57,9 +57,13 @@ def _materialize(layout: StateLayout, check=None, raise_on_error=True, instance=
     assets = [gaia_landing, gaia_source, rows_conserved] + ([check] if check else [])
     return materialize(
         assets,
-        selection=AssetSelection.assets(gaia_source) | (AssetSelection.checks(check) if check else AssetSelection.assets()),
+        selection=AssetSelection.assets(gaia_source)
+        | (AssetSelection.checks(check) if check else AssetSelection.assets()),
         partition_key=REGION,
-        resources={"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": _storage(layout)},
+        resources={
+            "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+            "storage": _storage(layout),
+        },
         raise_on_error=raise_on_error,
         instance=instance,
     )
@@ -97,7 +101,10 @@ def test_corrupted_parquet_file_is_named_by_the_check_and_a_rerun_repairs_it(cle
     checked = materialize(
         [gaia_landing, gaia_source, parquet_readable],
         selection=AssetSelection.checks(parquet_readable),
-        resources={"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": _storage(layout)},
+        resources={
+            "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+            "storage": _storage(layout),
+        },
         raise_on_error=False,
     )
     (evaluation,) = checked.get_asset_check_evaluations()
@@ -139,7 +146,10 @@ def _refused_run(clean: StateLayout, home: Path, refuse) -> tuple[StateLayout, s
             [gaia_landing, gaia_source],
             selection=[gaia_source.key],
             partition_key=REGION,
-            resources={"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": _storage(grown)},
+            resources={
+                "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+                "storage": _storage(grown),
+            },
             raise_on_error=False,
         )
         assert not run.success
@@ -191,7 +201,9 @@ def test_next_write_removes_a_dead_runs_staging_but_not_a_live_ones(tmp_path):
         f"p = claim_staging(StateLayout.from_env({str(layout.home)!r}), {TABLE!r}); (p / 'parsed').mkdir(parents=True);"
         "print(p, flush=True); time.sleep(120)"
     )
-    owners = [subprocess.Popen([sys.executable, "-c", claim], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    owners = [
+        subprocess.Popen([sys.executable, "-c", claim], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     try:
         dead, live = (Path(o.stdout.readline().strip()) for o in owners)
         owners[0].send_signal(signal.SIGKILL)
@@ -199,7 +211,9 @@ def test_next_write_removes_a_dead_runs_staging_but_not_a_live_ones(tmp_path):
         other_table = claim_staging(layout, "pm_stats")
         mine = claim_staging(layout, TABLE)
         assert not dead.exists() and live.is_dir() and other_table.parent.is_dir()
-        assert sorted(p.name for p in layout.staging_root.iterdir() if not p.name.endswith(".lock")) == [live.name], "only the live run's remains; my own is not created yet"
+        assert sorted(p.name for p in layout.staging_root.iterdir() if not p.name.endswith(".lock")) == [
+            live.name
+        ], "only the live run's remains; my own is not created yet"
         release_staging(mine)
         release_staging(other_table)
     finally:
@@ -235,23 +249,36 @@ def test_spark_worker_killed_mid_ingestion_run_completes_with_the_clean_table(tm
     contract = load_contract(TABLE)
     clean = StateLayout.from_env(tmp_path / "clean", landing).ensure()
     faulty = StateLayout.from_env(tmp_path / "faulty", landing).ensure()
-    conf = {**TEST_SPARK_CONF, "spark.executor.memory": "768m", "spark.executor.cores": "1", "spark.cores.max": "2"}
+    conf = {
+        **TEST_SPARK_CONF,
+        "spark.executor.memory": "768m",
+        "spark.executor.cores": "1",
+        "spark.cores.max": "2",
+    }
     with LocalSparkCluster(workers=3, cores=1, memory_mb=1024, log_dir=tmp_path / "logs") as cluster:
         try:
             spark = spark_factory.session(cluster.master_url, conf)
             assert not ingest_regions(spark, clean, [REGION], contract, 1 << 20).failures
             killed: dict = {}
-            watcher = threading.Thread(target=_kill_when_running, args=(spark, [w.pid for w in cluster.workers], killed))
+            watcher = threading.Thread(
+                target=_kill_when_running, args=(spark, [w.pid for w in cluster.workers], killed)
+            )
             watcher.start()
             report = ingest_regions(spark, faulty, [REGION], contract, 1 << 20)
             watcher.join()
         finally:
             spark_factory.stop_active()
     assert killed, "the worker was killed while a task ran"
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in killed["pids"])
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        for pid in killed["pids"]
+    )
     assert not report.failures and report.rows_read == 24_000
     assert _table(faulty).equals(_table(clean))
-    assert pq.read_table(faulty.quarantine_dir(TABLE, REGION)).num_rows == pq.read_table(clean.quarantine_dir(TABLE, REGION)).num_rows
+    assert (
+        pq.read_table(faulty.quarantine_dir(TABLE, REGION)).num_rows
+        == pq.read_table(clean.quarantine_dir(TABLE, REGION)).num_rows
+    )
 
 
 # --- the Dagster run worker killed ----------------------------------------------------------------
@@ -285,7 +312,9 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_staging(tmp_path, monkeypatch, _spark_application):
+def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_staging(
+    tmp_path, monkeypatch, _spark_application
+):
     """The real daemon launches a queued run of REGION; mid-ingestion its run worker and the code
     server that spawned it get ``kill -9`` (nothing left that could report the death). Run
     monitoring (deployments/local/dagster.yaml) must mark it failed within a minute and free its
@@ -298,19 +327,42 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
     env = {**cli.dagster_env(layout), "GAIA_FLOWS_PROFILE": "local", "GAIA_FLOWS_HOME": str(layout.home)}
     env.pop("GAIA_FLOWS_LANDING", None)
     daemon_log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-m", "gaia_flows.definitions"], cwd=REPO_ROOT, env=env,
-                              stdout=daemon_log, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = subprocess.Popen(
+        [str(BIN / "dagster-daemon"), "run", "-m", "gaia_flows.definitions"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=daemon_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     monkeypatch.setenv("DAGSTER_HOME", str(layout.dagster_home))
     instance = DagsterInstance.get()
     run_id = str(uuid.uuid4())
     try:
         launch = subprocess.run(
-            [str(BIN / "dagster"), "job", "launch", "-m", "gaia_flows.definitions", "-j", "catalogue_refresh",
-             "--run-id", run_id, "--tags", json.dumps({"dagster/partition": REGION})],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+            [
+                str(BIN / "dagster"),
+                "job",
+                "launch",
+                "-m",
+                "gaia_flows.definitions",
+                "-j",
+                "catalogue_refresh",
+                "--run-id",
+                run_id,
+                "--tags",
+                json.dumps({"dagster/partition": REGION}),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert launch.returncode == 0, launch.stderr[-3000:]
-        worker = _wait(lambda: (instance.get_run_by_id(run_id).tags.get(RUN_WORKER_TAG)), 300, "the run worker to start")
+        worker = _wait(
+            lambda: instance.get_run_by_id(run_id).tags.get(RUN_WORKER_TAG), 300, "the run worker to start"
+        )
         staged = _wait(lambda: _staging_dirs(layout), 300, "the ingestion to stage files", step=0.05)
         worker_pid = json.loads(worker)["pid"]
         code_server = psutil.Process(worker_pid).parent()
@@ -319,13 +371,25 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
         code_server.send_signal(signal.SIGKILL)
         _kill_tree(worker_pid)  # the run worker, and its Spark JVM with it
 
-        status = _wait(lambda: instance.get_run_by_id(run_id).status in (DagsterRunStatus.FAILURE,), 90, "run monitoring to fail the run", step=1)
+        status = _wait(
+            lambda: instance.get_run_by_id(run_id).status in (DagsterRunStatus.FAILURE,),
+            90,
+            "run monitoring to fail the run",
+            step=1,
+        )
         failed_after = time.monotonic() - killed_at
         assert status and failed_after < 60, f"marked failed after {failed_after:.0f} s"
         messages = [e.message for e in instance.all_logs(run_id)]
-        assert any(f"run worker process {worker_pid}" in (m or "") and "is gone" in m for m in messages), messages[-5:]
+        assert any(f"run worker process {worker_pid}" in (m or "") and "is gone" in m for m in messages), (
+            messages[-5:]
+        )
         assert not layout.region_dir(TABLE, REGION).exists(), "nothing of the killed run was published"
-        _wait(lambda: not instance.event_log_storage.get_concurrency_info(TABLE).claimed_slots, 60, "the pool slot to be freed", step=1)
+        _wait(
+            lambda: not instance.event_log_storage.get_concurrency_info(TABLE).claimed_slots,
+            60,
+            "the pool slot to be freed",
+            step=1,
+        )
         assert all(p.exists() for p in staged), "the dead run's staging is still there before the next run"
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
@@ -342,4 +406,3 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
     reference = StateLayout.from_env(tmp_path / "reference", layout.landing).ensure()
     assert _materialize(reference).success
     assert _table(layout).equals(_table(reference))
-

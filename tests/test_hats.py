@@ -15,9 +15,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from dagster import materialize
-
 from support.astrometric_data import publish_synthetic
 from support.spark import TEST_SPARK_CONF
+
 from gaia_flows.assets.hats_catalogue import hats_catalogue
 from gaia_flows.engine.hats_export import EXPORT_MANIFEST, SPATIAL_INDEX
 from gaia_flows.layout import StateLayout
@@ -35,8 +35,15 @@ SHIFT_ARCSEC = 6.0
 def _export(layout: StateLayout):
     result = materialize(
         [hats_catalogue],
-        resources={"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource(home=str(layout.home))},
-        run_config={"ops": {"hats_catalogue": {"config": {"pixel_threshold": THRESHOLD, "margin_arcsec": MARGIN_ARCSEC}}}},
+        resources={
+            "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+            "storage": StorageResource(home=str(layout.home)),
+        },
+        run_config={
+            "ops": {
+                "hats_catalogue": {"config": {"pixel_threshold": THRESHOLD, "margin_arcsec": MARGIN_ARCSEC}}
+            }
+        },
     )
     [materialization] = result.asset_materializations_for_node("hats_catalogue")
     return {k: v.value for k, v in materialization.metadata.items()}
@@ -44,13 +51,17 @@ def _export(layout: StateLayout):
 
 def _our_table(layout: StateLayout) -> pd.DataFrame:
     files = sorted(layout.table("gaia_source").glob("hpx*/*.parquet"))
-    return pd.concat([pq.read_table(f, columns=["source_id", "ra", "dec"]).to_pandas() for f in files], ignore_index=True)
+    return pd.concat(
+        [pq.read_table(f, columns=["source_id", "ra", "dec"]).to_pandas() for f in files], ignore_index=True
+    )
 
 
 def _partition_files(layout: StateLayout) -> dict[str, int]:
     """Every partition file of the published catalogue and its inode."""
     dataset = layout.hats_collection("gaia_source") / "gaia_source" / "dataset"
-    return {str(p.relative_to(dataset)): p.stat().st_ino for p in dataset.glob("Norder=*/Dir=*/Npix=*.parquet")}
+    return {
+        str(p.relative_to(dataset)): p.stat().st_ino for p in dataset.glob("Norder=*/Dir=*/Npix=*.parquet")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +80,9 @@ def test_lsdb_opens_the_collection_with_every_row(exported):
     assert set(frame["source_id"]) == set(ours["source_id"])
     assert frame.index.name == SPATIAL_INDEX
     orders = {p.order for p in catalogue.get_healpix_pixels()}
-    print(f"\nHATS: {metadata['partitions']} partitions of orders {sorted(orders)}, margin {metadata['margin_rows']} rows")
+    print(
+        f"\nHATS: {metadata['partitions']} partitions of orders {sorted(orders)}, margin {metadata['margin_rows']} rows"
+    )
     assert len(orders) >= 3 and min(orders) >= 1, "adaptive tiling, no partition wider than a sky region"
     assert catalogue.margin is not None and len(catalogue.margin.compute()) == metadata["margin_rows"] > 0
     assert catalogue.hc_structure.catalog_info.hats_max_rows == THRESHOLD
@@ -80,9 +93,15 @@ def test_lsdb_opens_the_collection_with_every_row(exported):
 def test_cone_search_equals_an_angular_distance_filter(exported):
     layout, ours = exported["layout"], exported["table"]
     ra0, dec0, radius_deg = 266.4, -28.9, 4.0  # the Galactic centre: dense, several partitions
-    found = lsdb.open_catalog(layout.hats_collection("gaia_source")).cone_search(ra=ra0, dec=dec0, radius_arcsec=radius_deg * 3600).compute()
+    found = (
+        lsdb.open_catalog(layout.hats_collection("gaia_source"))
+        .cone_search(ra=ra0, dec=dec0, radius_arcsec=radius_deg * 3600)
+        .compute()
+    )
     ra, dec = np.radians(ours["ra"].to_numpy()), np.radians(ours["dec"].to_numpy())
-    cos_distance = np.sin(dec) * np.sin(np.radians(dec0)) + np.cos(dec) * np.cos(np.radians(dec0)) * np.cos(ra - np.radians(ra0))
+    cos_distance = np.sin(dec) * np.sin(np.radians(dec0)) + np.cos(dec) * np.cos(np.radians(dec0)) * np.cos(
+        ra - np.radians(ra0)
+    )
     inside = ours["source_id"][np.degrees(np.arccos(np.clip(cos_distance, -1, 1))) <= radius_deg]
     assert len(inside) > 100
     assert sorted(found["source_id"]) == sorted(inside)
@@ -101,14 +120,20 @@ def test_cross_match_with_a_shifted_copy_finds_every_source_thanks_to_the_margin
     def twins_found(right) -> set:
         """Sources whose shifted twin is among their matches (a crowded field may hold another
         star nearer than the twin, so several neighbours are asked for)."""
-        matched = left.crossmatch(right, radius_arcsec=radius, n_neighbors=4, suffixes=("_shifted", "")).compute()
-        return set(matched["source_id"][matched["source_id_shifted"].to_numpy() == matched["source_id"].to_numpy()])
+        matched = left.crossmatch(
+            right, radius_arcsec=radius, n_neighbors=4, suffixes=("_shifted", "")
+        ).compute()
+        return set(
+            matched["source_id"][matched["source_id_shifted"].to_numpy() == matched["source_id"].to_numpy()]
+        )
 
     with_margin = twins_found(lsdb.open_catalog(collection))
     without = twins_found(lsdb.open_catalog(collection / "gaia_source"))
     assert with_margin == set(ours["source_id"]), "every source finds its twin"
     missed = len(ours) - len(without)
-    print(f"\ncross-match: {len(with_margin)} of {len(ours)} twins found with the margin, {missed} missed without it")
+    print(
+        f"\ncross-match: {len(with_margin)} of {len(ours)} twins found with the margin, {missed} missed without it"
+    )
     assert missed > 0, "some twins straddle a partition border: the margin is what finds them"
 
 
@@ -119,7 +144,9 @@ def test_refresh_rewrites_only_the_changed_region_and_publishes_atomically(expor
     version_before = os.readlink(collection)
     region = "hpx1-05"
     table = pq.read_table(layout.region_dir("gaia_source", region))
-    write_region_arrow(table.slice(0, table.num_rows - 10), layout, "gaia_source", region)  # a rerun that lost 10 rows
+    write_region_arrow(
+        table.slice(0, table.num_rows - 10), layout, "gaia_source", region
+    )  # a rerun that lost 10 rows
 
     metadata = _export(layout)
     after = _partition_files(layout)
@@ -127,7 +154,9 @@ def test_refresh_rewrites_only_the_changed_region_and_publishes_atomically(expor
     assert metadata["source_regions_changed"] == [region]
     assert metadata["rows"] == before_metadata["rows"] - 10
     rewritten = set(metadata["regions_rewritten"])
-    assert region in rewritten and len(rewritten) <= 3, "its own region, and a neighbour only if a source sits across the border"
+    assert region in rewritten and len(rewritten) <= 3, (
+        "its own region, and a neighbour only if a source sits across the border"
+    )
 
     def region_of(name: str) -> str:
         order = int(name.split("/")[0].split("=")[1])
@@ -138,29 +167,46 @@ def test_refresh_rewrites_only_the_changed_region_and_publishes_atomically(expor
         if region_of(name) in rewritten:
             assert before.get(name) != inode, f"{name} should have been rewritten"
         else:
-            assert before[name] == inode, f"{name} lies outside the changed regions and must be carried over unchanged"
+            assert before[name] == inode, (
+                f"{name} lies outside the changed regions and must be carried over unchanged"
+            )
     assert metadata["partitions_carried_over"] == sum(region_of(n) not in rewritten for n in after) > 0
     frame = lsdb.open_catalog(collection).compute()
     assert len(frame) == metadata["rows"] and set(frame["source_id"]) == set(_our_table(layout)["source_id"])
     assert (collection / EXPORT_MANIFEST).exists()
 
     again = _export(layout)  # nothing changed since: nothing is rewritten or republished
-    assert again["partitions_written"] == 0 and again["source_regions_changed"] == [] and again["rows"] == metadata["rows"]
+    assert (
+        again["partitions_written"] == 0
+        and again["source_regions_changed"] == []
+        and again["rows"] == metadata["rows"]
+    )
     assert _partition_files(layout) == after
 
 
 def test_plan_keeps_partitions_inside_regions_and_under_the_threshold():
     """Pure: hats' alignment over a clumpy histogram, with our region floor."""
-    from gaia_flows.engine.hats_export import HatsSettings, partition_region, plan_partitions, sparse_histogram
+    from gaia_flows.engine.hats_export import (
+        HatsSettings,
+        partition_region,
+        plan_partitions,
+        sparse_histogram,
+    )
     from gaia_flows.science.healpix import radec_to_healpix
 
     rng = np.random.default_rng(3)
-    ra = np.concatenate([rng.uniform(0, 360, 20_000), rng.normal(80.9, 2, 20_000) % 360])  # a uniform sky and a dense clump
-    dec = np.concatenate([np.degrees(np.arcsin(rng.uniform(-1, 1, 20_000))), np.clip(rng.normal(-69.8, 2, 20_000), -90, 90)])
+    ra = np.concatenate(
+        [rng.uniform(0, 360, 20_000), rng.normal(80.9, 2, 20_000) % 360]
+    )  # a uniform sky and a dense clump
+    dec = np.concatenate(
+        [np.degrees(np.arcsin(rng.uniform(-1, 1, 20_000))), np.clip(rng.normal(-69.8, 2, 20_000), -90, 90)]
+    )
     from hats.pixel_math.spatial_index import compute_spatial_index
 
     index = compute_spatial_index(ra, dec)
-    assert (index >> (2 * (29 - 12)) == radec_to_healpix(ra, dec, 12)).all(), "_healpix_29 nests into healpy's level-12 pixels"
+    assert (index >> (2 * (29 - 12)) == radec_to_healpix(ra, dec, 12)).all(), (
+        "_healpix_29 nests into healpy's level-12 pixels"
+    )
     settings = HatsSettings(pixel_threshold=500, highest_order=7)
     pixels, counts = sparse_histogram(index, settings.highest_order)
     dense = np.zeros(12 * 4**settings.highest_order, np.int64)

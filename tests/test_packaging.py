@@ -26,12 +26,18 @@ print(len(list_profiles()))
 def test_a_built_wheel_loads_the_contract_and_a_profile_outside_the_checkout(tmp_path):
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
     for name in ("gaia_flows", "data_contracts", "resources"):
-        shutil.copytree(REPO_ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO_ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     uv = Path(sys.executable).with_name("uv")  # make install puts uv into the virtualenv
-    build = subprocess.run([str(uv), "build", "--wheel", "--quiet", "--out-dir", str(wheels), str(source)], capture_output=True, text=True)
+    build = subprocess.run(
+        [str(uv), "build", "--wheel", "--quiet", "--out-dir", str(wheels), str(source)],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("gaia_flows-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

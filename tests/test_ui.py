@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, materialize
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
+from support.servers import ServerProcess, free_port
+from support.spark import TEST_SPARK_CONF
 
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.cli import dagster_env
@@ -17,9 +20,6 @@ from gaia_flows.definitions import defs
 from gaia_flows.layout import REPO_ROOT
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from support.spark import TEST_SPARK_CONF
-from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
-from support.servers import ServerProcess, free_port
 
 pytestmark = pytest.mark.ui
 
@@ -39,7 +39,9 @@ CHROMIUM_FLAGS = [
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
-        pytest.fail("headless Chromium is required for UI tests: apt-get install chromium (.ci/run does this)")
+        pytest.fail(
+            "headless Chromium is required for UI tests: apt-get install chromium (.ci/run does this)"
+        )
     return found
 
 
@@ -50,13 +52,32 @@ def webserver(layout, spark, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     lo, hi = region_file_range("hpx1-07")
     write_gaia_file(layout.landing, lo, hi, stars_in_region("hpx1-07", 321, 7))
-    resources = {"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource()}
-    result = materialize([gaia_landing, gaia_source], selection=[gaia_source.key], partition_key="hpx1-07", resources=resources, instance=DagsterInstance.get())
+    resources = {
+        "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+        "storage": StorageResource(),
+    }
+    result = materialize(
+        [gaia_landing, gaia_source],
+        selection=[gaia_source.key],
+        partition_key="hpx1-07",
+        resources=resources,
+        instance=DagsterInstance.get(),
+    )
     assert result.success
 
     port = free_port()
-    command = [str(Path(sys.executable).with_name("dagster-webserver")), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
-    server = ServerProcess("dagster-webserver", command, env=env, log_dir=layout.home, cwd=REPO_ROOT).start(port=port, ready_path="/server_info", timeout=180)
+    command = [
+        str(Path(sys.executable).with_name("dagster-webserver")),
+        "-w",
+        "workspace.yaml",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    server = ServerProcess("dagster-webserver", command, env=env, log_dir=layout.home, cwd=REPO_ROOT).start(
+        port=port, ready_path="/server_info", timeout=180
+    )
     try:
         yield server.url
     finally:
@@ -66,7 +87,10 @@ def webserver(layout, spark, monkeypatch):
 def _rendered(url: str, tmp_path: Path) -> str:
     """The DOM after the single-page app has fetched its GraphQL data and rendered."""
     proc = subprocess.run(
-        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", url], capture_output=True, text=True, timeout=120
+        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", proc.stdout))

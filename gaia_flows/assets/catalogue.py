@@ -21,7 +21,14 @@ from gaia_flows.layout import SOURCE_TABLE
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.tables import CorruptTableError, footer_rows, published_regions, read_manifest, verify_region, warehouse_errors
+from gaia_flows.tables import (
+    CorruptTableError,
+    footer_rows,
+    published_regions,
+    read_manifest,
+    verify_region,
+    warehouse_errors,
+)
 
 gaia_landing = AssetSpec(
     "gaia_landing",
@@ -49,7 +56,9 @@ class GaiaSourceConfig(Config):
     # of the same region would otherwise both ingest it, and the later publish would win.
     pool=SOURCE_TABLE,
 )
-def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark: SparkResource, storage: StorageResource) -> MaterializeResult:
+def gaia_source(
+    context: AssetExecutionContext, config: GaiaSourceConfig, spark: SparkResource, storage: StorageResource
+) -> MaterializeResult:
     """Gaia sources of each sky region, validated against ``data_contracts/gaia_source.yaml``.
 
     A run over many regions is one Spark application (single-run backfill), because a cold
@@ -59,7 +68,9 @@ def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark:
     layout = storage.layout
     session = spark.session()
     with warehouse_errors(layout, SOURCE_TABLE, context.partition_keys):
-        report = ingest_regions(session, layout, list(context.partition_keys), load_contract(SOURCE_TABLE), config.bucket_mb << 20)
+        report = ingest_regions(
+            session, layout, list(context.partition_keys), load_contract(SOURCE_TABLE), config.bucket_mb << 20
+        )
     for region, result in report.regions.items():
         context.add_asset_metadata(
             {
@@ -77,7 +88,10 @@ def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark:
     if report.failures:
         raise Failure(
             description=_failure_text(report),
-            metadata={"failed_regions": MetadataValue.json(report.failures), "published_regions": sorted(report.regions)},
+            metadata={
+                "failed_regions": MetadataValue.json(report.failures),
+                "published_regions": sorted(report.regions),
+            },
         )
     return MaterializeResult(metadata=_run_metadata(report, stage_io(session, SOURCE_TABLE)))
 
@@ -85,7 +99,10 @@ def gaia_source(context: AssetExecutionContext, config: GaiaSourceConfig, spark:
 def _failure_text(report: IngestReport) -> str:
     lines = [f"{region}: {error}" for region, error in sorted(report.failures.items())]
     published = f"; {len(report.regions)} other region(s) were published" if report.regions else ""
-    return f"{len(report.failures)} region(s) not published, previous versions kept{published}:\n" + "\n".join(lines)
+    return (
+        f"{len(report.failures)} region(s) not published, previous versions kept{published}:\n"
+        + "\n".join(lines)
+    )
 
 
 def _run_metadata(report: IngestReport, io: dict) -> dict:
@@ -106,7 +123,11 @@ def _run_metadata(report: IngestReport, io: dict) -> dict:
     return metadata
 
 
-@asset_check(asset=gaia_source, blocking=True, description="Every row read is accepted or quarantined: rows in = accepted + rejected.")
+@asset_check(
+    asset=gaia_source,
+    blocking=True,
+    description="Every row read is accepted or quarantined: rows in = accepted + rejected.",
+)
 def rows_conserved(storage: StorageResource) -> AssetCheckResult:
     """Counts come from the Parquet footers on disk, not from the Spark job that wrote them."""
     layout = storage.layout
@@ -114,17 +135,29 @@ def rows_conserved(storage: StorageResource) -> AssetCheckResult:
     for region in published_regions(layout, SOURCE_TABLE):
         manifest = read_manifest(layout, SOURCE_TABLE, region)
         accepted = footer_rows(layout.region_dir(SOURCE_TABLE, region).glob("*.parquet"))
-        rejected = footer_rows(layout.quarantine_dir(SOURCE_TABLE, region).glob("*.parquet"))  # no folder when nothing was rejected: 0
+        rejected = footer_rows(
+            layout.quarantine_dir(SOURCE_TABLE, region).glob("*.parquet")
+        )  # no folder when nothing was rejected: 0
         rows_in = manifest.get("rows_in", -1)
         totals["rows_in"] += max(rows_in, 0)
         totals["accepted"] += accepted
         totals["rejected"] += rejected
         if rows_in != accepted + rejected:
             broken[region] = {"rows_in": rows_in, "accepted": accepted, "rejected": rejected}
-    return AssetCheckResult(passed=not broken, metadata={**totals, "regions_checked": len(published_regions(layout, SOURCE_TABLE)), "mismatched": MetadataValue.json(broken)})
+    return AssetCheckResult(
+        passed=not broken,
+        metadata={
+            **totals,
+            "regions_checked": len(published_regions(layout, SOURCE_TABLE)),
+            "mismatched": MetadataValue.json(broken),
+        },
+    )
 
 
-@asset_check(asset=gaia_source, description="Every published Parquet file reads back, page checksums verified; a failure names file and region.")
+@asset_check(
+    asset=gaia_source,
+    description="Every published Parquet file reads back, page checksums verified; a failure names file and region.",
+)
 def parquet_readable(storage: StorageResource) -> AssetCheckResult:
     """Catches files damaged after publishing (overwritten bytes, truncation). Reads every data
     page once, so it costs a full scan of the table; rerunning a named region repairs it."""
@@ -138,5 +171,9 @@ def parquet_readable(storage: StorageResource) -> AssetCheckResult:
     return AssetCheckResult(
         passed=not corrupt,
         description="\n".join(corrupt.values()) or None,
-        metadata={"rows_read": rows, "regions_checked": len(published_regions(layout, SOURCE_TABLE)), "corrupt": MetadataValue.json(corrupt)},
+        metadata={
+            "rows_read": rows,
+            "regions_checked": len(published_regions(layout, SOURCE_TABLE)),
+            "corrupt": MetadataValue.json(corrupt),
+        },
     )

@@ -9,7 +9,16 @@ import time
 from typing import Literal
 
 import numpy as np
-from dagster import AssetExecutionContext, AutomationCondition, BackfillPolicy, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AutomationCondition,
+    BackfillPolicy,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 
 from gaia_flows.assets.classifier import astrometric_classifier
@@ -49,7 +58,11 @@ class ClassifyConfig(Config):
     automation_condition=AutomationCondition.eager(),
 )
 def classified_sources(
-    context: AssetExecutionContext, config: ClassifyConfig, spark: SparkResource, storage: StorageResource, mlflow: MlflowResource
+    context: AssetExecutionContext,
+    config: ClassifyConfig,
+    spark: SparkResource,
+    storage: StorageResource,
+    mlflow: MlflowResource,
 ) -> MaterializeResult:
     """The champion model applied inside Spark to each region's candidates (or all 5/6p sources).
 
@@ -59,7 +72,9 @@ def classified_sources(
     """
     layout = storage.layout
     session = spark.session()
-    session.sparkContext.setJobGroup(CLASSIFIED_TABLE, "classify sources with the champion model", interruptOnCancel=True)
+    session.sparkContext.setJobGroup(
+        CLASSIFIED_TABLE, "classify sources with the champion model", interruptOnCancel=True
+    )
     with mlflow.activate() as client:
         try:
             uri, version, population_min = resolve_model(client, config.model_uri)
@@ -70,9 +85,17 @@ def classified_sources(
     regions = list(context.partition_keys)
     started = time.perf_counter()
     parallax_cut = parallax_min if config.population == "candidates" else None
-    manifest = {"model": uri, "model_version": version, "population": config.population, "parallax_min_mas": parallax_min, "threshold": config.threshold}
+    manifest = {
+        "model": uri,
+        "model_version": version,
+        "population": config.population,
+        "parallax_min_mas": parallax_min,
+        "threshold": config.threshold,
+    }
     try:
-        paths = scoring.classify_regions(session, layout, loaded, regions, config.threshold, parallax_cut, manifest)
+        paths = scoring.classify_regions(
+            session, layout, loaded, regions, config.threshold, parallax_cut, manifest
+        )
     except FeatureError as exc:
         raise Failure(str(exc)) from exc
     seconds = time.perf_counter() - started
@@ -82,7 +105,12 @@ def classified_sources(
     for region, path in paths.items():
         rows, flagged = counts[region]
         context.add_asset_metadata(
-            {"rows": rows, "flagged_bad": flagged, "fraction_bad": MetadataValue.float(flagged / rows if rows else 0.0), "path": MetadataValue.path(str(path))},
+            {
+                "rows": rows,
+                "flagged_bad": flagged,
+                "fraction_bad": MetadataValue.float(flagged / rows if rows else 0.0),
+                "path": MetadataValue.path(str(path)),
+            },
             partition_key=region,
         )
     rows_run = sum(rows for rows, _ in counts.values())
@@ -109,7 +137,12 @@ def classified_sources(
         "fraction_bad_all_regions": MetadataValue.float(float(bad.sum() / n.sum()) if n.sum() else 0.0),
         "rows_per_second": round(rows_run / max(seconds, 1e-9)),
         "wall_seconds": round(seconds, 2),
-        "bad_fraction_map": MetadataValue.md(preview_markdown(sky_png.read_bytes(), "Fraction flagged bad in every classified region; crowded fields (Galactic plane, bulge, Magellanic Clouds) should stand out")),
+        "bad_fraction_map": MetadataValue.md(
+            preview_markdown(
+                sky_png.read_bytes(),
+                "Fraction flagged bad in every classified region; crowded fields (Galactic plane, bulge, Magellanic Clouds) should stand out",
+            )
+        ),
         "bad_fraction_map_png": MetadataValue.path(str(sky_png)),
         **{f"spark_{k}": v for k, v in stage_io(session, CLASSIFIED_TABLE).items()},
     }

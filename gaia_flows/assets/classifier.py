@@ -78,7 +78,11 @@ class ClassifierConfig(Config):
     ],
 )
 def astrometric_classifier(
-    context: AssetExecutionContext, config: ClassifierConfig, spark: SparkResource, storage: StorageResource, mlflow: MlflowResource
+    context: AssetExecutionContext,
+    config: ClassifierConfig,
+    spark: SparkResource,
+    storage: StorageResource,
+    mlflow: MlflowResource,
 ) -> MaterializeResult:
     """Random Forest on the 16 GCNS features, tracked and registered in MLflow
     (:func:`gaia_flows.ml.train.train_and_register`)."""
@@ -86,18 +90,38 @@ def astrometric_classifier(
     if not table_path.exists():
         raise Failure(f"{TRAINING_TABLE} is not materialised ({table_path}); materialise it first")
     version_dir = table_path.resolve()
-    manifest = json.loads((version_dir / REGION_MANIFEST).read_text()) if (version_dir / REGION_MANIFEST).exists() else {}
+    manifest = (
+        json.loads((version_dir / REGION_MANIFEST).read_text())
+        if (version_dir / REGION_MANIFEST).exists()
+        else {}
+    )
     rows = int(manifest.get("rows") or pq.ParquetDataset(version_dir).read(columns=["source_id"]).num_rows)
-    memory = int(config.driver_memory_gb * 2**30) if config.driver_memory_gb else classify.driver_memory_bytes()
+    memory = (
+        int(config.driver_memory_gb * 2**30) if config.driver_memory_gb else classify.driver_memory_bytes()
+    )
     choice = classify.choose_engine(rows, memory, config.driver_memory_fraction, config.engine)
     context.log.info(f"engine {choice.engine}: {choice.reason}")
 
     with mlflow.activate() as client:
         experiment_id = mlflow.experiment_id(client)
-        tags = {"dagster_run_id": context.run_id, "dagster_asset": "astrometric_classifier", "engine": choice.engine, "training_table": str(version_dir)}
+        tags = {
+            "dagster_run_id": context.run_id,
+            "dagster_asset": "astrometric_classifier",
+            "engine": choice.engine,
+            "training_table": str(version_dir),
+        }
         gate = GateSettings(config.threshold, config.promotion_metric, config.promotion_tolerance)
         run = train_and_register(
-            client, experiment_id, f"{MODEL_NAME}-{context.run_id[:8]}", tags, config.forest(), choice, version_dir, manifest, gate, spark.session
+            client,
+            experiment_id,
+            f"{MODEL_NAME}-{context.run_id[:8]}",
+            tags,
+            config.forest(),
+            choice,
+            version_dir,
+            manifest,
+            gate,
+            spark.session,
         )
 
     decision = run.gate
@@ -113,7 +137,11 @@ def astrometric_classifier(
         "training_rows": int(rows - run.holdout_rows),
         "holdout_rows": run.holdout_rows,
         "training_table_digest": run.digest,
-        **{f"holdout_{k}": MetadataValue.float(float(v)) for k, v in run.metrics.items() if k != "holdout_rows"},
+        **{
+            f"holdout_{k}": MetadataValue.float(float(v))
+            for k, v in run.metrics.items()
+            if k != "holdout_rows"
+        },
         **{k: round(v, 3) for k, v in run.timings.items()},
         "forest": MetadataValue.json(run.forest_shape),
         "feature_importances": MetadataValue.md(figures.importance_table(run.importances)),
@@ -130,7 +158,9 @@ def astrometric_classifier(
             "new_version": run.version,
             "new_value": MetadataValue.float(decision.new_value),
             "champion_version": decision.champion_before or "none",
-            "champion_value": MetadataValue.float(decision.champion_value) if decision.champion_value is not None else MetadataValue.text("no champion yet"),
+            "champion_value": MetadataValue.float(decision.champion_value)
+            if decision.champion_value is not None
+            else MetadataValue.text("no champion yet"),
             "champion_after": decision.champion_after,
         },
     )

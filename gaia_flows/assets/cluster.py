@@ -7,7 +7,6 @@ standalone cluster or cloud VMs without a change. ``teardown_cluster`` is the on
 that removes a whole deployment again.
 """
 
-
 from pathlib import Path
 
 from dagster import (
@@ -25,6 +24,7 @@ from dagster import (
     op,
 )
 
+from gaia_flows.cloud.planner import PlanError
 from gaia_flows.cloud.provision import ProvisionError, ProvisioningFailed
 from gaia_flows.cloud.retry import CloudCallError, redact
 from gaia_flows.cloud.settings import CloudConfigError, CloudSettings
@@ -33,7 +33,7 @@ from gaia_flows.layout import StateLayout, landing_files
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.cloud.planner import PlanError
+
 
 class ClusterConfig(Config):
     """Run-time overrides; by default the profile's workload and the landing area's size decide."""
@@ -65,8 +65,12 @@ def spark_cluster(
 ) -> MaterializeResult:
     profile = cloud.load()
     if profile.cloud is None:
-        context.log.info(f"profile {profile.name!r} has no cloud: Spark runs at {profile.spark_master}, nothing to provision")
-        return MaterializeResult(metadata={"profile": profile.name, "mode": "no cluster", "master_url": profile.spark_master})
+        context.log.info(
+            f"profile {profile.name!r} has no cloud: Spark runs at {profile.spark_master}, nothing to provision"
+        )
+        return MaterializeResult(
+            metadata={"profile": profile.name, "mode": "no cluster", "master_url": profile.spark_master}
+        )
 
     settings = cloud.settings()
     try:
@@ -74,7 +78,9 @@ def spark_cluster(
     except CloudConfigError as exc:
         raise Failure(description=str(exc)) from exc
     measured = landing_bytes(storage.layout)
-    data_bytes = config.data_bytes if config.data_bytes is not None else (measured or settings.cluster.data_bytes)
+    data_bytes = (
+        config.data_bytes if config.data_bytes is not None else (measured or settings.cluster.data_bytes)
+    )
     provisioner = cloud.provisioner(logger=context.log)
     try:
         plan = provisioner.plan(data_bytes, config.workload, config.regions, config.workers, config.size)
@@ -110,7 +116,9 @@ def spark_cluster(
         "ram_mb_per_worker": plan.size.ram_mb,
         "master_size": plan.master_size.name,
         "node_ids": MetadataValue.json([n["id"] for n in nodes]),
-        "addresses": MetadataValue.json({n["name"]: {"private": n["private_ips"], "public": n["public_ips"]} for n in nodes}),
+        "addresses": MetadataValue.json(
+            {n["name"]: {"private": n["private_ips"], "public": n["public_ips"]} for n in nodes}
+        ),
         "workload": plan.workload.value,
         "data_bytes": plan.data_bytes,
         "executor": f"{plan.executors_per_worker} x {plan.executor_cores} cores / {plan.executor_memory_mb} MiB per worker",
@@ -135,7 +143,9 @@ def spark_cluster(
     return MaterializeResult(metadata=metadata)
 
 
-def _check_stacks(context: AssetExecutionContext, settings: CloudSettings, spark: SparkResource, manifest: dict) -> dict | None:
+def _check_stacks(
+    context: AssetExecutionContext, settings: CloudSettings, spark: SparkResource, manifest: dict
+) -> dict | None:
     """Wait for the workers to run a task and compare their Python stack with the driver's.
 
     Doubles as the readiness check: VMs the cloud calls running may still be booting Spark.
@@ -151,7 +161,10 @@ def _check_stacks(context: AssetExecutionContext, settings: CloudSettings, spark
     return stacks
 
 
-@asset_check(asset=spark_cluster, description="Every node in the manifest exists and runs (asks the cloud, not the manifest).")
+@asset_check(
+    asset=spark_cluster,
+    description="Every node in the manifest exists and runs (asks the cloud, not the manifest).",
+)
 def spark_cluster_nodes_running(cloud: CloudResource) -> AssetCheckResult:
     if not cloud.enabled:
         return AssetCheckResult(passed=True, metadata={"mode": "no cluster"})
@@ -167,11 +180,17 @@ def spark_cluster_nodes_running(cloud: CloudResource) -> AssetCheckResult:
     missing = sorted(expected - running)
     return AssetCheckResult(
         passed=not missing,
-        metadata={"expected": len(expected), "running": len(expected & running), "missing": MetadataValue.json(missing)},
+        metadata={
+            "expected": len(expected),
+            "running": len(expected & running),
+            "missing": MetadataValue.json(missing),
+        },
     )
 
 
-@op(description="Destroy every node tagged with the profile's cluster name, then its security group and key pair.")
+@op(
+    description="Destroy every node tagged with the profile's cluster name, then its security group and key pair."
+)
 def teardown_cluster_nodes(context: OpExecutionContext, cloud: CloudResource) -> dict:
     if not cloud.enabled:
         context.log.info("profile has no cloud: nothing to tear down")
@@ -180,7 +199,10 @@ def teardown_cluster_nodes(context: OpExecutionContext, cloud: CloudResource) ->
     try:
         summary = provisioner.teardown()
     except (ProvisionError, CloudCallError) as exc:
-        raise Failure(description=f"teardown incomplete: {redact(str(exc))}", metadata={"api_calls": MetadataValue.json(provisioner.call.summary())}) from exc
+        raise Failure(
+            description=f"teardown incomplete: {redact(str(exc))}",
+            metadata={"api_calls": MetadataValue.json(provisioner.call.summary())},
+        ) from exc
     summary["api_calls"] = provisioner.call.summary()
     context.log_event(
         AssetObservation(
@@ -197,6 +219,9 @@ def teardown_cluster_nodes(context: OpExecutionContext, cloud: CloudResource) ->
     return summary
 
 
-@job(name="teardown_cluster", description="Remove the profile's Spark cluster: all tagged nodes, its security group and key pair.")
+@job(
+    name="teardown_cluster",
+    description="Remove the profile's Spark cluster: all tagged nodes, its security group and key pair.",
+)
 def teardown_cluster_job():
     teardown_cluster_nodes()

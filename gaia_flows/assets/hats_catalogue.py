@@ -1,7 +1,7 @@
 """``gaia_source`` as a HATS collection, so LSDB (and any HATS reader) opens it in one line::
 
-    import lsdb
-    gaia = lsdb.open_catalog(".gaia/hats/gaia_source")   # catalogue + its 10" margin cache
+import lsdb
+gaia = lsdb.open_catalog(".gaia/hats/gaia_source")   # catalogue + its 10" margin cache
 """
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
@@ -32,19 +32,30 @@ class HatsCatalogueConfig(Config):
 
 
 @asset(deps=[SOURCE_TABLE], group_name="catalogue", kinds={"spark", "parquet"})
-def hats_catalogue(context: AssetExecutionContext, config: HatsCatalogueConfig, spark: SparkResource, storage: StorageResource) -> MaterializeResult:
+def hats_catalogue(
+    context: AssetExecutionContext,
+    config: HatsCatalogueConfig,
+    spark: SparkResource,
+    storage: StorageResource,
+) -> MaterializeResult:
     """Every published region of ``gaia_source`` as one HATS collection (catalogue with
     ``_healpix_29``, adaptive partitions, hats metadata, and a margin cache), published
     atomically. Only the partitions of regions whose rows changed since the last export are
     rewritten; the others are carried over unchanged."""
     layout = storage.layout
-    report = export(spark.session(), layout, SOURCE_TABLE, layout.region_versions(SOURCE_TABLE), config.settings())
+    report = export(
+        spark.session(), layout, SOURCE_TABLE, layout.region_versions(SOURCE_TABLE), config.settings()
+    )
     collection = layout.hats_collection(SOURCE_TABLE)
-    context.log.info(f"HATS collection {collection}: {report.partitions_written} partitions written, {report.partitions_linked} carried over")
+    context.log.info(
+        f"HATS collection {collection}: {report.partitions_written} partitions written, {report.partitions_linked} carried over"
+    )
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(str(collection)),
-            "open_with": MetadataValue.md(f"```python\nimport lsdb\nlsdb.open_catalog({str(collection)!r})\n```"),
+            "open_with": MetadataValue.md(
+                f"```python\nimport lsdb\nlsdb.open_catalog({str(collection)!r})\n```"
+            ),
             "rows": report.rows,
             "partitions": report.partitions,
             "partitions_by_order": MetadataValue.json({str(k): v for k, v in report.orders.items()}),

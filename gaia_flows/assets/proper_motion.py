@@ -6,7 +6,7 @@ per-region tables, so rerunning one region costs that region's scan plus a merge
 """
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
@@ -27,7 +27,6 @@ from dagster import (
 from pydantic import Field
 
 from gaia_flows.engine.metrics import stage_io
-from gaia_flows.layout import SOURCE_TABLE, STATS_TABLE
 from gaia_flows.engine.pm_stats import (
     InputColumnsError,
     StatsPublisher,
@@ -38,6 +37,7 @@ from gaia_flows.engine.pm_stats import (
     stats_in_region_tasks,
     task_io,
 )
+from gaia_flows.layout import SOURCE_TABLE, STATS_TABLE
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -65,7 +65,9 @@ class PmStatsConfig(Config):
     kinds={"spark", "parquet"},
     automation_condition=AutomationCondition.eager(),
 )
-def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: SparkResource, storage: StorageResource) -> MaterializeResult:
+def pm_stats(
+    context: AssetExecutionContext, config: PmStatsConfig, spark: SparkResource, storage: StorageResource
+) -> MaterializeResult:
     """Per-pixel sufficient statistics of proper motion (count, Σpm, Σpm², Σw, Σw·pm, Σw·pm²
     with w = 1/σ²) at level L_max for each sky region, from ``gaia_source``.
 
@@ -78,11 +80,21 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     regions = list(context.partition_keys)
     session = spark.session()
     job_group = f"{STATS_TABLE}-{context.run_id}"  # per run: stage_io must not add up earlier runs on a shared session
-    session.sparkContext.setJobGroup(job_group, f"proper-motion statistics, {len(regions)} region(s), level {config.level}", interruptOnCancel=True)
-    publish = StatsPublisher(
-        layout, STATS_TABLE, config.level, layout.region_versions(SOURCE_TABLE), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    session.sparkContext.setJobGroup(
+        job_group,
+        f"proper-motion statistics, {len(regions)} region(s), level {config.level}",
+        interruptOnCancel=True,
     )
-    choice = choose_engine(region_bytes(layout, SOURCE_TABLE, regions), session.sparkContext.defaultParallelism, config.engine)
+    publish = StatsPublisher(
+        layout,
+        STATS_TABLE,
+        config.level,
+        layout.region_versions(SOURCE_TABLE),
+        datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    choice = choose_engine(
+        region_bytes(layout, SOURCE_TABLE, regions), session.sparkContext.defaultParallelism, config.engine
+    )
     context.log.info(f"engine {choice.engine}: {choice.reason}")
 
     started = time.perf_counter()
@@ -90,7 +102,9 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
         if choice.engine == "region-tasks":
             published = stats_in_region_tasks(session, layout, SOURCE_TABLE, regions, config.level, publish)
         else:
-            per_region = compute_region_stats(read_input(session, layout, SOURCE_TABLE, regions), regions, config.level)
+            per_region = compute_region_stats(
+                read_input(session, layout, SOURCE_TABLE, regions), regions, config.level
+            )
             published = [publish(region, table) for region, table in per_region.items()]
     except InputColumnsError as exc:
         raise Failure(str(exc)) from exc
@@ -109,7 +123,10 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
             },
             partition_key=record["region"],
         )
-    total = {name: sum(record[name] for record in published) for name in ("n_sources", "n_pm", "pixels", "stored_bytes")}
+    total = {
+        name: sum(record[name] for record in published)
+        for name in ("n_sources", "n_pm", "pixels", "stored_bytes")
+    }
     metadata = {
         "regions": len(regions),
         "level": config.level,
@@ -127,7 +144,13 @@ def pm_stats(context: AssetExecutionContext, config: PmStatsConfig, spark: Spark
     metadata.update({f"spark_{name}": value for name, value in stage_io(session, job_group).items()})
     python_io = task_io(published)
     if python_io:
-        metadata.update({name: MetadataValue.json(value) if name == "per_host" else value for name, value in python_io.items() if value is not None})
+        metadata.update(
+            {
+                name: MetadataValue.json(value) if name == "per_host" else value
+                for name, value in python_io.items()
+                if value is not None
+            }
+        )
     return MaterializeResult(metadata=metadata)
 
 
@@ -139,7 +162,11 @@ def _stored_rows(layout, table: str, region: str, column: str | None = None) -> 
     return sum(int(np.sum(pq.read_table(path, columns=[column]).column(column).to_numpy())) for path in files)
 
 
-@asset_check(asset=pm_stats, blocking=True, description="Every region's statistics count exactly the rows gaia_source accepted for it.")
+@asset_check(
+    asset=pm_stats,
+    blocking=True,
+    description="Every region's statistics count exactly the rows gaia_source accepted for it.",
+)
 def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckResult:
     """Σ n_sources over a region's pixels (from the stored statistics) against the rows in the
     gaia_source region's Parquet files and its manifest's ``rows_accepted``. Regions whose
@@ -148,7 +175,9 @@ def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckRes
     source_versions = layout.region_versions(SOURCE_TABLE)
     mismatched, stale, checked, rows = {}, [], 0, 0
     for region in layout.region_versions(STATS_TABLE):
-        if read_manifest(layout, STATS_TABLE, region).get("gaia_source_version") != source_versions.get(region):
+        if read_manifest(layout, STATS_TABLE, region).get("gaia_source_version") != source_versions.get(
+            region
+        ):
             stale.append(region)
             continue
         counted = _stored_rows(layout, STATS_TABLE, region, "n_sources")
@@ -157,7 +186,11 @@ def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckRes
         checked += 1
         rows += counted
         if not counted == on_disk == accepted:
-            mismatched[region] = {"pm_stats": counted, "gaia_source_files": on_disk, "rows_accepted": accepted}
+            mismatched[region] = {
+                "pm_stats": counted,
+                "gaia_source_files": on_disk,
+                "rows_accepted": accepted,
+            }
     return AssetCheckResult(
         passed=not mismatched,
         metadata={
@@ -169,15 +202,25 @@ def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckRes
     )
 
 
-@asset_check(asset=pm_stats, description="Every region's statistics were computed from the gaia_source version published now.")
+@asset_check(
+    asset=pm_stats,
+    description="Every region's statistics were computed from the gaia_source version published now.",
+)
 def pm_stats_current(storage: StorageResource) -> AssetCheckResult:
     layout = storage.layout
     source_versions = layout.region_versions(SOURCE_TABLE)
     stats_regions = layout.region_versions(STATS_TABLE)
-    stale = [r for r in stats_regions if read_manifest(layout, STATS_TABLE, r).get("gaia_source_version") != source_versions.get(r)]
+    stale = [
+        r
+        for r in stats_regions
+        if read_manifest(layout, STATS_TABLE, r).get("gaia_source_version") != source_versions.get(r)
+    ]
     missing = sorted(set(source_versions) - set(stats_regions))
     return AssetCheckResult(
         passed=not stale and not missing,
         severity=AssetCheckSeverity.WARN,
-        metadata={"stale_regions": MetadataValue.json(stale), "regions_without_stats": MetadataValue.json(missing)},
+        metadata={
+            "stale_regions": MetadataValue.json(stale),
+            "regions_without_stats": MetadataValue.json(missing),
+        },
     )

@@ -41,7 +41,9 @@ _PLOTTED = ("pmra", "pmdec", "count")
     kinds={"parquet", "healpy"},
     automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
 )
-def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsConfig, storage: StorageResource) -> MaterializeResult:
+def proper_motion_maps(
+    context: AssetExecutionContext, config: ProperMotionMapsConfig, storage: StorageResource
+) -> MaterializeResult:
     """All-sky proper-motion maps: the per-region statistics merged and degraded by the nested
     right shift to every level 0..L_max (``warehouse/proper_motion_maps``, one table with a
     ``level`` column), plus Mollweide PNGs of mean pmra, mean pmdec and source counts under
@@ -51,7 +53,9 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
     levels, pyramid = maps.publish_pyramid(layout, config.render_levels)
     level_max, totals = pyramid.level_max, pyramid.totals
     if len(set(levels.values())) > 1:
-        context.log.warning(f"pm_stats regions were computed at different levels {sorted(set(levels.values()))}; maps use the coarsest, {level_max}")
+        context.log.warning(
+            f"pm_stats regions were computed at different levels {sorted(set(levels.values()))}; maps use the coarsest, {level_max}"
+        )
     merge_seconds = time.perf_counter() - started
     # Once per state folder: afterwards a re-plot at any level 0..L_max is a lookup, no healpy.
     new_grids = maps.warm_projection_cache(range(level_max + 1), maps.projection_cache(layout))
@@ -65,10 +69,20 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
         table = pm.finalise(pyramid.kept(level))
         counts = table.column("n_sources").to_numpy()
         metadata[f"level_{level}_empty_pixels"] = int(np.count_nonzero(counts == 0))
-        metadata[f"level_{level}_pixels_without_pm"] = int(np.count_nonzero(table.column("n_pm").to_numpy() == 0))
-        variants = [(q, False) for q in _PLOTTED] + ([("pmra", True), ("pmdec", True)] if config.weighted else [])
+        metadata[f"level_{level}_pixels_without_pm"] = int(
+            np.count_nonzero(table.column("n_pm").to_numpy() == 0)
+        )
+        variants = [(q, False) for q in _PLOTTED] + (
+            [("pmra", True), ("pmdec", True)] if config.weighted else []
+        )
         for quantity, weighted in variants:
-            path = maps.render_map(table, quantity, maps.png_path(layout, level, quantity, weighted), weighted=weighted, cache_dir=maps.projection_cache(layout))
+            path = maps.render_map(
+                table,
+                quantity,
+                maps.png_path(layout, level, quantity, weighted),
+                weighted=weighted,
+                cache_dir=maps.projection_cache(layout),
+            )
             name = f"{quantity}{'_weighted' if weighted else ''}_level_{level}"
             metadata[f"map_{name}"] = MetadataValue.md(maps.preview_markdown(path.read_bytes(), name))
             metadata[f"png_{name}"] = MetadataValue.path(str(path))
@@ -78,7 +92,9 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
         {
             "level_max": level_max,
             "levels_stored": MetadataValue.json(list(range(level_max + 1))),
-            "levels_rendered": MetadataValue.json(sorted({lv for lv in config.render_levels if 0 <= lv <= level_max})),
+            "levels_rendered": MetadataValue.json(
+                sorted({lv for lv in config.render_levels if 0 <= lv <= level_max})
+            ),
             "regions_merged": len(levels),
             "regions_reused": len(pyramid.reused),
             "rows": totals["n_sources"],
@@ -96,7 +112,10 @@ def proper_motion_maps(context: AssetExecutionContext, config: ProperMotionMapsC
     return MaterializeResult(metadata=metadata)
 
 
-@asset_check(asset=proper_motion_maps, description="The stored maps hold every counted source at every level, and a mean wherever there is a proper motion.")
+@asset_check(
+    asset=proper_motion_maps,
+    description="The stored maps hold every counted source at every level, and a mean wherever there is a proper motion.",
+)
 def maps_consistent(storage: StorageResource) -> AssetCheckResult:
     """Totals per level of the stored pyramid against the pm_stats versions it was built from;
     NaN means only in pixels without proper motions."""
@@ -113,7 +132,9 @@ def maps_consistent(storage: StorageResource) -> AssetCheckResult:
     has_pm = finest.column("n_pm").to_numpy() > 0
     nan_with_pm = int(np.count_nonzero(has_pm & ~np.isfinite(finest.column("mean_pmra").to_numpy())))
     current = manifest.get("pm_stats_versions") == layout.region_versions(STATS_TABLE)
-    passed = len(set(per_level.values())) == 1 and set(per_level.values()) == {stats_rows} and nan_with_pm == 0
+    passed = (
+        len(set(per_level.values())) == 1 and set(per_level.values()) == {stats_rows} and nan_with_pm == 0
+    )
     return AssetCheckResult(
         passed=passed,
         metadata={

@@ -9,7 +9,16 @@ from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 
 from gaia_flows.engine.metrics import stage_io
@@ -56,9 +65,17 @@ class TrainingSetConfig(Config):
     deps=[SOURCE_TABLE],
     group_name=GROUP,
     kinds={"spark", "parquet"},
-    check_specs=[AssetCheckSpec("both_classes_balanced", asset=TRAINING_TABLE, description="Good and bad sets are non-empty and bad = good x bad_per_good (or all bad rows if fewer).")],
+    check_specs=[
+        AssetCheckSpec(
+            "both_classes_balanced",
+            asset=TRAINING_TABLE,
+            description="Good and bad sets are non-empty and bad = good x bad_per_good (or all bad rows if fewer).",
+        )
+    ],
 )
-def astrometric_training_set(context: AssetExecutionContext, config: TrainingSetConfig, spark: SparkResource, storage: StorageResource) -> MaterializeResult:
+def astrometric_training_set(
+    context: AssetExecutionContext, config: TrainingSetConfig, spark: SparkResource, storage: StorageResource
+) -> MaterializeResult:
     """GCNS training set, selected once from every published region and stored contiguously
     (:func:`gaia_flows.ml.training_set.select_training_set` gives the rules)."""
     layout = storage.layout
@@ -67,7 +84,9 @@ def astrometric_training_set(context: AssetExecutionContext, config: TrainingSet
     cuts = config.cuts()
     started = time.perf_counter()
     try:
-        selected = select_training_set(session, layout, cuts, config.holdout_fraction, config.split_seed, config.target_file_mb)
+        selected = select_training_set(
+            session, layout, cuts, config.holdout_fraction, config.split_seed, config.target_file_mb
+        )
     except FeatureError as exc:
         raise Failure(str(exc)) from exc
     seconds = time.perf_counter() - started
@@ -78,7 +97,9 @@ def astrometric_training_set(context: AssetExecutionContext, config: TrainingSet
     sky_maps = figures.training_sky_pngs(layout, table["source_id"].to_numpy(), labels, config.sky_map_level)
 
     n_good, n_bad, n_bad_available = selected.good, selected.bad, selected.bad_available
-    balanced = n_good > 0 and n_bad > 0 and n_bad == min(n_bad_available, int(round(n_good * cuts.bad_per_good)))
+    balanced = (
+        n_good > 0 and n_bad > 0 and n_bad == min(n_bad_available, int(round(n_good * cuts.bad_per_good)))
+    )
     metadata = {
         "rows": selected.rows,
         "good": n_good,
@@ -87,7 +108,15 @@ def astrometric_training_set(context: AssetExecutionContext, config: TrainingSet
         "holdout_rows": holdout_rows,
         "cuts": MetadataValue.json(cuts.as_dict()),
         "cut_flow": MetadataValue.json(dict(sorted(selected.cut_flow.items()))),
-        **{f"sky_{name}": MetadataValue.md(preview_markdown(png, f"Training set, {name} solutions per HEALPix level-{config.sky_map_level} pixel (Galactic Mollweide)")) for name, png in sky_maps.items()},
+        **{
+            f"sky_{name}": MetadataValue.md(
+                preview_markdown(
+                    png,
+                    f"Training set, {name} solutions per HEALPix level-{config.sky_map_level} pixel (Galactic Mollweide)",
+                )
+            )
+            for name, png in sky_maps.items()
+        },
         "path": MetadataValue.path(str(selected.path)),
         "parquet_files": selected.files,
         "wall_seconds": round(seconds, 2),
@@ -96,6 +125,11 @@ def astrometric_training_set(context: AssetExecutionContext, config: TrainingSet
     check = AssetCheckResult(
         check_name="both_classes_balanced",
         passed=bool(balanced),
-        metadata={"good": n_good, "bad": n_bad, "bad_available": n_bad_available, "bad_per_good": cuts.bad_per_good},
+        metadata={
+            "good": n_good,
+            "bad": n_bad,
+            "bad_available": n_bad_available,
+            "bad_per_good": cuts.bad_per_good,
+        },
     )
     return MaterializeResult(metadata=metadata, check_results=[check])

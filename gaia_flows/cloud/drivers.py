@@ -19,9 +19,9 @@ from libcloud.compute.drivers.ec2 import EC2Connection, EC2NodeDriver, EC2Respon
 from libcloud.compute.providers import DRIVERS, get_driver, set_driver
 from libcloud.compute.types import Provider
 
+from gaia_flows.cloud.planner import Size
 from gaia_flows.cloud.retry import register_secret_env
 from gaia_flows.cloud.settings import CloudConfigError, CloudSettings
-from gaia_flows.cloud.planner import Size
 
 LOCAL_PROVIDER = "gaia-local-spark"
 
@@ -91,7 +91,9 @@ def _env(settings: CloudSettings, key: str, required: bool = True) -> str | None
     name = settings.credentials.get(key)
     if not name:
         if required:
-            raise CloudConfigError(f"profile {settings.profile!r}: key 'cloud.credentials.{key}' is required for provider {settings.provider}")
+            raise CloudConfigError(
+                f"profile {settings.profile!r}: key 'cloud.credentials.{key}' is required for provider {settings.provider}"
+            )
         return None
     value = os.environ.get(name)
     if not value:
@@ -119,7 +121,12 @@ def build_driver(settings: CloudSettings) -> NodeDriver:
         token = _env(settings, "token_env", required=False)
         if token:
             options["token"] = token
-        return cls(_env(settings, "key_env"), _env(settings, "secret_env"), region=settings.region or "us-east-1", **options)
+        return cls(
+            _env(settings, "key_env"),
+            _env(settings, "secret_env"),
+            region=settings.region or "us-east-1",
+            **options,
+        )
     if provider == "openstack":
         cls = get_driver(Provider.OPENSTACK)
         if settings.region and "ex_force_service_region" not in options:

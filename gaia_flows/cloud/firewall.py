@@ -33,7 +33,14 @@ class Firewall:
     def find(self, name: str) -> Group | None:
         raise NotImplementedError
 
-    def create(self, name: str, description: str, orchestrator_cidr: str | None, ports: list[tuple[int, int]], subnet: str | None = None) -> Group:
+    def create(
+        self,
+        name: str,
+        description: str,
+        orchestrator_cidr: str | None,
+        ports: list[tuple[int, int]],
+        subnet: str | None = None,
+    ) -> Group:
         """The group, open inside itself and on ``ports`` (inclusive ranges) from ``orchestrator_cidr``,
         in the network of ``subnet`` where the cloud scopes groups by network (EC2's VPCs)."""
         raise NotImplementedError
@@ -73,7 +80,9 @@ class OpenStackFirewall(Firewall):
 
 class EC2Firewall(Firewall):
     def find(self, name):
-        groups = self.call("ex_get_security_groups", self.driver.ex_get_security_groups, filters={"group-name": name})
+        groups = self.call(
+            "ex_get_security_groups", self.driver.ex_get_security_groups, filters={"group-name": name}
+        )
         for g in groups:
             if g.name == name:
                 return Group(g.id, g.name, g)
@@ -84,14 +93,32 @@ class EC2Firewall(Firewall):
         if subnet:  # a group belongs to one VPC: the subnet's, or nodes there cannot use it
             (found,) = self.call("ex_list_subnets", self.driver.ex_list_subnets, subnet_ids=[subnet])
             vpc_id = found.extra["vpc_id"]
-        created = self.call("ex_create_security_group", self.driver.ex_create_security_group, name, description, vpc_id=vpc_id)
+        created = self.call(
+            "ex_create_security_group", self.driver.ex_create_security_group, name, description, vpc_id=vpc_id
+        )
         gid = created["group_id"]
         ingress = self.driver.ex_authorize_security_group_ingress
         for protocol in ("tcp", "udp"):
-            self.call("ex_authorize_security_group_ingress", ingress, gid, 0, 65535, group_pairs=[{"group_id": gid}], protocol=protocol)
+            self.call(
+                "ex_authorize_security_group_ingress",
+                ingress,
+                gid,
+                0,
+                65535,
+                group_pairs=[{"group_id": gid}],
+                protocol=protocol,
+            )
         if orchestrator_cidr:
             for low, high in ports:
-                self.call("ex_authorize_security_group_ingress", ingress, gid, low, high, cidr_ips=[orchestrator_cidr], protocol="tcp")
+                self.call(
+                    "ex_authorize_security_group_ingress",
+                    ingress,
+                    gid,
+                    low,
+                    high,
+                    cidr_ips=[orchestrator_cidr],
+                    protocol="tcp",
+                )
         return Group(gid, name, created)
 
     def delete(self, group):
@@ -135,7 +162,12 @@ class GCEFirewall(Firewall):
                 "ex_create_firewall",
                 self.driver.ex_create_firewall,
                 f"{name}-orchestrator",
-                [{"IPProtocol": "tcp", "ports": [f"{low}-{high}" if high != low else str(low) for low, high in ports]}],
+                [
+                    {
+                        "IPProtocol": "tcp",
+                        "ports": [f"{low}-{high}" if high != low else str(low) for low, high in ports],
+                    }
+                ],
                 network=self.network,
                 source_ranges=[orchestrator_cidr],
                 target_tags=[tag],

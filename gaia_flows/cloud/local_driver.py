@@ -56,9 +56,18 @@ class LocalSparkNodeDriver(NodeDriver):
     website = "https://spark.apache.org/docs/latest/spark-standalone.html"
     features = {"create_node": []}
 
-    def __init__(self, key: str = "local", secret=None, state_dir: str | os.PathLike | None = None, sizes=None, **kwargs):
+    def __init__(
+        self,
+        key: str = "local",
+        secret=None,
+        state_dir: str | os.PathLike | None = None,
+        sizes=None,
+        **kwargs,
+    ):
         super().__init__(key=key, secret=None, **kwargs)
-        self.state_dir = Path(state_dir or Path.cwd() / ".gaia" / "clusters" / "local-spark").expanduser().resolve()
+        self.state_dir = (
+            Path(state_dir or Path.cwd() / ".gaia" / "clusters" / "local-spark").expanduser().resolve()
+        )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._sizes = [dict(s) for s in (sizes or DEFAULT_SIZES)]
 
@@ -102,7 +111,14 @@ class LocalSparkNodeDriver(NodeDriver):
 
     def list_images(self, location=None):
         version = local_spark.spark_home().name
-        return [NodeImage(id=IMAGE_ID, name=f"{IMAGE_ID} ({version})", driver=self, extra={"spark_home": str(local_spark.spark_home())})]
+        return [
+            NodeImage(
+                id=IMAGE_ID,
+                name=f"{IMAGE_ID} ({version})",
+                driver=self,
+                extra={"spark_home": str(local_spark.spark_home())},
+            )
+        ]
 
     def list_locations(self):
         return [NodeLocation(id="127.0.0.1", name="loopback", country="local", driver=self)]
@@ -143,7 +159,9 @@ class LocalSparkNodeDriver(NodeDriver):
             master_url = metadata.get(TAG_MASTER_URL)
             if not master_url:
                 raise LocalDriverError(f"worker {name!r} needs metadata {TAG_MASTER_URL}")
-            daemon = local_spark.spawn_worker(master_url, log_dir, cores=int(spec["vcpus"]), memory_mb=int(spec["ram_mb"]), name="worker")
+            daemon = local_spark.spawn_worker(
+                master_url, log_dir, cores=int(spec["vcpus"]), memory_mb=int(spec["ram_mb"]), name="worker"
+            )
         record = {
             "id": node_id,
             "name": name,
@@ -216,7 +234,11 @@ class LocalSparkNodeDriver(NodeDriver):
     # --- key pairs (recorded only: there is no ssh to loopback daemons) ------------------
     def _to_key_pair(self, record: dict, private_key: str | None = None) -> KeyPair:
         return KeyPair(
-            name=record["name"], public_key=record["public_key"], fingerprint=record["fingerprint"], driver=self, private_key=private_key
+            name=record["name"],
+            public_key=record["public_key"],
+            fingerprint=record["fingerprint"],
+            driver=self,
+            private_key=private_key,
         )
 
     def list_key_pairs(self):
@@ -231,7 +253,11 @@ class LocalSparkNodeDriver(NodeDriver):
         return self._to_key_pair(record)
 
     def import_key_pair_from_string(self, name, key_material):
-        record = {"name": name, "public_key": key_material.strip(), "fingerprint": hashlib.md5(key_material.encode()).hexdigest()}
+        record = {
+            "name": name,
+            "public_key": key_material.strip(),
+            "fingerprint": hashlib.md5(key_material.encode()).hexdigest(),
+        }
         with self._state(write=True) as state:
             if name in state["key_pairs"]:
                 raise LocalDriverError(f"key pair {name!r} already exists")
@@ -257,7 +283,9 @@ class LocalSparkNodeDriver(NodeDriver):
             state["security_groups"][group.id] = group.__dict__
         return group
 
-    def ex_create_security_group_rule(self, security_group, ip_protocol, from_port, to_port, cidr=None, source_security_group=None):
+    def ex_create_security_group_rule(
+        self, security_group, ip_protocol, from_port, to_port, cidr=None, source_security_group=None
+    ):
         rule = {
             "protocol": ip_protocol,
             "from_port": from_port,
@@ -274,7 +302,11 @@ class LocalSparkNodeDriver(NodeDriver):
 
     def ex_delete_security_group(self, security_group):
         with self._state(write=True) as state:
-            in_use = [n["name"] for n in state["nodes"].values() if security_group.id in n.get("security_groups", [])]
+            in_use = [
+                n["name"]
+                for n in state["nodes"].values()
+                if security_group.id in n.get("security_groups", [])
+            ]
             if in_use:
                 raise LocalDriverError(f"409 security group {security_group.name} in use by {in_use}")
             return state["security_groups"].pop(security_group.id, None) is not None

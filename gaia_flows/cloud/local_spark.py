@@ -120,7 +120,7 @@ class SparkDaemon:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SparkDaemon":
+    def from_dict(cls, data: dict) -> SparkDaemon:
         return cls(**data)
 
 
@@ -200,9 +200,13 @@ def _wait_for(
         if result:
             return result
         if proc is not None and proc.poll() is not None:
-            raise LocalSparkError(f"{what}: process exited with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}")
+            raise LocalSparkError(
+                f"{what}: process exited with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}"
+            )
         if time.monotonic() > deadline:
-            raise LocalSparkError(f"{what}: not ready after {timeout:.0f}s; log {log_path}:\n{_tail(log_path)}")
+            raise LocalSparkError(
+                f"{what}: not ready after {timeout:.0f}s; log {log_path}:\n{_tail(log_path)}"
+            )
         time.sleep(interval)
 
 
@@ -234,11 +238,23 @@ def _create_time(pid: int) -> float:
     return psutil.Process(pid).create_time()
 
 
-def start_master(log_dir: str | os.PathLike, *, port: int = 0, webui_port: int = 0, timeout: float = 90.0, name: str = "master") -> SparkDaemon:
+def start_master(
+    log_dir: str | os.PathLike,
+    *,
+    port: int = 0,
+    webui_port: int = 0,
+    timeout: float = 90.0,
+    name: str = "master",
+) -> SparkDaemon:
     """Start a master and return once it is ALIVE, with the ports it actually bound."""
     log_dir = Path(log_dir)
     log_path = log_dir / f"{name}.log"
-    proc = _launch(MASTER_CLASS, ["-h", LOOPBACK, "-p", str(port), "--webui-port", str(webui_port)], log_path, daemon_env(log_dir))
+    proc = _launch(
+        MASTER_CLASS,
+        ["-h", LOOPBACK, "-p", str(port), "--webui-port", str(webui_port)],
+        log_path,
+        daemon_env(log_dir),
+    )
     _POPENS[proc.pid] = proc
     try:
         created = _create_time(proc.pid)
@@ -246,7 +262,9 @@ def start_master(log_dir: str | os.PathLike, *, port: int = 0, webui_port: int =
         master_url = _grep(log_path, _MASTER_URL_RE)
         ui = _grep(log_path, _MASTER_UI_RE)
         if not master_url or not ui:
-            raise LocalSparkError(f"spark master is ALIVE but its URL/UI port is not in {log_path}:\n{_tail(log_path)}")
+            raise LocalSparkError(
+                f"spark master is ALIVE but its URL/UI port is not in {log_path}:\n{_tail(log_path)}"
+            )
     except BaseException:
         stop_pid(proc.pid)
         raise
@@ -277,7 +295,21 @@ def spawn_worker(
     log_path = log_dir / f"{name}.log"
     work_dir = log_dir / f"{name}-work"  # executors' stdout/stderr and app jars; default is inside SPARK_HOME
     work_dir.mkdir(parents=True, exist_ok=True)
-    args = ["-h", LOOPBACK, "-p", "0", "--webui-port", "0", "-c", str(cores), "-m", f"{memory_mb}m", "-d", str(work_dir), master_url]
+    args = [
+        "-h",
+        LOOPBACK,
+        "-p",
+        "0",
+        "--webui-port",
+        "0",
+        "-c",
+        str(cores),
+        "-m",
+        f"{memory_mb}m",
+        "-d",
+        str(work_dir),
+        master_url,
+    ]
     proc = _launch(WORKER_CLASS, args, log_path, daemon_env(log_dir, {"SPARK_WORKER_DIR": str(work_dir)}))
     try:
         created = _create_time(proc.pid)
@@ -369,7 +401,9 @@ def wait_for_workers(webui_port: int, ports: set[int] | int, timeout: float = 90
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
-            raise LocalSparkError(f"master on UI port {webui_port}: workers {ports} not ALIVE after {timeout:.0f}s")
+            raise LocalSparkError(
+                f"master on UI port {webui_port}: workers {ports} not ALIVE after {timeout:.0f}s"
+            )
         time.sleep(0.2)
     return master_status(webui_port)
 
@@ -418,7 +452,7 @@ class LocalSparkCluster:
     def pids(self) -> list[int]:
         return [d.pid for d in ([self.master] if self.master else []) + self.workers]
 
-    def start(self) -> "LocalSparkCluster":
+    def start(self) -> LocalSparkCluster:
         try:
             self.master = start_master(self.log_dir, timeout=self.timeout)
             # JVM start-up dominates, so workers start concurrently and we wait once.
@@ -452,7 +486,12 @@ class LocalSparkCluster:
 
     def add_worker(self) -> SparkDaemon:
         worker = start_worker(
-            self.master_url, self.log_dir, cores=self.cores, memory_mb=self.memory_mb, name=f"worker-{len(self.workers)}", timeout=self.timeout
+            self.master_url,
+            self.log_dir,
+            cores=self.cores,
+            memory_mb=self.memory_mb,
+            name=f"worker-{len(self.workers)}",
+            timeout=self.timeout,
         )
         self.workers.append(worker)
         return worker
@@ -470,7 +509,7 @@ class LocalSparkCluster:
             self.master.stop()
             self.master = None
 
-    def __enter__(self) -> "LocalSparkCluster":
+    def __enter__(self) -> LocalSparkCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -59,7 +59,7 @@ class Workload(str, Enum):
     CLASSIFICATION = "classification"
 
     @classmethod
-    def parse(cls, value: "str | Workload") -> "Workload":
+    def parse(cls, value: str | Workload) -> Workload:
         if isinstance(value, Workload):
             return value
         aliases = {
@@ -114,12 +114,14 @@ class Limits:
     max_total_ram_mb: int | None = None
     max_price_per_hour: float | None = None
     allowed_sizes: tuple[str, ...] | None = None  # names or ids
-    worker_sizes: tuple[str, ...] | None = None  # an operator's pin, for workers only (master still cheapest allowed)
+    worker_sizes: tuple[str, ...] | None = (
+        None  # an operator's pin, for workers only (master still cheapest allowed)
+    )
     min_worker_vcpus: int = 1
     master_min_ram_mb: int = 2048
 
     @classmethod
-    def from_mapping(cls, spec: Mapping | None) -> "Limits":
+    def from_mapping(cls, spec: Mapping | None) -> Limits:
         spec = dict(spec or {})
         if spec.get("allowed_sizes") is not None:
             spec["allowed_sizes"] = tuple(str(s) for s in spec["allowed_sizes"])
@@ -186,7 +188,11 @@ class Plan:
 
     def fingerprint(self) -> dict:
         """What the provisioner compares: a plan that only changes Spark settings changes no VMs."""
-        return {"worker_count": self.worker_count, "size_id": self.size.id, "master_size_id": self.master_size.id}
+        return {
+            "worker_count": self.worker_count,
+            "size_id": self.size.id,
+            "master_size_id": self.master_size.id,
+        }
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -240,7 +246,9 @@ def carve(size: Size) -> _Carve | None:
     cores = min(range(1, min(MAX_EXECUTOR_CORES, size.vcpus) + 1), key=lambda c: (size.vcpus % c, -c))
     executors = size.vcpus // cores
     per_executor = usable / executors
-    overhead = max(EXECUTOR_OVERHEAD_MIN_MB, per_executor * EXECUTOR_OVERHEAD_FRACTION / (1 + EXECUTOR_OVERHEAD_FRACTION))
+    overhead = max(
+        EXECUTOR_OVERHEAD_MIN_MB, per_executor * EXECUTOR_OVERHEAD_FRACTION / (1 + EXECUTOR_OVERHEAD_FRACTION)
+    )
     memory = int(per_executor - overhead)
     if memory < 512:
         return None
@@ -283,7 +291,11 @@ def choose_master(sizes: Sequence[Size], limits: Limits, by_price: bool | None =
         biggest = max(sizes, key=lambda s: s.ram_mb, default=None)
         raise PlanError(
             f"no size can host the Spark master: need >= {limits.master_min_ram_mb} MiB RAM"
-            + (f", largest listed is {biggest.name} with {biggest.ram_mb} MiB" if biggest else ", the driver listed no sizes")
+            + (
+                f", largest listed is {biggest.name} with {biggest.ram_mb} MiB"
+                if biggest
+                else ", the driver listed no sizes"
+            )
         )
     return min(candidates, key=lambda s: (s.cost_key(by_price), s.vcpus, s.ram_mb, s.name))
 
@@ -329,7 +341,9 @@ def plan_cluster(
     rules = WORKLOADS[kind]
     limits = limits or Limits()
     if limits.min_workers < 1 or limits.max_workers < limits.min_workers:
-        raise PlanError(f"limits: need 1 <= min_workers <= max_workers, got {limits.min_workers}..{limits.max_workers}")
+        raise PlanError(
+            f"limits: need 1 <= min_workers <= max_workers, got {limits.min_workers}..{limits.max_workers}"
+        )
     listed = list(sizes)
     if not listed:
         raise PlanError("the driver listed no sizes; check the profile's region/zone and credentials")
@@ -345,7 +359,9 @@ def plan_cluster(
     rejected: list[str] = []
     candidates: list[_Candidate] = []
     for size in allowed:
-        if limits.worker_sizes is not None and not (size.name in limits.worker_sizes or size.id in limits.worker_sizes):
+        if limits.worker_sizes is not None and not (
+            size.name in limits.worker_sizes or size.id in limits.worker_sizes
+        ):
             continue
         if size.vcpus < limits.min_worker_vcpus:
             rejected.append(f"{size.name}: {size.vcpus} vCPU < min_worker_vcpus {limits.min_worker_vcpus}")
@@ -356,7 +372,9 @@ def plan_cluster(
             continue
         per_core = shape.memory_mb / shape.cores
         if per_core < rules.min_ram_per_core_mb:
-            rejected.append(f"{size.name}: {per_core:.0f} MiB/core < {rules.min_ram_per_core_mb} needed for {kind.value}")
+            rejected.append(
+                f"{size.name}: {per_core:.0f} MiB/core < {rules.min_ram_per_core_mb} needed for {kind.value}"
+            )
             continue
         ceiling = _max_workers_within(size, master, limits)
         if ceiling < limits.min_workers:
@@ -380,18 +398,26 @@ def plan_cluster(
             want_cores = max(1, math.ceil(data_bytes / rules.target_bytes_per_core))
             workers = max(limits.min_workers, math.ceil(want_cores / shape.cores))
             if workers > ceiling:
-                notes.append(f"wanted {workers} x {size.name} for {want_cores} cores, capped at {ceiling} by limits")
+                notes.append(
+                    f"wanted {workers} x {size.name} for {want_cores} cores, capped at {ceiling} by limits"
+                )
                 workers = ceiling
             else:
-                notes.append(f"{want_cores} cores to scan {data_bytes / GiB:.2f} GiB -> {workers} x {size.name}")
+                notes.append(
+                    f"{want_cores} cores to scan {data_bytes / GiB:.2f} GiB -> {workers} x {size.name}"
+                )
             delivered = min(workers * shape.cores, want_cores) or 1
             cost_metric = workers * size.cost_key(by_price) / delivered  # cost per useful core
             preference = -workers  # more, smaller workers: more disks and NICs reading at once
         candidates.append(_Candidate(cost_metric, preference, delivered, size, shape, workers, notes))
 
     if not candidates:
-        if limits.worker_sizes is not None and not any(s.name in limits.worker_sizes or s.id in limits.worker_sizes for s in allowed):
-            raise PlanError(f"worker size {list(limits.worker_sizes)} is not among the allowed sizes {[s.name for s in allowed]}")
+        if limits.worker_sizes is not None and not any(
+            s.name in limits.worker_sizes or s.id in limits.worker_sizes for s in allowed
+        ):
+            raise PlanError(
+                f"worker size {list(limits.worker_sizes)} is not among the allowed sizes {[s.name for s in allowed]}"
+            )
         detail = "; ".join(rejected[:12]) + (f"; ... {len(rejected) - 12} more" if len(rejected) > 12 else "")
         raise PlanError(
             f"nothing fits a {kind.value} workload over {data_bytes / GiB:.2f} GiB within limits "

@@ -31,7 +31,9 @@ def daemon_java_options(role: str) -> str:
     at the paths :func:`scrape_targets` names (no metrics.properties file to ship)."""
     jobs = ("spark-master", "spark-applications", "spark-worker") if role == "master" else ("spark-worker",)
     options = [f"-Dspark.metrics.conf.*.sink.prometheusServlet.class={_SERVLET}"]
-    options += [f"-Dspark.metrics.conf.{PATHS[job][0]}.sink.prometheusServlet.path={PATHS[job][1]}" for job in jobs]
+    options += [
+        f"-Dspark.metrics.conf.{PATHS[job][0]}.sink.prometheusServlet.path={PATHS[job][1]}" for job in jobs
+    ]
     return " ".join(options)
 
 
@@ -49,7 +51,9 @@ def scrape_targets(manifest: dict) -> list[dict]:
     """Prometheus ``file_sd`` target groups for a cluster manifest: the master (its own and its
     applications' metrics) and every worker, labelled with the cluster and the node name."""
     cluster = manifest["cluster"]
-    groups = [g for job in ("spark-master", "spark-applications") for g in _group(job, cluster, manifest["master"])]
+    groups = [
+        g for job in ("spark-master", "spark-applications") for g in _group(job, cluster, manifest["master"])
+    ]
     return groups + [g for worker in manifest["workers"] for g in _group("spark-worker", cluster, worker)]
 
 

@@ -33,10 +33,11 @@ from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
 from gaia_flows.cloud import prometheus
-from gaia_flows.cloud.firewall import Group, firewall_for
 from gaia_flows.cloud.drivers import planner_sizes
-from gaia_flows.cloud.secret import ensure_secret
+from gaia_flows.cloud.firewall import Group, firewall_for
+from gaia_flows.cloud.planner import Plan, plan_cluster, worker_memory_mb
 from gaia_flows.cloud.retry import Caller, CloudCallError, describe, is_timeout, redact
+from gaia_flows.cloud.secret import ensure_secret
 from gaia_flows.cloud.settings import (
     TAG_CLUSTER,
     TAG_INDEX,
@@ -47,12 +48,17 @@ from gaia_flows.cloud.settings import (
     CloudSettings,
 )
 from gaia_flows.layout import REPO_ROOT
-from gaia_flows.cloud.planner import Plan, plan_cluster, worker_memory_mb
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USER_DATA = REPO_ROOT / "deployments" / "cloud-init" / "spark-node.yaml.tmpl"
-HEALTHY = {NodeState.RUNNING, NodeState.PENDING, NodeState.STARTING, NodeState.REBOOTING, NodeState.RECONFIGURING}
+HEALTHY = {
+    NodeState.RUNNING,
+    NodeState.PENDING,
+    NodeState.STARTING,
+    NodeState.REBOOTING,
+    NodeState.RECONFIGURING,
+}
 GONE = {NodeState.TERMINATED}
 DEFAULT_CLIENT_TIMEOUT_S = 60.0  # libcloud's default connection timeout
 
@@ -92,19 +98,35 @@ def node_summary(node: Node) -> dict:
         "public_ips": list(node.public_ips or []),
         "size": tags.get(TAG_SIZE),
         # The local driver's daemons pick free ports; cloud-init uses Spark's fixed ones.
-        "ui_port": (node.extra or {}).get("webui_port") or (prometheus.MASTER_UI_PORT if tags.get(TAG_ROLE) == "master" else prometheus.WORKER_UI_PORT),
+        "ui_port": (node.extra or {}).get("webui_port")
+        or (prometheus.MASTER_UI_PORT if tags.get(TAG_ROLE) == "master" else prometheus.WORKER_UI_PORT),
     }
 
 
-def render_user_data(settings: CloudSettings, *, role: str, node_name: str, master_host: str, worker_cores: int, worker_memory_mb: int) -> str:
+def render_user_data(
+    settings: CloudSettings,
+    *,
+    role: str,
+    node_name: str,
+    master_host: str,
+    worker_cores: int,
+    worker_memory_mb: int,
+) -> str:
     """cloud-init for one node from the template in ``deployments/`` (no secrets go in)."""
     import pyspark
 
-    path = Path(settings.cluster.user_data_template) if settings.cluster.user_data_template else DEFAULT_USER_DATA
+    path = (
+        Path(settings.cluster.user_data_template)
+        if settings.cluster.user_data_template
+        else DEFAULT_USER_DATA
+    )
     if not path.is_absolute():
         path = REPO_ROOT / path
     template = string.Template(path.read_text())
-    daemon_conf = "\n".join(f"      {key} {value}" for key, value in settings.security_conf().items()) or "      # (no settings)"
+    daemon_conf = (
+        "\n".join(f"      {key} {value}" for key, value in settings.security_conf().items())
+        or "      # (no settings)"
+    )
     return template.substitute(
         cluster=settings.name,
         role=role,
@@ -202,7 +224,9 @@ class Provisioner:
     # --- inventory -----------------------------------------------------------------------
     def tagged_nodes(self) -> list[Node]:
         nodes = self.call("list_nodes", self.driver.list_nodes)
-        return [n for n in nodes if node_tags(n).get(TAG_CLUSTER) == self.settings.name and n.state not in GONE]
+        return [
+            n for n in nodes if node_tags(n).get(TAG_CLUSTER) == self.settings.name and n.state not in GONE
+        ]
 
     def inventory(self) -> dict:
         """What exists for this cluster right now (nodes, group, key), for tests and teardown checks."""
@@ -238,7 +262,9 @@ class Provisioner:
             path = Path(self.settings.public_key_file).expanduser()
             if not path.exists():
                 raise ProvisionError(f"key_pair.public_key_file {path} does not exist")
-            self.call("import_key_pair_from_string", self.driver.import_key_pair_from_string, name, path.read_text())
+            self.call(
+                "import_key_pair_from_string", self.driver.import_key_pair_from_string, name, path.read_text()
+            )
             return name, True
         key = self.call("create_key_pair", self.driver.create_key_pair, name)
         if getattr(key, "private_key", None):
@@ -255,7 +281,13 @@ class Provisioner:
         if group is not None:
             return group, False
         cidr = self.settings.orchestrator()[0] if self.settings.provider != "local-spark" else None
-        group = self.firewall.create(self.settings.group_name, self.settings.group_description, cidr, self.settings.orchestrator_ports(), self.settings.subnet)
+        group = self.firewall.create(
+            self.settings.group_name,
+            self.settings.group_description,
+            cidr,
+            self.settings.orchestrator_ports(),
+            self.settings.subnet,
+        )
         return group, True
 
     def _resolve_image(self) -> NodeImage:
@@ -268,7 +300,14 @@ class Provisioner:
             return self._image
         wanted = spec.get("name") or ref
         images = self.call("list_images", self.driver.list_images)
-        found = next((i for i in images if i.name == wanted or i.id == wanted or (i.name or "").startswith(f"{wanted} (")), None)
+        found = next(
+            (
+                i
+                for i in images
+                if i.name == wanted or i.id == wanted or (i.name or "").startswith(f"{wanted} (")
+            ),
+            None,
+        )
         if found is None:
             names = ", ".join(sorted({i.name for i in images if i.name})[:10])
             raise ProvisionError(f"image {wanted!r} not found (the driver lists e.g. {names})")
@@ -286,7 +325,11 @@ class Provisioner:
         kwargs: dict = {}
         if provider == "gce":
             labels = {k: v for k, v in metadata.items() if k != TAG_MASTER_URL}
-            kwargs.update(ex_labels=labels, ex_metadata={"user-data": user_data}, ex_network=self.settings.network_name or "default")
+            kwargs.update(
+                ex_labels=labels,
+                ex_metadata={"user-data": user_data},
+                ex_network=self.settings.network_name or "default",
+            )
             if self.settings.zone:
                 kwargs["location"] = self.settings.zone
         else:
@@ -301,7 +344,9 @@ class Provisioner:
             if network is not None:
                 kwargs["networks"] = [network]
         if provider == "ec2" and self.settings.subnet:
-            subnets = self.call("ex_list_subnets", self.driver.ex_list_subnets, subnet_ids=[self.settings.subnet])
+            subnets = self.call(
+                "ex_list_subnets", self.driver.ex_list_subnets, subnet_ids=[self.settings.subnet]
+            )
             if not subnets:
                 raise ProvisionError(f"subnet {self.settings.subnet!r} not found")
             kwargs["ex_subnet"] = subnets[0]
@@ -318,18 +363,46 @@ class Provisioner:
                 raise ProvisionError(f"network {self.settings.network_name!r} not found")
         return self._network
 
-    def _create(self, *, name: str, role: str, index: int, size: NodeSize, image: NodeImage, key, group, master_host: str, extra_tags: dict, attempted: list[str]) -> Node:
-        metadata = {**self.settings.tags, TAG_ROLE: role, TAG_INDEX: str(index), TAG_SIZE: str(size.id), **extra_tags}
+    def _create(
+        self,
+        *,
+        name: str,
+        role: str,
+        index: int,
+        size: NodeSize,
+        image: NodeImage,
+        key,
+        group,
+        master_host: str,
+        extra_tags: dict,
+        attempted: list[str],
+    ) -> Node:
+        metadata = {
+            **self.settings.tags,
+            TAG_ROLE: role,
+            TAG_INDEX: str(index),
+            TAG_SIZE: str(size.id),
+            **extra_tags,
+        }
         vcpus = planner_sizes([size])[0].vcpus if planner_sizes([size]) else 1
         user_data = render_user_data(
-            self.settings, role=role, node_name=name, master_host=master_host, worker_cores=vcpus, worker_memory_mb=worker_memory_mb(int(size.ram))
+            self.settings,
+            role=role,
+            node_name=name,
+            master_host=master_host,
+            worker_cores=vcpus,
+            worker_memory_mb=worker_memory_mb(int(size.ram)),
         )
         kwargs = self._provider_kwargs(metadata, user_data, key, group)
         attempted.append(name)
 
         def find_landed() -> Node | None:
             for node in self.call("list_nodes", self.driver.list_nodes):
-                if node.name == name and node_tags(node).get(TAG_CLUSTER) == self.settings.name and node.state not in GONE:
+                if (
+                    node.name == name
+                    and node_tags(node).get(TAG_CLUSTER) == self.settings.name
+                    and node.state not in GONE
+                ):
                     return node
             return None
 
@@ -341,7 +414,11 @@ class Provisioner:
             while True:
                 node = find_landed()
                 if node is not None:
-                    self.log.warning("create_node %s: adopting %s created by the attempt that failed on our side", name, node.id)
+                    self.log.warning(
+                        "create_node %s: adopting %s created by the attempt that failed on our side",
+                        name,
+                        node.id,
+                    )
                     return node
                 if self.clock() >= grace:
                     return None
@@ -351,7 +428,15 @@ class Provisioner:
             # EC2's own idempotency: a retried RunInstances with the same token is one instance.
             kwargs["ex_clienttoken"] = f"{name}-{self._run_token}"[:64]
         self.log.info("creating %s (%s, size %s)", name, role, size.id)
-        return self.call("create_node", self.driver.create_node, name=name, size=size, image=image, before_retry=adopt, **kwargs)
+        return self.call(
+            "create_node",
+            self.driver.create_node,
+            name=name,
+            size=size,
+            image=image,
+            before_retry=adopt,
+            **kwargs,
+        )
 
     def _client_timeout(self) -> float:
         return float(self.settings.driver_options.get("timeout") or DEFAULT_CLIENT_TIMEOUT_S)
@@ -364,16 +449,26 @@ class Provisioner:
         """Poll until every id is RUNNING with an address; ERROR or the deadline is permanent."""
         while True:
             nodes = {n.id: n for n in self.call("list_nodes", self.driver.list_nodes)}
-            failed = [nodes[i] for i in ids if i in nodes and nodes[i].state in (NodeState.ERROR, NodeState.STOPPED)]
+            failed = [
+                nodes[i] for i in ids if i in nodes and nodes[i].state in (NodeState.ERROR, NodeState.STOPPED)
+            ]
             if failed:
                 names = ", ".join(f"{n.name} ({n.state})" for n in failed)
                 raise ProvisionError(f"node(s) failed to start: {names}")
-            ready = [i for i in ids if i in nodes and nodes[i].state == NodeState.RUNNING and (nodes[i].private_ips or nodes[i].public_ips)]
+            ready = [
+                i
+                for i in ids
+                if i in nodes
+                and nodes[i].state == NodeState.RUNNING
+                and (nodes[i].private_ips or nodes[i].public_ips)
+            ]
             if len(ready) == len(ids):
                 return {i: nodes[i] for i in ids}
             if self.clock() > deadline:
                 waiting = [nodes[i].name if i in nodes else i for i in ids if i not in ready]
-                raise ProvisionError(f"timed out after {self.settings.cluster.wait_timeout_s:.0f}s waiting for {waiting} to run")
+                raise ProvisionError(
+                    f"timed out after {self.settings.cluster.wait_timeout_s:.0f}s waiting for {waiting} to run"
+                )
             self.sleep(self.settings.cluster.poll_interval_s)
 
     def master_url(self, master: Node, public: bool | None = None) -> str:
@@ -391,7 +486,9 @@ class Provisioner:
         started = self.clock()
         deadline = started + self.settings.cluster.wait_timeout_s
         cluster = self.settings.name
-        driver_conf = self.settings.driver_conf()  # a placeholder orchestrator fails here, before any cloud call
+        driver_conf = (
+            self.settings.driver_conf()
+        )  # a placeholder orchestrator fails here, before any cloud call
         if self.settings.security_conf():
             ensure_secret(self.settings.secret_path)
         result = ReconcileResult(manifest={})
@@ -405,10 +502,16 @@ class Provisioner:
             master_size = self._node_size(plan.master_size.id)
             worker_size = self._node_size(plan.size.id)
 
-            masters = sorted((n for n in nodes if node_tags(n).get(TAG_ROLE) == "master"), key=lambda n: n.name)
+            masters = sorted(
+                (n for n in nodes if node_tags(n).get(TAG_ROLE) == "master"), key=lambda n: n.name
+            )
             workers = [n for n in nodes if node_tags(n).get(TAG_ROLE) == "worker"]
             master = next(
-                (m for m in masters if m.state in HEALTHY and node_tags(m).get(TAG_SIZE) == str(master_size.id)),
+                (
+                    m
+                    for m in masters
+                    if m.state in HEALTHY and node_tags(m).get(TAG_SIZE) == str(master_size.id)
+                ),
                 None,
             )
             for m in masters:
@@ -418,8 +521,16 @@ class Provisioner:
                     master_replaced = True
             if master is None:
                 master = self._create(
-                    name=f"{cluster}-master", role="master", index=0, size=master_size, image=image, key=key, group=group,
-                    master_host="0.0.0.0", extra_tags={}, attempted=attempted,
+                    name=f"{cluster}-master",
+                    role="master",
+                    index=0,
+                    size=master_size,
+                    image=image,
+                    key=key,
+                    group=group,
+                    master_host="0.0.0.0",
+                    extra_tags={},
+                    attempted=attempted,
                 )
                 result.created.append(master.name)
             else:
@@ -430,9 +541,15 @@ class Provisioner:
 
             def fits(w: Node) -> bool:
                 tags = node_tags(w)
-                return w.state in HEALTHY and tags.get(TAG_SIZE) == str(worker_size.id) and tags.get(TAG_MASTER) == master.id
+                return (
+                    w.state in HEALTHY
+                    and tags.get(TAG_SIZE) == str(worker_size.id)
+                    and tags.get(TAG_MASTER) == master.id
+                )
 
-            good = sorted((w for w in workers if fits(w)), key=lambda w: int(node_tags(w).get(TAG_INDEX, "0")))
+            good = sorted(
+                (w for w in workers if fits(w)), key=lambda w: int(node_tags(w).get(TAG_INDEX, "0"))
+            )
             keep = good[: plan.worker_count]
             for w in workers:
                 if w in keep:
@@ -447,8 +564,16 @@ class Provisioner:
             for _ in range(plan.worker_count - len(keep)):
                 index = next(free)
                 node = self._create(
-                    name=f"{cluster}-worker-{index}", role="worker", index=index, size=worker_size, image=image, key=key, group=group,
-                    master_host=master_host, extra_tags={TAG_MASTER: master.id, TAG_MASTER_URL: internal_url}, attempted=attempted,
+                    name=f"{cluster}-worker-{index}",
+                    role="worker",
+                    index=index,
+                    size=worker_size,
+                    image=image,
+                    key=key,
+                    group=group,
+                    master_host=master_host,
+                    extra_tags={TAG_MASTER: master.id, TAG_MASTER_URL: internal_url},
+                    attempted=attempted,
                 )
                 result.created.append(node.name)
                 new_ids.append(node.id)
@@ -463,7 +588,14 @@ class Provisioner:
         self.write_manifest(result.manifest)
         return result
 
-    def _manifest(self, plan: Plan, master: Node, workers: list[Node], result: ReconcileResult, driver_conf: dict[str, str]) -> dict:
+    def _manifest(
+        self,
+        plan: Plan,
+        master: Node,
+        workers: list[Node],
+        result: ReconcileResult,
+        driver_conf: dict[str, str],
+    ) -> dict:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         size = plan.size
         return {
@@ -474,8 +606,18 @@ class Provisioner:
             "master": node_summary(master),
             "workers": sorted((node_summary(w) for w in workers), key=lambda w: w["name"]),
             "worker_count": len(workers),
-            "size": {"id": size.id, "name": size.name, "vcpus": size.vcpus, "ram_mb": size.ram_mb, "price": size.price},
-            "master_size": {"id": plan.master_size.id, "name": plan.master_size.name, "price": plan.master_size.price},
+            "size": {
+                "id": size.id,
+                "name": size.name,
+                "vcpus": size.vcpus,
+                "ram_mb": size.ram_mb,
+                "price": size.price,
+            },
+            "master_size": {
+                "id": plan.master_size.id,
+                "name": plan.master_size.name,
+                "price": plan.master_size.price,
+            },
             "cost_per_hour": plan.cost_per_hour,
             "spark_conf": {**plan.spark_conf(), **driver_conf, **self.settings.security_conf()},
             "plan": plan.to_dict(),
@@ -498,9 +640,15 @@ class Provisioner:
         self.settings.manifest_path.unlink(missing_ok=True)
         prometheus.targets_path(self.settings.manifest_path).unlink(missing_ok=True)
 
-    def _fail(self, exc: BaseException, attempted: list[str], result: ReconcileResult, master_replaced: bool) -> None:
+    def _fail(
+        self, exc: BaseException, attempted: list[str], result: ReconcileResult, master_replaced: bool
+    ) -> None:
         cause = redact(str(exc) if isinstance(exc, (CloudCallError, ProvisionError)) else describe(exc))
-        where = f"after creating {len(result.created)} of the node(s) this run needed" if result.created else "before any node was created"
+        where = (
+            f"after creating {len(result.created)} of the node(s) this run needed"
+            if result.created
+            else "before any node was created"
+        )
         head = f"provisioning cluster {self.settings.name!r} failed {where}: {cause}"
         if master_replaced:
             self.remove_manifest()
@@ -516,7 +664,9 @@ class Provisioner:
                 undone = ", ".join(result.created) or "nothing"
                 message = f"{head}. Rolled back: destroyed what this run created ({undone}); nothing from this attempt is left."
             self.log.error(message)
-            raise ProvisioningFailed(message, rolled_back=not leftover, leftover=leftover, created=list(result.created)) from exc
+            raise ProvisioningFailed(
+                message, rolled_back=not leftover, leftover=leftover, created=list(result.created)
+            ) from exc
         try:
             leftover = [node_summary(n) for n in self.tagged_nodes() if n.name in attempted]
         except Exception:  # listing failed too: report what we know we created
@@ -527,7 +677,9 @@ class Provisioner:
             f"re-materialise spark_cluster to finish, or run the teardown_cluster job to remove them."
         )
         self.log.error(message)
-        raise ProvisioningFailed(message, rolled_back=False, leftover=leftover, created=list(result.created)) from exc
+        raise ProvisioningFailed(
+            message, rolled_back=False, leftover=leftover, created=list(result.created)
+        ) from exc
 
     def _rollback(self, attempted: list[str], result: ReconcileResult) -> list[dict]:
         """Destroy every node this run tried to create - looked up by name, so a create that
@@ -590,7 +742,9 @@ class Provisioner:
         remaining = self._wait_gone()
         if remaining:
             names = ", ".join(n.name for n in remaining)
-            raise ProvisionError(f"teardown of {self.settings.name!r}: {names} still exist after {self.settings.cluster.wait_timeout_s:.0f}s")
+            raise ProvisionError(
+                f"teardown of {self.settings.name!r}: {names} still exist after {self.settings.cluster.wait_timeout_s:.0f}s"
+            )
         group = self.firewall.find(self.settings.group_name)
         if group is not None:
             self.firewall.delete(group)

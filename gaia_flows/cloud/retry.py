@@ -25,12 +25,15 @@ from dataclasses import dataclass
 from enum import Enum
 from http.client import HTTPException
 
+import requests.exceptions as _rex  # libcloud talks HTTP through requests: its errors are our timeouts
 from libcloud.common.exceptions import BaseHTTPError, RateLimitReachedError
 from libcloud.common.types import InvalidCredsError
 
-import requests.exceptions as _rex  # libcloud talks HTTP through requests: its errors are our timeouts
-
-_NETWORK_ERRORS: tuple[type[BaseException], ...] = (_rex.Timeout, _rex.ConnectionError, _rex.ChunkedEncodingError)
+_NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+    _rex.Timeout,
+    _rex.ConnectionError,
+    _rex.ChunkedEncodingError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +116,13 @@ class RetryPolicy:
     deadline_s: float = 600.0
 
     @classmethod
-    def from_mapping(cls, spec: dict | None) -> "RetryPolicy":
+    def from_mapping(cls, spec: dict | None) -> RetryPolicy:
         spec = spec or {}
         return cls(**{k: spec[k] for k in cls.__dataclass_fields__ if k in spec})
 
-    def delay(self, attempt: int, exc: BaseException | None = None, rng: random.Random | None = None) -> float:
+    def delay(
+        self, attempt: int, exc: BaseException | None = None, rng: random.Random | None = None
+    ) -> float:
         """Exponential backoff with 'equal jitter'; honours Retry-After up to max_delay_s."""
         rng = rng or random
         raw = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))

@@ -27,7 +27,9 @@ def ensure_secret(path: Path) -> Path:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         if path.stat().st_mode & 0o077:
-            raise PermissionError(f"{path} is readable by others: chmod 600 it or remove it (the cluster then gets a new secret)")
+            raise PermissionError(
+                f"{path} is readable by others: chmod 600 it or remove it (the cluster then gets a new secret)"
+            ) from None
         return path
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(32))
@@ -38,7 +40,9 @@ def read_secret(path: Path) -> str:
     try:
         value = Path(path).read_text().strip()
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"the cluster's Spark secret {path} is missing: re-materialise spark_cluster to recreate it") from exc
+        raise FileNotFoundError(
+            f"the cluster's Spark secret {path} is missing: re-materialise spark_cluster to recreate it"
+        ) from exc
     if not value:
         raise ValueError(f"the cluster's Spark secret {path} is empty")
     return value

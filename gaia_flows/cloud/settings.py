@@ -11,12 +11,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gaia_flows.cloud.planner import DEFAULT_REGIONS, Limits
 from gaia_flows.cloud.prometheus import MASTER_UI_PORT, WORKER_UI_PORT
 from gaia_flows.cloud.retry import RetryPolicy
 from gaia_flows.cloud.secret import secret_path
 from gaia_flows.layout import StateLayout
 from gaia_flows.profiles import Profile
-from gaia_flows.cloud.planner import DEFAULT_REGIONS, Limits
 
 TAG_CLUSTER = "gaia-flows-cluster"
 TAG_ROLE = "gaia-flows-role"
@@ -89,9 +89,11 @@ class CloudSettings:
     storage: dict = field(default_factory=dict)
 
     @classmethod
-    def from_profile(cls, profile: Profile, layout: StateLayout | None = None) -> "CloudSettings":
+    def from_profile(cls, profile: Profile, layout: StateLayout | None = None) -> CloudSettings:
         if profile.cloud is None:
-            raise CloudConfigError(f"profile {profile.name!r} has no cloud section (it runs Spark at {profile.spark_master})")
+            raise CloudConfigError(
+                f"profile {profile.name!r} has no cloud section (it runs Spark at {profile.spark_master})"
+            )
         spec = profile.cloud
         layout = layout or StateLayout.from_env()
         cluster = ClusterSettings(**{k: v for k, v in (spec.get("cluster") or {}).items() if v is not None})
@@ -172,7 +174,9 @@ class CloudSettings:
         """
         cidr, key = self.orchestrator_cidr, f"profile {self.profile!r}: cloud.network.orchestrator_cidr"
         if not cidr:
-            raise CloudConfigError(f"{key} is required: the private address of the host that runs Dagster (the Spark driver), as a /32")
+            raise CloudConfigError(
+                f"{key} is required: the private address of the host that runs Dagster (the Spark driver), as a /32"
+            )
         network = ipaddress.ip_network(cidr, strict=False)
         if network.overlaps(PLACEHOLDER_NETWORK):
             raise CloudConfigError(
@@ -181,9 +185,13 @@ class CloudSettings:
             )
         host = self.driver_host or (str(network.network_address) if network.prefixlen == 32 else None)
         if host is None:
-            raise CloudConfigError(f"{key} is the range {cidr}: set cloud.network.driver_host to the orchestrator's own address in it")
+            raise CloudConfigError(
+                f"{key} is the range {cidr}: set cloud.network.driver_host to the orchestrator's own address in it"
+            )
         if ipaddress.ip_address(host) not in network:
-            raise CloudConfigError(f"profile {self.profile!r}: cloud.network.driver_host {host} is outside orchestrator_cidr {cidr}")
+            raise CloudConfigError(
+                f"profile {self.profile!r}: cloud.network.driver_host {host} is outside orchestrator_cidr {cidr}"
+            )
         return str(network), host
 
     def driver_conf(self) -> dict[str, str]:

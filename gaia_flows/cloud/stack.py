@@ -24,7 +24,10 @@ class StackMismatch(RuntimeError):
 
 def local_stack() -> dict[str, str]:
     """Python minor version and the versions of :data:`PACKAGES` in this interpreter."""
-    return {"python": f"{sys.version_info.major}.{sys.version_info.minor}", **{name: version(name) for name in PACKAGES}}
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        **{name: version(name) for name in PACKAGES},
+    }
 
 
 def _host_stack(_) -> tuple[str, dict[str, str]]:
@@ -64,8 +67,13 @@ def check_cluster(session, hosts: int, timeout: float) -> dict[str, dict[str, st
     driver = local_stack()
     workers = worker_stacks(session, hosts, timeout)
     if len(workers) < hosts:
-        raise StackMismatch(f"only {len(workers)} of {hosts} worker hosts ran a task within {timeout:.0f}s: {sorted(workers)}")
+        raise StackMismatch(
+            f"only {len(workers)} of {hosts} worker hosts ran a task within {timeout:.0f}s: {sorted(workers)}"
+        )
     wrong = mismatches(driver, workers)
     if wrong:
-        raise StackMismatch("nodes do not run the driver's stack (rebuild the node image, deployments/node-image):\n" + "\n".join(wrong))
+        raise StackMismatch(
+            "nodes do not run the driver's stack (rebuild the node image, deployments/node-image):\n"
+            + "\n".join(wrong)
+        )
     return workers

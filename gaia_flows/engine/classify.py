@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import ABS_FEATURES, FEATURES, FeatureError
-from gaia_flows.engine.sizing import balanced_groups
 
 Engine = Literal["sklearn", "spark"]
 SCORE_SCHEMA = "source_id long, probability double, label byte"
@@ -84,7 +84,9 @@ class EngineChoice:
     reason: str
 
 
-def choose_engine(rows: int, memory_bytes: int, fraction: float = 0.25, requested: str = "auto") -> EngineChoice:
+def choose_engine(
+    rows: int, memory_bytes: int, fraction: float = 0.25, requested: str = "auto"
+) -> EngineChoice:
     """scikit-learn while the training set takes at most ``fraction`` of the driver's memory.
 
     ``memory_bytes`` is what the driver can use (available RAM, or a configured budget). The
@@ -167,7 +169,9 @@ def training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, int]:
     labels = frame[LABEL].to_numpy()[keep].astype(int)
     present = set(np.unique(labels).tolist())
     if present != {astro.BAD, astro.GOOD}:
-        raise ValueError(f"training set needs both classes (bad=0, good=1); it has only {sorted(present)} in {int(keep.sum())} complete rows")
+        raise ValueError(
+            f"training set needs both classes (bad=0, good=1); it has only {sorted(present)} in {int(keep.sum())} complete rows"
+        )
     return features[keep], labels, int((~keep).sum())
 
 
@@ -275,11 +279,15 @@ class LoadedModel:
         sdf = spark.createDataFrame(frame[columns].astype({f: "float64" for f in FEATURES}))
         scored = spark_good_probability_column(self.model, sdf, 0.5).toPandas()
         order = pd.Series(np.arange(len(frame)), index=frame["source_id"].to_numpy())
-        return scored["probability"].to_numpy()[np.argsort(order.loc[scored["source_id"].to_numpy()].to_numpy())]
+        return scored["probability"].to_numpy()[
+            np.argsort(order.loc[scored["source_id"].to_numpy()].to_numpy())
+        ]
 
     def feature_importances(self) -> dict[str, float]:
         if self.flavor == "sklearn":
-            names = self.model[:-1].get_feature_names_out() if hasattr(self.model, "named_steps") else FEATURES
+            names = (
+                self.model[:-1].get_feature_names_out() if hasattr(self.model, "named_steps") else FEATURES
+            )
             values = forest_of(self.model).feature_importances_
         else:
             names, values = FEATURES, self.model.stages[-1].featureImportances.toArray()
@@ -295,7 +303,12 @@ class LoadedModel:
             trees = self.model.stages[-1].trees
             depths = [t.depth for t in trees]
             nodes = [t.numNodes for t in trees]
-        return {"trees": len(depths), "max_depth": int(max(depths)), "mean_depth": float(np.mean(depths)), "nodes": int(sum(nodes))}
+        return {
+            "trees": len(depths),
+            "max_depth": int(max(depths)),
+            "mean_depth": float(np.mean(depths)),
+            "nodes": int(sum(nodes)),
+        }
 
 
 def model_signature(example: pd.DataFrame, output):
@@ -389,8 +402,13 @@ def column_features(table) -> pd.DataFrame:
     (null -> NaN). One array per column, not one row-major matrix: filling a matrix column by
     column writes with a 64-byte stride, several times the cost of the arrays, for no faster
     prediction."""
-    columns = {name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float32, copy=False) for name in FEATURES}
-    _check_not_entirely_null(np.array([np.isnan(values).all() for values in columns.values()]), table.num_rows)
+    columns = {
+        name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        for name in FEATURES
+    }
+    _check_not_entirely_null(
+        np.array([np.isnan(values).all() for values in columns.values()]), table.num_rows
+    )
     return pd.DataFrame(columns, copy=False)
 
 
@@ -402,10 +420,14 @@ def _check_not_entirely_null(empty: np.ndarray, rows: int) -> None:
         raise astro.entirely_null(FEATURES[int(np.flatnonzero(empty)[0])], rows)
 
 
-def _scored(model, source_id, features: pd.DataFrame, good_column: int, threshold: float) -> Iterator[pa.RecordBatch]:
+def _scored(
+    model, source_id, features: pd.DataFrame, good_column: int, threshold: float
+) -> Iterator[pa.RecordBatch]:
     p = model.predict_proba(features)[:, good_column] if len(features) else np.zeros(0)
     label = (p >= threshold).astype(np.int8)
-    yield from pa.Table.from_arrays([source_id, pa.array(p), pa.array(label)], names=["source_id", "probability", "label"]).to_batches()
+    yield from pa.Table.from_arrays(
+        [source_id, pa.array(p), pa.array(label)], names=["source_id", "probability", "label"]
+    ).to_batches()
 
 
 def _check_numeric(df) -> None:
@@ -442,7 +464,10 @@ def score(df, loaded: LoadedModel, threshold: float = 0.5):
         _check_not_all_null(df)
         return spark_good_probability_column(loaded.model, df, threshold)
 
-    df = df.select(F.col("source_id").cast("long"), F.array(*[F.col(name).cast("float") for name in FEATURES]).alias(FEATURE_VECTOR))
+    df = df.select(
+        F.col("source_id").cast("long"),
+        F.array(*[F.col(name).cast("float") for name in FEATURES]).alias(FEATURE_VECTOR),
+    )
     broadcast = df.sparkSession.sparkContext.broadcast(loaded.model)
     token = uuid.uuid4().hex
     good_column = list(loaded.model.classes_).index(astro.GOOD)
@@ -450,7 +475,9 @@ def score(df, loaded: LoadedModel, threshold: float = 0.5):
     def score_batches(batches):
         model = _worker_model(broadcast, token)
         for table in _rebatched(batches, SCORE_BATCH_ROWS):
-            yield from _scored(model, table.column("source_id"), arrow_features(table), good_column, threshold)
+            yield from _scored(
+                model, table.column("source_id"), arrow_features(table), good_column, threshold
+            )
 
     return df.mapInArrow(score_batches, SCORE_SCHEMA)
 
@@ -492,14 +519,18 @@ def _check_files(files: list[str], population: Population) -> None:
         astro.check_feature_columns(schema.names)
         missing = [c for c in ("source_id", *population.columns) if c not in schema.names]
         if missing:
-            raise FeatureError(f"{path} has no column(s) {', '.join(missing)}: the population cannot be selected")
+            raise FeatureError(
+                f"{path} has no column(s) {', '.join(missing)}: the population cannot be selected"
+            )
         for name in FEATURES:
             kind = schema.field(name).type
             if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
                 raise FeatureError(f"feature column '{name}' is not numeric (Arrow type {kind} in {path})")
 
 
-def score_files(session, files: list[str], loaded: LoadedModel, threshold: float = 0.5, parallax_min: float | None = None):
+def score_files(
+    session, files: list[str], loaded: LoadedModel, threshold: float = 0.5, parallax_min: float | None = None
+):
     """Spark DataFrame of ``source_id, probability, label`` for the population
     (:func:`population_filter`) of Parquet ``files``, scored by a scikit-learn model in Spark
     tasks that read the files themselves.
@@ -516,11 +547,15 @@ def score_files(session, files: list[str], loaded: LoadedModel, threshold: float
     import pyarrow.parquet as pq
 
     if loaded.flavor != "sklearn":
-        raise ValueError(f"score_files scores scikit-learn models; a {loaded.flavor} model scores a DataFrame with score()")
+        raise ValueError(
+            f"score_files scores scikit-learn models; a {loaded.flavor} model scores a DataFrame with score()"
+        )
     files = [str(f) for f in files]
     population = population_filter(parallax_min)
     _check_files(files, population)
-    groups = balanced_groups({path: os.path.getsize(path) for path in files}, 2 * session.sparkContext.defaultParallelism)
+    groups = balanced_groups(
+        {path: os.path.getsize(path) for path in files}, 2 * session.sparkContext.defaultParallelism
+    )
     rows = population.arrow  # what the tasks capture: the Spark column does not pickle
     columns = list(dict.fromkeys(["source_id", *FEATURES, *population.columns]))
     broadcast = session.sparkContext.broadcast(loaded.model)
@@ -535,7 +570,13 @@ def score_files(session, files: list[str], loaded: LoadedModel, threshold: float
                     table = pq.read_table(path, columns=columns, filters=rows)
                     for start in range(0, max(table.num_rows, 1), SCORE_BATCH_ROWS):
                         part = table.slice(start, SCORE_BATCH_ROWS)
-                        yield from _scored(model, part.column("source_id").cast(pa.int64()), column_features(part), good_column, threshold)
+                        yield from _scored(
+                            model,
+                            part.column("source_id").cast(pa.int64()),
+                            column_features(part),
+                            good_column,
+                            threshold,
+                        )
 
     return session.range(0, len(groups), 1, len(groups)).mapInArrow(score_groups, SCORE_SCHEMA)
 
@@ -543,7 +584,9 @@ def score_files(session, files: list[str], loaded: LoadedModel, threshold: float
 def _check_not_all_null(df) -> None:
     from pyspark.sql import functions as F
 
-    row = df.select(F.count(F.lit(1)).alias("__rows"), *[F.count(F.col(f)).alias(f) for f in FEATURES]).first()
+    row = df.select(
+        F.count(F.lit(1)).alias("__rows"), *[F.count(F.col(f)).alias(f) for f in FEATURES]
+    ).first()
     if row["__rows"]:
         for name in FEATURES:
             if row[name] == 0:

@@ -39,9 +39,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.layout import StateLayout, link_or_copy, publish
 from gaia_flows.science.healpix import REGION_LEVEL, region_key
-from gaia_flows.engine.sizing import balanced_groups
 
 EXPORT_MANIFEST = "_export.json"
 HISTOGRAM_FILE = "_histogram.parquet"
@@ -61,7 +61,9 @@ class HatsSettings:
 
     def __post_init__(self):
         if self.lowest_order < REGION_LEVEL:
-            raise ValueError(f"lowest_order must be >= {REGION_LEVEL} (the sky-region level): a partition may not straddle two regions")
+            raise ValueError(
+                f"lowest_order must be >= {REGION_LEVEL} (the sky-region level): a partition may not straddle two regions"
+            )
         if self.highest_order < self.lowest_order:
             raise ValueError(f"highest_order {self.highest_order} < lowest_order {self.lowest_order}")
 
@@ -90,12 +92,16 @@ def spatial_index(table: pa.Table) -> np.ndarray:
     """``_healpix_29`` of each row, from its ra/dec (the HATS spatial index)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
-    return compute_spatial_index(table.column("ra").to_numpy().astype(np.float64), table.column("dec").to_numpy().astype(np.float64))
+    return compute_spatial_index(
+        table.column("ra").to_numpy().astype(np.float64), table.column("dec").to_numpy().astype(np.float64)
+    )
 
 
 def sparse_histogram(index29: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
     """(pixels, counts) at ``order`` of the rows with these ``_healpix_29`` values."""
-    pixels, counts = np.unique(np.asarray(index29, dtype=np.int64) >> (2 * (SPATIAL_ORDER - order)), return_counts=True)
+    pixels, counts = np.unique(
+        np.asarray(index29, dtype=np.int64) >> (2 * (SPATIAL_ORDER - order)), return_counts=True
+    )
     return pixels, counts
 
 
@@ -104,7 +110,9 @@ def plan_partitions(histogram: np.ndarray, settings: HatsSettings) -> list[tuple
     ``settings.highest_order``, by hats' own alignment (the rule hats-import applies)."""
     from hats.pixel_math.partition_stats import generate_alignment
 
-    alignment = generate_alignment(histogram, settings.highest_order, settings.lowest_order, settings.pixel_threshold)
+    alignment = generate_alignment(
+        histogram, settings.highest_order, settings.lowest_order, settings.pixel_threshold
+    )
     return sorted({(int(o), int(p), int(n)) for o, p, n in (a for a in alignment if a is not None) if n > 0})
 
 
@@ -126,7 +134,9 @@ def _region_histogram(files: list[str], order: int) -> tuple[np.ndarray, np.ndar
     return sparse_histogram(np.concatenate(parts) if parts else np.zeros(0, np.int64), order)
 
 
-def _write_region(files: list[str], region: int, partitions: list[tuple[int, int, int]], catalog: str) -> list[tuple[int, int, int]]:
+def _write_region(
+    files: list[str], region: int, partitions: list[tuple[int, int, int]], catalog: str
+) -> list[tuple[int, int, int]]:
     """Write one sky region's partitions: its rows by position from ``files`` (the source
     regions that feed it), sorted by ``_healpix_29`` then ``source_id``. Returns what it wrote."""
     from hats.io import paths
@@ -138,22 +148,32 @@ def _write_region(files: list[str], region: int, partitions: list[tuple[int, int
         table = pq.read_table(path)
         index = spatial_index(table)
         keep = (index >> shift) == region
-        tables.append(table.filter(pa.array(keep)).add_column(0, SPATIAL_INDEX, pa.array(index[keep], pa.int64())))
-    table = pa.concat_tables(tables, promote_options="permissive").sort_by([(SPATIAL_INDEX, "ascending"), ("source_id", "ascending")])
+        tables.append(
+            table.filter(pa.array(keep)).add_column(0, SPATIAL_INDEX, pa.array(index[keep], pa.int64()))
+        )
+    table = pa.concat_tables(tables, promote_options="permissive").sort_by(
+        [(SPATIAL_INDEX, "ascending"), ("source_id", "ascending")]
+    )
     index = table.column(SPATIAL_INDEX).to_numpy()
-    sorting = pq.SortingColumn.from_ordering(table.schema, [(SPATIAL_INDEX, "ascending"), ("source_id", "ascending")])
+    sorting = pq.SortingColumn.from_ordering(
+        table.schema, [(SPATIAL_INDEX, "ascending"), ("source_id", "ascending")]
+    )
     written = []
     for order, pixel, expected in partitions:
         shift_k = 2 * (SPATIAL_ORDER - order)
         start, end = np.searchsorted(index, [pixel << shift_k, (pixel + 1) << shift_k])
         if end - start != expected:
-            raise ValueError(f"partition Norder={order}/Npix={pixel}: {end - start} rows where the histogram counted {expected}")
+            raise ValueError(
+                f"partition Norder={order}/Npix={pixel}: {end - start} rows where the histogram counted {expected}"
+            )
         target = Path(paths.pixel_catalog_file(catalog, HealpixPixel(order, pixel)).path)
         target.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table.slice(start, end - start), target, sorting_columns=sorting, **WRITE_OPTIONS)
         written.append((order, pixel, int(end - start)))
     if sum(n for _, _, n in written) != table.num_rows:
-        raise ValueError(f"region {region_key(region)}: {table.num_rows} rows, {sum(n for _, _, n in written)} written to partitions")
+        raise ValueError(
+            f"region {region_key(region)}: {table.num_rows} rows, {sum(n for _, _, n in written)} written to partitions"
+        )
     return written
 
 
@@ -171,7 +191,9 @@ def _previous(collection: Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.nd
     return manifest, {r: (pixel[region == r], count[region == r]) for r in np.unique(region).tolist()}
 
 
-def export(session, layout: StateLayout, table: str, source_versions: dict[str, str], settings: HatsSettings) -> ExportReport:
+def export(
+    session, layout: StateLayout, table: str, source_versions: dict[str, str], settings: HatsSettings
+) -> ExportReport:
     """Publish ``table`` (every published region, ``source_versions``: region -> version link
     target) as the HATS collection ``layout.hats_collection(table)``, rewriting only the
     partitions whose rows may have changed since the published version."""
@@ -185,11 +207,24 @@ def export(session, layout: StateLayout, table: str, source_versions: dict[str, 
     if manifest.get("settings") != settings.as_dict():  # another plan: nothing carries over
         manifest, histograms = {}, {}
     old_versions = manifest.get("source_versions", {})
-    changed = sorted(r for r in set(source_versions) | set(old_versions) if source_versions.get(r) != old_versions.get(r))
+    changed = sorted(
+        r for r in set(source_versions) | set(old_versions) if source_versions.get(r) != old_versions.get(r)
+    )
     if not changed and manifest:  # a rerun on unchanged input republishes nothing
         orders = {int(k): v for k, v in manifest["orders"].items()}
         seconds["total"] = time.perf_counter() - started
-        return ExportReport(collection.resolve(), manifest["rows"], manifest["partitions"], 0, 0, [], [], manifest["margin_rows"], orders, seconds)
+        return ExportReport(
+            collection.resolve(),
+            manifest["rows"],
+            manifest["partitions"],
+            0,
+            0,
+            [],
+            [],
+            manifest["margin_rows"],
+            orders,
+            seconds,
+        )
     files = {r: [str(p) for p in layout.region_files(table, r)] for r in source_versions}
     order = settings.highest_order
 
@@ -198,14 +233,18 @@ def export(session, layout: StateLayout, table: str, source_versions: dict[str, 
     sc = session.sparkContext
     sc.setJobGroup(f"hats-{table}", f"HATS export of {table}", interruptOnCancel=True)
     if fresh:
-        computed = sc.parallelize(fresh, len(fresh)).map(lambda r: (r, _region_histogram(files[r], order))).collect()
+        computed = (
+            sc.parallelize(fresh, len(fresh)).map(lambda r: (r, _region_histogram(files[r], order))).collect()
+        )
     else:
         computed = []
     dirty: set[int] = set()
     for region in changed:
         if region in histograms:
             dirty |= regions_fed(histograms[region][0], order)
-    histograms = {r: h for r, h in histograms.items() if r in source_versions and r not in changed} | dict(computed)
+    histograms = {r: h for r, h in histograms.items() if r in source_versions and r not in changed} | dict(
+        computed
+    )
     for _, (pixels, _) in computed:
         dirty |= regions_fed(pixels, order)
     seconds["histogram"] = time.perf_counter() - started
@@ -236,7 +275,11 @@ def export(session, layout: StateLayout, table: str, source_versions: dict[str, 
             catalog_dir = str(catalog)
 
             def write_group(group: int):
-                return [part for r in groups[group] for part in _write_region(inputs[int(r)], int(r), by_region[int(r)], catalog_dir)]
+                return [
+                    part
+                    for r in groups[group]
+                    for part in _write_region(inputs[int(r)], int(r), by_region[int(r)], catalog_dir)
+                ]
 
             written = sc.parallelize(range(len(groups)), len(groups)).flatMap(write_group).collect()
         else:
@@ -248,11 +291,16 @@ def export(session, layout: StateLayout, table: str, source_versions: dict[str, 
                 continue
             for order_k, pixel, _ in parts:
                 pixel_path = HealpixPixel(order_k, pixel)
-                link_or_copy(Path(paths.pixel_catalog_file(previous_catalog, pixel_path).path), Path(paths.pixel_catalog_file(catalog, pixel_path).path))
+                link_or_copy(
+                    Path(paths.pixel_catalog_file(previous_catalog, pixel_path).path),
+                    Path(paths.pixel_catalog_file(catalog, pixel_path).path),
+                )
                 linked += 1
         seconds["partitions"] = time.perf_counter() - t0
         if sorted(written) != sorted(p for r in rewrite for p in by_region[r]):
-            raise ValueError(f"{table}: the tasks wrote {len(written)} partitions, the plan has {sum(len(by_region[r]) for r in rewrite)} to rewrite")
+            raise ValueError(
+                f"{table}: the tasks wrote {len(written)} partitions, the plan has {sum(len(by_region[r]) for r in rewrite)} to rewrite"
+            )
 
         t0 = time.perf_counter()
         rows = _finish_catalogue(catalog, table, partitions, dense, settings)
@@ -261,9 +309,19 @@ def export(session, layout: StateLayout, table: str, source_versions: dict[str, 
         margin_rows = _margin_and_collection(staging, table, settings)
         seconds["margin"] = time.perf_counter() - t0
 
-        histogram_rows = [(r, p, n) for r, (pixels, counts) in sorted(histograms.items()) for p, n in zip(pixels.tolist(), counts.tolist())]
+        histogram_rows = [
+            (r, p, n)
+            for r, (pixels, counts) in sorted(histograms.items())
+            for p, n in zip(pixels.tolist(), counts.tolist())
+        ]
         pq.write_table(
-            pa.table({"region": [h[0] for h in histogram_rows], "pixel": pa.array([h[1] for h in histogram_rows], pa.int64()), "rows": pa.array([h[2] for h in histogram_rows], pa.int64())}),
+            pa.table(
+                {
+                    "region": [h[0] for h in histogram_rows],
+                    "pixel": pa.array([h[1] for h in histogram_rows], pa.int64()),
+                    "rows": pa.array([h[2] for h in histogram_rows], pa.int64()),
+                }
+            ),
             staging / HISTOGRAM_FILE,
         )
         rewritten = [region_key(r) for r in rewrite]
@@ -284,10 +342,27 @@ def export(session, layout: StateLayout, table: str, source_versions: dict[str, 
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     seconds["total"] = time.perf_counter() - started
-    return ExportReport(target, rows, len(partitions), len(written), linked, changed, rewritten, margin_rows, dict(sorted(orders.items())), seconds)
+    return ExportReport(
+        target,
+        rows,
+        len(partitions),
+        len(written),
+        linked,
+        changed,
+        rewritten,
+        margin_rows,
+        dict(sorted(orders.items())),
+        seconds,
+    )
 
 
-def _finish_catalogue(catalog: Path, table: str, partitions: list[tuple[int, int, int]], histogram: np.ndarray, settings: HatsSettings) -> int:
+def _finish_catalogue(
+    catalog: Path,
+    table: str,
+    partitions: list[tuple[int, int, int]],
+    histogram: np.ndarray,
+    settings: HatsSettings,
+) -> int:
     """hats' metadata files for the partition files in place: partition info, Parquet
     ``_metadata``/``_common_metadata``, skymaps and ``properties``; returns the row count."""
     from hats.catalog import PartitionInfo, TableProperties
@@ -336,11 +411,21 @@ def _margin_and_collection(collection: Path, table: str, settings: HatsSettings)
 
     # resume=True keeps what is already in the collection folder: the catalogue written above.
     args = (
-        CollectionArguments(output_artifact_name=collection.name, output_path=collection.parent, tmp_dir=collection.parent / "tmp", progress_bar=False)
+        CollectionArguments(
+            output_artifact_name=collection.name,
+            output_path=collection.parent,
+            tmp_dir=collection.parent / "tmp",
+            progress_bar=False,
+        )
         .catalog(catalog_path=collection / table)
         .add_margin(margin_threshold=settings.margin_arcsec, is_default=True)
     )
-    with Client(n_workers=1, threads_per_worker=max(1, os.cpu_count() or 1), processes=False, dashboard_address="127.0.0.1:0") as client:  # its HTTP server on loopback only
+    with Client(
+        n_workers=1,
+        threads_per_worker=max(1, os.cpu_count() or 1),
+        processes=False,
+        dashboard_address="127.0.0.1:0",
+    ) as client:  # its HTTP server on loopback only
         pipeline_with_client(args, client)
     margin = read_hats(collection).default_margin_catalog_dir
     return int(read_hats(margin).catalog_info.total_rows)

@@ -37,7 +37,13 @@ from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
 from gaia_flows.science.validation import NULL_TOKENS, check_header, home_regions, validate_rows
 from gaia_flows.tables import claim_staging, footer_rows, release_staging, write_manifest
 
-DIAGNOSTIC_COLUMNS = [("_file", pa.string()), ("_line", pa.int64()), ("_rule", pa.string()), ("_reason", pa.string()), ("_region", pa.int64())]
+DIAGNOSTIC_COLUMNS = [
+    ("_file", pa.string()),
+    ("_line", pa.int64()),
+    ("_rule", pa.string()),
+    ("_reason", pa.string()),
+    ("_region", pa.int64()),
+]
 DUPLICATE_RULE = "duplicate:source_id"
 BATCH_BYTES = 8 << 20
 PARQUET_COMPRESSION = "zstd"
@@ -114,13 +120,22 @@ def read_gaia_file(path: str, contract: TableContract, schema: pa.Schema) -> Ite
     check_header(header, contract, path)
     file_range = healpix.parse_file_range(path)
     try:
-        yield from list(_validated_batches(path, header, contract, schema, file_range, _converted_types(header, contract)))
+        yield from list(
+            _validated_batches(path, header, contract, schema, file_range, _converted_types(header, contract))
+        )
     except GaiaFileError:
-        yield from _validated_batches(path, header, contract, schema, file_range, {name: pa.string() for name in header.names})
+        yield from _validated_batches(
+            path, header, contract, schema, file_range, {name: pa.string() for name in header.names}
+        )
 
 
 def _validated_batches(
-    path: str, header: EcsvHeader, contract: TableContract, schema: pa.Schema, file_range: tuple[int, int], column_types: dict
+    path: str,
+    header: EcsvHeader,
+    contract: TableContract,
+    schema: pa.Schema,
+    file_range: tuple[int, int],
+    column_types: dict,
 ) -> Iterator[pa.RecordBatch]:
     invalid: list = []
 
@@ -140,8 +155,13 @@ def _validated_batches(
             "_reason": pa.array(reasons.values, pa.string()),
             "_region": pa.array(home_regions(typed.column("source_id"), file_range), pa.int64()),
         }
-        columns = [typed.column(f.name) if f.name in typed.column_names else extra.get(f.name, pa.nulls(n, f.type)) for f in schema]
-        yield pa.RecordBatch.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns], schema=schema)
+        columns = [
+            typed.column(f.name) if f.name in typed.column_names else extra.get(f.name, pa.nulls(n, f.type))
+            for f in schema
+        ]
+        yield pa.RecordBatch.from_arrays(
+            [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns], schema=schema
+        )
         line += n
 
 
@@ -155,7 +175,9 @@ def _check_narrowing(path: str, batch: pa.RecordBatch, contract: TableContract) 
                 raise GaiaFileError(path, f"column {name!r} holds a value beyond {target}")
 
 
-def _csv_batches(path: str, header: EcsvHeader, column_types: dict, on_invalid_row, invalid: list, current_line) -> Iterator[pa.RecordBatch]:
+def _csv_batches(
+    path: str, header: EcsvHeader, column_types: dict, on_invalid_row, invalid: list, current_line
+) -> Iterator[pa.RecordBatch]:
     """Batches with ``column_types``; any parse, conversion or decompression failure becomes a
     GaiaFileError that names the file and the line where reading stopped."""
     try:
@@ -163,11 +185,17 @@ def _csv_batches(path: str, header: EcsvHeader, column_types: dict, on_invalid_r
         reader = pcsv.open_csv(
             stream,
             read_options=pcsv.ReadOptions(
-                skip_rows=header.comment_lines + 1, column_names=header.names, use_threads=False, block_size=BATCH_BYTES
+                skip_rows=header.comment_lines + 1,
+                column_names=header.names,
+                use_threads=False,
+                block_size=BATCH_BYTES,
             ),
             parse_options=pcsv.ParseOptions(delimiter=header.delimiter, invalid_row_handler=on_invalid_row),
             convert_options=pcsv.ConvertOptions(
-                column_types=column_types, null_values=NULL_TOKENS, strings_can_be_null=False, quoted_strings_can_be_null=True
+                column_types=column_types,
+                null_values=NULL_TOKENS,
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=True,
             ),
         )
         yield from reader
@@ -176,8 +204,14 @@ def _csv_batches(path: str, header: EcsvHeader, column_types: dict, on_invalid_r
         if invalid:
             row = invalid[0]
             where = row.number if row.number is not None else line
-            raise GaiaFileError(path, f"wrong column count: expected {row.expected_columns}, found {row.actual_columns}", line=where) from None
-        raise GaiaFileError(path, f"unreadable after line {line - 1} ({exc}); truncated or corrupt file", line=line) from None
+            raise GaiaFileError(
+                path,
+                f"wrong column count: expected {row.expected_columns}, found {row.actual_columns}",
+                line=where,
+            ) from None
+        raise GaiaFileError(
+            path, f"unreadable after line {line - 1} ({exc}); truncated or corrupt file", line=line
+        ) from None
 
 
 def file_groups(paths: list[str]) -> list[list[str]]:
@@ -199,7 +233,9 @@ def file_groups(paths: list[str]) -> list[list[str]]:
     return [sorted(group) for group in groups]
 
 
-def task_chunks(groups: list[list[str]], sizes: dict[str, int], bucket_bytes: int, cores: int) -> list[list[list[str]]]:
+def task_chunks(
+    groups: list[list[str]], sizes: dict[str, int], bucket_bytes: int, cores: int
+) -> list[list[list[str]]]:
     """Consecutive file groups cut into tasks of similar input bytes: enough tasks for two per
     core, and none holding much more than ``bucket_bytes`` of input (a task writes one part
     per region it touches, so a bucket is about a region file)."""
@@ -229,9 +265,13 @@ def split_duplicates(part: pa.Table) -> tuple[pa.Table, pa.Table]:
             duplicates = accepted.filter(repeat)
             ids = duplicates.column("source_id").to_pylist()
             duplicates = duplicates.set_column(
-                duplicates.schema.get_field_index("_rule"), "_rule", pa.array([DUPLICATE_RULE] * len(ids), pa.string())
+                duplicates.schema.get_field_index("_rule"),
+                "_rule",
+                pa.array([DUPLICATE_RULE] * len(ids), pa.string()),
             ).set_column(
-                duplicates.schema.get_field_index("_reason"), "_reason", pa.array([f"duplicate source_id {i} (first kept)" for i in ids], pa.string())
+                duplicates.schema.get_field_index("_reason"),
+                "_reason",
+                pa.array([f"duplicate source_id {i} (first kept)" for i in ids], pa.string()),
             )
             accepted, rejected = accepted.filter(~repeat), pa.concat_tables([rejected, duplicates])
     return accepted, rejected
@@ -260,16 +300,32 @@ class IngestTask:
         try:
             for group in groups:
                 table = pa.concat_tables(
-                    pa.Table.from_batches(list(read_gaia_file(path, self.contract, self.schema)), schema=self.schema) for path in group
+                    pa.Table.from_batches(
+                        list(read_gaia_file(path, self.contract, self.schema)), schema=self.schema
+                    )
+                    for path in group
                 )
                 regions = table.column("_region").to_numpy()
                 for pixel in sorted(set(np.unique(regions).tolist()) & self.pixels):
                     part = table if (regions == pixel).all() else table.filter(regions == pixel)
                     accepted, rejected = split_duplicates(part)
-                    self._write(writers, self.staging / "accepted" / str(pixel) / f"part-{index:05d}.parquet", accepted.select(accepted_columns))
-                    self._write(writers, self.staging / "rejected" / str(pixel) / f"part-{index:05d}.parquet", rejected.drop_columns(["_region"]))
+                    self._write(
+                        writers,
+                        self.staging / "accepted" / str(pixel) / f"part-{index:05d}.parquet",
+                        accepted.select(accepted_columns),
+                    )
+                    self._write(
+                        writers,
+                        self.staging / "rejected" / str(pixel) / f"part-{index:05d}.parquet",
+                        rejected.drop_columns(["_region"]),
+                    )
                     counts[(pixel, None)] += accepted.num_rows
-                    counts.update({(pixel, rule): n for rule, n in Counter(rejected.column("_rule").to_pylist()).items()})
+                    counts.update(
+                        {
+                            (pixel, rule): n
+                            for rule, n in Counter(rejected.column("_rule").to_pylist()).items()
+                        }
+                    )
         except BaseException:
             for writer in writers.values():
                 writer.close()
@@ -343,7 +399,11 @@ def ingest_regions(
 
 
 def _ingest_once(
-    spark: SparkSession, layout: StateLayout, wanted: dict[str, list[Path]], contract: TableContract, bucket_bytes: int
+    spark: SparkSession,
+    layout: StateLayout,
+    wanted: dict[str, list[Path]],
+    contract: TableContract,
+    bucket_bytes: int,
 ) -> tuple[dict[str, RegionResult], int]:
     all_files = sorted({str(p) for paths in wanted.values() for p in paths})
     headers = {}
@@ -355,7 +415,9 @@ def _ingest_once(
     staging = claim_staging(layout, SOURCE_TABLE)
     try:
         try:
-            counts = _run_tasks(spark, all_files, IngestTask(contract, schema, frozenset(pixels), staging), bucket_bytes)
+            counts = _run_tasks(
+                spark, all_files, IngestTask(contract, schema, frozenset(pixels), staging), bucket_bytes
+            )
         except Exception as exc:  # noqa: BLE001 - re-raised below, typed where we can name the file
             error = _file_error_from(exc)
             if error is not None:
@@ -373,23 +435,38 @@ def _run_tasks(spark: SparkSession, files: list[str], task: IngestTask, bucket_b
     """Every file parsed and written by Python tasks of one plain RDD job (no SQL plan, no
     rows through the JVM); the driver receives one small Counter per task."""
     sc = spark.sparkContext
-    chunks = task_chunks(file_groups(files), {p: os.path.getsize(p) for p in files}, bucket_bytes, sc.defaultParallelism)
-    sc.setJobGroup(SOURCE_TABLE, f"ingest {len(files)} files into {len(task.pixels)} regions", interruptOnCancel=True)
+    chunks = task_chunks(
+        file_groups(files), {p: os.path.getsize(p) for p in files}, bucket_bytes, sc.defaultParallelism
+    )
+    sc.setJobGroup(
+        SOURCE_TABLE, f"ingest {len(files)} files into {len(task.pixels)} regions", interruptOnCancel=True
+    )
     counts: Counter = Counter()
     if chunks:
-        for part in sc.parallelize(list(enumerate(chunks)), len(chunks)).map(lambda item: task(*item)).collect():
+        for part in (
+            sc.parallelize(list(enumerate(chunks)), len(chunks)).map(lambda item: task(*item)).collect()
+        ):
             counts.update(part)
     return counts
 
 
 def _publish_region(
-    layout: StateLayout, staging: Path, pixel: int, region: str, schema: pa.Schema, counts: Counter, inputs: list[Path]
+    layout: StateLayout,
+    staging: Path,
+    pixel: int,
+    region: str,
+    schema: pa.Schema,
+    counts: Counter,
+    inputs: list[Path],
 ) -> RegionResult:
     by_rule = {rule: n for (p, rule), n in counts.items() if p == pixel and rule is not None}
     accepted_dir = staging / "accepted" / str(pixel)
     rejected_dir = staging / "rejected" / str(pixel)
     gaia_schema = pa.schema([f for f in schema if not f.name.startswith("_")])
-    for directory, table_schema in ((accepted_dir, gaia_schema), (rejected_dir, pa.schema([f for f in schema if f.name != "_region"]))):
+    for directory, table_schema in (
+        (accepted_dir, gaia_schema),
+        (rejected_dir, pa.schema([f for f in schema if f.name != "_region"])),
+    ):
         if not directory.exists():
             directory.mkdir(parents=True)
             pq.write_table(table_schema.empty_table(), directory / "part-00000-empty.parquet")

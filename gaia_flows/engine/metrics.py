@@ -40,7 +40,9 @@ def stage_io(spark: SparkSession, job_group: str) -> dict[str, int]:
     try:
         jobs = [j for j in _get(f"{api}/jobs") if j.get("jobGroup") == job_group]
         wanted = {s for j in jobs for s in j.get("stageIds", [])}
-        stages = [s for s in _get(f"{api}/stages") if s["stageId"] in wanted and s.get("status") == "COMPLETE"]
+        stages = [
+            s for s in _get(f"{api}/stages") if s["stageId"] in wanted and s.get("status") == "COMPLETE"
+        ]
     except OSError:
         return {}
     totals = {name: sum(int(s.get(key, 0)) for s in stages) for key, name in FIELDS.items()}

@@ -37,10 +37,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from gaia_flows.contracts import load_contract
+from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.tables import region_paths, write_region_arrow
 
 LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
@@ -160,7 +160,9 @@ def compute_pm_stats(df: DataFrame, level: int = pm.DEFAULT_LEVEL) -> pa.Table:
     return pm.conform(result, level)
 
 
-def compute_region_stats(df: DataFrame, regions: list[str], level: int = pm.DEFAULT_LEVEL) -> dict[str, pa.Table]:
+def compute_region_stats(
+    df: DataFrame, regions: list[str], level: int = pm.DEFAULT_LEVEL
+) -> dict[str, pa.Table]:
     """Statistics of each sky region at ``level``, from one Spark aggregation over all of them.
 
     A level coarser than the regions' (L_max 0 with level-1 regions) has pixels shared by
@@ -172,13 +174,17 @@ def compute_region_stats(df: DataFrame, regions: list[str], level: int = pm.DEFA
     return {region: pm.degrade(table, level) for region, table in split_by_region(stats, regions).items()}
 
 
-def _owners(stats: pa.Table, region_level: int, allowed: set[int], allowed_name: str, rows_name: str) -> np.ndarray:
+def _owners(
+    stats: pa.Table, region_level: int, allowed: set[int], allowed_name: str, rows_name: str
+) -> np.ndarray:
     """Each statistics row's region pixel at ``region_level``; a pixel outside ``allowed`` means
     the input held rows it should not, which is an error, not something to drop silently."""
     owner = healpix.degrade(stats.column("pixel").to_numpy(), pm.stats_level(stats), region_level)
     stray = sorted(set(np.unique(owner).tolist()) - allowed)
     if stray:
-        raise ValueError(f"{rows_name} fall in region pixel(s) {stray} at level {region_level}, outside {allowed_name}")
+        raise ValueError(
+            f"{rows_name} fall in region pixel(s) {stray} at level {region_level}, outside {allowed_name}"
+        )
     return owner
 
 
@@ -246,7 +252,9 @@ def choose_engine(region_bytes: dict[str, int], cores: int, requested: str = "au
     sizes = f"the biggest region is {biggest / 2**20:.1f} MiB; one core's share is {share / 2**20:.1f} MiB of {total / 2**20:.1f} MiB on {cores} cores"
     if biggest <= max(share, SMALL_REGION_BYTES):
         return EngineChoice("region-tasks", sizes)
-    return EngineChoice("groupby", f"{sizes}, and a region over {SMALL_REGION_BYTES / 2**20:.0f} MiB is worth splitting")
+    return EngineChoice(
+        "groupby", f"{sizes}, and a region over {SMALL_REGION_BYTES / 2**20:.0f} MiB is worth splitting"
+    )
 
 
 def _read_pm_columns(path: str) -> pa.Table:
@@ -300,10 +308,22 @@ class StatsPublisher:
             "computed_at": self.computed_at,
         }
         path = write_region_arrow(stats, self.layout, self.table, region, manifest=manifest)
-        return {"region": region, **counts, "version": os.path.basename(path), "stored_bytes": sum(f.stat().st_size for f in path.glob("*.parquet"))}
+        return {
+            "region": region,
+            **counts,
+            "version": os.path.basename(path),
+            "stored_bytes": sum(f.stat().st_size for f in path.glob("*.parquet")),
+        }
 
 
-def stats_in_region_tasks(session: SparkSession, layout: StateLayout, table: str, regions: list[str], level: int, publish: Callable[[str, pa.Table], dict]) -> list[dict]:
+def stats_in_region_tasks(
+    session: SparkSession,
+    layout: StateLayout,
+    table: str,
+    regions: list[str],
+    level: int,
+    publish: Callable[[str, pa.Table], dict],
+) -> list[dict]:
     """Every region's statistics computed and published by Spark tasks (:func:`region_stats`);
     returns ``publish``'s record for each region. Two groups of regions per core: a Python task
     costs ~45 ms to start in local mode, so one task per region would add ~1 s to a 48-region
@@ -313,12 +333,21 @@ def stats_in_region_tasks(session: SparkSession, layout: StateLayout, table: str
     instead of 0.17-0.20 s."""
     check_input_columns(layout, table, regions)
     files = {region: [str(p) for p in layout.region_files(table, region)] for region in regions}
-    groups = balanced_groups(region_bytes(layout, table, regions), 2 * session.sparkContext.defaultParallelism)
+    groups = balanced_groups(
+        region_bytes(layout, table, regions), 2 * session.sparkContext.defaultParallelism
+    )
 
     def compute_and_publish(group: int) -> list[dict]:
-        return [timed_task(region, files[region], lambda r=region: publish(r, region_stats(files[r], r, level))) for region in groups[group]]
+        return [
+            timed_task(region, files[region], lambda r=region: publish(r, region_stats(files[r], r, level)))
+            for region in groups[group]
+        ]
 
-    return session.sparkContext.parallelize(range(len(groups)), len(groups)).flatMap(compute_and_publish).collect()
+    return (
+        session.sparkContext.parallelize(range(len(groups)), len(groups))
+        .flatMap(compute_and_publish)
+        .collect()
+    )
 
 
 def timed_task(region: str, files: list[str], work: Callable[[], dict]) -> dict:
@@ -356,7 +385,16 @@ def task_io(records: list[dict]) -> dict:
         return {}
     hosts: dict[str, dict] = {}
     for record in records:
-        host = hosts.setdefault(record["host"], {"tasks": 0, "read_bytes": 0, "task_wall_seconds": 0.0, "task_cpu_seconds": 0.0, "task_cpu_wait_seconds": 0.0})
+        host = hosts.setdefault(
+            record["host"],
+            {
+                "tasks": 0,
+                "read_bytes": 0,
+                "task_wall_seconds": 0.0,
+                "task_cpu_seconds": 0.0,
+                "task_cpu_wait_seconds": 0.0,
+            },
+        )
         host["tasks"] += 1
         for name in ("read_bytes", "task_wall_seconds", "task_cpu_seconds", "task_cpu_wait_seconds"):
             host[name] += record[name]
@@ -374,7 +412,10 @@ def task_io(records: list[dict]) -> dict:
         "task_cpu_wait_seconds": round(cpu_wait, 3),
         "task_cpu_share": round(cpu / wall, 3) if wall else None,
         "read_mb_per_second_per_core": round(read / 2**20 / wall, 1) if wall else None,
-        "per_host": {name: {k: round(v, 3) if isinstance(v, float) else v for k, v in h.items()} for name, h in sorted(hosts.items())},
+        "per_host": {
+            name: {k: round(v, 3) if isinstance(v, float) else v for k, v in h.items()}
+            for name, h in sorted(hosts.items())
+        },
     }
 
 

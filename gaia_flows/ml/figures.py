@@ -73,7 +73,9 @@ def importance_table(importances: dict[str, float]) -> str:
     return "| feature | importance |\n|---|---|\n" + rows
 
 
-def training_sky_pngs(layout: StateLayout, source_id: np.ndarray, labels: np.ndarray, level: int) -> dict[str, bytes]:
+def training_sky_pngs(
+    layout: StateLayout, source_id: np.ndarray, labels: np.ndarray, level: int
+) -> dict[str, bytes]:
     """Galactic Mollweide maps of the good and bad training rows per pixel at ``level``,
     written under ``<home>/maps/`` and returned as PNG bytes by class name."""
     out = {}

@@ -41,7 +41,12 @@ def log_model(trained: classify.LoadedModel, holdout: pd.DataFrame, probability:
             pyfunc_predict_fn="predict_proba",
             serialization_format=mlflow_lib.sklearn.SERIALIZATION_FORMAT_SKOPS,
             skops_trusted_types=classify.SKOPS_TRUSTED_TYPES,
-            pip_requirements=[f"mlflow=={mlflow_lib.__version__}", f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"],
+            pip_requirements=[
+                f"mlflow=={mlflow_lib.__version__}",
+                f"scikit-learn=={sklearn.__version__}",
+                f"numpy=={np.__version__}",
+                f"pandas=={pd.__version__}",
+            ],
         )
     import mlflow.spark
     import pyspark
@@ -79,7 +84,14 @@ class GateDecision:
 
 
 def champion_gate(
-    client, version: str, metrics: dict, holdout: pd.DataFrame, session: Callable, threshold: float, metric: str, tolerance: float
+    client,
+    version: str,
+    metrics: dict,
+    holdout: pd.DataFrame,
+    session: Callable,
+    threshold: float,
+    metric: str,
+    tolerance: float,
 ) -> GateDecision:
     """Score the current champion on the same hold-out; promote ``version`` if not worse.
 
@@ -107,10 +119,20 @@ def champion_gate(
     champion = current_champion(client)
     new_value = float(metrics[metric])
     if champion is None:
-        return GateDecision(promoted=True, new_value=new_value, champion_value=None, champion_before=None, champion_after=version)
+        return GateDecision(
+            promoted=True,
+            new_value=new_value,
+            champion_value=None,
+            champion_before=None,
+            champion_after=version,
+        )
     loaded = classify.load_model(f"models:/{MODEL_NAME}/{champion.version}", champion.version)
-    champion_probability = loaded.good_probability(holdout, spark=session() if loaded.flavor == "spark" else None)
-    champion_value = float(astro.classification_metrics(holdout["label"], champion_probability, threshold)[metric])
+    champion_probability = loaded.good_probability(
+        holdout, spark=session() if loaded.flavor == "spark" else None
+    )
+    champion_value = float(
+        astro.classification_metrics(holdout["label"], champion_probability, threshold)[metric]
+    )
     promoted = bool(new_value >= champion_value - tolerance)
     return GateDecision(
         promoted=promoted,
@@ -136,6 +158,8 @@ def resolve_model(client, model_uri: str | None) -> tuple[str, str | None, float
         return model_uri, None, default_min
     champion = current_champion(client)
     if champion is None:
-        raise NoChampionError(f"no model version of {MODEL_NAME!r} carries the alias '{CHAMPION}': materialise astrometric_classifier first")
+        raise NoChampionError(
+            f"no model version of {MODEL_NAME!r} carries the alias '{CHAMPION}': materialise astrometric_classifier first"
+        )
     population_min = float(champion.tags.get("population_parallax_min_mas", default_min))
     return f"models:/{MODEL_NAME}/{champion.version}", str(champion.version), population_min

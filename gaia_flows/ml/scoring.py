@@ -15,7 +15,13 @@ from gaia_flows.tables import footer_rows, read_regions, write_regions
 
 
 def classify_regions(
-    session, layout: StateLayout, loaded: classify.LoadedModel, regions: list[str], threshold: float, parallax_cut: float | None, manifest: dict
+    session,
+    layout: StateLayout,
+    loaded: classify.LoadedModel,
+    regions: list[str],
+    threshold: float,
+    parallax_cut: float | None,
+    manifest: dict,
 ) -> dict[str, Path]:
     """Score each region's sources (``parallax_cut``: only \\|parallax\\| above it) and publish
     ``classified_sources`` per region: ``source_id``, ``probability`` (of a good solution) and
@@ -35,7 +41,9 @@ def classify_regions(
         scored = classify.score_files(session, inputs, loaded, threshold, parallax_cut)
     else:
         selected = classify.population_filter(parallax_cut).spark
-        scored = classify.score(read_regions(session, layout, SOURCE_TABLE, regions).where(selected), loaded, threshold)
+        scored = classify.score(
+            read_regions(session, layout, SOURCE_TABLE, regions).where(selected), loaded, threshold
+        )
     # Cached so the range partitioner's sampling pass and the write share one scoring pass.
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -55,7 +63,11 @@ def label_counts(session, layout: StateLayout, level: int) -> tuple[np.ndarray, 
 
     table = read_regions(session, layout, CLASSIFIED_TABLE)
     pixel = F.shiftright(F.col("source_id"), source_id_shift(level)).alias("pixel")
-    stats = table.groupBy(pixel).agg(F.count(F.lit(1)).alias("n"), F.sum((F.col("label") == astro.BAD).cast("long")).alias("bad")).toPandas()
+    stats = (
+        table.groupBy(pixel)
+        .agg(F.count(F.lit(1)).alias("n"), F.sum((F.col("label") == astro.BAD).cast("long")).alias("bad"))
+        .toPandas()
+    )
     n, bad = np.zeros(npix(level)), np.zeros(npix(level))
     n[stats["pixel"].to_numpy()] = stats["n"].to_numpy()
     bad[stats["pixel"].to_numpy()] = stats["bad"].to_numpy()

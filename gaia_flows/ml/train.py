@@ -73,7 +73,9 @@ def table_digest(version_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_params(params: classify.ForestParams, choice: classify.EngineChoice, threshold: float, manifest: dict) -> dict:
+def run_params(
+    params: classify.ForestParams, choice: classify.EngineChoice, threshold: float, manifest: dict
+) -> dict:
     """Only the hyper-parameters and selection thresholds: an explicit list, never config dumps."""
     out = {f"rf_{k}": v for k, v in params.as_dict().items()}
     out.update(
@@ -108,8 +110,12 @@ def fit_sklearn(params: classify.ForestParams, version_dir: Path, digest: str) -
     frame = read_training_frame(version_dir)
     timings["read_seconds"] = time.perf_counter() - started
     train, holdout = frame[~frame["holdout"]], frame[frame["holdout"]].reset_index(drop=True)
-    train_ds = mlflow_lib.data.from_pandas(train, source=str(version_dir), name=TRAINING_TABLE, targets="label", digest=digest)
-    holdout_ds = mlflow_lib.data.from_pandas(holdout, source=str(version_dir), name=f"{TRAINING_TABLE}-holdout", targets="label", digest=digest)
+    train_ds = mlflow_lib.data.from_pandas(
+        train, source=str(version_dir), name=TRAINING_TABLE, targets="label", digest=digest
+    )
+    holdout_ds = mlflow_lib.data.from_pandas(
+        holdout, source=str(version_dir), name=f"{TRAINING_TABLE}-holdout", targets="label", digest=digest
+    )
     started = time.perf_counter()
     model = classify.train_sklearn(train, params, n_jobs=-1)
     timings["fit_seconds"] = time.perf_counter() - started
@@ -129,14 +135,23 @@ def fit_spark(session, params: classify.ForestParams, version_dir: Path, digest:
     table = session.read.parquet(str(version_dir))
     train = table.where(~F.col("holdout"))
     holdout_sdf = table.where(F.col("holdout"))
-    train_ds = mlflow_lib.data.from_spark(train, path=str(version_dir), name=TRAINING_TABLE, targets="label", digest=digest)
-    holdout_ds = mlflow_lib.data.from_spark(holdout_sdf, path=str(version_dir), name=f"{TRAINING_TABLE}-holdout", targets="label", digest=digest)
+    train_ds = mlflow_lib.data.from_spark(
+        train, path=str(version_dir), name=TRAINING_TABLE, targets="label", digest=digest
+    )
+    holdout_ds = mlflow_lib.data.from_spark(
+        holdout_sdf, path=str(version_dir), name=f"{TRAINING_TABLE}-holdout", targets="label", digest=digest
+    )
     started = time.perf_counter()
     model = classify.train_spark(train, params)
     timings["fit_seconds"] = time.perf_counter() - started
     trained = classify.LoadedModel("spark", model)
     started = time.perf_counter()
-    holdout = holdout_sdf.select("source_id", "label", *FEATURES).toPandas().sort_values("source_id").reset_index(drop=True)
+    holdout = (
+        holdout_sdf.select("source_id", "label", *FEATURES)
+        .toPandas()
+        .sort_values("source_id")
+        .reset_index(drop=True)
+    )
     probability = trained.good_probability(holdout, spark=session)
     timings["evaluate_seconds"] = time.perf_counter() - started
     return Fitted(trained, holdout, probability, train_ds, holdout_ds, timings)
@@ -187,7 +202,11 @@ def train_and_register(
     session = spark() if choice.engine == "spark" else None
     with mlflow_lib.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         mlflow_lib.log_params(run_params(params, choice, gate.threshold, manifest))
-        fitted = fit_sklearn(params, version_dir, digest) if choice.engine == "sklearn" else fit_spark(session, params, version_dir, digest)
+        fitted = (
+            fit_sklearn(params, version_dir, digest)
+            if choice.engine == "sklearn"
+            else fit_spark(session, params, version_dir, digest)
+        )
         mlflow_lib.log_input(fitted.train_dataset, context="training")
         mlflow_lib.log_input(fitted.holdout_dataset, context="evaluation")
         holdout, probability = fitted.holdout, fitted.probability
@@ -196,7 +215,9 @@ def train_and_register(
 
         roc = figures.roc_figure(holdout["label"], probability, metrics["roc_auc"])
         plots = {
-            "plots/confusion_matrix.png": figures.confusion_figure(astro.confusion(holdout["label"], probability, gate.threshold)),
+            "plots/confusion_matrix.png": figures.confusion_figure(
+                astro.confusion(holdout["label"], probability, gate.threshold)
+            ),
             "plots/feature_importances.png": figures.importance_figure(importances),
             "plots/roc_curve.png": roc,
         }
@@ -214,7 +235,9 @@ def train_and_register(
         mlflow_lib.log_metrics({"forest_nodes": shape["nodes"], "forest_max_depth": shape["max_depth"]})
         version = str(info.registered_model_version)
 
-        decision = registry.champion_gate(client, version, metrics, holdout, spark, gate.threshold, gate.metric, gate.tolerance)
+        decision = registry.champion_gate(
+            client, version, metrics, holdout, spark, gate.threshold, gate.metric, gate.tolerance
+        )
         population_min = manifest.get("cuts", {}).get("parallax_min_mas", GcnsCuts().parallax_min_mas)
         version_tags = {
             "population_parallax_min_mas": str(population_min),

@@ -16,7 +16,16 @@ from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FEATURES, FeatureError, GcnsCuts
 from gaia_flows.tables import published_regions, read_regions, write_table
 
-_DOUBLES = set(FEATURES) | {"ra", "dec", "l", "b", "parallax", "phot_g_mean_mag", "bp_rp", "phot_bp_rp_excess_factor"}
+_DOUBLES = set(FEATURES) | {
+    "ra",
+    "dec",
+    "l",
+    "b",
+    "parallax",
+    "phot_g_mean_mag",
+    "bp_rp",
+    "phot_bp_rp_excess_factor",
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,12 @@ class TrainingSet:
 
 
 def select_training_set(
-    session, layout: StateLayout, cuts: GcnsCuts, holdout_fraction: float, split_seed: int, target_file_mb: int
+    session,
+    layout: StateLayout,
+    cuts: GcnsCuts,
+    holdout_fraction: float,
+    split_seed: int,
+    target_file_mb: int,
 ) -> TrainingSet:
     """Label every candidate of the published ``gaia_source`` regions and publish the training set.
 
@@ -60,9 +74,17 @@ def select_training_set(
         raise FeatureError(f"{SOURCE_TABLE} lacks column(s) the selection needs: {', '.join(missing)}")
     candidates = source.select(
         *[F.col(c).cast("double").alias(c) if c in _DOUBLES else F.col(c) for c in astro.TRAINING_COLUMNS]
-    ).where((F.abs(F.col("parallax")) > F.lit(cuts.parallax_min_mas)) & F.col("astrometric_params_solved").isin(*astro.FIVE_OR_SIX_PARAMETER))
+    ).where(
+        (F.abs(F.col("parallax")) > F.lit(cuts.parallax_min_mas))
+        & F.col("astrometric_params_solved").isin(*astro.FIVE_OR_SIX_PARAMETER)
+    )
     schema = T.StructType(
-        [*candidates.schema.fields, T.StructField("selection", T.StringType()), T.StructField("label", T.ByteType()), T.StructField("holdout", T.BooleanType())]
+        [
+            *candidates.schema.fields,
+            T.StructField("selection", T.StringType()),
+            T.StructField("label", T.ByteType()),
+            T.StructField("holdout", T.BooleanType()),
+        ]
     )
 
     def label_batches(batches):
@@ -71,7 +93,9 @@ def select_training_set(
 
     labelled = candidates.mapInPandas(label_batches, schema).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        cut_flow = {row["selection"]: int(row["count"]) for row in labelled.groupBy("selection").count().collect()}
+        cut_flow = {
+            row["selection"]: int(row["count"]) for row in labelled.groupBy("selection").count().collect()
+        }
         n_good = cut_flow.get("good", 0)
         n_bad_available = cut_flow.get("bad", 0)
         n_bad = min(n_bad_available, int(round(n_good * cuts.bad_per_good)))
@@ -93,4 +117,6 @@ def select_training_set(
         path = write_table(selected, layout, TRAINING_TABLE, files=files, manifest=manifest)
     finally:
         labelled.unpersist()
-    return TrainingSet(good=n_good, bad=n_bad, bad_available=n_bad_available, cut_flow=cut_flow, files=files, path=path)
+    return TrainingSet(
+        good=n_good, bad=n_bad, bad_available=n_bad_available, cut_flow=cut_flow, files=files, path=path
+    )

@@ -21,9 +21,17 @@ def build_resources(profile: Profile | None = None) -> dict:
     storage = profile.storage
     return {
         "storage": StorageResource.from_profile_storage(storage),
-        "spark": SparkResource(master=profile.spark_master, spark_config=conf, cluster_manifest=_cluster_manifest(profile, layout)),
-        "cloud": CloudResource(profile=profile.name, profiles_dir=str(profile.directory) if profile.directory else None),
-        "mlflow": MlflowResource(tracking_uri=storage.get("mlflow_tracking_uri"), artifact_location=_mlflow_artifacts(storage)),
+        "spark": SparkResource(
+            master=profile.spark_master,
+            spark_config=conf,
+            cluster_manifest=_cluster_manifest(profile, layout),
+        ),
+        "cloud": CloudResource(
+            profile=profile.name, profiles_dir=str(profile.directory) if profile.directory else None
+        ),
+        "mlflow": MlflowResource(
+            tracking_uri=storage.get("mlflow_tracking_uri"), artifact_location=_mlflow_artifacts(storage)
+        ),
     }
 
 

@@ -134,7 +134,9 @@ class MlflowResource(ConfigurableResource):
         experiment = client.get_experiment_by_name(self.experiment_name)
         if experiment is not None:
             return experiment.experiment_id
-        return client.create_experiment(self.experiment_name, artifact_location=self.resolved_artifact_location())
+        return client.create_experiment(
+            self.experiment_name, artifact_location=self.resolved_artifact_location()
+        )
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
         return f"{self.resolved_ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
@@ -154,7 +156,12 @@ class MlflowResource(ConfigurableResource):
 # --- the MLflow browser on the same store ------------------------------------------------------------
 
 
-def server_command(resource: MlflowResource | None = None, host: str = "127.0.0.1", port: int = DEFAULT_UI_PORT, workers: int = 1) -> list[str]:
+def server_command(
+    resource: MlflowResource | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_UI_PORT,
+    workers: int = 1,
+) -> list[str]:
     """``mlflow server`` on the resource's store (state folder by default), bound to loopback."""
     resource = resource or MlflowResource()
     tracking = resource.resolved_tracking_uri()

@@ -44,5 +44,7 @@ class SparkResource(ConfigurableResource):
         conf = {**self.spark_config, **manifest.get("spark_conf", {})}
         if conf.get("spark.authenticate") == "true":
             # The cluster's secret, read now from its 0600 file; Spark redacts it in its UI and logs.
-            conf["spark.authenticate.secret"] = read_secret(secret_path(Path(self.cluster_manifest).parent, manifest["cluster"]))
+            conf["spark.authenticate.secret"] = read_secret(
+                secret_path(Path(self.cluster_manifest).parent, manifest["cluster"])
+            )
         return spark_factory.session(manifest["master_url"], conf)

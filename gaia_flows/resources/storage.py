@@ -25,7 +25,12 @@ class StorageResource(ConfigurableResource):
 
     @property
     def layout(self) -> StateLayout:
-        shared = {"mount": self.mount, "warehouse": self.warehouse, "quarantine": self.quarantine, "maps": self.maps}
+        shared = {
+            "mount": self.mount,
+            "warehouse": self.warehouse,
+            "quarantine": self.quarantine,
+            "maps": self.maps,
+        }
         return StateLayout.from_env(self.home, self.landing).with_storage(shared).ensure()
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
@@ -37,5 +42,5 @@ class StorageResource(ConfigurableResource):
             context.instance.add_run_tags(context.dagster_run.run_id, run_worker_tag())
 
     @classmethod
-    def from_profile_storage(cls, storage: dict) -> "StorageResource":
+    def from_profile_storage(cls, storage: dict) -> StorageResource:
         return cls(**{k: storage.get(k) for k in ("landing", "mount", "warehouse", "quarantine", "maps")})

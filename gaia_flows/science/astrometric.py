@@ -70,7 +70,9 @@ SELECTION_COLUMNS: tuple[str, ...] = (
     "bp_rp",
     "phot_bp_rp_excess_factor",
 )
-TRAINING_COLUMNS: tuple[str, ...] = SELECTION_COLUMNS + tuple(f for f in FEATURES if f not in SELECTION_COLUMNS)
+TRAINING_COLUMNS: tuple[str, ...] = SELECTION_COLUMNS + tuple(
+    f for f in FEATURES if f not in SELECTION_COLUMNS
+)
 
 
 class FeatureError(ValueError):
@@ -121,7 +123,9 @@ class GcnsCuts:
 
     def __post_init__(self) -> None:
         if self.magellanic_regions not in MAGELLANIC_REGIONS:
-            raise ValueError(f"magellanic_regions must be one of {', '.join(MAGELLANIC_REGIONS)}, got {self.magellanic_regions!r}")
+            raise ValueError(
+                f"magellanic_regions must be one of {', '.join(MAGELLANIC_REGIONS)}, got {self.magellanic_regions!r}"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -269,7 +273,9 @@ def holdout_mask(source_id, fraction: float = 0.33, seed: int = 42) -> np.ndarra
     return uniform < fraction
 
 
-def label_batch(frame: pd.DataFrame, cuts: GcnsCuts, holdout_fraction: float, split_seed: int) -> pd.DataFrame:
+def label_batch(
+    frame: pd.DataFrame, cuts: GcnsCuts, holdout_fraction: float, split_seed: int
+) -> pd.DataFrame:
     """One batch of candidates with ``selection`` (reason), ``label`` and ``holdout`` added."""
     out = frame.copy()
     reason = selection_reason(frame, cuts)
@@ -284,12 +290,19 @@ def subsample_bad(bad: pd.DataFrame, n: int) -> pd.DataFrame:
     return bad.sort_values(["random_index", "source_id"], kind="stable").head(max(0, int(n)))
 
 
-def select_training_set(frame: pd.DataFrame, cuts: GcnsCuts = GcnsCuts(), holdout_fraction: float = 0.33, split_seed: int = 42) -> pd.DataFrame:
+def select_training_set(
+    frame: pd.DataFrame, cuts: GcnsCuts = GcnsCuts(), holdout_fraction: float = 0.33, split_seed: int = 42
+) -> pd.DataFrame:
     """The whole selection on one frame (reference implementation; Spark does it at scale)."""
     labelled = label_batch(frame, cuts, holdout_fraction, split_seed)
     good = labelled[labelled["label"] == GOOD]
     bad = subsample_bad(labelled[labelled["label"] == BAD], round(len(good) * cuts.bad_per_good))
-    return pd.concat([good, bad]).drop(columns=["selection"]).sort_values("source_id", kind="stable").reset_index(drop=True)
+    return (
+        pd.concat([good, bad])
+        .drop(columns=["selection"])
+        .sort_values("source_id", kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 # --- model input -----------------------------------------------------------------------------------
@@ -300,7 +313,9 @@ def check_feature_columns(columns) -> None:
     present = set(columns)
     missing = [f for f in FEATURES if f not in present]
     if missing:
-        raise FeatureError(f"model input is missing feature column(s): {', '.join(missing)} (the model needs {', '.join(FEATURES)})")
+        raise FeatureError(
+            f"model input is missing feature column(s): {', '.join(missing)} (the model needs {', '.join(FEATURES)})"
+        )
 
 
 def feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -318,7 +333,9 @@ def feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
         try:
             values = pd.to_numeric(column, errors="raise").astype("float64")
         except (TypeError, ValueError) as exc:
-            raise FeatureError(f"feature column '{name}' is not numeric (dtype {column.dtype}): {exc}") from exc
+            raise FeatureError(
+                f"feature column '{name}' is not numeric (dtype {column.dtype}): {exc}"
+            ) from exc
         if n and values.isna().all():
             raise entirely_null(name, n)
         out[name] = values.to_numpy()

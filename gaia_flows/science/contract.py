@@ -83,5 +83,9 @@ class TableContract:
         """Schema for the given subset of columns, in the contract's order."""
         wanted = set(names) if names is not None else None
         return pa.schema(
-            [pa.field(c.name, c.arrow_type, nullable=c.nullable) for c in self.columns if wanted is None or c.name in wanted]
+            [
+                pa.field(c.name, c.arrow_type, nullable=c.nullable)
+                for c in self.columns
+                if wanted is None or c.name in wanted
+            ]
         )

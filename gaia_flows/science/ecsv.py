@@ -20,7 +20,21 @@ from typing import TextIO
 import yaml
 
 ECSV_DATATYPES = frozenset(
-    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64", "string"}
+    {
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "string",
+    }
 )
 
 
@@ -75,7 +89,9 @@ def read_header(stream: TextIO, source: str | Path) -> EcsvHeader:
     if not comment:
         raise GaiaFileError(source, "missing ECSV header (file must start with '# %ECSV 1.0')", line=1)
     if not comment[0].startswith("# %ECSV"):
-        raise GaiaFileError(source, f"missing ECSV header: first line is {comment[0][:40]!r}, expected '# %ECSV 1.0'", line=1)
+        raise GaiaFileError(
+            source, f"missing ECSV header: first line is {comment[0][:40]!r}, expected '# %ECSV 1.0'", line=1
+        )
     version = comment[0].split("%ECSV", 1)[1].strip()
     if version not in {"0.9", "1.0"}:
         raise GaiaFileError(source, f"unsupported ECSV version {version!r}", line=1)
@@ -87,7 +103,9 @@ def read_header(stream: TextIO, source: str | Path) -> EcsvHeader:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 3 if mark is not None else None
-        raise GaiaFileError(source, f"garbled ECSV header: YAML does not parse ({getattr(exc, 'problem', exc)})", line=line) from None
+        raise GaiaFileError(
+            source, f"garbled ECSV header: YAML does not parse ({getattr(exc, 'problem', exc)})", line=line
+        ) from None
     if not isinstance(spec, dict) or not isinstance(spec.get("datatype"), list) or not spec["datatype"]:
         raise GaiaFileError(source, "garbled ECSV header: no 'datatype:' column list", line=3)
     columns = []
@@ -95,16 +113,29 @@ def read_header(stream: TextIO, source: str | Path) -> EcsvHeader:
         if not isinstance(entry, dict) or "name" not in entry or "datatype" not in entry:
             raise GaiaFileError(source, f"garbled ECSV header: datatype entry {i + 1} lacks name/datatype")
         if entry["datatype"] not in ECSV_DATATYPES:
-            raise GaiaFileError(source, f"garbled ECSV header: column {entry['name']!r} has unknown datatype {entry['datatype']!r}")
-        columns.append(EcsvColumn(str(entry["name"]), str(entry["datatype"]), entry.get("unit"), entry.get("description")))
+            raise GaiaFileError(
+                source,
+                f"garbled ECSV header: column {entry['name']!r} has unknown datatype {entry['datatype']!r}",
+            )
+        columns.append(
+            EcsvColumn(
+                str(entry["name"]), str(entry["datatype"]), entry.get("unit"), entry.get("description")
+            )
+        )
     delimiter = spec.get("delimiter", ",")
-    header = EcsvHeader(tuple(columns), delimiter=delimiter, meta=spec.get("meta") or {}, comment_lines=len(comment))
+    header = EcsvHeader(
+        tuple(columns), delimiter=delimiter, meta=spec.get("meta") or {}, comment_lines=len(comment)
+    )
     if csv_header is None:
         raise GaiaFileError(source, "no CSV column-name line after the ECSV header", line=line_no + 1)
     names = next(csv.reader([csv_header], delimiter=delimiter))
     if names != header.names:
         detail = _first_difference(header.names, names)
-        raise GaiaFileError(source, f"garbled header: CSV column names disagree with the ECSV datatype block ({detail})", line=header.comment_lines + 1)
+        raise GaiaFileError(
+            source,
+            f"garbled header: CSV column names disagree with the ECSV datatype block ({detail})",
+            line=header.comment_lines + 1,
+        )
     return header
 
 
@@ -141,7 +172,9 @@ def format_header(columns: Sequence[EcsvColumn], meta: dict | None = None, delim
         entry["datatype"] = col.datatype
         if col.description:
             entry["description"] = col.description
-        lines.append("# - " + yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=10**6).strip())
+        lines.append(
+            "# - " + yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=10**6).strip()
+        )
     if meta:
         lines.extend("# " + line for line in yaml.safe_dump({"meta": meta}, sort_keys=False).splitlines())
     lines.append("# schema: astropy-2.0")

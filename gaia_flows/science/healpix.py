@@ -74,7 +74,9 @@ def radec_to_healpix(ra, dec, level: int) -> np.ndarray:
     """Nested pixel of positions in degrees (ICRS)."""
     import healpy as hp
 
-    return hp.ang2pix(nside(level), np.asarray(ra, float), np.asarray(dec, float), nest=True, lonlat=True).astype(np.int64)
+    return hp.ang2pix(
+        nside(level), np.asarray(ra, float), np.asarray(dec, float), nest=True, lonlat=True
+    ).astype(np.int64)
 
 
 def healpix_centres(pixels, level: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +151,9 @@ def parse_file_range(name: str | Path) -> tuple[int, int]:
         raise ValueError(f"{name}: not a Gaia bulk file name (expected GaiaSource_NNNNNN-NNNNNN.csv.gz)")
     start, end = int(match.group(1)), int(match.group(2))
     if start > end or end >= npix(FILE_LEVEL):
-        raise ValueError(f"{name}: level-8 range {start}-{end} is not a valid range of {npix(FILE_LEVEL)} pixels")
+        raise ValueError(
+            f"{name}: level-8 range {start}-{end} is not a valid range of {npix(FILE_LEVEL)} pixels"
+        )
     return start, end
 
 

@@ -80,7 +80,11 @@ def as_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     several chunks). Through DLPack, because pyarrow's ``to_numpy`` imports pandas, which costs
     a re-plot more (0.3-0.7 s) than reading and finalising the map."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    if column.null_count or not chunks or not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+    if (
+        column.null_count
+        or not chunks
+        or not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type))
+    ):
         return column.to_numpy(zero_copy_only=False)
     arrays = [np.from_dlpack(chunk) for chunk in chunks]
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
@@ -197,11 +201,16 @@ def _weights(error: np.ndarray, has_pm: np.ndarray, out: np.ndarray) -> np.ndarr
     return out
 
 
-def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: int = DEFAULT_LEVEL, block_rows: int = BLOCK_ROWS) -> pa.Table:
+def stats_from_columns(
+    source_id, pmra, pmdec, pmra_error, pmdec_error, level: int = DEFAULT_LEVEL, block_rows: int = BLOCK_ROWS
+) -> pa.Table:
     """Statistics of rows given as arrays (null/NaN proper motion = no proper motion), summed
     :data:`BLOCK_ROWS` rows at a time."""
     _check_level(level)
-    sid = np.asarray(source_id.to_numpy() if isinstance(source_id, (pa.Array, pa.ChunkedArray)) else source_id, dtype=np.int64)
+    sid = np.asarray(
+        source_id.to_numpy() if isinstance(source_id, (pa.Array, pa.ChunkedArray)) else source_id,
+        dtype=np.int64,
+    )
     pixel = sid >> source_id_shift(level)
     inputs = [_as_float(v) for v in (pmra, pmdec, pmra_error, pmdec_error)]
     if pixel.size == 0:
@@ -221,7 +230,7 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
         t[n_pm] = has_pm
         np.copyto(t[ra], pmra_b)
         np.copyto(t[dec], pmdec_b)
-        t[ra:dec + 1, ~has_pm] = 0.0
+        t[ra : dec + 1, ~has_pm] = 0.0
         np.multiply(t[ra], t[ra], out=t[ra2])
         np.multiply(t[dec], t[dec], out=t[dec2])
         _weights(pmra_error_b, has_pm, t[w_ra])
@@ -237,8 +246,14 @@ def stats_from_columns(source_id, pmra, pmdec, pmra_error, pmdec_error, level: i
         runs.append(np.diff(np.r_[starts, part.size]))
         sums.append(np.add.reduceat(t, starts, axis=1))
     summed = np.concatenate(sums, axis=1)
-    columns = {"n_sources": np.concatenate(runs), "n_pm": np.rint(summed[n_pm]).astype(np.int64), **dict(zip(SUM_COLUMNS, summed[ra:]))}
-    return _group_sum(np.concatenate(pixels), columns, level)  # sums again the pixels whose rows ran across blocks
+    columns = {
+        "n_sources": np.concatenate(runs),
+        "n_pm": np.rint(summed[n_pm]).astype(np.int64),
+        **dict(zip(SUM_COLUMNS, summed[ra:])),
+    }
+    return _group_sum(
+        np.concatenate(pixels), columns, level
+    )  # sums again the pixels whose rows ran across blocks
 
 
 def stats_from_table(table: pa.Table, level: int = DEFAULT_LEVEL) -> pa.Table:
@@ -282,13 +297,21 @@ def merge(tables: Iterable[pa.Table], level: int | None = None) -> pa.Table:
         return empty_stats(target)
     combined = pa.concat_tables(non_empty)
     pixel = combined.column("pixel").to_numpy()
-    shifts = np.concatenate([np.full(t.num_rows, 2 * (lv - target), dtype=np.int64) for t, lv in zip(tables, levels) if t.num_rows])
+    shifts = np.concatenate(
+        [
+            np.full(t.num_rows, 2 * (lv - target), dtype=np.int64)
+            for t, lv in zip(tables, levels)
+            if t.num_rows
+        ]
+    )
     pixel = pixel >> shifts
     if np.all(pixel[1:] > pixel[:-1]):
         # Disjoint inputs in pixel order (the sky regions' tables, in region order): already
         # one row per pixel, nothing to sum.
         # The other columns stay the inputs' chunks (no copy of the merged table).
-        return pa.Table.from_arrays([from_numpy(pixel, pa.int64()), *combined.columns[1:]], schema=stats_schema(target))
+        return pa.Table.from_arrays(
+            [from_numpy(pixel, pa.int64()), *combined.columns[1:]], schema=stats_schema(target)
+        )
     columns = {name: combined.column(name).to_numpy() for name in STAT_COLUMNS}
     return _group_sum(pixel, columns, target)
 
@@ -436,7 +459,9 @@ def finalise(stats: pa.Table, dense: bool = True) -> pa.Table:
         out[f"wmean_{comp}_total_error"] = np.sqrt(_safe_div(wvar, neff - 1.0))
         out[f"neff_{comp}"] = neff
         out[f"wstd_{comp}"] = np.sqrt(wvar)
-    schema = pa.schema([pa.field(name, typ) for name, typ in MAP_FIELDS], metadata={LEVEL_METADATA_KEY: str(level).encode()})
+    schema = pa.schema(
+        [pa.field(name, typ) for name, typ in MAP_FIELDS], metadata={LEVEL_METADATA_KEY: str(level).encode()}
+    )
     return pa.Table.from_arrays([from_numpy(out[name], typ) for name, typ in MAP_FIELDS], schema=schema)
 
 
@@ -454,7 +479,9 @@ def quantity_unit(quantity: str) -> str:
 
 def totals(stats: pa.Table) -> dict[str, int]:
     """Total counts of a statistics table (for checks and metadata)."""
-    return {name: int(pc.sum(stats.column(name)).as_py() or 0) for name in COUNT_COLUMNS} | {"pixels": stats.num_rows}
+    return {name: int(pc.sum(stats.column(name)).as_py() or 0) for name in COUNT_COLUMNS} | {
+        "pixels": stats.num_rows
+    }
 
 
 __all__ = [

@@ -112,7 +112,14 @@ ICRS_TO_GALACTIC = np.array(
 # --- photometry -------------------------------------------------------------------------------------
 
 G_BRIGHT, G_FAINT = 3.0, 21.0
-ABSOLUTE_MAG = {"disc": (6.0, 1.5), "bulge": (2.0, 0.8), "halo": (6.0, 1.5), "lmc": (0.0, 0.8), "smc": (0.0, 0.8), "nearby": (10.0, 1.5)}
+ABSOLUTE_MAG = {
+    "disc": (6.0, 1.5),
+    "bulge": (2.0, 0.8),
+    "halo": (6.0, 1.5),
+    "lmc": (0.0, 0.8),
+    "smc": (0.0, 0.8),
+    "nearby": (10.0, 1.5),
+}
 """(centre, scale) of each population's logistic luminosity function in M_G."""
 GIANT_POPULATIONS = ("bulge", "lmc", "smc")
 EXTINCTION_MAX_MAG = 5.0
@@ -160,8 +167,24 @@ SYNTHETIC_COLUMNS = frozenset(
     phot_g_mean_mag phot_bp_mean_mag phot_rp_mean_mag phot_bp_rp_excess_factor bp_rp l b""".split()
 )
 """The gaia_source columns the generator fills; files hold them in the contract's order."""
-_FIVE_PARAM_CORRS = ("ra_parallax_corr", "dec_parallax_corr", "parallax_pmra_corr", "parallax_pmdec_corr", "pmra_pmdec_corr")
-_FIVE_PARAM_ONLY = ("parallax", "parallax_error", "parallax_over_error", "pm", "pmra", "pmra_error", "pmdec", "pmdec_error", "ruwe")
+_FIVE_PARAM_CORRS = (
+    "ra_parallax_corr",
+    "dec_parallax_corr",
+    "parallax_pmra_corr",
+    "parallax_pmdec_corr",
+    "pmra_pmdec_corr",
+)
+_FIVE_PARAM_ONLY = (
+    "parallax",
+    "parallax_error",
+    "parallax_over_error",
+    "pm",
+    "pmra",
+    "pmra_error",
+    "pmdec",
+    "pmdec_error",
+    "ruwe",
+)
 
 DEFAULT_FILES = 96
 GZIP_LEVEL = 1
@@ -227,7 +250,7 @@ class Sky:
     def __len__(self) -> int:
         return len(self.ra)
 
-    def take(self, index) -> "Sky":
+    def take(self, index) -> Sky:
         return Sky(self.ra[index], self.dec[index], self.l[index], self.b[index], self.population[index])
 
     def is_population(self, name: str) -> np.ndarray:
@@ -256,7 +279,9 @@ def _isotropic(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray
     return rng.uniform(0.0, 360.0, n), np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n)))
 
 
-def _cloud(rng: np.random.Generator, n: int, centre: tuple[float, float], scale_deg: float) -> tuple[np.ndarray, np.ndarray]:
+def _cloud(
+    rng: np.random.Generator, n: int, centre: tuple[float, float], scale_deg: float
+) -> tuple[np.ndarray, np.ndarray]:
     """An exponential disc on the sky: radius ~ Gamma(2, scale) is the exponential surface profile."""
     return _offset(centre, rng.gamma(2.0, scale_deg, n), rng.uniform(0.0, 2.0 * np.pi, n))
 
@@ -291,13 +316,22 @@ def crowding(sky: Sky) -> np.ndarray:
     cos_b = np.maximum(np.cos(np.radians(sky.b)), 1e-9)
     l_wrapped = (sky.l + 180.0) % 360.0 - 180.0
     s = DISC_L_SCALE_DEG
-    p_l = DISC_L_CENTRAL_WEIGHT * (np.exp(-np.abs(l_wrapped) / s) + np.exp(-(360.0 - np.abs(l_wrapped)) / s)) / (2 * s)
+    p_l = (
+        DISC_L_CENTRAL_WEIGHT
+        * (np.exp(-np.abs(l_wrapped) / s) + np.exp(-(360.0 - np.abs(l_wrapped)) / s))
+        / (2 * s)
+    )
     p_l += (1.0 - DISC_L_CENTRAL_WEIGHT) / 360.0
     h = DISC_B_SCALE_DEG
     p_b = np.exp(-np.abs(sky.b) / h) / (2 * h * (1.0 - np.exp(-90.0 / h)))
     disc = p_l * p_b * per_rad**2 / cos_b
     sl, sb = BULGE_SIGMA_DEG
-    bulge = np.exp(-0.5 * ((l_wrapped / sl) ** 2 + (sky.b / sb) ** 2)) / (2 * np.pi * sl * sb) * per_rad**2 / cos_b
+    bulge = (
+        np.exp(-0.5 * ((l_wrapped / sl) ** 2 + (sky.b / sb) ** 2))
+        / (2 * np.pi * sl * sb)
+        * per_rad**2
+        / cos_b
+    )
     clouds = []
     for centre, scale in ((LMC_CENTRE, LMC_SCALE_DEG), (SMC_CENTRE, SMC_SCALE_DEG)):
         r = np.radians(angular_distance(sky.ra, sky.dec, centre))
@@ -335,7 +369,11 @@ def sample_distances(rng: np.random.Generator, population: np.ndarray) -> np.nda
 
 def extinction_g(distance_kpc: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A_G from a dust layer: saturating with distance, thin in ``|b|``."""
-    return EXTINCTION_MAX_MAG * -np.expm1(-distance_kpc / EXTINCTION_LENGTH_KPC) * np.exp(-np.abs(b) / EXTINCTION_B_SCALE_DEG)
+    return (
+        EXTINCTION_MAX_MAG
+        * -np.expm1(-distance_kpc / EXTINCTION_LENGTH_KPC)
+        * np.exp(-np.abs(b) / EXTINCTION_B_SCALE_DEG)
+    )
 
 
 def _truncated_logistic(rng: np.random.Generator, centre, scale, low, high) -> np.ndarray:
@@ -353,7 +391,10 @@ def riello_excess(bp_rp) -> np.ndarray:
     x = np.asarray(bp_rp, dtype=float)
     return np.select(
         [x < 0.5, x < 4.0],
-        [1.154360 + 0.033772 * x + 0.032277 * x**2, 1.162004 + 0.011464 * x + 0.049255 * x**2 - 0.005879 * x**3],
+        [
+            1.154360 + 0.033772 * x + 0.032277 * x**2,
+            1.162004 + 0.011464 * x + 0.049255 * x**2 - 0.005879 * x**3,
+        ],
         1.057572 + 0.140537 * x,
     )
 
@@ -363,7 +404,9 @@ def riello_sigma(g) -> np.ndarray:
     return a + b * np.asarray(g, dtype=float) ** c
 
 
-def sample_photometry(rng: np.random.Generator, population: np.ndarray, distance_kpc: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+def sample_photometry(
+    rng: np.random.Generator, population: np.ndarray, distance_kpc: np.ndarray, b: np.ndarray
+) -> dict[str, np.ndarray]:
     """G, BP, RP and BP-RP from a luminosity function, distance modulus and extinction.
 
     Absolute magnitudes are drawn only from the range that lands within Gaia's [3, 21] window,
@@ -379,7 +422,11 @@ def sample_photometry(rng: np.random.Generator, population: np.ndarray, distance
     m_g = _truncated_logistic(rng, centre, scale, G_BRIGHT - shift, G_FAINT - shift)
     g = m_g + shift
     giant = np.isin(names, GIANT_POPULATIONS)
-    intrinsic = np.where(giant, rng.normal(1.3, 0.25, n), np.clip(0.82 + 0.27 * (m_g - 4.67), -0.3, 4.2) + rng.normal(0.0, 0.1, n))
+    intrinsic = np.where(
+        giant,
+        rng.normal(1.3, 0.25, n),
+        np.clip(0.82 + 0.27 * (m_g - 4.67), -0.3, 4.2) + rng.normal(0.0, 0.1, n),
+    )
     bp_rp = intrinsic + a_g / EXTINCTION_PER_REDDENING
     x = np.minimum(bp_rp, 4.25)
     g_rp = 0.02 + 0.68 * x - 0.08 * x**2
@@ -387,7 +434,12 @@ def sample_photometry(rng: np.random.Generator, population: np.ndarray, distance
     bp = rp + bp_rp
     missing = rng.random(n) < BPRP_MISSING_MAX * np.clip((g - 19.0) / 2.0, 0.0, 1.0)
     nan = np.where(missing, np.nan, 0.0)
-    return {"phot_g_mean_mag": g, "phot_bp_mean_mag": bp + nan, "phot_rp_mean_mag": rp + nan, "bp_rp": bp_rp + nan}
+    return {
+        "phot_g_mean_mag": g,
+        "phot_bp_mean_mag": bp + nan,
+        "phot_rp_mean_mag": rp + nan,
+        "bp_rp": bp_rp + nan,
+    }
 
 
 def sample_velocities(rng: np.random.Generator, sky: Sky, distance_kpc: np.ndarray) -> np.ndarray:
@@ -410,7 +462,9 @@ def sample_velocities(rng: np.random.Generator, sky: Sky, distance_kpc: np.ndarr
     return np.where(rotating, rotation, 0.0) + rng.normal(0.0, 1.0, (3, n)) * dispersion
 
 
-def proper_motion_from_velocity(sky: Sky, distance_kpc: np.ndarray, velocity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def proper_motion_from_velocity(
+    sky: Sky, distance_kpc: np.ndarray, velocity: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(pmra, pmdec) in mas/yr of stars moving with Galactic ``velocity`` as seen from the Sun.
 
     The heliocentric velocity is ``velocity - SUN_VELOCITY``; its component across the line of
@@ -427,7 +481,9 @@ def proper_motion_from_velocity(sky: Sky, distance_kpc: np.ndarray, velocity: np
     return (pm_icrs * east).sum(axis=0), (pm_icrs * north).sum(axis=0)
 
 
-def true_proper_motions(rng: np.random.Generator, sky: Sky, distance_kpc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def true_proper_motions(
+    rng: np.random.Generator, sky: Sky, distance_kpc: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     pmra, pmdec = proper_motion_from_velocity(sky, distance_kpc, sample_velocities(rng, sky, distance_kpc))
     for name, mean in (("lmc", LMC_PM), ("smc", SMC_PM)):
         rows = np.flatnonzero(sky.is_population(name))
@@ -472,7 +528,13 @@ def _percent(rng: np.random.Generator, probability) -> np.ndarray:
     return rng.binomial(100, np.clip(probability, 0.0, 1.0)).astype(np.int8)
 
 
-def quality_indicators(rng: np.random.Generator, spurious: np.ndarray, crowd: np.ndarray, parallax_error: np.ndarray, params: np.ndarray) -> dict[str, np.ndarray]:
+def quality_indicators(
+    rng: np.random.Generator,
+    spurious: np.ndarray,
+    crowd: np.ndarray,
+    parallax_error: np.ndarray,
+    params: np.ndarray,
+) -> dict[str, np.ndarray]:
     """Goodness-of-fit and image-parameter columns.
 
     One latent "excess" per source (in units of its error) drives excess noise, its
@@ -492,9 +554,15 @@ def quality_indicators(rng: np.random.Generator, spurious: np.ndarray, crowd: np
         "astrometric_gof_al": rng.normal(0.0, 1.2, n) + 1.5 * excess,
         "ruwe": np.exp(rng.normal(0.0, 0.05, n)) * np.sqrt(1.0 + (0.2 * excess) ** 2),
         "visibility_periods_used": np.clip(np.rint(visibility), low, 34).astype(np.int16),
-        "ipd_gof_harmonic_amplitude": np.where(spurious, 0.05 + rng.exponential(0.12, n), rng.exponential(0.03, n) * (1.0 + 0.02 * crowd)),
-        "ipd_frac_multi_peak": _percent(rng, np.where(spurious, rng.uniform(0.05, 0.5, n), 0.002 * (1.0 + 0.05 * crowd))),
-        "ipd_frac_odd_win": _percent(rng, np.where(spurious, rng.uniform(0.02, 0.4, n), 0.003 * (1.0 + 0.1 * crowd))),
+        "ipd_gof_harmonic_amplitude": np.where(
+            spurious, 0.05 + rng.exponential(0.12, n), rng.exponential(0.03, n) * (1.0 + 0.02 * crowd)
+        ),
+        "ipd_frac_multi_peak": _percent(
+            rng, np.where(spurious, rng.uniform(0.05, 0.5, n), 0.002 * (1.0 + 0.05 * crowd))
+        ),
+        "ipd_frac_odd_win": _percent(
+            rng, np.where(spurious, rng.uniform(0.02, 0.4, n), 0.003 * (1.0 + 0.1 * crowd))
+        ),
     }
 
 
@@ -513,18 +581,31 @@ def simulate_sources(rng: np.random.Generator, sky: Sky) -> tuple[dict[str, np.n
     crowd = crowding(sky)
     spurious = (rng.random(n) < spurious_probability(crowd, g)) & (params != PARAMS_2P)
 
-    scatter = 10.0 ** rng.normal(0.0, ERROR_SCATTER_DEX, n) * np.where(params == PARAMS_6P, SIX_PARAM_ERROR_FACTOR, 1.0)
+    scatter = 10.0 ** rng.normal(0.0, ERROR_SCATTER_DEX, n) * np.where(
+        params == PARAMS_6P, SIX_PARAM_ERROR_FACTOR, 1.0
+    )
     scatter *= np.where(spurious, 1.0 + rng.exponential(0.5, n), 1.0)
     sigma = parallax_uncertainty(g) * scatter
     position_factor = np.where(params == PARAMS_2P, TWO_PARAM_POSITION_FACTOR, 1.0)
 
     pmra_true, pmdec_true = true_proper_motions(rng, sky, distance)
     columns["parallax_error"] = sigma
-    columns["parallax"] = 1.0 / distance + rng.normal(0.0, 1.0, n) * sigma + np.where(spurious, rng.laplace(0.0, SPURIOUS_PARALLAX_SCALE_MAS, n), 0.0)
+    columns["parallax"] = (
+        1.0 / distance
+        + rng.normal(0.0, 1.0, n) * sigma
+        + np.where(spurious, rng.laplace(0.0, SPURIOUS_PARALLAX_SCALE_MAS, n), 0.0)
+    )
     columns["parallax_over_error"] = columns["parallax"] / sigma
-    for name, true, factor in (("pmra", pmra_true, PM_ERROR_FACTORS[0]), ("pmdec", pmdec_true, PM_ERROR_FACTORS[1])):
+    for name, true, factor in (
+        ("pmra", pmra_true, PM_ERROR_FACTORS[0]),
+        ("pmdec", pmdec_true, PM_ERROR_FACTORS[1]),
+    ):
         columns[f"{name}_error"] = factor * sigma
-        columns[name] = true + rng.normal(0.0, 1.0, n) * factor * sigma + np.where(spurious, rng.laplace(0.0, SPURIOUS_PM_SCALE, n), 0.0)
+        columns[name] = (
+            true
+            + rng.normal(0.0, 1.0, n) * factor * sigma
+            + np.where(spurious, rng.laplace(0.0, SPURIOUS_PM_SCALE, n), 0.0)
+        )
     columns["pm"] = np.hypot(columns["pmra"], columns["pmdec"])
     columns["ra_error"] = POSITION_ERROR_FACTORS[0] * sigma * position_factor
     columns["dec_error"] = POSITION_ERROR_FACTORS[1] * sigma * position_factor
@@ -538,7 +619,9 @@ def simulate_sources(rng: np.random.Generator, sky: Sky) -> tuple[dict[str, np.n
     excess = riello_excess(columns["bp_rp"])
     width = riello_sigma(g)
     columns["phot_bp_rp_excess_factor"] = excess + np.where(
-        spurious, np.abs(rng.normal(0.0, 1.0, n)) * width + rng.exponential(SPURIOUS_EXCESS_SCALE, n), rng.normal(0.0, 1.0, n) * width
+        spurious,
+        np.abs(rng.normal(0.0, 1.0, n)) * width + rng.exponential(SPURIOUS_EXCESS_SCALE, n),
+        rng.normal(0.0, 1.0, n) * width,
     )
 
     two_param = params == PARAMS_2P
@@ -582,7 +665,13 @@ def plan_files(level8_sorted: np.ndarray, files: int) -> list[tuple[int, int]]:
 @functools.cache
 def synthetic_header(contract: TableContract) -> str:
     """ECSV header and CSV column line of every synthetic file (the synthetic columns, contract order)."""
-    return format_header([EcsvColumn(c.name, c.datatype, c.unit, c.description) for c in contract.columns if c.name in SYNTHETIC_COLUMNS])
+    return format_header(
+        [
+            EcsvColumn(c.name, c.datatype, c.unit, c.description)
+            for c in contract.columns
+            if c.name in SYNTHETIC_COLUMNS
+        ]
+    )
 
 
 def gaia_csv(columns: dict[str, np.ndarray], contract: TableContract) -> bytes:
@@ -597,9 +686,13 @@ def gaia_csv(columns: dict[str, np.ndarray], contract: TableContract) -> bytes:
         if column.name not in SYNTHETIC_COLUMNS:
             continue
         if column.name == "designation":
-            arrays["designation"] = pc.binary_join_element_wise("Gaia DR3 ", pc.cast(pa.array(columns["source_id"]), pa.string()), "")
+            arrays["designation"] = pc.binary_join_element_wise(
+                "Gaia DR3 ", pc.cast(pa.array(columns["source_id"]), pa.string()), ""
+            )
         else:
-            arrays[column.name] = pa.array(np.asarray(columns[column.name]).astype(np.dtype(column.datatype)), type=column.arrow_type)
+            arrays[column.name] = pa.array(
+                np.asarray(columns[column.name]).astype(np.dtype(column.datatype)), type=column.arrow_type
+            )
     sink = io.BytesIO()
     pacsv.write_csv(pa.table(arrays), sink, pacsv.WriteOptions(include_header=False, batch_size=8192))
     return synthetic_header(contract).encode() + sink.getvalue().replace(b"nan", b"null")
@@ -664,11 +757,19 @@ def _refuse_stale(out: Path, planned: Sequence[Path]) -> None:
     stale = sorted(present - set(planned))
     if stale:
         names = ", ".join(p.name for p in stale[:3])
-        raise FileExistsError(f"{out} already holds files of another synthetic catalogue ({len(stale)}: {names}, ...); empty it or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds files of another synthetic catalogue ({len(stale)}: {names}, ...); empty it or choose another --out"
+        )
 
 
 def generate(
-    stars: int, seed: int, out: Path, contract: TableContract, files: int | None = None, processes: int | None = None, progress: bool = True
+    stars: int,
+    seed: int,
+    out: Path,
+    contract: TableContract,
+    files: int | None = None,
+    processes: int | None = None,
+    progress: bool = True,
 ) -> GenerationReport:
     """Write a ``stars``-row synthetic DR3 catalogue to ``out`` plus ``out/truth/source_truth-<seed>.parquet``.
 
@@ -713,8 +814,18 @@ def generate(
         if processes == 1:
             written = map(_write_file, tasks)
         else:
-            written = stack.enter_context(multiprocessing.get_context("spawn").Pool(processes)).imap(_write_file, tasks)
-        results = list(tqdm(written, total=len(tasks), unit="file", desc="synthetic gaia", disable=None if progress else True))
+            written = stack.enter_context(multiprocessing.get_context("spawn").Pool(processes)).imap(
+                _write_file, tasks
+            )
+        results = list(
+            tqdm(
+                written,
+                total=len(tasks),
+                unit="file",
+                desc="synthetic gaia",
+                disable=None if progress else True,
+            )
+        )
 
     spurious = np.concatenate([flags for _, flags in results])
     truth_table = pa.table(

@@ -33,7 +33,10 @@ _INT_BOUNDS = {
     "uint32": (0, 2**32 - 1),
     "uint64": (0, 2**63 - 1),
 }
-_FLOAT_MAX = {"float16": float(np.finfo(np.float32).max), "float32": float(np.finfo(np.float32).max)}  # contract float16 is stored as float32
+_FLOAT_MAX = {
+    "float16": float(np.finfo(np.float32).max),
+    "float32": float(np.finfo(np.float32).max),
+}  # contract float16 is stored as float32
 
 
 def datatype_kind(datatype: str) -> str:
@@ -56,10 +59,14 @@ def check_header(header: EcsvHeader, contract: TableContract, file: str) -> None
     for column in header.columns:
         expected = contract.by_name.get(column.name)
         if expected is None:
-            raise GaiaFileError(file, f"column {column.name!r} is not in the {contract.table} contract ({contract.source.name})")
+            raise GaiaFileError(
+                file,
+                f"column {column.name!r} is not in the {contract.table} contract ({contract.source.name})",
+            )
         if datatype_kind(column.datatype) != datatype_kind(expected.datatype):
             raise GaiaFileError(
-                file, f"column {column.name!r} declared as {column.datatype} but the contract says {expected.datatype}"
+                file,
+                f"column {column.name!r} declared as {column.datatype} but the contract says {expected.datatype}",
             )
     missing = [name for name in contract.required if name not in header.names]
     if missing:
@@ -78,7 +85,9 @@ class Reasons:
     def __post_init__(self) -> None:
         self.values = np.full(self.size, None, dtype=object)
         self.rules = np.full(self.size, None, dtype=object)
-        self._rejected = np.zeros(self.size, dtype=bool)  # rules != None, kept as booleans: asked once per column
+        self._rejected = np.zeros(
+            self.size, dtype=bool
+        )  # rules != None, kept as booleans: asked once per column
 
     def add(self, mask: np.ndarray, rule: str, message) -> None:
         """``message`` is a string or a callable(index) -> string for row-specific detail."""
@@ -128,20 +137,34 @@ def _parse_column(tokens: pa.Array, column: ColumnContract, reasons: Reasons) ->
             valid = ~np.asarray(pc.is_null(values).to_numpy(zero_copy_only=False), dtype=bool)
             outside = valid & ((np.where(valid, as_int, 0) < lo) | (np.where(valid, as_int, 0) > hi))
             if outside.any():
-                reasons.add(outside, f"parse:{column.name}", lambda i: f"{column.name}: {tokens[i].as_py()!r} does not fit {kind}")
+                reasons.add(
+                    outside,
+                    f"parse:{column.name}",
+                    lambda i: f"{column.name}: {tokens[i].as_py()!r} does not fit {kind}",
+                )
                 values = pc.if_else(pa.array(outside), pa.scalar(None, target), values)
         if kind in _FLOAT_MAX:
             as_float = np.abs(pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False))
             outside = np.isfinite(as_float) & (as_float > _FLOAT_MAX[kind])
             if outside.any():
-                reasons.add(outside, f"parse:{column.name}", lambda i: f"{column.name}: {tokens[i].as_py()!r} does not fit {kind}")
+                reasons.add(
+                    outside,
+                    f"parse:{column.name}",
+                    lambda i: f"{column.name}: {tokens[i].as_py()!r} does not fit {kind}",
+                )
                 values = pc.if_else(pa.array(outside), pa.scalar(None, target), values)
     if bad.any():
-        reasons.add(bad, f"parse:{column.name}", lambda i: f"{column.name}: cannot parse {tokens[i].as_py()!r} as {kind}")
+        reasons.add(
+            bad,
+            f"parse:{column.name}",
+            lambda i: f"{column.name}: cannot parse {tokens[i].as_py()!r} as {kind}",
+        )
     return pc.cast(values, column.arrow_type)
 
 
-def _check_column(values: pa.Array, column: ColumnContract, reasons: Reasons, parse_failed: np.ndarray) -> None:
+def _check_column(
+    values: pa.Array, column: ColumnContract, reasons: Reasons, parse_failed: np.ndarray
+) -> None:
     missing = _mask(pc.is_null(values)) & ~parse_failed
     if not column.nullable and missing.any():
         reasons.add(missing, f"null:{column.name}", f"{column.name}: missing value in non-nullable column")
@@ -156,10 +179,16 @@ def _check_column(values: pa.Array, column: ColumnContract, reasons: Reasons, pa
         return
     finite = present & ~infinite
     low_ok = True if column.min is None else (arr > column.min if column.min_exclusive else arr >= column.min)
-    high_ok = True if column.max is None else (arr < column.max if column.max_exclusive else arr <= column.max)
+    high_ok = (
+        True if column.max is None else (arr < column.max if column.max_exclusive else arr <= column.max)
+    )
     outside = finite & ~(low_ok & high_ok)
     if outside.any():
-        reasons.add(outside, f"range:{column.name}", lambda i: f"{column.name}: {arr[i]:g} outside {column.range_text()}")
+        reasons.add(
+            outside,
+            f"range:{column.name}",
+            lambda i: f"{column.name}: {arr[i]:g} outside {column.range_text()}",
+        )
 
 
 def validate_rows(
@@ -178,7 +207,11 @@ def validate_rows(
         spec = contract.by_name[column.name]
         before = reasons.rejected.copy()
         tokens = raw.column(column.name).combine_chunks()
-        values = _parse_column(tokens, spec, reasons) if pa.types.is_string(tokens.type) else pc.cast(tokens, spec.arrow_type)
+        values = (
+            _parse_column(tokens, spec, reasons)
+            if pa.types.is_string(tokens.type)
+            else pc.cast(tokens, spec.arrow_type)
+        )
         _check_column(values, spec, reasons, reasons.rejected & ~before)
         typed.append(values)
     table = pa.Table.from_arrays(typed, names=header.names)
@@ -207,6 +240,7 @@ its motion."""
 def _proper_motion_total(table: pa.Table) -> np.ndarray:
     """Total proper motion [mas/yr] of each row: √(pmra² + pmdec²), or the ``pm`` column where
     the components are absent; NaN where the row (or the file) has none."""
+
     def column(name: str) -> np.ndarray:
         if name not in table.column_names:
             return np.full(table.num_rows, np.nan)
@@ -240,10 +274,16 @@ def _check_source_ids(table: pa.Table, reasons: Reasons, file_range: tuple[int, 
     start, end = file_range
     outside = known & ((level8 < start) | (level8 > end))
     if outside.any():
-        reasons.add(outside, "source_id:file-range", lambda i: f"source_id {sid[i]} lies outside the file's level-8 HEALPix range {start}-{end}")
+        reasons.add(
+            outside,
+            "source_id:file-range",
+            lambda i: f"source_id {sid[i]} lies outside the file's level-8 HEALPix range {start}-{end}",
+        )
     ra = pc.fill_null(table.column("ra"), np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
     dec = pc.fill_null(table.column("dec"), np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
-    placed = known & ~outside & np.isfinite(ra) & np.isfinite(dec) & (ra >= 0) & (ra < 360) & (np.abs(dec) <= 90)
+    placed = (
+        known & ~outside & np.isfinite(ra) & np.isfinite(dec) & (ra >= 0) & (ra < 360) & (np.abs(dec) <= 90)
+    )
     if not placed.any():
         return
     idx = np.flatnonzero(placed)
@@ -261,12 +301,16 @@ def _check_source_ids(table: pa.Table, reasons: Reasons, file_range: tuple[int, 
         reasons.add(
             far,
             "source_id:position",
-            lambda i: f"source_id {sid[i]} encodes level-12 pixel {sid[i] >> 35} whose centre is {offset[i] * 3600:.1f}\" from "
-            f"(ra, dec) = ({ra[i]:.6f}, {dec[i]:.6f}); its proper motion allows {allowed[i] * 3600:.1f}\"",
+            lambda i: (
+                f'source_id {sid[i]} encodes level-12 pixel {sid[i] >> 35} whose centre is {offset[i] * 3600:.1f}" from '
+                f'(ra, dec) = ({ra[i]:.6f}, {dec[i]:.6f}); its proper motion allows {allowed[i] * 3600:.1f}"'
+            ),
         )
 
 
-def home_regions(source_id: pa.Array, file_range: tuple[int, int], level: int = healpix.REGION_LEVEL) -> np.ndarray:
+def home_regions(
+    source_id: pa.Array, file_range: tuple[int, int], level: int = healpix.REGION_LEVEL
+) -> np.ndarray:
     """Region that answers for each row: its source_id's region when the source_id is usable
     and inside the file's range, else the region of the file's first pixel. Every row gets
     exactly one region, so per-region counts add up to the file's rows."""

@@ -28,7 +28,10 @@ RANGE = {"dagster/asset_partition_range_start": "hpx1-07", "dagster/asset_partit
 
 
 def _resources():
-    return {"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource()}
+    return {
+        "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+        "storage": StorageResource(),
+    }
 
 
 def _run(tags=RANGE, partition_key=None, raise_on_error=True, instance=None):
@@ -108,7 +111,12 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_conserved(layout, spar
     assert len(quarantine) == 4 and accepted.num_rows + len(quarantine) == len(rows)
     assert quarantine["_rule"].tolist() == ["range:ra", "parse:pmra", "duplicate:source_id", "null:dec"]
     first_data_line = header_for(COLUMNS).count("\n") + 1
-    assert quarantine["_line"].tolist() == [first_data_line + 3, first_data_line + 4, first_data_line + 50, first_data_line + 51]
+    assert quarantine["_line"].tolist() == [
+        first_data_line + 3,
+        first_data_line + 4,
+        first_data_line + 50,
+        first_data_line + 51,
+    ]
     assert set(quarantine["_file"].map(os.path.basename)) == {f"GaiaSource_{lo:06d}-{hi:06d}.csv.gz"}
     assert int(cols["source_id"][10]) in accepted.column("source_id").to_pylist()
     meta = result.asset_materializations_for_node("gaia_source")[0].metadata
@@ -128,7 +136,9 @@ def _wrong_column_count(path):
 
 def _no_ecsv_header(path):
     text = gzip.decompress(path.read_bytes()).decode().splitlines()
-    path.write_bytes(gzip.compress(("\n".join(line for line in text if not line.startswith("#")) + "\n").encode()))
+    path.write_bytes(
+        gzip.compress(("\n".join(line for line in text if not line.startswith("#")) + "\n").encode())
+    )
 
 
 def _garbled_header(path):
@@ -210,14 +220,22 @@ def test_stars_landed_twice_are_deduplicated_first_file_kept(layout, spark):
     quarantine = pq.read_table(layout.quarantine_dir("gaia_source", region))
     assert quarantine.num_rows == n_again
     assert set(quarantine.column("_rule").to_pylist()) == {"duplicate:source_id"}
-    assert {os.path.basename(f) for f in quarantine.column("_file").to_pylist()} == {healpix.file_name(lo, hi)} != {first}
+    assert (
+        {os.path.basename(f) for f in quarantine.column("_file").to_pylist()}
+        == {healpix.file_name(lo, hi)}
+        != {first}
+    )
     assert sorted(quarantine.column("source_id").to_pylist()) == sorted(again["source_id"].tolist())
     meta = result.asset_materializations_for_node("gaia_source")[0].metadata
-    assert meta["rows_in"].value == 200 + n_again and meta["rejected_by_rule"].value == {"duplicate:source_id": n_again}
+    assert meta["rows_in"].value == 200 + n_again and meta["rejected_by_rule"].value == {
+        "duplicate:source_id": n_again
+    }
 
 
 def test_files_with_overlapping_ranges_are_grouped_and_others_not():
-    names = [healpix.file_name(*r) for r in ((0, 99), (100, 199), (150, 160), (161, 250), (300, 399), (300, 399))]
+    names = [
+        healpix.file_name(*r) for r in ((0, 99), (100, 199), (150, 160), (161, 250), (300, 399), (300, 399))
+    ]
     names[-1] = names[-1].replace(".csv.gz", ".csv")  # the same range landed as .csv and .csv.gz
     groups = file_groups([f"/landing/{n}" for n in reversed(names)])
     as_ranges = [[healpix.parse_file_range(p) for p in group] for group in groups]

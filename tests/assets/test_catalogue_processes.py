@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 from gaia_flows.contracts import load_contract
 from gaia_flows.engine.ingest import ingest_regions
 from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE
 from gaia_flows.tables import read_manifest
-from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 
 
 def _land(layout, region: str, n: int, seed: int) -> None:
@@ -25,9 +25,24 @@ def _land(layout, region: str, n: int, seed: int) -> None:
 def test_dagster_cli_materialises_one_region(layout, tmp_path):
     _land(layout, "hpx1-07", 250, 7)
     _land(layout, "hpx1-08", 50, 8)
-    env = {**os.environ, "GAIA_FLOWS_HOME": str(layout.home), "DAGSTER_HOME": str(layout.dagster_home), "GAIA_FLOWS_PROFILE": "local"}
+    env = {
+        **os.environ,
+        "GAIA_FLOWS_HOME": str(layout.home),
+        "DAGSTER_HOME": str(layout.dagster_home),
+        "GAIA_FLOWS_PROFILE": "local",
+    }
     dagster = Path(sys.executable).with_name("dagster")
-    cmd = [str(dagster), "asset", "materialize", "-m", "gaia_flows.definitions", "--select", "gaia_source", "--partition", "hpx1-07"]
+    cmd = [
+        str(dagster),
+        "asset",
+        "materialize",
+        "-m",
+        "gaia_flows.definitions",
+        "--select",
+        "gaia_source",
+        "--partition",
+        "hpx1-07",
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stderr + proc.stdout

@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dagster import materialize
-
 from support.astrometric_data import catalogue_frame, publish_synthetic
-from support.spark import TEST_SPARK_CONF
 from support.servers import ServerProcess, free_port
+from support.spark import TEST_SPARK_CONF
+
 from gaia_flows.assets.classified_sources import classified_sources
 from gaia_flows.assets.classifier import astrometric_classifier
 from gaia_flows.assets.training_set import TrainingSetConfig, astrometric_training_set
@@ -53,11 +53,17 @@ ALL_REGIONS = range_tags(sky_regions.get_partition_keys()[0], sky_regions.get_pa
 
 def _store(path) -> MlflowResource:
     path.mkdir(parents=True, exist_ok=True)
-    return MlflowResource(tracking_uri=f"sqlite:///{path / 'mlflow.db'}", artifact_location=(path / "artifacts").as_uri())
+    return MlflowResource(
+        tracking_uri=f"sqlite:///{path / 'mlflow.db'}", artifact_location=(path / "artifacts").as_uri()
+    )
 
 
 def _resources(store: MlflowResource) -> dict:
-    return {"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource(), "mlflow": store}
+    return {
+        "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+        "storage": StorageResource(),
+        "mlflow": store,
+    }
 
 
 def _train(store: MlflowResource, raise_on_error=True, **config):
@@ -76,7 +82,10 @@ def _metadata(result, node: str) -> dict:
 
 
 def _partition_metadata(result, node: str) -> dict[str, dict]:
-    return {m.partition: {k: v.value for k, v in m.metadata.items()} for m in result.asset_materializations_for_node(node)}
+    return {
+        m.partition: {k: v.value for k, v in m.metadata.items()}
+        for m in result.asset_materializations_for_node(node)
+    }
 
 
 def _load(store: MlflowResource, uri: str) -> classify.LoadedModel:
@@ -100,8 +109,16 @@ def world(tmp_path_factory, _spark_application):
         patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
         layout = StateLayout.from_env().ensure()
         truth = publish_synthetic(layout, STARS, SEED)
-        result = materialize(ASSETS, selection=[astrometric_training_set.key], resources=_resources(_store(home / "unused")))
-        yield {"layout": layout, "home": home, "truth": truth, "training": result, "catalogue": catalogue_frame(layout)}
+        result = materialize(
+            ASSETS, selection=[astrometric_training_set.key], resources=_resources(_store(home / "unused"))
+        )
+        yield {
+            "layout": layout,
+            "home": home,
+            "truth": truth,
+            "training": result,
+            "catalogue": catalogue_frame(layout),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +126,9 @@ def champion(world, _spark_application):
     """An sklearn model trained, registered as champion, and applied to every region."""
     store = _store(world["home"] / "mlflow-main")
     trained = _train(store)
-    classified = materialize(ASSETS, selection=[classified_sources.key], resources=_resources(store), tags=ALL_REGIONS)
+    classified = materialize(
+        ASSETS, selection=[classified_sources.key], resources=_resources(store), tags=ALL_REGIONS
+    )
     return {"store": store, "trained": trained, "classified": classified}
 
 
@@ -129,7 +148,9 @@ def test_training_set_is_the_reference_selection_stored_contiguously(world):
 
     metadata = _metadata(world["training"], "astrometric_training_set")
     good, bad = int((table["label"] == 1).sum()), int((table["label"] == 0).sum())
-    print(f"\ntraining set: {good} good, {bad} bad of {metadata['bad_available']} available; cut flow {metadata['cut_flow']}")
+    print(
+        f"\ntraining set: {good} good, {bad} bad of {metadata['bad_available']} available; cut flow {metadata['cut_flow']}"
+    )
     assert (metadata["good"], metadata["bad"]) == (good, bad)
     assert good > 3000 and bad > 3000, "the generator's nearby population gives both classes"
     assert bad == min(metadata["bad_available"], good), "bad subsampled to the size of the good set"
@@ -142,18 +163,39 @@ def test_training_set_is_the_reference_selection_stored_contiguously(world):
 
 
 def test_every_selection_threshold_is_run_config():
-    cuts = {"parallax_min_mas": 10.0, "abs_b_min_deg": 30.0, "exclude_magellanic_clouds": False, "lmc_radius_deg": 7.0, "excess_n_sigma": 3.0, "bad_per_good": 0.5}
+    cuts = {
+        "parallax_min_mas": 10.0,
+        "abs_b_min_deg": 30.0,
+        "exclude_magellanic_clouds": False,
+        "lmc_radius_deg": 7.0,
+        "excess_n_sigma": 3.0,
+        "bad_per_good": 0.5,
+    }
     assert set(GcnsCuts.__dataclass_fields__) <= set(TrainingSetConfig.model_fields)
     assert TrainingSetConfig(**cuts).cuts() == GcnsCuts(**cuts)
 
 
 def _good_star_at(ra: float, dec: float) -> dict:
     """A candidate that passes every cut but the Magellanic Cloud one (|b| and photometry set good)."""
-    return {"source_id": 1, "ra": ra, "dec": dec, "l": 280.0, "b": -40.0, "parallax": 20.0, "random_index": 1,
-            "astrometric_params_solved": 31, "phot_g_mean_mag": 12.0, "bp_rp": 1.0, "phot_bp_rp_excess_factor": float(astro.excess_factor_expected(1.0))}
+    return {
+        "source_id": 1,
+        "ra": ra,
+        "dec": dec,
+        "l": 280.0,
+        "b": -40.0,
+        "parallax": 20.0,
+        "random_index": 1,
+        "astrometric_params_solved": 31,
+        "phot_g_mean_mag": 12.0,
+        "bp_rp": 1.0,
+        "phot_bp_rp_excess_factor": float(astro.excess_factor_expected(1.0)),
+    }
 
 
-@pytest.mark.parametrize("ra, dec, region", [(45.0, -60.0, "in_lmc"), (115.0, -78.0, "in_lmc"), (355.0, -78.0, "in_smc"), (35.0, -66.0, "in_smc")])
+@pytest.mark.parametrize(
+    "ra, dec, region",
+    [(45.0, -60.0, "in_lmc"), (115.0, -78.0, "in_lmc"), (355.0, -78.0, "in_smc"), (35.0, -66.0, "in_smc")],
+)
 def test_seed_boxes_exclude_stars_the_circles_keep(ra, dec, region):
     """By default the seed's boxes decide: these positions lie inside a box but outside both circles."""
     frame = pd.DataFrame([_good_star_at(ra, dec)])
@@ -165,7 +207,10 @@ def test_seed_boxes_exclude_stars_the_circles_keep(ra, dec, region):
 
 
 def test_box_edges_and_the_smc_box_across_ra_zero():
-    lmc, smc = astro.magellanic_masks([40.0, 40.001, 119.999, 80.0, 0.0, 359.0, 349.9, 20.0], [-60.0, -60.0, -60.0, -55.0, -70.0, -70.0, -70.0, -64.9])
+    lmc, smc = astro.magellanic_masks(
+        [40.0, 40.001, 119.999, 80.0, 0.0, 359.0, 349.9, 20.0],
+        [-60.0, -60.0, -60.0, -55.0, -70.0, -70.0, -70.0, -64.9],
+    )
     assert lmc.tolist() == [False, True, True, False, False, False, False, False]
     assert smc.tolist() == [False, False, False, False, True, True, False, False]
     with pytest.raises(ValueError, match="magellanic_regions must be one of seed_boxes, circles"):
@@ -201,7 +246,12 @@ def test_sklearn_model_recovers_the_hidden_truth(world, champion):
     for name, rows in (("|parallax|>8", candidates), ("all 5/6-parameter", solved)):
         predicted_good = model.good_probability(rows) >= 0.5
         accuracy[name] = float((predicted_good == ~rows["spurious"].to_numpy()).mean())
-    print(f"\nhold-out accuracy {metadata['holdout_accuracy']:.4f}; vs truth: " + ", ".join(f"{k} {v:.4f} ({n} rows)" for (k, v), n in zip(accuracy.items(), (len(candidates), len(solved)))))
+    print(
+        f"\nhold-out accuracy {metadata['holdout_accuracy']:.4f}; vs truth: "
+        + ", ".join(
+            f"{k} {v:.4f} ({n} rows)" for (k, v), n in zip(accuracy.items(), (len(candidates), len(solved)))
+        )
+    )
     assert metadata["holdout_accuracy"] >= FLOOR
     assert metadata["holdout_roc_auc"] >= FLOOR
     assert abs(metadata["holdout_misclassification_rate"] - (1 - metadata["holdout_accuracy"])) < 1e-12
@@ -227,7 +277,9 @@ def test_mlflow_run_holds_params_dataset_metrics_artifacts_and_model(world, cham
         assert plots == {"confusion_matrix.png", "feature_importances.png", "roc_curve.png"}
         info = mlflow.models.get_model_info(metadata["model"])
         assert [c.name for c in info.signature.inputs.inputs] == list(FEATURES)
-        assert {c.type.name for c in info.signature.inputs.inputs} == {"double"}, "nullable: a missing value is NaN"
+        assert {c.type.name for c in info.signature.inputs.inputs} == {"double"}, (
+            "nullable: a missing value is NaN"
+        )
         assert info.saved_input_example_info is not None
         assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == "1"
     evaluation = _check(champion["trained"], "not_worse_than_champion")
@@ -253,10 +305,14 @@ def test_classified_sources_apply_the_champion_per_region(world, champion):
     rows = candidates.loc[out["source_id"]]
     # Spark scores float32 features, the driver float64 ones: the trees compare in float32 either
     # way, so only the order of summing the trees (threads on the driver) may differ.
-    np.testing.assert_allclose(out["probability"].to_numpy(), model.good_probability(rows.reset_index()), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        out["probability"].to_numpy(), model.good_probability(rows.reset_index()), rtol=0, atol=1e-12
+    )
     assert ((out["probability"] >= 0.5).astype("int8") == out["label"]).all()
     accuracy = float(((out["label"].to_numpy() == 1) == ~rows["spurious"].to_numpy()).mean())
-    print(f"\nclassified_sources vs truth over |parallax|>8: accuracy {accuracy:.4f}, fraction bad {metadata['run_fraction_bad']:.3f}")
+    print(
+        f"\nclassified_sources vs truth over |parallax|>8: accuracy {accuracy:.4f}, fraction bad {metadata['run_fraction_bad']:.3f}"
+    )
     assert accuracy >= FLOOR
 
     # The bad fraction traces crowded fields: far higher near the Galactic plane than at high |b|.
@@ -307,8 +363,13 @@ def test_size_rule_picks_spark_ml_when_the_driver_is_small(world, tmp_path, spar
     model = _load(store, metadata["model"])
     assert model.flavor == "spark"
     catalogue = world["catalogue"]
-    rows = catalogue[catalogue["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER) & (np.abs(catalogue["parallax"]) > 8)]
-    scored = classify.score(spark.createDataFrame(rows[["source_id", *FEATURES]].astype({f: "float64" for f in FEATURES})), model).toPandas()
+    rows = catalogue[
+        catalogue["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER)
+        & (np.abs(catalogue["parallax"]) > 8)
+    ]
+    scored = classify.score(
+        spark.createDataFrame(rows[["source_id", *FEATURES]].astype({f: "float64" for f in FEATURES})), model
+    ).toPandas()
     truth = rows.set_index("source_id").loc[scored["source_id"], "spurious"].to_numpy()
     assert ((scored["label"].to_numpy() == 1) == ~truth).mean() >= FLOOR
 
@@ -326,7 +387,9 @@ def test_engine_size_rule():
 
 def test_missing_or_all_null_feature_is_named(world, spark):
     frame = world["catalogue"].head(500)
-    model = classify.train_sklearn(astro.select_training_set(world["catalogue"]).head(2000), classify.ForestParams(n_estimators=3))
+    model = classify.train_sklearn(
+        astro.select_training_set(world["catalogue"]).head(2000), classify.ForestParams(n_estimators=3)
+    )
     loaded = classify.LoadedModel("sklearn", model)
     with pytest.raises(FeatureError, match="missing feature column.*ruwe"):
         loaded.good_probability(frame.drop(columns=["ruwe"]))
@@ -335,7 +398,9 @@ def test_missing_or_all_null_feature_is_named(world, spark):
     with pytest.raises(FeatureError, match="'pmra' is not numeric"):
         loaded.good_probability(frame.assign(pmra="fast"))
     with pytest.raises(FeatureError, match="missing feature column.*astrometric_gof_al"):
-        classify.train_sklearn(frame.drop(columns=["astrometric_gof_al"]).assign(label=1), classify.ForestParams(n_estimators=3))
+        classify.train_sklearn(
+            frame.drop(columns=["astrometric_gof_al"]).assign(label=1), classify.ForestParams(n_estimators=3)
+        )
 
     sdf = spark.createDataFrame(frame[["source_id", *FEATURES]].astype({f: "float64" for f in FEATURES}))
     with pytest.raises(FeatureError, match="missing feature column.*pmdec_error"):
@@ -351,12 +416,16 @@ def test_missing_or_all_null_feature_is_named(world, spark):
     assert inner is not None and "'ruwe' is entirely null" in str(inner)
 
 
-def test_score_files_names_missing_or_bad_columns_and_selects_the_same_population_as_spark(world, spark, tmp_path):
+def test_score_files_names_missing_or_bad_columns_and_selects_the_same_population_as_spark(
+    world, spark, tmp_path
+):
     """The region-file scoring path (scikit-learn models in classified_sources): the same
     messages as the DataFrame path, and pyarrow's population filter selects exactly the rows
     Spark's selects."""
     frame = world["catalogue"].head(3000)
-    model = classify.train_sklearn(astro.select_training_set(world["catalogue"]).head(2000), classify.ForestParams(n_estimators=3))
+    model = classify.train_sklearn(
+        astro.select_training_set(world["catalogue"]).head(2000), classify.ForestParams(n_estimators=3)
+    )
     loaded = classify.LoadedModel("sklearn", model)
     table = pa.Table.from_pandas(frame, preserve_index=False)
 
@@ -368,23 +437,34 @@ def test_score_files_names_missing_or_bad_columns_and_selects_the_same_populatio
 
     good = files("good", table)
     for cut in (8.0, None):
-        expected = spark.read.parquet(*good).where(classify.population_filter(cut).spark).select("source_id").toPandas()["source_id"]
+        expected = (
+            spark.read.parquet(*good)
+            .where(classify.population_filter(cut).spark)
+            .select("source_id")
+            .toPandas()["source_id"]
+        )
         scored = classify.score_files(spark, good, loaded, parallax_min=cut).toPandas()
         assert len(expected) > 0 and sorted(scored["source_id"]) == sorted(expected)
     scored = classify.score_files(spark, good, loaded, parallax_min=None).toPandas().set_index("source_id")
     rows = frame.set_index("source_id").loc[scored.index].reset_index()
-    np.testing.assert_allclose(scored["probability"].to_numpy(), loaded.good_probability(rows), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        scored["probability"].to_numpy(), loaded.good_probability(rows), rtol=0, atol=1e-12
+    )
 
     with pytest.raises(FeatureError, match="missing feature column.*pmdec_error"):
         classify.score_files(spark, files("no_pmdec_error", table.drop_columns(["pmdec_error"])), loaded)
     no_parallax = files("no_parallax", table.drop_columns(["parallax"]))
     with pytest.raises(FeatureError, match="no column.*parallax"):
         classify.score_files(spark, no_parallax, loaded, parallax_min=8.0)
-    assert classify.score_files(spark, no_parallax, loaded).count() > 0  # all 5/6p: no parallax cut, no parallax needed
+    assert (
+        classify.score_files(spark, no_parallax, loaded).count() > 0
+    )  # all 5/6p: no parallax cut, no parallax needed
     text = table.set_column(table.schema.get_field_index("pmra"), "pmra", pa.array(["fast"] * table.num_rows))
     with pytest.raises(FeatureError, match="'pmra' is not numeric"):
         classify.score_files(spark, files("text_pmra", text), loaded)
-    null = table.set_column(table.schema.get_field_index("ruwe"), "ruwe", pa.nulls(table.num_rows, pa.float32()))
+    null = table.set_column(
+        table.schema.get_field_index("ruwe"), "ruwe", pa.nulls(table.num_rows, pa.float32())
+    )
     with pytest.raises(Exception) as failure:  # raised in a Python worker, arrives wrapped
         classify.score_files(spark, files("null_ruwe", null), loaded).collect()
     inner = classify.unwrap_feature_error(failure.value)
@@ -398,12 +478,24 @@ def test_classified_sources_names_the_bad_column(world, champion, tmp_path):
     original = pq.read_table(layout.region_dir("gaia_source", region))
     column = original.schema.get_field_index("astrometric_excess_noise")
     try:
-        broken = original.set_column(column, original.schema.field(column), pa.nulls(original.num_rows, original.schema.field(column).type))
+        broken = original.set_column(
+            column,
+            original.schema.field(column),
+            pa.nulls(original.num_rows, original.schema.field(column).type),
+        )
         write_region_arrow(broken, layout, "gaia_source", region)
-        result = materialize(ASSETS, selection=[classified_sources.key], resources=_resources(champion["store"]), partition_key=region, raise_on_error=False)
+        result = materialize(
+            ASSETS,
+            selection=[classified_sources.key],
+            resources=_resources(champion["store"]),
+            partition_key=region,
+            raise_on_error=False,
+        )
         assert not result.success
         [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-        assert "'astrometric_excess_noise' is entirely null" in str(failure.event_specific_data.error.to_string())
+        assert "'astrometric_excess_noise' is entirely null" in str(
+            failure.event_specific_data.error.to_string()
+        )
     finally:
         write_region_arrow(original, layout, "gaia_source", region)
 
@@ -430,21 +522,33 @@ def test_mlflow_server_serves_run_metrics_and_registered_model(champion, tmp_pat
     """A real ``mlflow server`` on loopback, on the store the asset wrote, read over REST."""
     metadata = _metadata(champion["trained"], "astrometric_classifier")
     port = free_port()
-    server = ServerProcess("mlflow-server", server_command(champion["store"], port=port), log_dir=tmp_path).start(port=port, ready_path="/health", timeout=120)
+    server = ServerProcess(
+        "mlflow-server", server_command(champion["store"], port=port), log_dir=tmp_path
+    ).start(port=port, ready_path="/health", timeout=120)
     try:
         base = server.url
         run = _get(base, "/api/2.0/mlflow/runs/get", run_id=metadata["mlflow_run_id"])["run"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["accuracy"] == pytest.approx(metadata["holdout_accuracy"])
         assert run["info"]["status"] == "FINISHED"
-        history = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=metadata["mlflow_run_id"], metric_key="roc_auc")
+        history = _get(
+            base,
+            "/api/2.0/mlflow/metrics/get-history",
+            run_id=metadata["mlflow_run_id"],
+            metric_key="roc_auc",
+        )
         assert history["metrics"][0]["value"] == pytest.approx(metadata["holdout_roc_auc"])
         model = _get(base, "/api/2.0/mlflow/registered-models/get", name=MODEL_NAME)["registered_model"]
         assert {a["alias"]: a["version"] for a in model["aliases"]} == {CHAMPION: "1"}
-        version = _get(base, "/api/2.0/mlflow/registered-models/alias", name=MODEL_NAME, alias=CHAMPION)["model_version"]
+        version = _get(base, "/api/2.0/mlflow/registered-models/alias", name=MODEL_NAME, alias=CHAMPION)[
+            "model_version"
+        ]
         assert version["run_id"] == metadata["mlflow_run_id"]
         tags = {t["key"]: t["value"] for t in version["tags"]}
-        assert tags["training_table_digest"] == metadata["training_table_digest"] and tags["champion_gate"] == "promoted"
+        assert (
+            tags["training_table_digest"] == metadata["training_table_digest"]
+            and tags["champion_gate"] == "promoted"
+        )
     finally:
         server.stop()
 
@@ -462,28 +566,67 @@ def test_mlflow_models_serve_scores_the_champion_as_classified_sources_does(worl
     layout, region = world["layout"], "hpx1-08"
     table = pq.read_table(layout.region_dir("gaia_source", region))
     frame = table.to_pandas()
-    candidates = np.flatnonzero(frame["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER) & (frame["parallax"].abs() > 8))
-    holes = {candidates[0]: ["ruwe", "pmra"], candidates[1]: ["visibility_periods_used"]}  # an integer-valued feature too
+    candidates = np.flatnonzero(
+        frame["astrometric_params_solved"].isin(astro.FIVE_OR_SIX_PARAMETER) & (frame["parallax"].abs() > 8)
+    )
+    holes = {
+        candidates[0]: ["ruwe", "pmra"],
+        candidates[1]: ["visibility_periods_used"],
+    }  # an integer-valued feature too
     holed = frame.copy()
     for index, names in holes.items():
         holed.loc[index, names] = np.nan
     copy = StorageResource(home=str(tmp_path / "state"))
-    write_region_arrow(pa.Table.from_pandas(holed, schema=table.schema, preserve_index=False), copy.layout, "gaia_source", region)
-    materialize(ASSETS, selection=[classified_sources.key], resources={**_resources(champion["store"]), "storage": copy}, partition_key=region)
-    classified = pq.read_table(copy.layout.region_dir("classified_sources", region)).to_pandas().set_index("source_id")
+    write_region_arrow(
+        pa.Table.from_pandas(holed, schema=table.schema, preserve_index=False),
+        copy.layout,
+        "gaia_source",
+        region,
+    )
+    materialize(
+        ASSETS,
+        selection=[classified_sources.key],
+        resources={**_resources(champion["store"]), "storage": copy},
+        partition_key=region,
+    )
+    classified = (
+        pq.read_table(copy.layout.region_dir("classified_sources", region)).to_pandas().set_index("source_id")
+    )
     rows = holed.loc[candidates[:8], ["source_id", *FEATURES]]
     assert rows[list(FEATURES)].isna().any(axis=1).sum() == len(holes)
 
     port = free_port()
     model = f"models:/{MODEL_NAME}@{CHAMPION}"
     bin_dir = Path(sys.executable).parent  # the server execs uvicorn from PATH
-    env = {"MLFLOW_TRACKING_URI": champion["store"].resolved_tracking_uri(), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    server = ServerProcess("mlflow-models-serve", command, env=env, log_dir=tmp_path).start(port=port, ready_path="/ping", timeout=180)
+    env = {
+        "MLFLOW_TRACKING_URI": champion["store"].resolved_tracking_uri(),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [
+        str(bin_dir / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = ServerProcess("mlflow-models-serve", command, env=env, log_dir=tmp_path).start(
+        port=port, ready_path="/ping", timeout=180
+    )
     try:
-        data = [[None if np.isnan(v) else float(v) for v in row] for row in rows[list(FEATURES)].to_numpy(dtype="float64")]
+        data = [
+            [None if np.isnan(v) else float(v) for v in row]
+            for row in rows[list(FEATURES)].to_numpy(dtype="float64")
+        ]
         body = json.dumps({"dataframe_split": {"columns": list(FEATURES), "data": data}}).encode()
-        request = urllib.request.Request(f"{server.url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{server.url}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = np.asarray(json.loads(response.read())["predictions"])
     finally:

@@ -20,16 +20,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from dagster import materialize
-
+from PIL import Image
 from support.spark import TEST_SPARK_CONF
+
 from gaia_flows import maps
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
-from gaia_flows.contracts import load_contract
 from gaia_flows.assets.proper_motion import pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current
 from gaia_flows.assets.proper_motion_maps import maps_consistent, proper_motion_maps
+from gaia_flows.contracts import load_contract
 from gaia_flows.engine.pm_stats import (
     LISTING_THRESHOLD,
     InputColumnsError,
@@ -66,7 +66,9 @@ def make_rows(rng: np.random.Generator, region: str, n: int) -> pa.Table:
     pix8 = rng.integers(lo, lo + 40, n)
     pix8[-1] = lo + 100  # a single-star pixel
     pix8[-2:-5:-1] = lo + 200  # three sources, all without proper motion
-    sid = np.sort((pix8 << healpix.source_id_shift(L_MAX)) + rng.integers(0, 1 << healpix.source_id_shift(L_MAX), n))
+    sid = np.sort(
+        (pix8 << healpix.source_id_shift(L_MAX)) + rng.integers(0, 1 << healpix.source_id_shift(L_MAX), n)
+    )
     order_pix = sid >> healpix.source_id_shift(L_MAX)
     two_param = rng.random(n) < 0.2
     two_param |= order_pix == lo + 200
@@ -152,7 +154,9 @@ def assert_matches_reference(table: pa.Table, reference: dict[str, np.ndarray]) 
         if expected.dtype.kind == "i":
             np.testing.assert_array_equal(actual, expected, err_msg=name)
         else:
-            np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{name}: NaN pattern")
+            np.testing.assert_array_equal(
+                np.isnan(actual), np.isnan(expected), err_msg=f"{name}: NaN pattern"
+            )
             np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=0, equal_nan=True, err_msg=name)
 
 
@@ -181,14 +185,25 @@ def test_single_star_empty_and_no_pm_pixels(catalogue):
     table = pm.finalise(pm.stats_from_table(rows[REGIONS[0]], L_MAX))
     lone, no_pm, empty = lo + 100, lo + 200, lo + 300
     col = {name: table.column(name).to_numpy() for name in table.column_names}
-    star = rows[REGIONS[0]].filter(pc.equal(pc.shift_right(rows[REGIONS[0]].column("source_id"), healpix.source_id_shift(L_MAX)), lone))
+    star = rows[REGIONS[0]].filter(
+        pc.equal(pc.shift_right(rows[REGIONS[0]].column("source_id"), healpix.source_id_shift(L_MAX)), lone)
+    )
     assert col["n_sources"][lone] == col["n_pm"][lone] == 1
     assert col["mean_pmra"][lone] == star.column("pmra")[0].as_py()
     assert np.isnan(col["std_pmra"][lone])  # one star has no sample dispersion
     assert col["n_sources"][no_pm] == 3 and col["n_pm"][no_pm] == 0 and col["n_no_pm"][no_pm] == 3
     assert np.isnan(col["mean_pmra"][no_pm]) and np.isnan(col["wmean_pmdec"][no_pm])
     assert col["n_sources"][empty] == 0
-    for name in ("mean_pmra", "mean_pmdec", "std_pmra", "wmean_pmra", "wmean_pmra_measurement_error", "wmean_pmra_total_error", "neff_pmra", "wstd_pmdec"):
+    for name in (
+        "mean_pmra",
+        "mean_pmdec",
+        "std_pmra",
+        "wmean_pmra",
+        "wmean_pmra_measurement_error",
+        "wmean_pmra_total_error",
+        "neff_pmra",
+        "wstd_pmdec",
+    ):
         assert np.isnan(col[name][empty]), name
     # 2-parameter sources are counted, never averaged as zero
     assert int(col["n_no_pm"].sum()) == int(pc.sum(pc.is_null(rows[REGIONS[0]].column("pmra"))).as_py())
@@ -201,11 +216,15 @@ def test_merge_of_regions_equals_all_at_once(catalogue):
     direct = pm.stats_from_table(pa.concat_tables(rows.values()), L_MAX)
     assert merged.column("pixel").equals(direct.column("pixel"))
     for name in pm.STAT_COLUMNS:
-        np.testing.assert_allclose(merged.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            merged.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name
+        )
     # and in any order, in pieces that share pixels
     whole = pa.concat_tables(rows.values())
     pieces = [pm.stats_from_table(whole.slice(i, 700), L_MAX) for i in range(0, whole.num_rows, 700)][::-1]
-    np.testing.assert_allclose(pm.merge(pieces).column("sum_pmra2").to_numpy(), direct.column("sum_pmra2").to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        pm.merge(pieces).column("sum_pmra2").to_numpy(), direct.column("sum_pmra2").to_numpy(), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("level", [0, 3, 6])
@@ -217,7 +236,9 @@ def test_degrade_equals_direct_computation(catalogue, level):
     assert pm.stats_level(degraded) == level
     assert degraded.column("pixel").equals(direct.column("pixel"))
     for name in pm.STAT_COLUMNS:
-        np.testing.assert_allclose(degraded.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            degraded.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name
+        )
 
 
 def test_merge_brings_mixed_levels_to_the_coarsest(catalogue):
@@ -243,7 +264,9 @@ def test_pyramid_holds_every_level(catalogue):
         assert cut.schema.equals(direct.schema, check_metadata=True)
         assert cut.column("pixel").equals(direct.column("pixel"))
         for name in pm.STAT_COLUMNS:  # summed in another order: equal to rounding
-            np.testing.assert_allclose(cut.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name)
+            np.testing.assert_allclose(
+                cut.column(name).to_numpy(), direct.column(name).to_numpy(), rtol=1e-12, err_msg=name
+            )
     with pytest.raises(ValueError):
         pm.from_pyramid(stacked, L_MAX + 1)
 
@@ -261,7 +284,9 @@ def test_empty_input_and_dense_map_are_nan_not_garbage():
 def test_constant_pixel_has_zero_dispersion_and_exact_weighted_mean():
     sid = np.full(5, 12345 << healpix.SOURCE_ID_SHIFT, dtype=np.int64) + np.arange(5)
     error = np.array([0.1, 0.2, 0.3, 0.4, np.nan])
-    stats = pm.stats_from_columns(sid, np.full(5, 0.3), np.array([1.0, 2.0, 3.0, 4.0, 5.0]), error, error, level=6)
+    stats = pm.stats_from_columns(
+        sid, np.full(5, 0.3), np.array([1.0, 2.0, 3.0, 4.0, 5.0]), error, error, level=6
+    )
     row = pm.finalise(stats, dense=False).to_pylist()[0]
     assert row["std_pmra"] == 0.0
     w = 1 / error[:4] ** 2
@@ -283,7 +308,15 @@ def test_blocked_sums_equal_per_pixel_bincount(catalogue, block_rows):
     pmra_error = pa.array(error, mask=np.arange(error.size) % 97 == 0)
     sid = whole.column("source_id").to_numpy()[order]
     pmra, pmdec = (whole.column(c).to_numpy(zero_copy_only=False)[order] for c in ("pmra", "pmdec"))
-    stats = pm.stats_from_columns(pa.array(sid), pa.array(pmra), pa.array(pmdec), pmra_error, pa.array(error), level=L_MAX, block_rows=block_rows)
+    stats = pm.stats_from_columns(
+        pa.array(sid),
+        pa.array(pmra),
+        pa.array(pmdec),
+        pmra_error,
+        pa.array(error),
+        level=L_MAX,
+        block_rows=block_rows,
+    )
 
     pixel, index = np.unique(sid >> healpix.source_id_shift(L_MAX), return_inverse=True)
     has = ~np.isnan(pmra) & ~np.isnan(pmdec)
@@ -292,25 +325,49 @@ def test_blocked_sums_equal_per_pixel_bincount(catalogue, block_rows):
         w_ra = np.where(has & (err_ra > 0) & np.isfinite(err_ra), 1 / err_ra**2, 0.0)
         w_dec = np.where(has & (error > 0) & np.isfinite(error), 1 / error.astype(np.float64) ** 2, 0.0)
     x, y = np.where(has, pmra, 0.0), np.where(has, pmdec, 0.0)
-    expected = {"n_sources": np.ones(sid.size), "n_pm": has, "sum_pmra": x, "sum_pmdec": y, "sum_pmra2": x * x, "sum_pmdec2": y * y,
-                "sumw_pmra": w_ra, "sumw_pmdec": w_dec, "sumwx_pmra": w_ra * x, "sumwx_pmdec": w_dec * y, "sumwx2_pmra": w_ra * x * x, "sumwx2_pmdec": w_dec * y * y,
-                "sumw2_pmra": w_ra * w_ra, "sumw2_pmdec": w_dec * w_dec}
+    expected = {
+        "n_sources": np.ones(sid.size),
+        "n_pm": has,
+        "sum_pmra": x,
+        "sum_pmdec": y,
+        "sum_pmra2": x * x,
+        "sum_pmdec2": y * y,
+        "sumw_pmra": w_ra,
+        "sumw_pmdec": w_dec,
+        "sumwx_pmra": w_ra * x,
+        "sumwx_pmdec": w_dec * y,
+        "sumwx2_pmra": w_ra * x * x,
+        "sumwx2_pmdec": w_dec * y * y,
+        "sumw2_pmra": w_ra * w_ra,
+        "sumw2_pmdec": w_dec * w_dec,
+    }
     assert stats.column("pixel").to_numpy().tolist() == pixel.tolist()
     for name, terms in expected.items():
-        np.testing.assert_allclose(stats.column(name).to_numpy(), np.bincount(index, weights=terms.astype(np.float64)), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            stats.column(name).to_numpy(),
+            np.bincount(index, weights=terms.astype(np.float64)),
+            rtol=1e-12,
+            err_msg=name,
+        )
     assert np.count_nonzero(w_ra == 0) > np.count_nonzero(~has)  # the unusable errors were there
 
 
-def _pixels_with_intrinsic_spread(rng: np.random.Generator, pixels: int, stars: int, spread: float) -> pa.Table:
+def _pixels_with_intrinsic_spread(
+    rng: np.random.Generator, pixels: int, stars: int, spread: float
+) -> pa.Table:
     """``pixels`` pixels of ``stars`` stars each: true motions N(3, spread) mas/yr, DR3-like
     errors log-uniform in 0.02..1 mas/yr (bright stars precise, faint ones not), observed with
     those errors; every pixel an independent realisation of the same population."""
     n = pixels * stars
-    sid = (np.repeat(np.arange(pixels, dtype=np.int64) * 7 + 1000, stars) << healpix.source_id_shift(6)) + np.tile(np.arange(stars), pixels)
+    sid = (
+        np.repeat(np.arange(pixels, dtype=np.int64) * 7 + 1000, stars) << healpix.source_id_shift(6)
+    ) + np.tile(np.arange(stars), pixels)
     error = np.exp(rng.uniform(np.log(0.02), np.log(1.0), (2, n)))
     true = rng.normal(3.0, spread, (2, n))
     observed = true + error * rng.standard_normal((2, n))
-    return pm.finalise(pm.stats_from_columns(sid, observed[0], observed[1], error[0], error[1], level=6), dense=False)
+    return pm.finalise(
+        pm.stats_from_columns(sid, observed[0], observed[1], error[0], error[1], level=6), dense=False
+    )
 
 
 def test_dispersion_aware_error_matches_the_scatter_of_the_weighted_mean():
@@ -323,7 +380,9 @@ def test_dispersion_aware_error_matches_the_scatter_of_the_weighted_mean():
         scatter = np.std(col[f"wmean_{comp}"], ddof=1)
         stated = np.sqrt(np.mean(col[f"wmean_{comp}_total_error"] ** 2))
         assert stated == pytest.approx(scatter, rel=0.10), comp
-        assert np.sqrt(np.mean(col[f"sem_{comp}"] ** 2)) == pytest.approx(np.std(col[f"mean_{comp}"], ddof=1), rel=0.10), comp
+        assert np.sqrt(np.mean(col[f"sem_{comp}"] ** 2)) == pytest.approx(
+            np.std(col[f"mean_{comp}"], ddof=1), rel=0.10
+        ), comp
         assert np.max(col[f"wmean_{comp}_measurement_error"]) < scatter / 50
         # the weighted mean rests on far fewer stars than the pixel holds, and is the noisier mean
         assert np.all(col[f"neff_{comp}"] < 0.5 * 2000)
@@ -333,7 +392,9 @@ def test_dispersion_aware_error_matches_the_scatter_of_the_weighted_mean():
 def test_equal_weights_make_the_weighted_quantities_the_plain_ones():
     rng = np.random.default_rng(3)
     sid = np.full(50, 77 << healpix.source_id_shift(6), dtype=np.int64) + np.arange(50)
-    stats = pm.stats_from_columns(sid, rng.normal(0, 4, 50), rng.normal(0, 4, 50), np.full(50, 0.5), np.full(50, 0.5), level=6)
+    stats = pm.stats_from_columns(
+        sid, rng.normal(0, 4, 50), rng.normal(0, 4, 50), np.full(50, 0.5), np.full(50, 0.5), level=6
+    )
     row = pm.finalise(stats, dense=False).to_pylist()[0]
     for comp in ("pmra", "pmdec"):
         assert row[f"neff_{comp}"] == pytest.approx(50.0, rel=1e-12)
@@ -360,7 +421,9 @@ def stored(tmp_path):
     layout = StateLayout.from_env(tmp_path / "home").ensure()
     rows = publish_catalogue(layout, {REGIONS[0]: 3000, REGIONS[1]: 2000, REGIONS[2]: 0}, seed=11)
     for region, table in rows.items():
-        write_region_arrow(pm.stats_from_table(table, L_MAX), layout, maps.STATS_TABLE, region, manifest={"level": L_MAX})
+        write_region_arrow(
+            pm.stats_from_table(table, L_MAX), layout, maps.STATS_TABLE, region, manifest={"level": L_MAX}
+        )
     return layout, rows
 
 
@@ -378,7 +441,13 @@ def test_map_table_from_regions_and_from_pyramid_match_duckdb(stored, level):
 def _assert_stats_equal(got: pa.Table, want: pa.Table, what) -> None:
     assert got.column("pixel").equals(want.column("pixel")), what
     for name in pm.STAT_COLUMNS:
-        np.testing.assert_allclose(got.column(name).to_numpy(), want.column(name).to_numpy(), rtol=RTOL, atol=1e-9, err_msg=f"{what} {name}")
+        np.testing.assert_allclose(
+            got.column(name).to_numpy(),
+            want.column(name).to_numpy(),
+            rtol=RTOL,
+            atol=1e-9,
+            err_msg=f"{what} {name}",
+        )
 
 
 @pytest.mark.parametrize("top", [L_MAX, 1, 0])
@@ -400,7 +469,9 @@ def test_pyramid_streamed_region_by_region_equals_the_merged_sky(stored, top):
             _assert_stats_equal(pyramid.kept(level), want, f"kept {level}")
     assert pyramid.totals == pm.totals(merged)
     stored_files = sorted(p.name for p in layout.table(maps.MAPS_TABLE).glob("*.parquet"))
-    assert stored_files == sorted([maps.SKY_FILE] + ([maps.region_file(r) for r in REGIONS] if top > maps.HELD_LEVEL else []))
+    assert stored_files == sorted(
+        [maps.SKY_FILE] + ([maps.region_file(r) for r in REGIONS] if top > maps.HELD_LEVEL else [])
+    )
 
 
 def test_pyramid_is_stored_one_row_group_per_level(stored):
@@ -409,13 +480,22 @@ def test_pyramid_is_stored_one_row_group_per_level(stored):
     layout, rows = stored
     publish_pyramid(layout, [])
     root = layout.table(maps.MAPS_TABLE)
-    regions = [(maps.region_file(r), range(maps.HELD_LEVEL + 1, L_MAX + 1) if rows[r].num_rows else []) for r in REGIONS]
+    regions = [
+        (maps.region_file(r), range(maps.HELD_LEVEL + 1, L_MAX + 1) if rows[r].num_rows else [])
+        for r in REGIONS
+    ]
     for name, levels in [(maps.SKY_FILE, range(maps.HELD_LEVEL + 1)), *regions]:
         meta = pq.ParquetFile(root / name).metadata
         column = meta.schema.to_arrow_schema().get_field_index("level")
-        groups = [(meta.row_group(i).column(column).statistics.min, meta.row_group(i).column(column).statistics.max) for i in range(meta.num_row_groups)]
+        groups = [
+            (meta.row_group(i).column(column).statistics.min, meta.row_group(i).column(column).statistics.max)
+            for i in range(meta.num_row_groups)
+        ]
         assert groups == [(lv, lv) for lv in levels], name
-    assert maps._level_row_groups(root / maps.SKY_FILE, [6]).num_rows == pq.ParquetFile(root / maps.SKY_FILE).metadata.row_group(6).num_rows
+    assert (
+        maps._level_row_groups(root / maps.SKY_FILE, [6]).num_rows
+        == pq.ParquetFile(root / maps.SKY_FILE).metadata.row_group(6).num_rows
+    )
 
 
 def test_pyramid_refresh_rewrites_only_the_changed_region(stored):
@@ -428,12 +508,17 @@ def test_pyramid_refresh_rewrites_only_the_changed_region(stored):
     inodes = {r: (root / maps.region_file(r)).stat().st_ino for r in REGIONS}
     changed = rows[REGIONS[1]].slice(0, 1500)  # the region's input lost rows
     write_region_arrow(changed, layout, "gaia_source", REGIONS[1])
-    write_region_arrow(pm.stats_from_table(changed, L_MAX), layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX})
+    write_region_arrow(
+        pm.stats_from_table(changed, L_MAX), layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX}
+    )
     assert maps.pyramid_level(layout, 6) is None  # stale now: not used by readers
 
     _, pyramid = publish_pyramid(layout, [6, L_MAX])
     assert pyramid.reused == [REGIONS[0], REGIONS[2]]
-    assert {r: (root / maps.region_file(r)).stat().st_ino for r in REGIONS} == {**inodes, REGIONS[1]: (root / maps.region_file(REGIONS[1])).stat().st_ino}
+    assert {r: (root / maps.region_file(r)).stat().st_ino for r in REGIONS} == {
+        **inodes,
+        REGIONS[1]: (root / maps.region_file(REGIONS[1])).stat().st_ino,
+    }
     assert (root / maps.region_file(REGIONS[1])).stat().st_ino != inodes[REGIONS[1]]
     refreshed = {level: maps.pyramid_level(layout, level) for level in range(L_MAX + 1)}
     kept = {level: pyramid.kept(level) for level in (6, L_MAX)}
@@ -460,7 +545,9 @@ def test_a_table_that_fails_to_write_leaves_the_published_version_alone(stored):
     bad = pm.pyramid(maps.merged_region_stats(layout), [2, 3])
     bad = pa.concat_tables([bad, bad.slice(0, 1)])  # level 2 again after level 3
     with pytest.raises(ValueError, match="not grouped by 'level'"):
-        write_table_files([("sky.parquet", bad)], bad.schema, layout, maps.MAPS_TABLE, lambda: {}, row_group_key="level")
+        write_table_files(
+            [("sky.parquet", bad)], bad.schema, layout, maps.MAPS_TABLE, lambda: {}, row_group_key="level"
+        )
     assert os.readlink(layout.table(maps.MAPS_TABLE)) == before
     assert maps.pyramid_level(layout, 3).equals(sky)
     assert not any(layout.staging_dir(maps.MAPS_TABLE).parent.glob(f"{maps.MAPS_TABLE}-*"))
@@ -495,7 +582,9 @@ def test_projection_grid_samples_exactly_what_mollview_draws(tmp_path, coord):
     grid = maps.projection_grid(level, 400, coord, cache_dir=tmp_path)
     np.testing.assert_array_equal(grid, drawn)
     assert len(list(tmp_path.glob("mollweide-nside8-x400-*.npy"))) == 1
-    np.testing.assert_array_equal(maps.projection_grid(level, 400, coord, cache_dir=tmp_path), drawn)  # from the cache
+    np.testing.assert_array_equal(
+        maps.projection_grid(level, 400, coord, cache_dir=tmp_path), drawn
+    )  # from the cache
 
 
 def test_map_table_never_serves_a_stale_pyramid(stored):
@@ -505,7 +594,9 @@ def test_map_table_never_serves_a_stale_pyramid(stored):
     # one region is recomputed after the maps were built: its new rows must show at once
     changed = make_rows(np.random.default_rng(99), REGIONS[1], 500)
     write_region_arrow(changed, layout, "gaia_source", REGIONS[1], manifest={"rows_accepted": 500})
-    write_region_arrow(pm.stats_from_table(changed, L_MAX), layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX})
+    write_region_arrow(
+        pm.stats_from_table(changed, L_MAX), layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX}
+    )
     after = maps.map_table(6, layout)
     assert int(after.column("n_sources").to_numpy().sum()) == rows[REGIONS[0]].num_rows + 500
     assert not after.equals(before)
@@ -526,7 +617,9 @@ def test_statistics_an_older_version_stored_are_refused_or_rebuilt(stored):
     manifest_path.write_text(json.dumps(manifest))
     assert maps.pyramid_level(layout, 6) is None  # readers merge pm_stats instead
     assert_matches_reference(maps.map_table(6, layout), reference)
-    with pytest.raises(pm.StaleStatisticsError, match="built by an older gaia-flows.*re-materialize proper_motion_maps"):
+    with pytest.raises(
+        pm.StaleStatisticsError, match="built by an older gaia-flows.*re-materialize proper_motion_maps"
+    ):
         maps.pyramid_level(layout, 6, current_only=False)
     _, rebuilt = publish_pyramid(layout, [])
     assert rebuilt.reused == []  # no region file of the old pyramid is kept
@@ -534,7 +627,10 @@ def test_statistics_an_older_version_stored_are_refused_or_rebuilt(stored):
 
     old = pm.stats_from_table(rows[REGIONS[1]], L_MAX).drop_columns(["sumw2_pmra", "sumw2_pmdec"])
     write_region_arrow(old, layout, maps.STATS_TABLE, REGIONS[1], manifest={"level": L_MAX})
-    with pytest.raises(pm.StaleStatisticsError, match=rf"pm_stats region {REGIONS[1]} .* has no sumw2_pmra, sumw2_pmdec.*re-materialize pm_stats"):
+    with pytest.raises(
+        pm.StaleStatisticsError,
+        match=rf"pm_stats region {REGIONS[1]} .* has no sumw2_pmra, sumw2_pmdec.*re-materialize pm_stats",
+    ):
         maps.map_table(6, layout)
     with pytest.raises(pm.StaleStatisticsError, match=REGIONS[1]):
         publish_pyramid(layout, [])
@@ -572,7 +668,11 @@ def test_render_map_writes_pngs(stored, tmp_path):
     maps.render_map(table, "pmra", tmp_path / "w.png", weighted=True, cache_dir=cache)
     assert not list(tmp_path.glob(".*png"))  # atomic write left no temporary files
     with pytest.raises(ValueError):
-        maps.render_map(pm.finalise(pm.stats_from_columns([1 << 40], [1.0], [1.0], [1.0], [1.0], 5), dense=False), "pmra", tmp_path / "x.png")
+        maps.render_map(
+            pm.finalise(pm.stats_from_columns([1 << 40], [1.0], [1.0], [1.0], [1.0], 5), dense=False),
+            "pmra",
+            tmp_path / "x.png",
+        )
 
 
 def test_drawing_a_map_keeps_no_reference_to_the_callers_data(stored, tmp_path):
@@ -590,7 +690,9 @@ def test_drawing_a_map_keeps_no_reference_to_the_callers_data(stored, tmp_path):
 
     def draw(quantity: str):
         held = Statistics()
-        maps.render_map(table, quantity, tmp_path / f"{quantity}.png", cache_dir=maps.projection_cache(layout))
+        maps.render_map(
+            table, quantity, tmp_path / f"{quantity}.png", cache_dir=maps.projection_cache(layout)
+        )
         return weakref.ref(held)
 
     gc.collect()
@@ -628,7 +730,9 @@ def test_cli_map_replots_without_pyspark(stored, tmp_path):
             "assert not loaded, loaded\n"
         )
         env = {**os.environ, "GAIA_FLOWS_HOME": str(layout.home)}
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         assert "wrote" in done.stdout and "level 6" in done.stdout
         assert out.read_bytes()[:4] == b"\x89PNG"
@@ -642,7 +746,9 @@ def test_cli_map_replots_without_pyspark(stored, tmp_path):
 def test_maps_name_their_frame_and_the_cli_draws_galactic(stored, tmp_path, capsys, monkeypatch):
     layout, _ = stored
     assert "— ICRS, HEALPix level 6 (nside 64), 5,000 sources" in maps.map_title(6, "pmra", 5000)
-    assert maps.map_title(6, "pmdec", 5000, weighted=True, coord="G").startswith("weighted mean μδ (pmdec) (ICRS components) — Galactic,")
+    assert maps.map_title(6, "pmdec", 5000, weighted=True, coord="G").startswith(
+        "weighted mean μδ (pmdec) (ICRS components) — Galactic,"
+    )
     assert "— Galactic," in maps.map_title(3, "count", 10, coord="G")
     with pytest.raises(ValueError, match="coord must be one of C, G"):
         maps.render_map(maps.map_table(3, layout), "pmra", tmp_path / "x.png", coord="E")
@@ -652,10 +758,15 @@ def test_maps_name_their_frame_and_the_cli_draws_galactic(stored, tmp_path, caps
     pngs = {}
     for coord in ("C", "G"):
         pngs[coord] = tmp_path / f"pmra-{coord}.png"
-        assert main(["map", "--level", "4", "--quantity", "pmra", "--coord", coord, "--out", str(pngs[coord])]) == 0
+        assert (
+            main(["map", "--level", "4", "--quantity", "pmra", "--coord", coord, "--out", str(pngs[coord])])
+            == 0
+        )
         assert {"C": "ICRS", "G": "Galactic"}[coord] in capsys.readouterr().out
     icrs, galactic = (np.asarray(Image.open(pngs[c]).convert("RGB")) for c in ("C", "G"))
-    assert icrs.shape == galactic.shape and not np.array_equal(icrs, galactic)  # the sky is drawn in another frame
+    assert icrs.shape == galactic.shape and not np.array_equal(
+        icrs, galactic
+    )  # the sky is drawn in another frame
 
 
 def test_cli_map_rejects_bad_arguments():
@@ -668,7 +779,11 @@ def test_cli_map_rejects_bad_arguments():
     args = parser.parse_args(["map", "--level", "6", "--quantity", "count", "--out", "x.png", "--weighted"])
     assert (args.level, args.quantity, args.weighted, args.out) == (6, "count", True, Path("x.png"))
     assert args.coord == "C"
-    for bad in (["map", "--level", "13", "--out", "x.png"], ["map", "--level", "6", "--quantity", "parallax", "--out", "x.png"], ["map", "--level", "6", "--coord", "E", "--out", "x.png"]):
+    for bad in (
+        ["map", "--level", "13", "--out", "x.png"],
+        ["map", "--level", "6", "--quantity", "parallax", "--out", "x.png"],
+        ["map", "--level", "6", "--coord", "E", "--out", "x.png"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -696,15 +811,22 @@ def test_read_input_lists_on_the_driver_and_restores_the_setting(stored, spark):
     assert spark.conf.get(LISTING_THRESHOLD, None) == before
 
 
-def test_regions_without_error_columns_count_unweighted_and_without_proper_motions_fail_by_name(stored, spark):
+def test_regions_without_error_columns_count_unweighted_and_without_proper_motions_fail_by_name(
+    stored, spark
+):
     """The contract only requires source_id, ra and dec, so an archive extract may lack columns.
     Without pmra_error/pmdec_error a region's sources are still counted and averaged, with no
     weight; without pmra/pmdec the run fails naming the region, the file and the columns."""
     layout, rows = stored
     plain, bare = REGIONS[0], REGIONS[1]
     write_region_arrow(rows[plain].drop_columns(["pmra_error", "pmdec_error"]), layout, "gaia_source", plain)
-    per_region = compute_region_stats(read_input(spark, layout, "gaia_source", [plain, bare]), [plain, bare], L_MAX)
-    nulls = {name: pa.nulls(rows[plain].num_rows, rows[plain].schema.field(name).type) for name in ("pmra_error", "pmdec_error")}
+    per_region = compute_region_stats(
+        read_input(spark, layout, "gaia_source", [plain, bare]), [plain, bare], L_MAX
+    )
+    nulls = {
+        name: pa.nulls(rows[plain].num_rows, rows[plain].schema.field(name).type)
+        for name in ("pmra_error", "pmdec_error")
+    }
     without_errors = rows[plain]
     for name, column in nulls.items():
         without_errors = without_errors.set_column(without_errors.schema.get_field_index(name), name, column)
@@ -712,17 +834,31 @@ def test_regions_without_error_columns_count_unweighted_and_without_proper_motio
         expected = pm.stats_from_table(source, L_MAX)
         assert per_region[region].column("pixel").equals(expected.column("pixel"))
         for name in pm.STAT_COLUMNS:
-            np.testing.assert_allclose(per_region[region].column(name).to_numpy(), expected.column(name).to_numpy(), rtol=RTOL, atol=0, err_msg=f"{region} {name}")
+            np.testing.assert_allclose(
+                per_region[region].column(name).to_numpy(),
+                expected.column(name).to_numpy(),
+                rtol=RTOL,
+                atol=0,
+                err_msg=f"{region} {name}",
+            )
     assert pm.totals(per_region[plain])["n_pm"] > 0
     assert not np.any(per_region[plain].column("sumw_pmra").to_numpy())
 
     write_region_arrow(rows[bare].drop_columns(["pmra", "pmdec"]), layout, "gaia_source", bare)
     with pytest.raises(InputColumnsError, match=rf"{bare}: [^;]+\.parquet has no pmra, pmdec"):
         read_input(spark, layout, "gaia_source", [plain, bare])
-    resources = {"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource(home=str(layout.home))}
-    result = materialize([pm_stats], selection=[pm_stats.key], resources=resources, partition_key=bare, raise_on_error=False)
+    resources = {
+        "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+        "storage": StorageResource(home=str(layout.home)),
+    }
+    result = materialize(
+        [pm_stats], selection=[pm_stats.key], resources=resources, partition_key=bare, raise_on_error=False
+    )
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert f"{bare}: " in failure.event_specific_data.error.message and "has no pmra, pmdec" in failure.event_specific_data.error.message
+    assert (
+        f"{bare}: " in failure.event_specific_data.error.message
+        and "has no pmra, pmdec" in failure.event_specific_data.error.message
+    )
 
 
 def test_spark_region_split_and_coarser_than_regions(catalogue, spark):
@@ -767,16 +903,28 @@ def test_region_tasks_publish_what_the_groupby_computes_and_duckdb_agrees(tmp_pa
         publisher = StatsPublisher(layout, maps.STATS_TABLE, level, {}, "now")
         records = stats_in_region_tasks(spark, layout, "gaia_source", list(REGIONS), level, publisher)
         assert sorted(r["region"] for r in records) == sorted(REGIONS)
-        expected = compute_region_stats(read_input(spark, layout, "gaia_source", list(REGIONS)), list(REGIONS), level)
+        expected = compute_region_stats(
+            read_input(spark, layout, "gaia_source", list(REGIONS)), list(REGIONS), level
+        )
         published = maps.read_region_stats(layout, list(REGIONS))
         for record in records:
             region = record["region"]
             assert record["n_sources"] == rows[region].num_rows == pm.totals(published[region])["n_sources"]
-            assert record["pixels"] == expected[region].num_rows and pm.stats_level(published[region]) == level
+            assert (
+                record["pixels"] == expected[region].num_rows and pm.stats_level(published[region]) == level
+            )
             assert published[region].column("pixel").equals(expected[region].column("pixel"))
             for name in pm.STAT_COLUMNS:
-                np.testing.assert_allclose(published[region].column(name).to_numpy(), expected[region].column(name).to_numpy(), rtol=RTOL, atol=1e-9, err_msg=f"{region} {name}")
-        assert_matches_reference(pm.finalise(pm.merge(published.values())), duckdb_reference(source_files(layout), level))
+                np.testing.assert_allclose(
+                    published[region].column(name).to_numpy(),
+                    expected[region].column(name).to_numpy(),
+                    rtol=RTOL,
+                    atol=1e-9,
+                    err_msg=f"{region} {name}",
+                )
+        assert_matches_reference(
+            pm.finalise(pm.merge(published.values())), duckdb_reference(source_files(layout), level)
+        )
 
 
 def test_region_stats_reads_missing_error_columns_as_unweighted_and_names_the_file_of_stray_rows(stored):
@@ -787,7 +935,10 @@ def test_region_stats_reads_missing_error_columns_as_unweighted_and_names_the_fi
     unweighted = region_stats(files, plain, L_MAX)
     assert pm.totals(unweighted)["n_pm"] == pm.totals(pm.stats_from_table(rows[plain], L_MAX))["n_pm"] > 0
     assert not np.any(unweighted.column("sumw_pmra").to_numpy())
-    with pytest.raises(ValueError, match=rf"{files[0]}: rows fall in region pixel\(s\) \[0\] .* outside the run's region {REGIONS[1]}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{files[0]}: rows fall in region pixel\(s\) \[0\] .* outside the run's region {REGIONS[1]}",
+    ):
         region_stats(files, REGIONS[1], L_MAX)
 
 
@@ -819,19 +970,38 @@ def test_standalone_cluster_gives_the_same_statistics_as_local_mode(catalogue, c
     # Python workers of the worker processes read the region files and publish (here into
     # another state folder) what the groupBy computed.
     out = StateLayout.from_env(tmp_path / "out").ensure()
-    records = stats_in_region_tasks(cluster_spark, layout, "gaia_source", list(REGIONS), 6, StatsPublisher(out, maps.STATS_TABLE, 6, {}, "now"))
+    records = stats_in_region_tasks(
+        cluster_spark,
+        layout,
+        "gaia_source",
+        list(REGIONS),
+        6,
+        StatsPublisher(out, maps.STATS_TABLE, 6, {}, "now"),
+    )
     assert sorted(r["region"] for r in records) == sorted(REGIONS)
     by_tasks = pm.merge(maps.read_region_stats(out, list(REGIONS)).values())
     assert by_tasks.column("pixel").equals(on_cluster.column("pixel"))
     for name in pm.STAT_COLUMNS:
-        np.testing.assert_allclose(by_tasks.column(name).to_numpy(), on_cluster.column(name).to_numpy(), rtol=1e-12, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(
+            by_tasks.column(name).to_numpy(),
+            on_cluster.column(name).to_numpy(),
+            rtol=1e-12,
+            atol=1e-12,
+            err_msg=name,
+        )
 
     local = spark_factory.session("local[2]", TEST_SPARK_CONF)
     assert local.sparkContext.master == "local[2]"
     in_local = compute_pm_stats(read_regions(local, layout, "gaia_source"), 6)
     assert on_cluster.column("pixel").equals(in_local.column("pixel"))
     for name in pm.STAT_COLUMNS:
-        np.testing.assert_allclose(on_cluster.column(name).to_numpy(), in_local.column(name).to_numpy(), rtol=1e-12, atol=0, err_msg=name)
+        np.testing.assert_allclose(
+            on_cluster.column(name).to_numpy(),
+            in_local.column(name).to_numpy(),
+            rtol=1e-12,
+            atol=0,
+            err_msg=name,
+        )
     assert_matches_reference(pm.finalise(on_cluster), duckdb_reference(source_files(layout), 6))
 
 
@@ -846,7 +1016,10 @@ def _simulated(rng: np.random.Generator, sky) -> pa.Table:
     return pa.table(
         {
             "source_id": pixel12 << healpix.SOURCE_ID_SHIFT,
-            **{name: pa.array(columns[name], from_pandas=True) for name in ("pmra", "pmdec", "pmra_error", "pmdec_error")},
+            **{
+                name: pa.array(columns[name], from_pandas=True)
+                for name in ("pmra", "pmdec", "pmra_error", "pmdec_error")
+            },
         }
     )
 
@@ -881,7 +1054,9 @@ def test_magellanic_clouds_show_their_injected_mean_motions():
     """
     rng = np.random.default_rng(2024)
     sky = synthetic.sample_sky(rng, 3_000_000)
-    caps = (synthetic.angular_distance(sky.ra, sky.dec, synthetic.LMC_CENTRE) < 16) | (synthetic.angular_distance(sky.ra, sky.dec, synthetic.SMC_CENTRE) < 16)
+    caps = (synthetic.angular_distance(sky.ra, sky.dec, synthetic.LMC_CENTRE) < 16) | (
+        synthetic.angular_distance(sky.ra, sky.dec, synthetic.SMC_CENTRE) < 16
+    )
     rows = _simulated(rng, sky.take(np.flatnonzero(caps)))
     stats = pm.stats_from_table(rows, L_MAX)
     level6 = pm.finalise(pm.degrade(stats, 6), dense=False)
@@ -960,7 +1135,9 @@ def test_metadata_images_above_the_budget_are_embedded_as_previews():
     assert len(big.getvalue()) > maps.PREVIEW_MAX_BYTES
     preview = _image_of(maps.preview_markdown(big.getvalue(), "big map"))
     assert preview.format == "JPEG" and preview.size == (maps.PREVIEW_WIDTH, maps.PREVIEW_WIDTH // 2)
-    assert np.asarray(preview)[:, : maps.PREVIEW_WIDTH // 4 - 2].min() > 240, "transparent pixels turn white, not black"
+    assert np.asarray(preview)[:, : maps.PREVIEW_WIDTH // 4 - 2].min() > 240, (
+        "transparent pixels turn white, not black"
+    )
 
 
 # --- the assets in process: two regions, maps, and a one-region refresh ----------------------------
@@ -969,7 +1146,10 @@ MAT_REGIONS = ("hpx1-31", "hpx1-32")  # adjacent, so one partition range; hpx1-3
 
 
 def _mat_resources():
-    return {"spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF), "storage": StorageResource()}
+    return {
+        "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+        "storage": StorageResource(),
+    }
 
 
 def _region_rows(table: pa.Table, region: str) -> pa.Table:
@@ -992,8 +1172,19 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     deleted before the refresh, so the refreshed maps can only have come from stored statistics.
     The first run is forced to the groupBy and the refresh takes the region tasks (auto), so the
     asset's two engines both publish here."""
-    synthetic.generate(stars=20_000, seed=5, out=layout.landing, contract=load_contract(), files=48, processes=1, progress=False)
-    tags = {"dagster/asset_partition_range_start": MAT_REGIONS[0], "dagster/asset_partition_range_end": MAT_REGIONS[1]}
+    synthetic.generate(
+        stars=20_000,
+        seed=5,
+        out=layout.landing,
+        contract=load_contract(),
+        files=48,
+        processes=1,
+        progress=False,
+    )
+    tags = {
+        "dagster/asset_partition_range_start": MAT_REGIONS[0],
+        "dagster/asset_partition_range_end": MAT_REGIONS[1],
+    }
     first = materialize(
         [gaia_landing, gaia_source, pm_stats, pm_stats_counts_match_gaia_source, pm_stats_current],
         selection=[gaia_source.key, pm_stats.key],
@@ -1012,7 +1203,11 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         assert per_partition[region]["rows"].value == rows > 0
 
     def run_maps():
-        result = materialize([pm_stats, proper_motion_maps, maps_consistent], selection=[proper_motion_maps.key], resources=_mat_resources())
+        result = materialize(
+            [pm_stats, proper_motion_maps, maps_consistent],
+            selection=[proper_motion_maps.key],
+            resources=_mat_resources(),
+        )
         assert result.success and all(check.passed for check in result.get_asset_check_evaluations())
         (materialization,) = result.asset_materializations_for_node("proper_motion_maps")
         return materialization.metadata
@@ -1026,7 +1221,11 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
         assert abs(shown.width / shown.height - on_disk.width / on_disk.height) < 0.01
         assert (shown.width < on_disk.width) == (full.stat().st_size > maps.PREVIEW_MAX_BYTES)
         assert len(meta[f"map_{quantity}_level_6"].value) < 2 * maps.PREVIEW_MAX_BYTES
-    assert meta["regions_merged"].value == 2 and meta["regions_reused"].value == 0 and meta["level_max"].value == pm.DEFAULT_LEVEL
+    assert (
+        meta["regions_merged"].value == 2
+        and meta["regions_reused"].value == 0
+        and meta["level_max"].value == pm.DEFAULT_LEVEL
+    )
     before = maps.map_table(pm.DEFAULT_LEVEL, layout, dense=False)
     assert_matches_reference(maps.map_table(6, layout), duckdb_reference(source_files(layout), 6))
     stats31_version = os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0]))
@@ -1036,9 +1235,16 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     os.remove(max(files32, key=lambda p: p.stat().st_size))
     for raw in layout.region_dir("gaia_source", MAT_REGIONS[0]).glob("*.parquet"):
         raw.unlink()  # the other region's raw rows are gone: a refresh that read them would fail or miscount
-    refresh = materialize([gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=_mat_resources(), partition_key=MAT_REGIONS[1])
+    refresh = materialize(
+        [gaia_landing, gaia_source, pm_stats],
+        selection=[gaia_source.key, pm_stats.key],
+        resources=_mat_resources(),
+        partition_key=MAT_REGIONS[1],
+    )
     assert refresh.success
-    assert refresh.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "region-tasks"  # a small region
+    assert (
+        refresh.asset_materializations_for_node("pm_stats")[0].metadata["engine"].value == "region-tasks"
+    )  # a small region
     # Python tasks report what they read with pyarrow (Spark's stage metrics see none of it).
     refreshed = refresh.asset_materializations_for_node("pm_stats")[0].metadata
     read = layout.region_files("gaia_source", MAT_REGIONS[1])
@@ -1060,11 +1266,15 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     after = maps.map_table(pm.DEFAULT_LEVEL, layout, dense=False)
     unchanged, kept = _region_rows(after, MAT_REGIONS[0]), _region_rows(before, MAT_REGIONS[0])
     for name in unchanged.column_names:  # bit for bit, NaN where there was NaN
-        np.testing.assert_array_equal(unchanged.column(name).to_numpy(), kept.column(name).to_numpy(), err_msg=name)
+        np.testing.assert_array_equal(
+            unchanged.column(name).to_numpy(), kept.column(name).to_numpy(), err_msg=name
+        )
     reference = duckdb_reference(files, pm.DEFAULT_LEVEL)
     fresh = _region_rows(after, MAT_REGIONS[1])
     pixels = fresh.column("pixel").to_numpy()
     for name in ("n_sources", "n_pm", "mean_pmra", "mean_pmdec"):
-        np.testing.assert_allclose(fresh.column(name).to_numpy(), reference[name][pixels], rtol=RTOL, err_msg=name)
+        np.testing.assert_allclose(
+            fresh.column(name).to_numpy(), reference[name][pixels], rtol=RTOL, err_msg=name
+        )
     assert int(reference["n_sources"].sum()) == rows32
     assert maps.png_path(layout, 6, "pmra").read_bytes() != png_before

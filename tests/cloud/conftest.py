@@ -30,7 +30,9 @@ AWS_SECRET = f"aws-secret-{uuid.uuid4().hex}"
 
 @pytest.fixture(scope="session")
 def openstack_server(tmp_path_factory):
-    server = servers.start_openstack_fake(tmp_path_factory.mktemp("openstack-fake"), OS_USER, OS_PASSWORD, build_seconds=0.2)
+    server = servers.start_openstack_fake(
+        tmp_path_factory.mktemp("openstack-fake"), OS_USER, OS_PASSWORD, build_seconds=0.2
+    )
     yield server
     server.stop()
 
@@ -82,10 +84,23 @@ class Target:
     def servers(self) -> list[dict]:
         """Live instances: name, metadata/tags, security groups."""
         if self.name == "openstack":
-            return [{"name": s["name"], "tags": s["metadata"], "groups": [g["name"] for g in s["security_groups"]]} for s in self.api.state()["servers"]]
+            return [
+                {
+                    "name": s["name"],
+                    "tags": s["metadata"],
+                    "groups": [g["name"] for g in s["security_groups"]],
+                }
+                for s in self.api.state()["servers"]
+            ]
         out = []
         for i, tags in self._live_instances():
-            out.append({"name": tags.get("Name"), "tags": tags, "groups": [g["GroupName"] for g in i.get("SecurityGroups", [])]})
+            out.append(
+                {
+                    "name": tags.get("Name"),
+                    "tags": tags,
+                    "groups": [g["GroupName"] for g in i.get("SecurityGroups", [])],
+                }
+            )
         return out
 
     def user_data(self) -> dict[str, str]:
@@ -129,7 +144,11 @@ class Target:
 
     def _ec2(self):
         return boto3.client(
-            "ec2", endpoint_url=self._moto_url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+            "ec2",
+            endpoint_url=self._moto_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
         )
 
 
@@ -143,7 +162,11 @@ def target(request, tmp_path, layout, monkeypatch) -> Target:
         monkeypatch.setenv("GAIA_TEST_OS_PASSWORD", OS_PASSWORD)
         profile = write_profile(profiles, "openstack", "openstack", openstack_cloud(server))
         return Target(
-            "openstack", profiles, profile, "gaia-os", server,
+            "openstack",
+            profiles,
+            profile,
+            "gaia-os",
+            server,
             create_request="POST /compute/v2.1/{id}/servers",
             destroy_request="DELETE /compute/v2.1/{id}/servers/{id}",
             list_request="GET /compute/v2.1/{id}/servers/detail",
@@ -158,7 +181,11 @@ def target(request, tmp_path, layout, monkeypatch) -> Target:
     monkeypatch.setenv("GAIA_TEST_AWS_SECRET", AWS_SECRET)
     profile = write_profile(profiles, "aws", "aws", aws_cloud(proxy))
     return Target(
-        "aws", profiles, profile, "gaia-aws", proxy,
+        "aws",
+        profiles,
+        profile,
+        "gaia-aws",
+        proxy,
         create_request="Action=RunInstances",
         destroy_request="Action=TerminateInstances",
         list_request="Action=DescribeInstances",

@@ -43,7 +43,13 @@ def openstack_cloud(server, timeout: float = FAST["client_timeout_s"], **cluster
         "credentials": {"key_env": "GAIA_TEST_OS_USERNAME", "secret_env": "GAIA_TEST_OS_PASSWORD"},
         "driver_options": {"ex_force_auth_url": f"{server.url}/identity", "timeout": timeout},
         "network": {"orchestrator_cidr": ORCHESTRATOR_CIDR},
-        "cluster": {"name": "gaia-os", "poll_interval_s": FAST["poll_interval_s"], "wait_timeout_s": FAST["wait_timeout_s"], "verify_stack": False, **cluster},
+        "cluster": {
+            "name": "gaia-os",
+            "poll_interval_s": FAST["poll_interval_s"],
+            "wait_timeout_s": FAST["wait_timeout_s"],
+            "verify_stack": False,
+            **cluster,
+        },
         "retry": FAST["retry"],
     }
 
@@ -57,6 +63,12 @@ def aws_cloud(proxy, timeout: float = FAST["client_timeout_s"], **cluster) -> di
         "zone": "us-east-1a",
         "image": {"id": "ami-12c6146b"},  # one of moto's built-in AMIs
         "network": {"orchestrator_cidr": ORCHESTRATOR_CIDR},
-        "cluster": {"name": "gaia-aws", "poll_interval_s": FAST["poll_interval_s"], "wait_timeout_s": FAST["wait_timeout_s"], "verify_stack": False, **cluster},
+        "cluster": {
+            "name": "gaia-aws",
+            "poll_interval_s": FAST["poll_interval_s"],
+            "wait_timeout_s": FAST["wait_timeout_s"],
+            "verify_stack": False,
+            **cluster,
+        },
         "retry": FAST["retry"],
     }

@@ -28,7 +28,9 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-_ID_RE = re.compile(r"/(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}|\d+)(?=/|$)")
+_ID_RE = re.compile(
+    r"/(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}|\d+)(?=/|$)"
+)
 
 
 def normalise(path: str) -> str:
@@ -89,7 +91,11 @@ class FakeApp:
         raise NotImplementedError
 
     def stats(self) -> dict:
-        return {"requests": dict(self.requests), "total": sum(self.requests.values()), "faults_fired": dict(self.faults.fired)}
+        return {
+            "requests": dict(self.requests),
+            "total": sum(self.requests.values()),
+            "faults_fired": dict(self.faults.fired),
+        }
 
     def reset(self) -> None:
         self.faults.clear()

@@ -62,7 +62,9 @@ def run(*argv: str, check: bool = True, input: str | None = None) -> str:
 
 def lab_namespaces() -> list[str]:
     """Every namespace of any lab (the leak check's view)."""
-    return sorted(line.split()[0] for line in run("ip", "netns", "list").splitlines() if line.startswith(PREFIX))
+    return sorted(
+        line.split()[0] for line in run("ip", "netns", "list").splitlines() if line.startswith(PREFIX)
+    )
 
 
 def netns_pids(namespace: str) -> list[int]:
@@ -74,7 +76,9 @@ class InNamespace:
     so the test reaches an emulator listening on that namespace's loopback."""
 
     def __init__(self, namespace: str):
-        self.pool = ThreadPoolExecutor(max_workers=1, initializer=self._enter, initargs=(NETNS_RUN / namespace,))
+        self.pool = ThreadPoolExecutor(
+            max_workers=1, initializer=self._enter, initargs=(NETNS_RUN / namespace,)
+        )
 
     @staticmethod
     def _enter(path: Path) -> None:
@@ -113,7 +117,7 @@ class Lab:
         self._ports = 0
         self._lock = threading.Lock()
 
-    def start(self) -> "Lab":
+    def start(self) -> Lab:
         run("ip", "netns", "add", self.switch)
         run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", self.switch, "link", "set", "br0", "up")
@@ -130,7 +134,21 @@ class Lab:
             self.hosts[name] = host
         ns = host.namespace
         run("ip", "netns", "add", ns)
-        run("ip", "link", "add", host.port, "netns", self.switch, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        run(
+            "ip",
+            "link",
+            "add",
+            host.port,
+            "netns",
+            self.switch,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        )
         run("ip", "-n", self.switch, "link", "set", host.port, "master", "br0", "up")
         run("ip", "-n", ns, "addr", "add", f"{address}/{self.network.prefixlen}", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -150,7 +168,11 @@ class Lab:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", host.namespace, "bash", "-s"],
-                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
             )
         proc.stdin.write(script.encode())
         proc.stdin.close()
@@ -231,11 +253,15 @@ def start_part(user_data: str) -> tuple[list[dict], str]:
     config = yaml.safe_load(user_data)
     files = [f for f in config.get("write_files", []) if f["path"].startswith(f"{NODE_ROOT}/")]
     (unit,) = [f for f in config.get("write_files", []) if f["path"].endswith("gaia-spark.service")]
-    (exec_start,) = [line.split("=", 1)[1] for line in unit["content"].splitlines() if line.startswith("ExecStart=")]
+    (exec_start,) = [
+        line.split("=", 1)[1] for line in unit["content"].splitlines() if line.startswith("ExecStart=")
+    ]
     return files, exec_start
 
 
-def boot_script(user_data: str, *, mount: str, shared: Path, secret: str | None, work: Path, hide: str = "/tmp") -> str:
+def boot_script(
+    user_data: str, *, mount: str, shared: Path, secret: str | None, work: Path, hide: str = "/tmp"
+) -> str:
     """The host's boot: its own /opt with the image's stack, the share, the start part of its
     user data. ``work`` (the Spark work directory: executor logs) is kept on the test's disk so
     a failing test can show it."""
@@ -243,7 +269,7 @@ def boot_script(user_data: str, *, mount: str, shared: Path, secret: str | None,
     work.mkdir(parents=True, exist_ok=True)
     lines = [
         "set -euo pipefail",
-        f"mount -t tmpfs -o mode=0755 gaia-node /opt",  # the node's own disk under /opt
+        "mount -t tmpfs -o mode=0755 gaia-node /opt",  # the node's own disk under /opt
         f"mkdir -p {NODE_VENV}",
         f"mount --bind {shlex.quote(str(VENV))} {NODE_VENV}",
         f"mount -t tmpfs -o mode=0755 gaia-mnt {shlex.quote(str(Path(mount).parent))}",
@@ -255,7 +281,11 @@ def boot_script(user_data: str, *, mount: str, shared: Path, secret: str | None,
     for f in files:
         path = shlex.quote(f["path"])
         data = base64.b64encode(f["content"].encode()).decode()
-        lines += [f"mkdir -p $(dirname {path})", f"echo {data} | base64 -d > {path}", f"chmod {f.get('permissions', '0644')} {path}"]
+        lines += [
+            f"mkdir -p $(dirname {path})",
+            f"echo {data} | base64 -d > {path}",
+            f"chmod {f.get('permissions', '0644')} {path}",
+        ]
     if secret is not None:
         # What the cloud's secret store hands the node (deployments/README.md).
         lines += ["umask 077", f"printf %s {shlex.quote(secret)} > {NODE_ROOT}/etc/spark-secret", "umask 022"]
@@ -283,8 +313,18 @@ class Hypervisor:
     is what the cloud's secret store would hand a node (None: no secret).
     """
 
-    def __init__(self, lab: Lab, servers: Callable[[], list[Server]], group_rules: Callable[[str], list[dict]], *, mount: str, shared: Path,
-                 secret: Callable[[], str | None], log_dir: Path, interval: float = 0.2):
+    def __init__(
+        self,
+        lab: Lab,
+        servers: Callable[[], list[Server]],
+        group_rules: Callable[[str], list[dict]],
+        *,
+        mount: str,
+        shared: Path,
+        secret: Callable[[], str | None],
+        log_dir: Path,
+        interval: float = 0.2,
+    ):
         self.lab = lab
         self.servers = servers
         self.group_rules = group_rules
@@ -299,7 +339,7 @@ class Hypervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hypervisor", daemon=True)
 
-    def start(self) -> "Hypervisor":
+    def start(self) -> Hypervisor:
         self._thread.start()
         return self
 
@@ -331,7 +371,13 @@ class Hypervisor:
         self.lab.add_host(server.name, server.address)
         self.booted[server.id] = server
         self._apply_groups()
-        script = boot_script(server.user_data, mount=self.mount, shared=self.shared, secret=self.secret(), work=self.log_dir / f"{server.name}-work")
+        script = boot_script(
+            server.user_data,
+            mount=self.mount,
+            shared=self.shared,
+            secret=self.secret(),
+            work=self.log_dir / f"{server.name}-work",
+        )
         self.lab.spawn(server.name, script, self.log_dir / f"{server.name}.log")
 
     def _power_off(self, server_id: str) -> None:
@@ -347,7 +393,9 @@ class Hypervisor:
         for group, members in by_group.items():
             rules = self.group_rules(group) if group else []
             if not rules:
-                raise LabError(f"security group {group!r} has no rules in the cloud: its hosts would accept nothing")
+                raise LabError(
+                    f"security group {group!r} has no rules in the cloud: its hosts would accept nothing"
+                )
             ruleset = nft_ruleset(rules, sorted(s.address for s in members))
             for server in members:
                 namespace = self.lab.hosts[server.name].namespace

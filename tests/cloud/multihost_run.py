@@ -56,30 +56,70 @@ def main() -> int:
         for step in args.steps.split(","):
             if step == "cluster":
                 config = {"workers": args.workers, "size": args.size, "data_bytes": 2**30}
-                result = materialize([spark_cluster], resources=resources, run_config={"ops": {"spark_cluster": {"config": config}}}, instance=instance)
-                (event,) = result.asset_materializations_for_node("spark_cluster")
-                out["cluster"] = {"success": result.success, "metadata": {k: v.value for k, v in event.metadata.items()}}
-            elif step == "catalogue":
-                tags = {"dagster/asset_partition_range_start": regions[0], "dagster/asset_partition_range_end": regions[-1]}
                 result = materialize(
-                    [spark_cluster, gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=resources, tags=tags, instance=instance
+                    [spark_cluster],
+                    resources=resources,
+                    run_config={"ops": {"spark_cluster": {"config": config}}},
+                    instance=instance,
+                )
+                (event,) = result.asset_materializations_for_node("spark_cluster")
+                out["cluster"] = {
+                    "success": result.success,
+                    "metadata": {k: v.value for k, v in event.metadata.items()},
+                }
+            elif step == "catalogue":
+                tags = {
+                    "dagster/asset_partition_range_start": regions[0],
+                    "dagster/asset_partition_range_end": regions[-1],
+                }
+                result = materialize(
+                    [spark_cluster, gaia_landing, gaia_source, pm_stats],
+                    selection=[gaia_source.key, pm_stats.key],
+                    resources=resources,
+                    tags=tags,
+                    instance=instance,
                 )
                 session = resources["spark"].session()
-                hosts = sorted(set(session.sparkContext.parallelize(range(16), 16).map(lambda _: os.environ.get("SPARK_LOCAL_IP")).collect()))
+                hosts = sorted(
+                    set(
+                        session.sparkContext.parallelize(range(16), 16)
+                        .map(lambda _: os.environ.get("SPARK_LOCAL_IP"))
+                        .collect()
+                    )
+                )
                 conf = dict(session.sparkContext.getConf().getAll())
                 out["catalogue"] = {
                     "success": result.success,
                     "master": session.sparkContext.master,
-                    "driver": {k: conf.get(k) for k in ("spark.driver.host", "spark.driver.port", "spark.blockManager.port", "spark.authenticate", "spark.network.crypto.enabled")},
+                    "driver": {
+                        k: conf.get(k)
+                        for k in (
+                            "spark.driver.host",
+                            "spark.driver.port",
+                            "spark.blockManager.port",
+                            "spark.authenticate",
+                            "spark.network.crypto.enabled",
+                        )
+                    },
                     "task_hosts": hosts,
                 }
             elif step == "maps":
-                result = materialize([pm_stats, proper_motion_maps], selection=[proper_motion_maps.key], resources=resources, instance=instance)
+                result = materialize(
+                    [pm_stats, proper_motion_maps],
+                    selection=[proper_motion_maps.key],
+                    resources=resources,
+                    instance=instance,
+                )
                 out["maps"] = {"success": result.success}
             elif step == "teardown":
                 spark_factory.stop_active()
-                result = teardown_cluster_job.execute_in_process(resources={"cloud": resources["cloud"]}, instance=instance)
-                out["teardown"] = {"success": result.success, "summary": result.output_for_node("teardown_cluster_nodes")}
+                result = teardown_cluster_job.execute_in_process(
+                    resources={"cloud": resources["cloud"]}, instance=instance
+                )
+                out["teardown"] = {
+                    "success": result.success,
+                    "summary": result.output_for_node("teardown_cluster_nodes"),
+                }
             else:
                 raise SystemExit(f"unknown step {step!r}")
             save()

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakehttp import FakeApp, serve  # noqa: E402
@@ -40,15 +40,28 @@ FLAVORS = [
     ("memory.v1.large", 8, 65536, 80),
     ("memory.v1.xlarge", 16, 131072, 80),
 ]
-IMAGES = [("ubuntu-24.04", "active"), ("ubuntu-22.04", "active"), ("fedora-38", "active"), ("broken-image", "queued")]
+IMAGES = [
+    ("ubuntu-24.04", "active"),
+    ("ubuntu-22.04", "active"),
+    ("fedora-38", "active"),
+    ("broken-image", "queued"),
+]
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class OpenStackFake(FakeApp):
-    def __init__(self, base: str, user: str, password: str, build_seconds: float, quota: dict, subnet: str = "10.0.0.0/24"):
+    def __init__(
+        self,
+        base: str,
+        user: str,
+        password: str,
+        build_seconds: float,
+        quota: dict,
+        subnet: str = "10.0.0.0/24",
+    ):
         super().__init__()
         self.base = base
         self.user = user
@@ -57,18 +70,37 @@ class OpenStackFake(FakeApp):
         self.quota = quota
         self.subnet = ipaddress.ip_network(subnet)
         self.tokens: set[str] = set()
-        self.flavors = {str(i + 1): dict(id=str(i + 1), name=n, vcpus=c, ram=r, disk=d) for i, (n, c, r, d) in enumerate(FLAVORS)}
-        self.images = {
-            str(uuid.uuid5(uuid.NAMESPACE_DNS, n)): dict(id=str(uuid.uuid5(uuid.NAMESPACE_DNS, n)), name=n, status=s) for n, s in IMAGES
+        self.flavors = {
+            str(i + 1): dict(id=str(i + 1), name=n, vcpus=c, ram=r, disk=d)
+            for i, (n, c, r, d) in enumerate(FLAVORS)
         }
-        self.networks = {"net-gaia": {"id": "5f3b9d5c-4a2e-4c1b-9a6e-1f2d3c4b5a60", "name": "gaia-net", "subnets": ["sub-1"], "status": "ACTIVE"}}
+        self.images = {
+            str(uuid.uuid5(uuid.NAMESPACE_DNS, n)): dict(
+                id=str(uuid.uuid5(uuid.NAMESPACE_DNS, n)), name=n, status=s
+            )
+            for n, s in IMAGES
+        }
+        self.networks = {
+            "net-gaia": {
+                "id": "5f3b9d5c-4a2e-4c1b-9a6e-1f2d3c4b5a60",
+                "name": "gaia-net",
+                "subnets": ["sub-1"],
+                "status": "ACTIVE",
+            }
+        }
         self._init_state()
 
     def _init_state(self):
         self.servers: dict[str, dict] = {}
         self.keypairs: dict[str, dict] = {}
         self.groups: dict[str, dict] = {
-            "default": {"id": str(uuid.uuid4()), "name": "default", "description": "default", "tenant_id": PROJECT, "security_group_rules": []}
+            "default": {
+                "id": str(uuid.uuid4()),
+                "name": "default",
+                "description": "default",
+                "tenant_id": PROJECT,
+                "security_group_rules": [],
+            }
         }
         self.ip_counter = 10
 
@@ -82,7 +114,11 @@ class OpenStackFake(FakeApp):
             return {
                 "servers": [
                     {
-                        **{k: v for k, v in self._server_view(s).items() if k in ("id", "name", "status", "metadata", "security_groups", "key_name")},
+                        **{
+                            k: v
+                            for k, v in self._server_view(s).items()
+                            if k in ("id", "name", "status", "metadata", "security_groups", "key_name")
+                        },
                         "user_data": s["_user_data"],
                         "address": s["_ip"],
                     }
@@ -94,9 +130,17 @@ class OpenStackFake(FakeApp):
                     {
                         "id": g["id"],
                         "name": g["name"],
-                        "sources": sorted([r["protocol"], r["remote_group_id"] or r["remote_ip_prefix"]] for r in g["security_group_rules"]),
+                        "sources": sorted(
+                            [r["protocol"], r["remote_group_id"] or r["remote_ip_prefix"]]
+                            for r in g["security_group_rules"]
+                        ),
                         "rules": sorted(
-                            [r["protocol"], r["port_range_min"], r["port_range_max"], r["remote_group_id"] or r["remote_ip_prefix"]]
+                            [
+                                r["protocol"],
+                                r["port_range_min"],
+                                r["port_range_max"],
+                                r["remote_group_id"] or r["remote_ip_prefix"],
+                            ]
                             for r in g["security_group_rules"]
                         ),
                     }
@@ -115,7 +159,11 @@ class OpenStackFake(FakeApp):
         kind = rule["kind"]
         if kind == "quota":
             used = sum(1 for s in self.servers.values())
-            return self._error(403, "forbidden", f"Quota exceeded for instances: Requested 1, but already used {used} of {used} instances")
+            return self._error(
+                403,
+                "forbidden",
+                f"Quota exceeded for instances: Requested 1, but already used {used} of {used} instances",
+            )
         if kind == "throttle":
             return self._error(429, "overLimit", "This request was rate-limited.", {"Retry-After": "0"})
         status = int(rule.get("status", 500))
@@ -128,7 +176,13 @@ class OpenStackFake(FakeApp):
                 "name": name,
                 "id": uuid.uuid5(uuid.NAMESPACE_DNS, name).hex,
                 "endpoints": [
-                    {"id": uuid.uuid5(uuid.NAMESPACE_DNS, name + i).hex, "interface": i, "region": "RegionOne", "region_id": "RegionOne", "url": f"{self.base}{path}"}
+                    {
+                        "id": uuid.uuid5(uuid.NAMESPACE_DNS, name + i).hex,
+                        "interface": i,
+                        "region": "RegionOne",
+                        "region_id": "RegionOne",
+                        "url": f"{self.base}{path}",
+                    }
                     for i in ("public", "internal")
                 ],
             }
@@ -143,7 +197,16 @@ class OpenStackFake(FakeApp):
     def _server_view(self, s: dict) -> dict:
         if s["status"] == "BUILD" and time.monotonic() - s["_t0"] >= self.build_seconds:
             s["status"] = "ACTIVE"
-            s["addresses"] = {"gaia-net": [{"version": 4, "addr": s["_ip"], "OS-EXT-IPS:type": "fixed", "OS-EXT-IPS-MAC:mac_addr": "fa:16:3e:00:00:01"}]}
+            s["addresses"] = {
+                "gaia-net": [
+                    {
+                        "version": 4,
+                        "addr": s["_ip"],
+                        "OS-EXT-IPS:type": "fixed",
+                        "OS-EXT-IPS-MAC:mac_addr": "fa:16:3e:00:00:01",
+                    }
+                ]
+            }
         view = {k: v for k, v in s.items() if not k.startswith("_")}
         return view
 
@@ -177,13 +240,17 @@ class OpenStackFake(FakeApp):
             return self._error(401, "error", "The request you have made requires authentication.")
         token = uuid.uuid4().hex
         self.tokens.add(token)
-        expires = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        expires = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
         body = {
             "token": {
                 "methods": ["password"],
                 "expires_at": expires,
                 "issued_at": _now(),
-                "user": {"id": "u-" + hashlib.md5(self.user.encode()).hexdigest()[:8], "name": self.user, "domain": {"id": "default", "name": "Default"}},
+                "user": {
+                    "id": "u-" + hashlib.md5(self.user.encode()).hexdigest()[:8],
+                    "name": self.user,
+                    "domain": {"id": "default", "name": "Default"},
+                },
                 "project": {"id": PROJECT, "name": "gaia", "domain": {"id": "default", "name": "Default"}},
                 "roles": [{"id": "r1", "name": "member"}],
                 "catalog": self._catalog(),
@@ -197,7 +264,11 @@ class OpenStackFake(FakeApp):
             return self._json(200, {"flavors": [self._flavor_view(f) for f in self.flavors.values()]})
         if len(parts) == 2 and parts[0] == "flavors":
             f = self.flavors.get(parts[1])
-            return self._json(200, {"flavor": self._flavor_view(f)}) if f else self._error(404, "itemNotFound", "flavor")
+            return (
+                self._json(200, {"flavor": self._flavor_view(f)})
+                if f
+                else self._error(404, "itemNotFound", "flavor")
+            )
         if parts == ["servers"] and method == "POST":
             return self._create_server(data.get("server", {}))
         if parts in (["servers", "detail"], ["servers"]) and method == "GET":
@@ -228,7 +299,12 @@ class OpenStackFake(FakeApp):
         return self._error(404, "itemNotFound", f"no nova route {method} {path}")
 
     def _flavor_view(self, f):
-        return {**f, "links": [{"rel": "self", "href": f"{self.base}/compute/v2.1/{PROJECT}/flavors/{f['id']}"}], "swap": "", "rxtx_factor": 1.0}
+        return {
+            **f,
+            "links": [{"rel": "self", "href": f"{self.base}/compute/v2.1/{PROJECT}/flavors/{f['id']}"}],
+            "swap": "",
+            "rxtx_factor": 1.0,
+        }
 
     def _create_server(self, req: dict):
         flavor = self.flavors.get(str(req.get("flavorRef")))
@@ -253,7 +329,11 @@ class OpenStackFake(FakeApp):
             ("ram", used_ram, flavor["ram"], q["ram"]),
         ):
             if used + need > limit:
-                return self._error(403, "forbidden", f"Quota exceeded for {what}: Requested {need}, but already used {used} of {limit} {what}")
+                return self._error(
+                    403,
+                    "forbidden",
+                    f"Quota exceeded for {what}: Requested {need}, but already used {used} of {limit} {what}",
+                )
         sid = str(uuid.uuid4())
         self.ip_counter += 1
         server = {
@@ -285,7 +365,9 @@ class OpenStackFake(FakeApp):
             "_user_data": base64.b64decode(req.get("user_data", "") or b"").decode(),
         }
         self.servers[sid] = server
-        return self._json(202, {"server": {"id": sid, "links": server["links"], "adminPass": uuid.uuid4().hex[:12]}})
+        return self._json(
+            202, {"server": {"id": sid, "links": server["links"], "adminPass": uuid.uuid4().hex[:12]}}
+        )
 
     def _create_keypair(self, req: dict):
         name = req.get("name")
@@ -294,7 +376,14 @@ class OpenStackFake(FakeApp):
         if name in self.keypairs:
             return self._error(409, "conflictingRequest", f"Key pair '{name}' already exists.")
         public = req.get("public_key") or f"ssh-rsa AAAAB3Nza{uuid.uuid4().hex} Generated-by-Nova"
-        kp = {"name": name, "public_key": public, "fingerprint": ":".join(hashlib.md5(public.encode()).hexdigest()[i : i + 2] for i in range(0, 32, 2)), "user_id": "u-gaia"}
+        kp = {
+            "name": name,
+            "public_key": public,
+            "fingerprint": ":".join(
+                hashlib.md5(public.encode()).hexdigest()[i : i + 2] for i in range(0, 32, 2)
+            ),
+            "user_id": "u-gaia",
+        }
         self.keypairs[name] = kp
         out = dict(kp)
         if not req.get("public_key"):
@@ -304,7 +393,14 @@ class OpenStackFake(FakeApp):
     def _glance(self, method, path):
         parts = [p for p in path.split("/") if p]
         if parts == ["v2", "images"]:
-            return self._json(200, {"images": [self._image_view(i) for i in self.images.values()], "schema": "/v2/schemas/images", "first": "/v2/images"})
+            return self._json(
+                200,
+                {
+                    "images": [self._image_view(i) for i in self.images.values()],
+                    "schema": "/v2/schemas/images",
+                    "first": "/v2/images",
+                },
+            )
         if len(parts) == 3 and parts[:2] == ["v2", "images"]:
             i = self.images.get(parts[2])
             return self._json(200, self._image_view(i)) if i else self._error(404, "itemNotFound", "image")
@@ -312,8 +408,16 @@ class OpenStackFake(FakeApp):
 
     def _image_view(self, i):
         return {
-            "id": i["id"], "name": i["name"], "status": i["status"], "visibility": "public", "min_ram": 0, "min_disk": 10,
-            "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T00:00:00Z", "tags": [], "self": f"/v2/images/{i['id']}",
+            "id": i["id"],
+            "name": i["name"],
+            "status": i["status"],
+            "visibility": "public",
+            "min_ram": 0,
+            "min_disk": 10,
+            "created_at": "2025-01-01T00:00:00Z",
+            "updated_at": "2025-01-01T00:00:00Z",
+            "tags": [],
+            "self": f"/v2/images/{i['id']}",
         }
 
     def _neutron(self, method, path, data):
@@ -326,14 +430,25 @@ class OpenStackFake(FakeApp):
             if method == "POST":
                 req = data.get("security_group", {})
                 gid = str(uuid.uuid4())
-                group = {"id": gid, "name": req.get("name"), "description": req.get("description", ""), "tenant_id": PROJECT, "project_id": PROJECT, "security_group_rules": []}
+                group = {
+                    "id": gid,
+                    "name": req.get("name"),
+                    "description": req.get("description", ""),
+                    "tenant_id": PROJECT,
+                    "project_id": PROJECT,
+                    "security_group_rules": [],
+                }
                 self.groups[gid] = group
                 return self._json(201, {"security_group": group})
         if len(parts) == 3 and parts[:2] == ["v2.0", "security-groups"] and method == "DELETE":
             group = self.groups.get(parts[2])
             if group is None:
                 return self._error(404, "NeutronError", "Security group not found")
-            users = [s["name"] for s in self.servers.values() if any(g["name"] == group["name"] for g in s["security_groups"])]
+            users = [
+                s["name"]
+                for s in self.servers.values()
+                if any(g["name"] == group["name"] for g in s["security_groups"])
+            ]
             if users:
                 return self._error(409, "NeutronError", f"Security Group {group['id']} in use by {users}.")
             del self.groups[parts[2]]
@@ -343,10 +458,17 @@ class OpenStackFake(FakeApp):
             group = self.groups.get(req.get("security_group_id"))
             if group is None:
                 return self._error(404, "NeutronError", "Security group not found")
-            rule = {"id": str(uuid.uuid4()), "direction": req.get("direction", "ingress"), "protocol": req.get("protocol"),
-                    "port_range_min": req.get("port_range_min"), "port_range_max": req.get("port_range_max"),
-                    "remote_ip_prefix": req.get("remote_ip_prefix"), "remote_group_id": req.get("remote_group_id"),
-                    "security_group_id": group["id"], "tenant_id": PROJECT}
+            rule = {
+                "id": str(uuid.uuid4()),
+                "direction": req.get("direction", "ingress"),
+                "protocol": req.get("protocol"),
+                "port_range_min": req.get("port_range_min"),
+                "port_range_max": req.get("port_range_max"),
+                "remote_ip_prefix": req.get("remote_ip_prefix"),
+                "remote_group_id": req.get("remote_group_id"),
+                "security_group_id": group["id"],
+                "tenant_id": PROJECT,
+            }
             group["security_group_rules"].append(rule)
             return self._json(201, {"security_group_rule": rule})
         return self._error(404, "NeutronError", f"no neutron route {method} {path}")
@@ -361,7 +483,9 @@ def main(argv=None):
     parser.add_argument("--max-instances", type=int, default=20)
     parser.add_argument("--max-cores", type=int, default=128)
     parser.add_argument("--max-ram-mb", type=int, default=512 * 1024)
-    parser.add_argument("--subnet", default="10.0.0.0/24", help="fixed addresses of servers: .11, .12, ... of this network")
+    parser.add_argument(
+        "--subnet", default="10.0.0.0/24", help="fixed addresses of servers: .11, .12, ... of this network"
+    )
     args = parser.parse_args(argv)
     password = os.environ.get("FAKE_OS_PASSWORD", "")
     quota = {"instances": args.max_instances, "cores": args.max_cores, "ram": args.max_ram_mb}

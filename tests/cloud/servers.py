@@ -28,7 +28,9 @@ class FakeServer(ServerProcess):
     # --- /_fake/ control (fakes and proxy only) -------------------------------------------
     def _admin(self, path: str, payload=None):
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None or path.endswith("reset") else "GET")
+        req = urllib.request.Request(
+            self.url + path, data=data, method="POST" if data is not None or path.endswith("reset") else "GET"
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())
 

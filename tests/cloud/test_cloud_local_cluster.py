@@ -12,8 +12,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from dagster import AssetSelection, materialize
-
 from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
+
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
@@ -57,7 +57,9 @@ def _gauge(text: str, name: str) -> float:
 
 
 @pytest.mark.cluster
-def test_local_cluster_profile_runs_gaia_source_and_pm_stats_on_the_provisioned_cluster(layout, monkeypatch, _spark_application):
+def test_local_cluster_profile_runs_gaia_source_and_pm_stats_on_the_provisioned_cluster(
+    layout, monkeypatch, _spark_application
+):
     monkeypatch.setenv("GAIA_FLOWS_PROFILE", "local-cluster")
     lo, hi = region_file_range(REGION)
     cols = stars_in_region(REGION, STARS, seed=5)
@@ -70,13 +72,22 @@ def test_local_cluster_profile_runs_gaia_source_and_pm_stats_on_the_provisioned_
     pids: list[tuple[int, float]] = []
     try:
         cluster_run = materialize([spark_cluster], resources=resources)
-        meta = {k: v.value for k, v in cluster_run.asset_materializations_for_node("spark_cluster")[0].metadata.items()}
+        meta = {
+            k: v.value
+            for k, v in cluster_run.asset_materializations_for_node("spark_cluster")[0].metadata.items()
+        }
         manifest = json.loads((layout.clusters / "gaia-local.json").read_text())
-        assert meta["master_url"] == manifest["master_url"] and meta["master_url"].startswith("spark://127.0.0.1:")
+        assert meta["master_url"] == manifest["master_url"] and meta["master_url"].startswith(
+            "spark://127.0.0.1:"
+        )
         assert meta["worker_count"] == 2 and len(meta["created"]) == 3
         # What Prometheus would scrape (deployments/prometheus): every daemon, over HTTP.
         scraped = _scrape(layout.clusters / "gaia-local.prometheus.json")
-        assert {job: len(texts) for job, texts in scraped.items()} == {"spark-master": 1, "spark-applications": 1, "spark-worker": 2}
+        assert {job: len(texts) for job, texts in scraped.items()} == {
+            "spark-master": 1,
+            "spark-applications": 1,
+            "spark-worker": 2,
+        }
         assert _gauge(scraped["spark-master"][0], "master_aliveWorkers") == 2
         cores = manifest["size"]["vcpus"]
         for worker in scraped["spark-worker"]:
@@ -90,8 +101,12 @@ def test_local_cluster_profile_runs_gaia_source_and_pm_stats_on_the_provisioned_
         )
         assert run.success
         session = spark_factory.session(meta["master_url"], {})
-        assert session.sparkContext.master == meta["master_url"], "the assets ran on the provisioned cluster, not local[*]"
-        assert session.conf.get("spark.executor.cores") == manifest["spark_conf"]["spark.executor.cores"], "the plan shaped the executors"
+        assert session.sparkContext.master == meta["master_url"], (
+            "the assets ran on the provisioned cluster, not local[*]"
+        )
+        assert session.conf.get("spark.executor.cores") == manifest["spark_conf"]["spark.executor.cores"], (
+            "the plan shaped the executors"
+        )
         master = manifest["master"]
         master_daemon = json.loads(state_file.read_text())["nodes"][master["id"]]["daemon"]
         assert local_spark.pid_alive(master_daemon["pid"], master_daemon["create_time"])
@@ -108,7 +123,9 @@ def test_local_cluster_profile_runs_gaia_source_and_pm_stats_on_the_provisioned_
         assert int(stats["n_pm"].sum()) == STARS
         # CSV round trip keeps repr(float) exactly; only the summation order differs.
         assert stats["sum_pmra"].sum() == pytest.approx(cols["pmra"].sum(), rel=1e-9, abs=1e-6)
-        assert stats["sumw_pmdec"].sum() == pytest.approx((1 / cols["pmdec_error"] ** 2).sum(), rel=1e-6)  # errors are float32 in the contract
+        assert stats["sumw_pmdec"].sum() == pytest.approx(
+            (1 / cols["pmdec_error"] ** 2).sum(), rel=1e-6
+        )  # errors are float32 in the contract
     finally:
         spark_factory.stop_active()  # release the executors before their workers go
         if not pids and state_file.exists():

@@ -14,8 +14,16 @@ from gaia_flows.cloud.drivers import MotoEC2NodeDriver
 @pytest.fixture
 def ec2(moto):
     servers.moto_reset(moto)
-    client = boto3.client("ec2", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s")
-    (instance,) = client.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.micro")["Instances"]
+    client = boto3.client(
+        "ec2",
+        endpoint_url=moto.url,
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+    )
+    (instance,) = client.run_instances(
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t3.micro"
+    )["Instances"]
     return client, instance["InstanceId"]
 
 
@@ -57,7 +65,12 @@ def test_create_node_metadata_becomes_tags(moto, ec2):
     client, _ = ec2
     driver = _driver(MotoEC2NodeDriver, moto, signature_version="4")
     size = next(s for s in driver.list_sizes() if s.id == "c5.large")
-    node = driver.create_node(name="n1", size=size, image=NodeImage("ami-12c6146b", None, driver), ex_metadata={"gaia-flows-cluster": "c2"})
+    node = driver.create_node(
+        name="n1",
+        size=size,
+        image=NodeImage("ami-12c6146b", None, driver),
+        ex_metadata={"gaia-flows-cluster": "c2"},
+    )
     tags = {t["Key"]: t["Value"] for t in client.describe_tags()["Tags"] if t["ResourceId"] == node.id}
     assert tags == {"Name": "n1", "gaia-flows-cluster": "c2"}
     assert node.extra["tags"]["gaia-flows-cluster"] == "c2"

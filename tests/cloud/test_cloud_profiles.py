@@ -24,7 +24,12 @@ def test_every_target_has_a_valid_profile():
         assert profile.name == name
     assert load_profile("local").cloud is None and load_profile("local").spark_master.startswith("local[")
     assert load_profile("local-cluster").cloud["provider"] == "local-spark"
-    assert {load_profile(n).cloud["provider"] for n in ("openstack", "aws", "gce", "azure")} == {"openstack", "ec2", "gce", "azure_arm"}
+    assert {load_profile(n).cloud["provider"] for n in ("openstack", "aws", "gce", "azure")} == {
+        "openstack",
+        "ec2",
+        "gce",
+        "azure_arm",
+    }
 
 
 def test_the_environment_variable_picks_the_profile(monkeypatch):
@@ -40,12 +45,30 @@ def test_the_environment_variable_picks_the_profile(monkeypatch):
         ("openstack", lambda p: p["cloud"]["limits"].update(max_worker=4), "cloud.limits.max_worker"),
         ("aws", lambda p: p["cloud"]["cluster"].pop("name"), "cloud.cluster.name"),
         ("aws", lambda p: p["cloud"]["limits"].update(max_workers="lots"), "cloud.limits.max_workers"),
-        ("openstack", lambda p: p["cloud"]["driver_options"].update(password=uuid.uuid4().hex), "cloud.driver_options.password"),
-        ("aws", lambda p: p["cloud"]["credentials"].update(secret_env=f"{uuid.uuid4().hex[:12]}/{uuid.uuid4().hex[:8]}"), "cloud.credentials.secret_env"),
+        (
+            "openstack",
+            lambda p: p["cloud"]["driver_options"].update(password=uuid.uuid4().hex),
+            "cloud.driver_options.password",
+        ),
+        (
+            "aws",
+            lambda p: p["cloud"]["credentials"].update(
+                secret_env=f"{uuid.uuid4().hex[:12]}/{uuid.uuid4().hex[:8]}"
+            ),
+            "cloud.credentials.secret_env",
+        ),
         ("gce", lambda p: p["cloud"].update(provider="digitalocean"), "cloud.provider"),
         ("local", lambda p: p["spark"].update(master="yarn"), "spark.master"),
-        ("openstack", lambda p: p["cloud"]["network"].update(orchestrator_cidr="0.0.0.0"), "cloud.network.orchestrator_cidr"),
-        ("local-cluster", lambda p: p["cloud"]["sizes"]["local"][0].pop("ram_mb"), "cloud.sizes.local.0.ram_mb"),
+        (
+            "openstack",
+            lambda p: p["cloud"]["network"].update(orchestrator_cidr="0.0.0.0"),
+            "cloud.network.orchestrator_cidr",
+        ),
+        (
+            "local-cluster",
+            lambda p: p["cloud"]["sizes"]["local"][0].pop("ram_mb"),
+            "cloud.sizes.local.0.ram_mb",
+        ),
     ],
 )
 def test_an_invalid_profile_fails_naming_the_key(tmp_path, base, edit, key):
@@ -58,7 +81,9 @@ def test_an_invalid_profile_fails_naming_the_key(tmp_path, base, edit, key):
     assert f"key '{key}'" in str(err.value)
     assert str(tmp_path / f"broken-{base}.yaml") in str(err.value)
     if key.endswith("password"):
-        assert spec["cloud"]["driver_options"]["password"] not in str(err.value), "the message must not echo the secret"
+        assert spec["cloud"]["driver_options"]["password"] not in str(err.value), (
+            "the message must not echo the secret"
+        )
 
 
 def test_unknown_profile_lists_the_known_ones(tmp_path):
@@ -84,7 +109,10 @@ def test_a_missing_credential_variable_is_named_and_no_value_is_shown(monkeypatc
     monkeypatch.delenv("OS_PASSWORD", raising=False)
     monkeypatch.setenv("OS_USERNAME", "someone")
     settings = CloudSettings.from_profile(load_profile("openstack"), layout)
-    with pytest.raises(CloudConfigError, match=r"environment variable OS_PASSWORD \(named by cloud.credentials.secret_env\) is not set"):
+    with pytest.raises(
+        CloudConfigError,
+        match=r"environment variable OS_PASSWORD \(named by cloud.credentials.secret_env\) is not set",
+    ):
         build_driver(settings)
 
 

@@ -24,7 +24,11 @@ ORCHESTRATOR_PORTS = [(22, 22), (7077, 7077), (7078, 7078), (8080, 8080), (8081,
 
 
 def _resources(target, profile=None):
-    return {"cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)), "storage": StorageResource(), "spark": SparkResource()}
+    return {
+        "cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)),
+        "storage": StorageResource(),
+        "spark": SparkResource(),
+    }
 
 
 def materialise(target, workers, profile=None, raise_on_error=True, instance=None):
@@ -49,7 +53,9 @@ def failure(result):
     assert not result.success
     (event,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     data = event.step_failure_data
-    meta = {k: v.value for k, v in (data.user_failure_data.metadata if data.user_failure_data else {}).items()}
+    meta = {
+        k: v.value for k, v in (data.user_failure_data.metadata if data.user_failure_data else {}).items()
+    }
     return data.error.message, meta
 
 
@@ -61,7 +67,10 @@ def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(
     result = materialise(target, workers=3)
     meta = metadata(result)
     live = target.servers()
-    assert sorted(s["name"] for s in live) == [f"{target.cluster}-master", *(f"{target.cluster}-worker-{i}" for i in range(3))]
+    assert sorted(s["name"] for s in live) == [
+        f"{target.cluster}-master",
+        *(f"{target.cluster}-worker-{i}" for i in range(3)),
+    ]
     assert all(s["tags"][TAG_CLUSTER] == target.cluster for s in live)
     assert sorted(s["tags"][TAG_ROLE] for s in live) == ["master", "worker", "worker", "worker"]
     assert all(s["groups"] == [f"{target.cluster}-sg"] for s in live)
@@ -69,8 +78,13 @@ def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(
     # The group admits its own members (tcp + udp) and the orchestrator on Spark's ports and SSH, nothing else.
     (group,) = target.security_groups()
     assert group["name"] == f"{target.cluster}-sg"
-    inside = [["tcp", 0 if target.name == "aws" else 1, 65535, group["id"]], ["udp", 0 if target.name == "aws" else 1, 65535, group["id"]]]
-    assert group["rules"] == sorted(inside + [["tcp", low, high, ORCHESTRATOR_CIDR] for low, high in ORCHESTRATOR_PORTS])
+    inside = [
+        ["tcp", 0 if target.name == "aws" else 1, 65535, group["id"]],
+        ["udp", 0 if target.name == "aws" else 1, 65535, group["id"]],
+    ]
+    assert group["rules"] == sorted(
+        inside + [["tcp", low, high, ORCHESTRATOR_CIDR] for low, high in ORCHESTRATOR_PORTS]
+    )
 
     manifest = json.loads((layout.clusters / f"{target.cluster}.json").read_text())
     master = manifest["master"]
@@ -86,7 +100,11 @@ def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(
     assert again["created"] == [] and again["destroyed"] == []
     assert sorted(again["kept"]) == sorted(s["name"] for s in live)
     calls = again["api_calls"]["calls"]
-    assert not [op for op in calls if op.startswith(("create", "destroy", "ex_create", "ex_delete", "import", "delete", "ex_authorize"))], calls
+    assert not [
+        op
+        for op in calls
+        if op.startswith(("create", "destroy", "ex_create", "ex_delete", "import", "delete", "ex_authorize"))
+    ], calls
     assert target.count(target.create_request, before) == 0
     assert target.count(target.destroy_request, before) == 0
     assert again["node_ids"] == meta["node_ids"] and again["master_url"] == meta["master_url"]
@@ -97,7 +115,9 @@ def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(
 WORKER_SHAPES = {"general.v1.medium": (4, 8192, 7168), "m5.xlarge": (4, 16384, 14746)}
 
 
-def test_nodes_boot_with_cloud_init_that_leaves_memory_for_the_os_and_serves_the_scraped_metrics(target, layout):
+def test_nodes_boot_with_cloud_init_that_leaves_memory_for_the_os_and_serves_the_scraped_metrics(
+    target, layout
+):
     materialise(target, workers=2)
     booted = target.user_data()
     cores, ram, usable = WORKER_SHAPES[target.worker_size]
@@ -117,14 +137,21 @@ def test_nodes_boot_with_cloud_init_that_leaves_memory_for_the_os_and_serves_the
     by_node = {}
     for group in groups:
         (address,) = group["targets"]
-        by_node.setdefault(group["labels"]["node"], []).append((group["labels"]["job"], address, group["labels"]["__metrics_path__"]))
+        by_node.setdefault(group["labels"]["node"], []).append(
+            (group["labels"]["job"], address, group["labels"]["__metrics_path__"])
+        )
         assert group["labels"]["gaia_cluster"] == target.cluster
     assert sorted(by_node) == sorted(booted)
-    assert sorted(job for job, _, _ in by_node[f"{target.cluster}-master"]) == ["spark-applications", "spark-master"]
+    assert sorted(job for job, _, _ in by_node[f"{target.cluster}-master"]) == [
+        "spark-applications",
+        "spark-master",
+    ]
     for name, scraped in by_node.items():
         for job, address, path in scraped:
             host, port = address.rsplit(":", 1)
-            webui = "SPARK_MASTER_WEBUI_PORT" if name == f"{target.cluster}-master" else "SPARK_WORKER_WEBUI_PORT"
+            webui = (
+                "SPARK_MASTER_WEBUI_PORT" if name == f"{target.cluster}-master" else "SPARK_WORKER_WEBUI_PORT"
+            )
             assert host and re.search(rf"^\s*{webui}={port}$", booted[name], re.M), (name, address)
             assert f"prometheusServlet.path={path}" in booted[name], (name, path)
             assert (job == "spark-worker") == (name != f"{target.cluster}-master")
@@ -140,8 +167,13 @@ def test_smaller_plan_destroys_only_the_surplus_workers(target, layout):
     assert smaller["created"] == []
     assert target.count(target.destroy_request, before) == 2
     assert target.count(target.create_request, before) == 0
-    assert set(smaller["node_ids"]) < set(first["node_ids"]), "master and worker-0 are the same machines as before"
-    assert sorted(s["name"] for s in target.servers()) == [f"{target.cluster}-master", f"{target.cluster}-worker-0"]
+    assert set(smaller["node_ids"]) < set(first["node_ids"]), (
+        "master and worker-0 are the same machines as before"
+    )
+    assert sorted(s["name"] for s in target.servers()) == [
+        f"{target.cluster}-master",
+        f"{target.cluster}-worker-0",
+    ]
 
 
 def test_teardown_job_removes_every_node_group_and_key(target, layout):
@@ -163,14 +195,24 @@ def test_transient_errors_are_retried_without_duplicates(target, layout):
     # Two 5xx on create and two throttled lists: within the budget of 3 attempts per call.
     target.api.set_faults(
         [
-            {"match": target.create_request, "kind": "error", "status": 503 if target.name == "openstack" else 500, "after": 1, "times": 2},
+            {
+                "match": target.create_request,
+                "kind": "error",
+                "status": 503 if target.name == "openstack" else 500,
+                "after": 1,
+                "times": 2,
+            },
             {"match": target.list_request, "kind": "throttle", "after": 1, "times": 2},
         ]
     )
     meta = metadata(materialise(target, workers=2))
     retries = meta["api_calls"]["retries"]
     assert retries.get("create_node") == 2 and retries.get("list_nodes") == 2
-    assert sorted(s["name"] for s in target.servers()) == [f"{target.cluster}-master", f"{target.cluster}-worker-0", f"{target.cluster}-worker-1"]
+    assert sorted(s["name"] for s in target.servers()) == [
+        f"{target.cluster}-master",
+        f"{target.cluster}-worker-0",
+        f"{target.cluster}-worker-1",
+    ]
     fired = target.api.stats()["faults_fired"]
     assert sum(fired.values()) == 4
 
@@ -179,7 +221,9 @@ def test_a_create_answered_too_late_is_adopted_not_duplicated(target, layout):
     # The cloud takes 1.6 s to answer one create; the client gives up after 1 s and retries.
     # The first request still lands: the provisioner must find that node, not make a twin.
     profile = target.profile_with("impatient", timeout=1)
-    target.api.set_faults([{"match": target.create_request, "kind": "slow", "delay_s": 1.6, "after": 1, "times": 1}])
+    target.api.set_faults(
+        [{"match": target.create_request, "kind": "slow", "delay_s": 1.6, "after": 1, "times": 1}]
+    )
     meta = metadata(materialise(target, workers=1, profile=profile))
     names = sorted(s["name"] for s in target.servers())
     assert names == [f"{target.cluster}-master", f"{target.cluster}-worker-0"]
@@ -192,7 +236,9 @@ def test_quota_error_midway_rolls_back_everything_this_run_created(target, layou
     target.api.set_faults([{"match": target.create_request, "kind": "quota", "after": 3, "times": -1}])
     message, meta = failure(materialise(target, workers=4, raise_on_error=False))
     assert "failed after creating 3 of the node(s)" in message
-    assert "permanent error" in message and ("Quota exceeded" in message or "InstanceLimitExceeded" in message)
+    assert "permanent error" in message and (
+        "Quota exceeded" in message or "InstanceLimitExceeded" in message
+    )
     assert "Rolled back" in message
     assert meta["rolled_back"] is True and meta["leftover_nodes"] == []
     assert target.count(target.create_request) == 4, "a quota error is not retried"
@@ -216,7 +262,9 @@ def test_quota_error_with_on_failure_keep_leaves_tagged_nodes_for_teardown(targe
 
 
 def test_persistent_server_errors_stop_after_the_retry_budget(target, layout):
-    target.api.set_faults([{"match": target.create_request, "kind": "error", "status": 500, "after": 1, "times": -1}])
+    target.api.set_faults(
+        [{"match": target.create_request, "kind": "error", "status": 500, "after": 1, "times": -1}]
+    )
     message, meta = failure(materialise(target, workers=2, raise_on_error=False))
     assert "create_node failed after 3 attempts (transient error)" in message
     assert "Rolled back" in message and meta["rolled_back"] is True
@@ -225,11 +273,17 @@ def test_persistent_server_errors_stop_after_the_retry_budget(target, layout):
 
 
 def test_no_cloud_profile_is_a_no_op(layout):
-    result = materialize([spark_cluster], resources={"cloud": CloudResource(profile="local"), "storage": StorageResource(), "spark": SparkResource()})
+    result = materialize(
+        [spark_cluster],
+        resources={
+            "cloud": CloudResource(profile="local"),
+            "storage": StorageResource(),
+            "spark": SparkResource(),
+        },
+    )
     meta = metadata(result)
     assert meta["mode"] == "no cluster" and meta["master_url"].startswith("local[")
     assert not layout.clusters.exists() or not any(layout.clusters.iterdir())
-
 
 
 def test_the_driver_advertises_the_orchestrator_on_fixed_ports_and_authenticates(target, layout):
@@ -242,7 +296,11 @@ def test_the_driver_advertises_the_orchestrator_on_fixed_ports_and_authenticates
     assert secret.stat().st_mode & 0o777 == 0o600
     value = secret.read_text()
     assert len(value) == 64
-    shown = [json.dumps(meta), (layout.clusters / f"{target.cluster}.json").read_text(), *target.user_data().values()]
+    shown = [
+        json.dumps(meta),
+        (layout.clusters / f"{target.cluster}.json").read_text(),
+        *target.user_data().values(),
+    ]
     assert not [text for text in shown if value in text], "the Spark secret stays in its own file"
     assert teardown(target).success
     assert not secret.exists()
@@ -254,7 +312,10 @@ def test_the_placeholder_orchestrator_is_refused_before_any_cloud_call(target, l
     path.write_text(path.read_text().replace(ORCHESTRATOR_CIDR, "192.0.2.10/32"))
     before = target.requests()
     message, _ = failure(materialise(target, workers=1, profile=profile, raise_on_error=False))
-    assert "192.0.2.10/32, the documentation placeholder" in message and "private address of the host that runs Dagster" in message
+    assert (
+        "192.0.2.10/32, the documentation placeholder" in message
+        and "private address of the host that runs Dagster" in message
+    )
     assert target.count(target.create_request, before) == 0 and target.servers() == []
 
 

@@ -27,8 +27,11 @@ def test_secret_from_the_environment_appears_in_no_log_metadata_or_file(target, 
         assert ok.success, "the secret was read from the environment and accepted by the cloud"
         target.api.set_faults([{"match": target.create_request, "kind": "quota", "after": 0, "times": -1}])
         failed = materialize(
-            [spark_cluster], resources=resources, run_config={"ops": {"spark_cluster": {"config": {"workers": 3, "size": target.worker_size}}}},
-            instance=instance, raise_on_error=False,
+            [spark_cluster],
+            resources=resources,
+            run_config={"ops": {"spark_cluster": {"config": {"workers": 3, "size": target.worker_size}}}},
+            instance=instance,
+            raise_on_error=False,
         )
         assert not failed.success
         target.api.clear_faults()

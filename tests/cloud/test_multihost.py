@@ -41,11 +41,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from dagster import materialize
+from support.spark import TEST_SPARK_CONF
 
 from cloud import multihost
 from cloud.conftest import AWS_KEY_ID, AWS_SECRET, OS_PASSWORD, OS_USER
 from cloud.emulators import ORCHESTRATOR_ADDRESS, TEST_NETWORK, aws_cloud, openstack_cloud, write_profile
-from support.spark import TEST_SPARK_CONF
 from gaia_flows import maps
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
@@ -58,8 +58,13 @@ from gaia_flows.science import synthetic
 
 pytestmark = [
     pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces, veth pairs and nftables need root (CI runs as root)"),
-    pytest.mark.skipif(not (shutil.which("ip") and shutil.which("nft")), reason="needs iproute2 and nftables (.ci/run installs them)"),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="network namespaces, veth pairs and nftables need root (CI runs as root)"
+    ),
+    pytest.mark.skipif(
+        not (shutil.which("ip") and shutil.which("nft")),
+        reason="needs iproute2 and nftables (.ci/run installs them)",
+    ),
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -83,7 +88,9 @@ class Cloud:
     credentials: dict[str, str]
     servers: Callable[[], list[multihost.Server]]
     group_rules: Callable[[str], list[dict]]
-    inventory: Callable[[], dict]  # {"servers": {name: address}, "key_pairs": [...], "security_groups": [...]}
+    inventory: Callable[
+        [], dict
+    ]  # {"servers": {name: address}, "key_pairs": [...], "security_groups": [...]}
 
 
 @dataclass
@@ -119,14 +126,20 @@ class Deployment:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
         summary = json.loads(out.read_text()) if out.exists() else {}
-        assert code == 0, f"run {steps} failed: {summary.get('error') or log.read_text()[-4000:]}\nhypervisor: {self.hypervisor.errors}"
+        assert code == 0, (
+            f"run {steps} failed: {summary.get('error') or log.read_text()[-4000:]}\nhypervisor: {self.hypervisor.errors}"
+        )
         return summary
 
     def manifest(self) -> dict:
         return json.loads((self.home / "clusters" / f"{self.cloud.cluster}.json").read_text())
 
     def node_names(self) -> list[str]:
-        return [f"{self.cloud.cluster}-master", f"{self.cloud.cluster}-worker-0", f"{self.cloud.cluster}-worker-1"]
+        return [
+            f"{self.cloud.cluster}-master",
+            f"{self.cloud.cluster}-worker-0",
+            f"{self.cloud.cluster}-worker-1",
+        ]
 
 
 def _write_profile(directory: Path, base: str, name: str, cloud: dict) -> None:
@@ -134,7 +147,9 @@ def _write_profile(directory: Path, base: str, name: str, cloud: dict) -> None:
     write_profile(directory, base, name, cloud)
     path = directory / f"{name}.yaml"
     spec = yaml.safe_load(path.read_text())
-    spec["spark"]["conf"].update({"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false"})
+    spec["spark"]["conf"].update(
+        {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false"}
+    )
     spec["storage"] = {"mount": MOUNT}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
@@ -149,12 +164,16 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _serve_on_orchestrator(lab, orchestrator, script: str, log: Path, url: str, env: dict | None = None) -> None:
+def _serve_on_orchestrator(
+    lab, orchestrator, script: str, log: Path, url: str, env: dict | None = None
+) -> None:
     """Start an emulator on the orchestrator host's loopback and wait until it answers there."""
     lab.spawn("orchestrator", script, log, env=env)
     deadline = time.monotonic() + 90
     while not orchestrator(_answers, url):
-        assert time.monotonic() < deadline, f"{url} does not answer on the orchestrator's loopback:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, (
+            f"{url} does not answer on the orchestrator's loopback:\n{log.read_text()[-2000:]}"
+        )
         time.sleep(0.2)
 
 
@@ -170,25 +189,51 @@ def _openstack(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
         f"exec {sys.executable} {HERE / 'openstack_fake.py'} --port-file {root / 'openstack.port'} --port {port} "
         f"--user {OS_USER} --subnet {TEST_NETWORK} --build-seconds 0.2\n"
     )
-    _serve_on_orchestrator(lab, orchestrator, script, root / "logs" / "openstack-fake.log", f"{url}/identity/v3", env={"FAKE_OS_PASSWORD": OS_PASSWORD})
-    _write_profile(profiles, "openstack", "openstack-mh", openstack_cloud(SimpleNamespace(url=url), wait_timeout_s=300, verify_stack=True))
+    _serve_on_orchestrator(
+        lab,
+        orchestrator,
+        script,
+        root / "logs" / "openstack-fake.log",
+        f"{url}/identity/v3",
+        env={"FAKE_OS_PASSWORD": OS_PASSWORD},
+    )
+    _write_profile(
+        profiles,
+        "openstack",
+        "openstack-mh",
+        openstack_cloud(SimpleNamespace(url=url), wait_timeout_s=300, verify_stack=True),
+    )
     state = lambda: orchestrator(_get_json, f"{url}/_fake/state")  # noqa: E731
 
     def servers():
         return [
-            multihost.Server(s["id"], s["name"], s["status"] == "ACTIVE", s["address"], s["user_data"], (s["security_groups"] or [{}])[0].get("name"))
+            multihost.Server(
+                s["id"],
+                s["name"],
+                s["status"] == "ACTIVE",
+                s["address"],
+                s["user_data"],
+                (s["security_groups"] or [{}])[0].get("name"),
+            )
             for s in state()["servers"]
         ]
 
     def group_rules(name):
         for group in state()["security_group_details"]:
             if group["name"] == name:
-                return [{"protocol": p, "from": lo, "to": hi, "source": "group" if src == group["id"] else src} for p, lo, hi, src in group["rules"]]
+                return [
+                    {"protocol": p, "from": lo, "to": hi, "source": "group" if src == group["id"] else src}
+                    for p, lo, hi, src in group["rules"]
+                ]
         return []
 
     def inventory():
         now = state()
-        return {"servers": {s["name"]: s["address"] for s in now["servers"]}, "key_pairs": now["keypairs"], "security_groups": [g for g in now["security_groups"] if g != "default"]}
+        return {
+            "servers": {s["name"]: s["address"] for s in now["servers"]},
+            "key_pairs": now["keypairs"],
+            "security_groups": [g for g in now["security_groups"] if g != "default"],
+        }
 
     credentials = {"GAIA_TEST_OS_USERNAME": OS_USER, "GAIA_TEST_OS_PASSWORD": OS_PASSWORD}
     return Cloud("openstack-mh", "gaia-os", "general.v1.small", credentials, servers, group_rules, inventory)
@@ -197,12 +242,28 @@ def _openstack(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
 def _ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
     url = f"http://127.0.0.1:{MOTO_PORT}"
     moto = Path(sys.executable).with_name("moto_server")
-    _serve_on_orchestrator(lab, orchestrator, f"exec {moto} -H 127.0.0.1 -p {MOTO_PORT}\n", root / "logs" / "moto.log", f"{url}/moto-api/")
-    ec2 = orchestrator(lambda: boto3.client("ec2", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"))
+    _serve_on_orchestrator(
+        lab,
+        orchestrator,
+        f"exec {moto} -H 127.0.0.1 -p {MOTO_PORT}\n",
+        root / "logs" / "moto.log",
+        f"{url}/moto-api/",
+    )
+    ec2 = orchestrator(
+        lambda: boto3.client(
+            "ec2",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+    )
     call = lambda fn, **kw: orchestrator(lambda: getattr(ec2, fn)(**kw))  # noqa: E731 - every request from the orchestrator host
     # The cluster's subnet is the lab's network, so instances get addresses the lab can give them.
     vpc = call("create_vpc", CidrBlock=str(NETWORK.supernet(new_prefix=16)))["Vpc"]["VpcId"]
-    subnet = call("create_subnet", VpcId=vpc, CidrBlock=TEST_NETWORK, AvailabilityZone="us-east-1a")["Subnet"]["SubnetId"]
+    subnet = call("create_subnet", VpcId=vpc, CidrBlock=TEST_NETWORK, AvailabilityZone="us-east-1a")[
+        "Subnet"
+    ]["SubnetId"]
     cloud = aws_cloud(SimpleNamespace(port=MOTO_PORT), wait_timeout_s=300, verify_stack=True)
     cloud["network"]["subnet"] = subnet
     cloud["network"]["use_public_ip"] = False
@@ -220,9 +281,22 @@ def _ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
         for i, tags in live():
             iid = i["InstanceId"]
             if iid not in user_data:
-                user_data[iid] = base64.b64decode(call("describe_instance_attribute", InstanceId=iid, Attribute="userData")["UserData"]["Value"]).decode()
+                user_data[iid] = base64.b64decode(
+                    call("describe_instance_attribute", InstanceId=iid, Attribute="userData")["UserData"][
+                        "Value"
+                    ]
+                ).decode()
             group = (i.get("SecurityGroups") or [{}])[0].get("GroupName")
-            out.append(multihost.Server(iid, tags.get("Name", iid), i["State"]["Name"] == "running", i.get("PrivateIpAddress"), user_data[iid], group))
+            out.append(
+                multihost.Server(
+                    iid,
+                    tags.get("Name", iid),
+                    i["State"]["Name"] == "running",
+                    i.get("PrivateIpAddress"),
+                    user_data[iid],
+                    group,
+                )
+            )
         return out
 
     def group_rules(name):
@@ -231,7 +305,11 @@ def _ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
                 rules = []
                 for p in g["IpPermissions"]:
                     base = {"protocol": p["IpProtocol"], "from": p["FromPort"], "to": p["ToPort"]}
-                    rules += [{**base, "source": "group"} for pair in p.get("UserIdGroupPairs", []) if pair["GroupId"] == g["GroupId"]]
+                    rules += [
+                        {**base, "source": "group"}
+                        for pair in p.get("UserIdGroupPairs", [])
+                        if pair["GroupId"] == g["GroupId"]
+                    ]
                     rules += [{**base, "source": r["CidrIp"]} for r in p.get("IpRanges", [])]
                 return rules
         return []
@@ -240,7 +318,11 @@ def _ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
         return {
             "servers": {tags.get("Name"): i.get("PrivateIpAddress") for i, tags in live()},
             "key_pairs": [k["KeyName"] for k in call("describe_key_pairs")["KeyPairs"]],
-            "security_groups": [g["GroupName"] for g in call("describe_security_groups")["SecurityGroups"] if g["GroupName"] != "default"],
+            "security_groups": [
+                g["GroupName"]
+                for g in call("describe_security_groups")["SecurityGroups"]
+                if g["GroupName"] != "default"
+            ],
         }
 
     credentials = {"GAIA_TEST_AWS_KEY_ID": AWS_KEY_ID, "GAIA_TEST_AWS_SECRET": AWS_SECRET}
@@ -261,11 +343,23 @@ def _deployment(tmp_path_factory, make_cloud, regions: list[str]):
         cloud = make_cloud(lab, orchestrator, root, profiles)
         secret_file = home / "clusters" / cloud.cluster / "spark-secret"
         hypervisor = multihost.Hypervisor(
-            lab, servers=cloud.servers, group_rules=cloud.group_rules, mount=MOUNT, shared=shared,
-            secret=lambda: secret_file.read_text() if secret_file.exists() else None, log_dir=root / "logs",
+            lab,
+            servers=cloud.servers,
+            group_rules=cloud.group_rules,
+            mount=MOUNT,
+            shared=shared,
+            secret=lambda: secret_file.read_text() if secret_file.exists() else None,
+            log_dir=root / "logs",
         )
         files = 48 if len(regions) == len(REGIONS) else 4
-        synthetic.generate(stars=STARS if files == 48 else 2_000, seed=14, out=shared / "landing", files=files, processes=1, progress=False)
+        synthetic.generate(
+            stars=STARS if files == 48 else 2_000,
+            seed=14,
+            out=shared / "landing",
+            files=files,
+            processes=1,
+            progress=False,
+        )
         hypervisor.start()
         yield Deployment(lab, orchestrator, hypervisor, cloud, root, shared, home, profiles)
     finally:
@@ -295,9 +389,19 @@ def local_run(tmp_path_factory, deployment, _spark_application):
     storage = StorageResource(home=str(home), landing=str(deployment.shared / "landing"))
     spark = SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF)
     resources = {"storage": storage, "spark": spark}
-    tags = {"dagster/asset_partition_range_start": REGIONS[0], "dagster/asset_partition_range_end": REGIONS[-1]}
-    assert materialize([gaia_landing, gaia_source, pm_stats], selection=[gaia_source.key, pm_stats.key], resources=resources, tags=tags).success
-    assert materialize([pm_stats, proper_motion_maps], selection=[proper_motion_maps.key], resources=resources).success
+    tags = {
+        "dagster/asset_partition_range_start": REGIONS[0],
+        "dagster/asset_partition_range_end": REGIONS[-1],
+    }
+    assert materialize(
+        [gaia_landing, gaia_source, pm_stats],
+        selection=[gaia_source.key, pm_stats.key],
+        resources=resources,
+        tags=tags,
+    ).success
+    assert materialize(
+        [pm_stats, proper_motion_maps], selection=[proper_motion_maps.key], resources=resources
+    ).success
     return storage.layout
 
 
@@ -327,7 +431,9 @@ def test_the_graph_runs_on_the_cluster_hosts(deployment, graph_run):
         "spark.authenticate": "true",
         "spark.network.crypto.enabled": "true",
     }
-    assert set(graph_run["catalogue"]["task_hosts"]) <= set(workers) and graph_run["catalogue"]["task_hosts"], "tasks ran on the worker hosts"
+    assert (
+        set(graph_run["catalogue"]["task_hosts"]) <= set(workers) and graph_run["catalogue"]["task_hosts"]
+    ), "tasks ran on the worker hosts"
     assert graph_run["maps"]["success"]
     assert deployment.hypervisor.errors == []
 
@@ -336,16 +442,27 @@ def test_tables_and_maps_equal_a_local_run(deployment, graph_run, local_run):
     cluster = StateLayout.from_env(deployment.home).with_storage({"mount": str(deployment.shared)})
     assert cluster.warehouse == deployment.shared / "warehouse"
     for region in REGIONS:
-        got, want = _table(cluster.region_dir("gaia_source", region), "source_id"), _table(local_run.region_dir("gaia_source", region), "source_id")
+        got, want = (
+            _table(cluster.region_dir("gaia_source", region), "source_id"),
+            _table(local_run.region_dir("gaia_source", region), "source_id"),
+        )
         assert got.equals(want), region
-        got, want = _table(cluster.region_dir("pm_stats", region), "pixel"), _table(local_run.region_dir("pm_stats", region), "pixel")
+        got, want = (
+            _table(cluster.region_dir("pm_stats", region), "pixel"),
+            _table(local_run.region_dir("pm_stats", region), "pixel"),
+        )
         assert list(got.columns) == list(want.columns) and len(got) == len(want), region
         for column in got.columns:
-            assert got[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-12, nan_ok=True), (region, column)
+            assert got[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-12, nan_ok=True), (
+                region,
+                column,
+            )
     got, want = maps.map_table(6, cluster).to_pandas(), maps.map_table(6, local_run).to_pandas()
     assert len(got) == len(want) == 12 * 4**6
     for column in got.columns:
-        assert got[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-12, nan_ok=True), column
+        assert got[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-12, nan_ok=True), (
+            column
+        )
 
 
 def _connects(address: str, port: int) -> bool:
@@ -362,10 +479,19 @@ def test_a_host_outside_the_security_group_is_refused(deployment, graph_run):
     deployment.lab.add_host("outsider", str(NETWORK.network_address + 200))
     outsider = multihost.InNamespace(deployment.lab.hosts["outsider"].namespace)
     try:
-        probes = [(master, 7077), (master, 8080), (worker, 7078), (worker, 8081), (worker, 7080), (master, 22)]
+        probes = [
+            (master, 7077),
+            (master, 8080),
+            (worker, 7078),
+            (worker, 8081),
+            (worker, 7080),
+            (master, 22),
+        ]
         assert [p for p in probes if outsider(_connects, *p)] == []
         # The same ports answer the orchestrator, which the group admits: the refusal is the group's.
-        assert deployment.orchestrator(_connects, master, 7077) and deployment.orchestrator(_connects, worker, 8081)
+        assert deployment.orchestrator(_connects, master, 7077) and deployment.orchestrator(
+            _connects, worker, 8081
+        )
     finally:
         outsider.close()
         deployment.lab.remove_host("outsider")
@@ -374,7 +500,12 @@ def test_a_host_outside_the_security_group_is_refused(deployment, graph_run):
 def test_a_driver_with_a_wrong_secret_is_refused(deployment, graph_run):
     """A driver inside the orchestrator's address, with the cluster's settings but another secret."""
     manifest = deployment.manifest()
-    conf = {**manifest["spark_conf"], "spark.authenticate.secret": "0" * 64, "spark.driver.memory": "512m", "spark.ui.enabled": "false"}
+    conf = {
+        **manifest["spark_conf"],
+        "spark.authenticate.secret": "0" * 64,
+        "spark.driver.memory": "512m",
+        "spark.ui.enabled": "false",
+    }
     code = f"from gaia_flows import spark; spark.session({manifest['master_url']!r}, {conf!r}, app_name='intruder').range(1).count()"
     master_log = deployment.root / "logs" / f"{deployment.cloud.cluster}-master.log"
     driver_log = deployment.root / "logs" / "intruder.log"
@@ -387,7 +518,9 @@ def test_a_driver_with_a_wrong_secret_is_refused(deployment, graph_run):
             time.sleep(0.5)
             refused = AUTH_REFUSED.findall(driver_log.read_text(errors="replace"))
         text = driver_log.read_text(errors="replace")
-        assert refused and "Failed to connect to master" in text, f"the driver was not refused during authentication:\n{text[-3000:]}"
+        assert refused and "Failed to connect to master" in text, (
+            f"the driver was not refused during authentication:\n{text[-3000:]}"
+        )
         assert "Registering app intruder" not in master_log.read_text(errors="replace")[seen:]
     finally:
         if proc.poll() is None:
@@ -396,8 +529,14 @@ def test_a_driver_with_a_wrong_secret_is_refused(deployment, graph_run):
 
 
 def _teardown_leaves_nothing(deployment: Deployment) -> None:
-    pids = {name: multihost.netns_pids(host.namespace) for name, host in deployment.lab.hosts.items() if name != "orchestrator"}
-    assert sorted(pids) == deployment.node_names() and all(pids.values()), "every node host runs its daemon until teardown"
+    pids = {
+        name: multihost.netns_pids(host.namespace)
+        for name, host in deployment.lab.hosts.items()
+        if name != "orchestrator"
+    }
+    assert sorted(pids) == deployment.node_names() and all(pids.values()), (
+        "every node host runs its daemon until teardown"
+    )
     summary = deployment.run("teardown")["teardown"]["summary"]
     assert sorted(summary["destroyed_nodes"]) == deployment.node_names()
     assert deployment.cloud.inventory() == {"servers": {}, "key_pairs": [], "security_groups": []}

@@ -7,7 +7,6 @@ import math
 import pytest
 import yaml
 
-from gaia_flows.profiles import PROFILES_DIR
 from gaia_flows.cloud.planner import (
     EXECUTOR_OVERHEAD_MIN_MB,
     MAX_EXECUTOR_CORES,
@@ -21,6 +20,7 @@ from gaia_flows.cloud.planner import (
     Workload,
     plan_cluster,
 )
+from gaia_flows.profiles import PROFILES_DIR
 
 
 def S(name, vcpus, gib, price=None, id=None):
@@ -29,27 +29,53 @@ def S(name, vcpus, gib, price=None, id=None):
 
 # On-demand Linux prices per hour (USD), as the providers list them.
 EC2 = [
-    S("t3.micro", 2, 1, 0.0104), S("c5.large", 2, 4, 0.085), S("c5.xlarge", 4, 8, 0.17), S("c5.2xlarge", 8, 16, 0.34),
-    S("c5.4xlarge", 16, 32, 0.68), S("m5.large", 2, 8, 0.096), S("m5.xlarge", 4, 16, 0.192), S("m5.2xlarge", 8, 32, 0.384),
-    S("m5.4xlarge", 16, 64, 0.768), S("r5.large", 2, 16, 0.126), S("r5.xlarge", 4, 32, 0.252), S("r5.2xlarge", 8, 64, 0.504),
+    S("t3.micro", 2, 1, 0.0104),
+    S("c5.large", 2, 4, 0.085),
+    S("c5.xlarge", 4, 8, 0.17),
+    S("c5.2xlarge", 8, 16, 0.34),
+    S("c5.4xlarge", 16, 32, 0.68),
+    S("m5.large", 2, 8, 0.096),
+    S("m5.xlarge", 4, 16, 0.192),
+    S("m5.2xlarge", 8, 32, 0.384),
+    S("m5.4xlarge", 16, 64, 0.768),
+    S("r5.large", 2, 16, 0.126),
+    S("r5.xlarge", 4, 32, 0.252),
+    S("r5.2xlarge", 8, 64, 0.504),
     S("r5.4xlarge", 16, 128, 1.008),
 ]
 # Nova flavours: ids are opaque strings, no price.
 OPENSTACK = [
     S(name, vcpus, gib, None, id=str(i + 1))
     for i, (name, vcpus, gib) in enumerate(
-        [("general.v1.tiny", 1, 2), ("general.v1.small", 2, 4), ("general.v1.medium", 4, 8), ("general.v1.large", 8, 16),
-         ("general.v1.xlarge", 16, 32), ("memory.v1.large", 8, 64), ("memory.v1.xlarge", 16, 128)]
+        [
+            ("general.v1.tiny", 1, 2),
+            ("general.v1.small", 2, 4),
+            ("general.v1.medium", 4, 8),
+            ("general.v1.large", 8, 16),
+            ("general.v1.xlarge", 16, 32),
+            ("memory.v1.large", 8, 64),
+            ("memory.v1.xlarge", 16, 128),
+        ]
     )
 ]
 GCE = [
-    S("e2-standard-2", 2, 8, 0.067), S("e2-standard-4", 4, 16, 0.134), S("n2-standard-2", 2, 8, 0.097),
-    S("n2-standard-4", 4, 16, 0.194), S("n2-standard-8", 8, 32, 0.389), S("n2-highmem-4", 4, 32, 0.262),
-    S("n2-highmem-8", 8, 64, 0.524), S("n2-highmem-16", 16, 128, 1.048), S("e2-micro", 2, 1, 0.0084),
+    S("e2-standard-2", 2, 8, 0.067),
+    S("e2-standard-4", 4, 16, 0.134),
+    S("n2-standard-2", 2, 8, 0.097),
+    S("n2-standard-4", 4, 16, 0.194),
+    S("n2-standard-8", 8, 32, 0.389),
+    S("n2-highmem-4", 4, 32, 0.262),
+    S("n2-highmem-8", 8, 64, 0.524),
+    S("n2-highmem-16", 16, 128, 1.048),
+    S("e2-micro", 2, 1, 0.0084),
 ]
 AZURE = [
-    S("Standard_D2s_v5", 2, 8, 0.096), S("Standard_D4s_v5", 4, 16, 0.192), S("Standard_D8s_v5", 8, 32, 0.384),
-    S("Standard_E4s_v5", 4, 32, 0.252), S("Standard_E8s_v5", 8, 64, 0.504), S("Standard_F4s_v2", 4, 8, 0.169),
+    S("Standard_D2s_v5", 2, 8, 0.096),
+    S("Standard_D4s_v5", 4, 16, 0.192),
+    S("Standard_D8s_v5", 8, 32, 0.384),
+    S("Standard_E4s_v5", 4, 32, 0.252),
+    S("Standard_E8s_v5", 8, 64, 0.504),
+    S("Standard_F4s_v2", 4, 8, 0.169),
     S("Standard_B1s", 1, 1, 0.0104),
 ]
 
@@ -86,7 +112,9 @@ def test_aggregation_takes_more_leaner_workers_than_training(sizes):
     need = 10 * GiB * WORKLOADS[Workload.TRAINING].memory_expansion
     assert train.total_executor_memory_mb * 2**20 * SPARK_MEMORY_FRACTION >= need
     # Aggregation buys the cores to scan the data at its target rate.
-    assert agg.total_executor_cores >= math.ceil(40 * GiB / WORKLOADS[Workload.AGGREGATE].target_bytes_per_core)
+    assert agg.total_executor_cores >= math.ceil(
+        40 * GiB / WORKLOADS[Workload.AGGREGATE].target_bytes_per_core
+    )
 
 
 def test_ec2_aggregate_is_the_cheapest_cluster_that_delivers_the_cores():
@@ -115,7 +143,9 @@ def test_openstack_flavours_without_prices_rank_by_footprint_and_report_no_cost(
     train = plan_cluster(40 * GiB, "training", OPENSTACK, Limits(max_workers=16))
     assert agg.cost_per_hour is None and train.cost_per_hour is None
     assert agg.size.name.startswith("general.") and train.size.name.startswith("memory.")
-    assert agg.size.id == str(1 + [s.name for s in OPENSTACK].index(agg.size.name)), "create_node needs the flavour id back"
+    assert agg.size.id == str(1 + [s.name for s in OPENSTACK].index(agg.size.name)), (
+        "create_node needs the flavour id back"
+    )
     assert agg.master_size.name == "general.v1.tiny"
 
 
@@ -131,7 +161,10 @@ def test_mixed_priced_and_unpriced_sizes_are_compared_in_one_unit():
 
 @pytest.mark.parametrize(
     "profile, sizes, agg_family, train_family",
-    [("gce", GCE, ("e2-standard", "n2-standard"), ("n2-highmem",)), ("azure", AZURE, ("Standard_D", "Standard_F"), ("Standard_E",))],
+    [
+        ("gce", GCE, ("e2-standard", "n2-standard"), ("n2-highmem",)),
+        ("azure", AZURE, ("Standard_D", "Standard_F"), ("Standard_E",)),
+    ],
 )
 def test_gce_and_azure_profiles_plan_from_their_allowed_sizes(profile, sizes, agg_family, train_family):
     limits = _profile_limits(profile)
@@ -140,11 +173,15 @@ def test_gce_and_azure_profiles_plan_from_their_allowed_sizes(profile, sizes, ag
     train = plan_cluster(30 * GiB, "training", sizes, limits)
     assert agg.size.name in limits.allowed_sizes and train.size.name in limits.allowed_sizes
     assert agg.size.name.startswith(agg_family) and train.size.name.startswith(train_family)
-    assert agg.master_size.name in limits.allowed_sizes, "the micro sizes are not allowed, not even for the master"
+    assert agg.master_size.name in limits.allowed_sizes, (
+        "the micro sizes are not allowed, not even for the master"
+    )
     for plan in (agg, train):
         _check_shape(plan)
         assert limits.min_workers <= plan.worker_count <= limits.max_workers
-        assert plan.cost_per_hour == pytest.approx(plan.worker_count * plan.size.price + plan.master_size.price)
+        assert plan.cost_per_hour == pytest.approx(
+            plan.worker_count * plan.size.price + plan.master_size.price
+        )
 
 
 def test_limits_cap_total_vcpus_and_price():
@@ -169,17 +206,29 @@ def test_files_per_region_follow_the_bucket_size():
     regions = {"hpx1-00": 10 * GiB, "hpx1-01": 300 * 2**20, "hpx1-02": 0}
     plan = plan_cluster(sum(regions.values()), "aggregate", EC2, Limits(max_workers=8), regions=regions)
     bucket = plan.bucket_bytes
-    assert plan.files_per_region == {"hpx1-00": math.ceil(10 * GiB / bucket), "hpx1-01": math.ceil(300 * 2**20 / bucket), "hpx1-02": 1}
+    assert plan.files_per_region == {
+        "hpx1-00": math.ceil(10 * GiB / bucket),
+        "hpx1-01": math.ceil(300 * 2**20 / bucket),
+        "hpx1-02": 1,
+    }
     even = plan_cluster(48 * 2 * GiB, "aggregate", EC2, Limits(max_workers=8), regions=48)
     assert even.files_per_region == {"*": math.ceil(2 * GiB / even.bucket_bytes)}
 
 
 def test_nothing_fits_is_a_clear_error():
-    with pytest.raises(PlanError, match=r"nothing fits a training workload over 2048\.00 GiB.*max_workers=4.*r5\.2xlarge: training set needs \d+ MiB executor memory = \d+ workers > 4 allowed"):
+    with pytest.raises(
+        PlanError,
+        match=r"nothing fits a training workload over 2048\.00 GiB.*max_workers=4.*r5\.2xlarge: training set needs \d+ MiB executor memory = \d+ workers > 4 allowed",
+    ):
         plan_cluster(2048 * GiB, "training", EC2, Limits(max_workers=4))
-    with pytest.raises(PlanError, match=r"t3\.micro: 1024 MiB leaves no executor memory; c5\.large: \d+ MiB/core < 4096 needed for training"):
+    with pytest.raises(
+        PlanError,
+        match=r"t3\.micro: 1024 MiB leaves no executor memory; c5\.large: \d+ MiB/core < 4096 needed for training",
+    ):
         plan_cluster(GiB, "training", [S("t3.micro", 2, 1, 0.01), S("c5.large", 2, 4, 0.085)])
-    with pytest.raises(PlanError, match=r"no size can host the Spark master: need >= 8192 MiB.*c5\.large with 4096 MiB"):
+    with pytest.raises(
+        PlanError, match=r"no size can host the Spark master: need >= 8192 MiB.*c5\.large with 4096 MiB"
+    ):
         plan_cluster(GiB, "aggregate", [S("c5.large", 2, 4, 0.085)], Limits(master_min_ram_mb=8192))
     with pytest.raises(PlanError, match=r"allowed_sizes \['x9\.huge'\] is offered"):
         plan_cluster(GiB, "aggregate", EC2, Limits(allowed_sizes=("x9.huge",)))
@@ -193,7 +242,9 @@ def test_workload_names():
     assert Workload.parse("sequential-aggregate") is Workload.AGGREGATE
     assert Workload.parse("ML_training") is Workload.TRAINING
     assert Workload.parse("classify") is Workload.CLASSIFICATION
-    with pytest.raises(PlanError, match="unknown workload kind 'sorting' .*aggregate, training, classification"):
+    with pytest.raises(
+        PlanError, match="unknown workload kind 'sorting' .*aggregate, training, classification"
+    ):
         plan_cluster(GiB, "sorting", EC2)
 
 

@@ -51,9 +51,13 @@ def test_table_digest_follows_names_and_bytes(tmp_path):
 
 def test_run_params_are_an_explicit_list():
     choice = classify.choose_engine(1000, 8 << 30, 0.25, "sklearn")
-    params = train.run_params(classify.ForestParams(), choice, 0.5, {"cuts": {"parallax_min_mas": 8.0}, "split_seed": 42})
+    params = train.run_params(
+        classify.ForestParams(), choice, 0.5, {"cuts": {"parallax_min_mas": 8.0}, "split_seed": 42}
+    )
     assert params["rf_n_estimators"] == classify.ForestParams().n_estimators
-    assert params["cut_parallax_min_mas"] == 8.0 and params["split_seed"] == 42 and params["engine"] == "sklearn"
+    assert (
+        params["cut_parallax_min_mas"] == 8.0 and params["split_seed"] == 42 and params["engine"] == "sklearn"
+    )
     assert params["features"] == ",".join(FEATURES)
 
 
@@ -76,12 +80,18 @@ class _Version:
 
 
 def test_the_first_version_is_promoted_without_a_champion():
-    decision = registry.champion_gate(_Registry(), "1", {"accuracy": 0.9}, None, lambda: None, 0.5, "accuracy", 0.0)
+    decision = registry.champion_gate(
+        _Registry(), "1", {"accuracy": 0.9}, None, lambda: None, 0.5, "accuracy", 0.0
+    )
     assert decision == registry.GateDecision(True, 0.9, None, None, "1")
 
 
 def test_resolve_model_pins_the_champion_version_and_its_population():
-    assert registry.resolve_model(_Registry(_Version()), None) == (f"models:/{registry.MODEL_NAME}/4", "4", 10.0)
+    assert registry.resolve_model(_Registry(_Version()), None) == (
+        f"models:/{registry.MODEL_NAME}/4",
+        "4",
+        10.0,
+    )
     assert registry.resolve_model(_Registry(), "runs:/abc/model") == ("runs:/abc/model", None, 8.0)
     with pytest.raises(registry.NoChampionError, match="materialise astrometric_classifier first"):
         registry.resolve_model(_Registry(), None)

@@ -10,7 +10,9 @@ import pytest
 from gaia_flows.science.ecsv import EcsvColumn, GaiaFileError, format_header, read_file_header, read_header
 
 COLUMNS = (
-    EcsvColumn("source_id", "int64", None, "Unique source identifier (unique within a particular Data Release)"),
+    EcsvColumn(
+        "source_id", "int64", None, "Unique source identifier (unique within a particular Data Release)"
+    ),
     EcsvColumn("ra", "float64", "deg", "Right ascension"),
     EcsvColumn("phot_g_mean_flux", "float64", "'electron'.s**-1", "G-band mean flux"),
     EcsvColumn("astrometric_params_solved", "int8", None, "Which parameters have been solved for?"),
@@ -45,7 +47,9 @@ solution_id,ra
 
 
 def test_format_then_read_round_trips_columns_meta_and_position():
-    text = format_header(COLUMNS, meta={"release": "synthetic", "seed": 7}) + "1,2.5,3.0,31,\"Gaia DR3 1\",False\n"
+    text = (
+        format_header(COLUMNS, meta={"release": "synthetic", "seed": 7}) + '1,2.5,3.0,31,"Gaia DR3 1",False\n'
+    )
     stream = io.StringIO(text)
     header = read_header(stream, "round.csv")
     assert header.columns == COLUMNS
@@ -64,7 +68,7 @@ def test_reads_the_block_style_header_of_real_dr3_files():
 
 def test_reads_a_gzipped_file_by_path(tmp_path):
     path = tmp_path / "GaiaSource_000000-000001.csv.gz"
-    path.write_bytes(gzip.compress((format_header(COLUMNS) + "1,2.5,3.0,31,\"x\",True\n").encode()))
+    path.write_bytes(gzip.compress((format_header(COLUMNS) + '1,2.5,3.0,31,"x",True\n').encode()))
     assert read_file_header(path).columns == COLUMNS
 
 

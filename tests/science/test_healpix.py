@@ -27,7 +27,9 @@ def test_source_id_pixel_matches_astropy_healpix(positions, level):
 
 def test_real_dr3_source_id_decodes_to_its_position():
     # Gaia DR3 4295806720: ra 44.996, dec 0.005 (first row of GaiaSource_000000-003111)
-    assert healpix.source_id_to_healpix(4295806720, 12) == healpix.radec_to_healpix(44.99615537864534, 0.005615226341865997, 12)
+    assert healpix.source_id_to_healpix(4295806720, 12) == healpix.radec_to_healpix(
+        44.99615537864534, 0.005615226341865997, 12
+    )
     assert healpix.source_id_to_healpix(4295806720, 8) == 0
 
 
@@ -52,14 +54,24 @@ def test_file_name_range_parsing():
     assert healpix.parse_file_range("GaiaSource_000000-003111.csv.gz") == (0, 3111)
     assert healpix.parse_file_range("/landing/GaiaSource_786097-786431.csv.gz") == (786097, 786431)
     assert healpix.file_name(12, 345) == "GaiaSource_000012-000345.csv.gz"
-    for bad in ["GaiaSource_3111-000000.csv.gz", "GaiaSource_000010-000001.csv.gz", "GaiaSource_000000-786432.csv.gz", "gaia.csv.gz"]:
+    for bad in [
+        "GaiaSource_3111-000000.csv.gz",
+        "GaiaSource_000010-000001.csv.gz",
+        "GaiaSource_000000-786432.csv.gz",
+        "gaia.csv.gz",
+    ]:
         with pytest.raises(ValueError):
             healpix.parse_file_range(bad)
 
 
 def test_files_for_region_selects_overlapping_ranges_only(tmp_path):
     # region hpx1-01 covers level-8 pixels 16384..32767
-    names = ["GaiaSource_000000-016383.csv.gz", "GaiaSource_016000-016400.csv.gz", "GaiaSource_016384-032767.csv.gz", "GaiaSource_032768-040000.csv.gz"]
+    names = [
+        "GaiaSource_000000-016383.csv.gz",
+        "GaiaSource_016000-016400.csv.gz",
+        "GaiaSource_016384-032767.csv.gz",
+        "GaiaSource_032768-040000.csv.gz",
+    ]
     chosen = healpix.files_for_region([tmp_path / n for n in names], "hpx1-01")
     assert [p.name for p in chosen] == names[1:3]
 
@@ -78,4 +90,7 @@ def test_distance_to_centre_and_pixel_radius_agree_with_healpy():
     # every corner of a pixel lies within its maximum radius
     corners = hp.boundaries(4096, 1000, step=1, nest=True)
     corner_ra, corner_dec = hp.vec2ang(corners.T, lonlat=True)
-    assert (healpix.distance_to_centre(np.full(4, 1000), level, corner_ra, corner_dec) <= healpix.max_pixel_radius(level) + 1e-12).all()
+    assert (
+        healpix.distance_to_centre(np.full(4, 1000), level, corner_ra, corner_dec)
+        <= healpix.max_pixel_radius(level) + 1e-12
+    ).all()

@@ -25,6 +25,9 @@ def test_science_imports_only_science_and_third_party_code():
         f"{path.name}: {name}"
         for path in files
         for name in _imported_modules(path)
-        if name.startswith(".") or (name.split(".")[0] == "gaia_flows" and not name.startswith("gaia_flows.science"))
+        if name.startswith(".")
+        or (name.split(".")[0] == "gaia_flows" and not name.startswith("gaia_flows.science"))
     }
-    assert not outside, f"science/ must not import the rest of gaia_flows (or use relative imports): {sorted(outside)}"
+    assert not outside, (
+        f"science/ must not import the rest of gaia_flows (or use relative imports): {sorted(outside)}"
+    )

@@ -33,7 +33,9 @@ def _read(path) -> pa.Table:
     return pacsv.read_csv(
         path,
         read_options=pacsv.ReadOptions(skip_rows=header.comment_lines),
-        convert_options=pacsv.ConvertOptions(column_types=schema, null_values=["null"], strings_can_be_null=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types=schema, null_values=["null"], strings_can_be_null=False
+        ),
     )
 
 
@@ -74,7 +76,13 @@ def test_solar_reflex_matches_astropy_in_galactic_axes():
     sky = syn.Sky(ra, dec, l, b, np.zeros(3, dtype=np.int8))
     distance = np.ones(3)
     pmra, pmdec = syn.proper_motion_from_velocity(sky, distance, np.zeros((3, 3)))
-    galactic = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, pm_ra_cosdec=pmra * u.mas / u.yr, pm_dec=pmdec * u.mas / u.yr, frame="icrs").galactic
+    galactic = SkyCoord(
+        ra=ra * u.deg,
+        dec=dec * u.deg,
+        pm_ra_cosdec=pmra * u.mas / u.yr,
+        pm_dec=pmdec * u.mas / u.yr,
+        frame="icrs",
+    ).galactic
     k = syn.KM_S_PER_MAS_YR_KPC
     u_sun, v_sun, w_sun = syn.SUN_VELOCITY
     # toward the centre the Sun's rotation (y) and W are transverse; toward l = 90 it is U and W
@@ -150,7 +158,9 @@ def test_disc_and_bulge_crowd_toward_the_galactic_centre(simulated):
 
 def test_spurious_solutions_crowd_into_the_plane(simulated):
     sky, _, spurious = simulated
-    clouds = (syn.angular_distance(sky.ra, sky.dec, syn.LMC_CENTRE) < 10) | (syn.angular_distance(sky.ra, sky.dec, syn.SMC_CENTRE) < 6)
+    clouds = (syn.angular_distance(sky.ra, sky.dec, syn.LMC_CENTRE) < 10) | (
+        syn.angular_distance(sky.ra, sky.dec, syn.SMC_CENTRE) < 6
+    )
     plane = (np.abs(sky.b) < 5) & ~clouds
     high = (np.abs(sky.b) > 30) & ~clouds
     assert spurious[plane].mean() > 5 * spurious[high].mean()
@@ -161,7 +171,9 @@ def test_enough_gcns_like_candidates_of_both_classes(simulated):
     """Scaled to 1,000,000 stars these are the >= 20,000 good and bad candidates the demo needs."""
     sky, columns, _ = simulated
     parallax = columns["parallax"]
-    clouds = (syn.angular_distance(sky.ra, sky.dec, syn.LMC_CENTRE) < 10) | (syn.angular_distance(sky.ra, sky.dec, syn.SMC_CENTRE) < 6)
+    clouds = (syn.angular_distance(sky.ra, sky.dec, syn.LMC_CENTRE) < 10) | (
+        syn.angular_distance(sky.ra, sky.dec, syn.SMC_CENTRE) < 6
+    )
     good = (parallax > 8) & (np.abs(sky.b) > 25) & ~clouds
     bad = parallax < -8
     assert good.sum() >= 0.02 * len(sky)
@@ -174,10 +186,20 @@ def test_spurious_sources_carry_the_crowded_field_signature(simulated):
     five = np.isfinite(columns["parallax"])
     good = five & ~spurious
     assert np.median(columns["ruwe"][spurious]) > 1.4 > np.median(columns["ruwe"][good])
-    assert np.median(columns["astrometric_excess_noise_sig"][spurious]) > 2 > np.median(columns["astrometric_excess_noise_sig"][good])
-    assert np.mean(columns["ipd_frac_multi_peak"][spurious]) > 10 * max(np.mean(columns["ipd_frac_multi_peak"][good]), 0.1)
-    assert np.median(columns["visibility_periods_used"][spurious]) < np.median(columns["visibility_periods_used"][good])
-    assert np.median(np.abs(columns["parallax_over_error"][spurious])) > 5 * np.median(np.abs(columns["parallax_over_error"][good]))
+    assert (
+        np.median(columns["astrometric_excess_noise_sig"][spurious])
+        > 2
+        > np.median(columns["astrometric_excess_noise_sig"][good])
+    )
+    assert np.mean(columns["ipd_frac_multi_peak"][spurious]) > 10 * max(
+        np.mean(columns["ipd_frac_multi_peak"][good]), 0.1
+    )
+    assert np.median(columns["visibility_periods_used"][spurious]) < np.median(
+        columns["visibility_periods_used"][good]
+    )
+    assert np.median(np.abs(columns["parallax_over_error"][spurious])) > 5 * np.median(
+        np.abs(columns["parallax_over_error"][good])
+    )
     negative, positive = (columns["parallax"][spurious] < -8).sum(), (columns["parallax"][spurious] > 8).sum()
     assert 0.8 < negative / positive < 1.25
 
@@ -201,7 +223,9 @@ def test_solution_types_and_their_nulls(simulated):
     assert not (two & spurious).any()
     for name in ("parallax", "parallax_error", "pmra", "pmdec", "pm", "ruwe", "parallax_pmdec_corr"):
         assert np.isnan(columns[name][two]).all() and np.isfinite(columns[name][~two]).all(), name
-    assert np.isfinite(columns["ra_dec_corr"]).all() and np.isfinite(columns["astrometric_excess_noise"]).all()
+    assert (
+        np.isfinite(columns["ra_dec_corr"]).all() and np.isfinite(columns["astrometric_excess_noise"]).all()
+    )
 
 
 # --- the files -----------------------------------------------------------------------------------
@@ -213,7 +237,10 @@ def test_files_parse_with_the_contract_header_in_contract_order(catalogue):
         assert healpix.is_gaia_file_name(path)
         header = read_file_header(path)
         assert header.names == [name for name in contract.names if name in syn.SYNTHETIC_COLUMNS]
-        assert all(c.datatype == contract.by_name[c.name].datatype and c.unit == contract.by_name[c.name].unit for c in header.columns)
+        assert all(
+            c.datatype == contract.by_name[c.name].datatype and c.unit == contract.by_name[c.name].unit
+            for c in header.columns
+        )
 
 
 def test_source_id_encodes_the_position_of_every_row(rows):
@@ -263,7 +290,9 @@ def test_text_looks_like_the_archive(catalogue):
 
 def test_truth_sidecar_labels_every_row_and_stays_out_of_the_gaia_columns(catalogue, rows):
     truth = pq.read_table(catalogue.truth)
-    assert catalogue.truth.parent.name == "truth" and catalogue.truth.parent.parent == catalogue.files[0].parent
+    assert (
+        catalogue.truth.parent.name == "truth" and catalogue.truth.parent.parent == catalogue.files[0].parent
+    )
     assert truth.num_rows == rows.num_rows == STARS
     assert np.array_equal(truth["source_id"].to_numpy(), rows["source_id"].to_numpy())
     assert set(truth["population"].to_pylist()) == set(syn.POPULATIONS)
@@ -273,18 +302,24 @@ def test_truth_sidecar_labels_every_row_and_stays_out_of_the_gaia_columns(catalo
 
 
 def test_same_seed_same_bytes_whatever_the_processes(tmp_path, catalogue):
-    again = syn.generate(STARS, SEED, tmp_path / "again", load_contract(), files=6, processes=2, progress=False)
+    again = syn.generate(
+        STARS, SEED, tmp_path / "again", load_contract(), files=6, processes=2, progress=False
+    )
     assert [p.name for p in again.files] == [p.name for p in catalogue.files]
     for a, b in zip(again.files, catalogue.files):
         assert a.read_bytes() == b.read_bytes(), a.name
     assert again.truth.read_bytes() == catalogue.truth.read_bytes()
-    other = syn.generate(2_000, SEED + 1, tmp_path / "other", load_contract(), files=2, processes=1, progress=False)
+    other = syn.generate(
+        2_000, SEED + 1, tmp_path / "other", load_contract(), files=2, processes=1, progress=False
+    )
     assert other.files[0].read_bytes() != again.files[0].read_bytes()
 
 
 def test_refuses_to_mix_two_catalogues_in_one_folder(tmp_path):
     syn.generate(2_000, 1, tmp_path, load_contract(), files=2, processes=1, progress=False)
-    syn.generate(2_000, 1, tmp_path, load_contract(), files=2, processes=1, progress=False)  # rerun: same names, fine
+    syn.generate(
+        2_000, 1, tmp_path, load_contract(), files=2, processes=1, progress=False
+    )  # rerun: same names, fine
     with pytest.raises(FileExistsError, match="another synthetic catalogue"):
         syn.generate(2_000, 2, tmp_path, load_contract(), files=3, processes=1, progress=False)
     assert not list(tmp_path.glob(".*tmp*"))

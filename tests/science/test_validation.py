@@ -6,12 +6,12 @@ import healpy as hp
 import numpy as np
 import pyarrow as pa
 import pytest
+from support.gaia_files import COLUMNS, header_for, region_file_range, render_rows, set_token, stars_in_region
 
 from gaia_flows.contracts import load_contract
 from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import GaiaFileError, read_header
 from gaia_flows.science.validation import check_header, home_regions, validate_rows
-from support.gaia_files import COLUMNS, header_for, region_file_range, render_rows, set_token, stars_in_region
 
 REGION = "hpx1-07"
 
@@ -82,7 +82,9 @@ def test_position_must_be_near_the_encoded_pixel():
     near_ra, near_dec = healpix.healpix_centres(near, 12)
     rows = render_rows(cols)
     rows[1] = set_token(set_token(rows[1], "ra", repr(float(near_ra))), "dec", repr(float(near_dec)))
-    rows[2] = set_token(set_token(rows[2], "ra", repr(float(cols["ra"][2]) + 1.0)), "dec", repr(float(cols["dec"][2])))
+    rows[2] = set_token(
+        set_token(rows[2], "ra", repr(float(cols["ra"][2]) + 1.0)), "dec", repr(float(cols["dec"][2]))
+    )
     _, reasons = _validate(rows)
     assert list(reasons.rules) == [None, None, "source_id:position"]
 
@@ -96,7 +98,14 @@ def test_several_failures_are_all_reported():
 
 def test_header_disagreeing_with_contract_is_a_file_error():
     contract = load_contract()
-    header = read_header(io.StringIO(header_for(COLUMNS).replace("{name: ra, unit: deg, datatype: float64", "{name: ra, unit: deg, datatype: string")), "f.csv")
+    header = read_header(
+        io.StringIO(
+            header_for(COLUMNS).replace(
+                "{name: ra, unit: deg, datatype: float64", "{name: ra, unit: deg, datatype: string"
+            )
+        ),
+        "f.csv",
+    )
     with pytest.raises(GaiaFileError, match="column 'ra' declared as string but the contract says float64"):
         check_header(header, contract, "f.csv")
     missing = read_header(io.StringIO(header_for([c for c in COLUMNS if c != "dec"])), "g.csv")
@@ -125,12 +134,48 @@ def test_home_regions_cover_every_row_once():
 #   Its position here is DERIVED, not DR3: SIMBAD's J2000 position (11 52 58.7683801554
 #   +37 43 07.240082865) moved 16 years by SIMBAD's proper motion (4002.567, -5817.856 mas/yr).
 FAST_STARS = {
-    "Barnard's star": (4472832130942575872, 269.44850252543836, 4.739420051112412, -801.5509783684709, 10362.394206546573),
-    "Proxima Centauri": (5853498713190525696, 217.39232147200883, -62.67607511676666, -3781.741008265163, 769.4650146478623),
-    "61 Cyg A": (1872046609345556480, 316.7484792940004, 38.76386244649797, 4164.2086922846665, 3249.613883848584),
-    "61 Cyg B": (1872046574983497216, 316.753662752556, 38.75607277205679, 4105.976428209489, 3155.9416398273515),
-    "Kapteyn's star": (4810594479418041856, 77.9599373502188, -45.0438126993602, 6491.223339061598, -5708.614150045243),
-    "Groombridge 1830 (derived position)": (4034171629042489088, 178.2673570544303, 37.69282066301806, 4002.567, -5817.856),
+    "Barnard's star": (
+        4472832130942575872,
+        269.44850252543836,
+        4.739420051112412,
+        -801.5509783684709,
+        10362.394206546573,
+    ),
+    "Proxima Centauri": (
+        5853498713190525696,
+        217.39232147200883,
+        -62.67607511676666,
+        -3781.741008265163,
+        769.4650146478623,
+    ),
+    "61 Cyg A": (
+        1872046609345556480,
+        316.7484792940004,
+        38.76386244649797,
+        4164.2086922846665,
+        3249.613883848584,
+    ),
+    "61 Cyg B": (
+        1872046574983497216,
+        316.753662752556,
+        38.75607277205679,
+        4105.976428209489,
+        3155.9416398273515,
+    ),
+    "Kapteyn's star": (
+        4810594479418041856,
+        77.9599373502188,
+        -45.0438126993602,
+        6491.223339061598,
+        -5708.614150045243,
+    ),
+    "Groombridge 1830 (derived position)": (
+        4034171629042489088,
+        178.2673570544303,
+        37.69282066301806,
+        4002.567,
+        -5817.856,
+    ),
 }
 FAST_COLUMNS = ["source_id", "ra", "dec", "pmra", "pmdec"]
 
@@ -138,7 +183,13 @@ FAST_COLUMNS = ["source_id", "ra", "dec", "pmra", "pmdec"]
 def _validate_star(source_id: int, ra: float, dec: float, pmra, pmdec):
     """One row through the contract, in a file whose level-8 range holds the source_id."""
     header = read_header(io.StringIO(header_for(FAST_COLUMNS)), "stars.csv")
-    tokens = [str(source_id), repr(ra), repr(dec), "null" if pmra is None else repr(pmra), "null" if pmdec is None else repr(pmdec)]
+    tokens = [
+        str(source_id),
+        repr(ra),
+        repr(dec),
+        "null" if pmra is None else repr(pmra),
+        "null" if pmdec is None else repr(pmdec),
+    ]
     raw = pa.table({name: pa.array([token], pa.string()) for name, token in zip(FAST_COLUMNS, tokens)})
     level8 = int(healpix.source_id_to_healpix(source_id, healpix.FILE_LEVEL))
     return validate_rows(raw, header, load_contract(), (level8, level8))
@@ -168,7 +219,9 @@ def test_real_fast_stars_are_accepted(name):
 def test_barnards_star_is_far_outside_the_old_neighbour_rule():
     source_id, ra, dec, _, _ = FAST_STARS["Barnard's star"]
     offset = healpix.distance_to_centre([source_id >> 35], healpix.SOURCE_ID_LEVEL, [ra], [dec])[0]
-    assert offset > 2.5 * healpix.max_pixel_radius(healpix.SOURCE_ID_LEVEL)  # 157" from the centre: 2.9 pixel radii
+    assert offset > 2.5 * healpix.max_pixel_radius(
+        healpix.SOURCE_ID_LEVEL
+    )  # 157" from the centre: 2.9 pixel radii
 
 
 def test_a_fast_star_whose_id_is_really_far_from_its_position_is_rejected():

@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 
 from gaia_flows.contracts import load_contract
 from gaia_flows.engine.ingest import read_gaia_file, region_schema
-from gaia_flows.layout import SOURCE_TABLE, landing_files
-from gaia_flows.layout import StateLayout
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import read_file_header
 from gaia_flows.science.synthetic import generate, truth_path
@@ -45,7 +44,9 @@ def publish_synthetic(layout: StateLayout, stars: int, seed: int, files: int = 8
     table = table.select(gaia_columns)
     for pixel in np.unique(region):
         part = table.filter(pa.array(region == pixel)).sort_by("source_id")
-        write_region_arrow(part, layout, SOURCE_TABLE, healpix.region_key(int(pixel)), manifest={"rows_in": part.num_rows})
+        write_region_arrow(
+            part, layout, SOURCE_TABLE, healpix.region_key(int(pixel)), manifest={"rows_in": part.num_rows}
+        )
     return truth_path(layout.landing, seed)
 
 

@@ -11,7 +11,21 @@ from gaia_flows.contracts import load_contract
 from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import EcsvColumn, format_header
 
-COLUMNS = ["solution_id", "designation", "source_id", "ref_epoch", "ra", "ra_error", "dec", "dec_error", "parallax", "pmra", "pmdec", "ruwe", "astrometric_params_solved"]
+COLUMNS = [
+    "solution_id",
+    "designation",
+    "source_id",
+    "ref_epoch",
+    "ra",
+    "ra_error",
+    "dec",
+    "dec_error",
+    "parallax",
+    "pmra",
+    "pmdec",
+    "ruwe",
+    "astrometric_params_solved",
+]
 
 
 def stars_in_region(region: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -59,15 +73,28 @@ def _token(value) -> str:
 
 def header_for(names: list[str]) -> str:
     contract = load_contract()
-    return format_header([EcsvColumn(n, contract.by_name[n].datatype, contract.by_name[n].unit) for n in names])
+    return format_header(
+        [EcsvColumn(n, contract.by_name[n].datatype, contract.by_name[n].unit) for n in names]
+    )
 
 
-def write_gaia_file(directory: Path, start: int, end: int, columns: dict[str, np.ndarray], rows: list[str] | None = None, header: str | None = None) -> Path:
+def write_gaia_file(
+    directory: Path,
+    start: int,
+    end: int,
+    columns: dict[str, np.ndarray],
+    rows: list[str] | None = None,
+    header: str | None = None,
+) -> Path:
     """A gzip Gaia file covering level-8 pixels ``start``..``end``; ``rows``/``header`` override
     the rendered text so a test can plant exactly the defect it is about."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / healpix.file_name(start, end)
-    text = (header if header is not None else header_for(list(columns))) + "\n".join(rows if rows is not None else render_rows(columns)) + "\n"
+    text = (
+        (header if header is not None else header_for(list(columns)))
+        + "\n".join(rows if rows is not None else render_rows(columns))
+        + "\n"
+    )
     with gzip.open(path, "wt") as handle:
         handle.write(text)
     return path

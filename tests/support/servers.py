@@ -28,7 +28,14 @@ def free_port() -> int:
 class ServerProcess:
     """A child process serving HTTP on 127.0.0.1; ``stop()`` kills exactly this PID."""
 
-    def __init__(self, name: str, argv: list[str], env: dict | None = None, log_dir: str | Path | None = None, cwd: str | Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict | None = None,
+        log_dir: str | Path | None = None,
+        cwd: str | Path | None = None,
+    ):
         self.name = name
         self.cwd = cwd
         self.argv = argv
@@ -48,18 +55,33 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def launch(self) -> "ServerProcess":
+    def launch(self) -> ServerProcess:
         """Start the process without waiting for it to serve (a daemon serves no HTTP)."""
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+            )
         return self
 
-    def start(self, port_file: Path | None = None, port: int | None = None, ready_path: str = "/", timeout: float = 60.0) -> "ServerProcess":
+    def start(
+        self,
+        port_file: Path | None = None,
+        port: int | None = None,
+        ready_path: str = "/",
+        timeout: float = 60.0,
+    ) -> ServerProcess:
         self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"{self.name} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+                raise ServerError(
+                    f"{self.name} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
+                )
             if port is None and port_file is not None and port_file.exists():
                 self.port = int(port_file.read_text())
             elif port is not None:
