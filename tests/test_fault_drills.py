@@ -27,8 +27,8 @@ from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source, parquet_readable, rows_conserved
 from gaia_flows.cloud.local_spark import LocalSparkCluster
 from gaia_flows.contracts import load_contract
-from gaia_flows.engine.ingest import TABLE, ingest_regions
-from gaia_flows.layout import REPO_ROOT, StateLayout
+from gaia_flows.engine.ingest import ingest_regions
+from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE, StateLayout
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.run_launcher import RUN_WORKER_TAG
@@ -49,7 +49,7 @@ def _land(landing: Path, n: int, seed: int, files: int = 1) -> None:
         write_gaia_file(landing, start, end - 1, {k: v[keep] for k, v in cols.items()})
 
 
-def _table(layout: StateLayout, table: str = TABLE):
+def _table(layout: StateLayout, table: str = SOURCE_TABLE):
     return pq.read_table(layout.region_dir(table, REGION)).sort_by("source_id")
 
 
@@ -92,7 +92,7 @@ def _state_from(clean: StateLayout, home: Path) -> StateLayout:
 def test_corrupted_parquet_file_is_named_by_the_check_and_a_rerun_repairs_it(clean, tmp_path):
     layout = _state_from(clean, tmp_path / "state")
     assert _materialize(layout, check=parquet_readable).success
-    victim = layout.region_files(TABLE, REGION)[0].resolve()
+    victim = layout.region_files(SOURCE_TABLE, REGION)[0].resolve()
     size = victim.stat().st_size
     with open(victim, "r+b") as handle:  # overwrite bytes inside the data pages, footer intact
         handle.seek(size // 3)
@@ -111,7 +111,7 @@ def test_corrupted_parquet_file_is_named_by_the_check_and_a_rerun_repairs_it(cle
     assert not evaluation.passed
     corrupt = evaluation.metadata["corrupt"].value
     assert list(corrupt) == [REGION]
-    assert str(victim) in corrupt[REGION] and TABLE in corrupt[REGION]
+    assert str(victim) in corrupt[REGION] and SOURCE_TABLE in corrupt[REGION]
 
     rerun = _materialize(layout, check=parquet_readable)
     assert rerun.success and all(e.passed for e in rerun.get_asset_check_evaluations())
@@ -176,7 +176,7 @@ def test_full_disk_fails_the_run_naming_space_path_and_table_and_keeps_the_previ
 
     layout, text = _refused_run(clean, tmp_path / "state", fill)
     assert text.startswith("gaia_flows.tables.WarehouseWriteError: no space left on device at "), text
-    assert str(layout.warehouse) in text and repr(TABLE) in text and REGION in text
+    assert str(layout.warehouse) in text and repr(SOURCE_TABLE) in text and REGION in text
 
 
 def test_read_only_warehouse_fails_the_run_naming_permission_path_and_table(clean, tmp_path):
@@ -188,7 +188,7 @@ def test_read_only_warehouse_fails_the_run_naming_permission_path_and_table(clea
 
     layout, text = _refused_run(clean, tmp_path / "state", freeze)
     assert text.startswith("gaia_flows.tables.WarehouseWriteError: permission denied at "), text
-    assert str(layout.warehouse) in text and repr(TABLE) in text
+    assert str(layout.warehouse) in text and repr(SOURCE_TABLE) in text
 
 
 # --- stale staging ---------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_next_write_removes_a_dead_runs_staging_but_not_a_live_ones(tmp_path):
     layout = StateLayout.from_env(tmp_path / "state").ensure()
     claim = (
         "import sys, time; from gaia_flows.layout import StateLayout; from gaia_flows.tables import claim_staging;"
-        f"p = claim_staging(StateLayout.from_env({str(layout.home)!r}), {TABLE!r}); (p / 'parsed').mkdir(parents=True);"
+        f"p = claim_staging(StateLayout.from_env({str(layout.home)!r}), {SOURCE_TABLE!r}); (p / 'parsed').mkdir(parents=True);"
         "print(p, flush=True); time.sleep(120)"
     )
     owners = [
@@ -209,7 +209,7 @@ def test_next_write_removes_a_dead_runs_staging_but_not_a_live_ones(tmp_path):
         owners[0].send_signal(signal.SIGKILL)
         owners[0].wait()
         other_table = claim_staging(layout, "pm_stats")
-        mine = claim_staging(layout, TABLE)
+        mine = claim_staging(layout, SOURCE_TABLE)
         assert not dead.exists() and live.is_dir() and other_table.parent.is_dir()
         assert sorted(p.name for p in layout.staging_root.iterdir() if not p.name.endswith(".lock")) == [
             live.name
@@ -246,7 +246,7 @@ def _kill_when_running(spark, worker_pids: list[int], killed: dict) -> None:
 def test_spark_worker_killed_mid_ingestion_run_completes_with_the_clean_table(tmp_path, _spark_application):
     landing = tmp_path / "landing"
     _land(landing, 24_000, seed=3, files=6)
-    contract = load_contract(TABLE)
+    contract = load_contract(SOURCE_TABLE)
     clean = StateLayout.from_env(tmp_path / "clean", landing).ensure()
     faulty = StateLayout.from_env(tmp_path / "faulty", landing).ensure()
     conf = {
@@ -276,8 +276,8 @@ def test_spark_worker_killed_mid_ingestion_run_completes_with_the_clean_table(tm
     assert not report.failures and report.rows_read == 24_000
     assert _table(faulty).equals(_table(clean))
     assert (
-        pq.read_table(faulty.quarantine_dir(TABLE, REGION)).num_rows
-        == pq.read_table(clean.quarantine_dir(TABLE, REGION)).num_rows
+        pq.read_table(faulty.quarantine_dir(SOURCE_TABLE, REGION)).num_rows
+        == pq.read_table(clean.quarantine_dir(SOURCE_TABLE, REGION)).num_rows
     )
 
 
@@ -296,7 +296,7 @@ def _wait(predicate, timeout: float, what: str, step: float = 0.1):
 
 def _staging_dirs(layout: StateLayout) -> list[Path]:
     root = layout.staging_root
-    return sorted(p for p in root.glob(f"{TABLE}-*") if p.is_dir()) if root.exists() else []
+    return sorted(p for p in root.glob(f"{SOURCE_TABLE}-*") if p.is_dir()) if root.exists() else []
 
 
 def _kill_tree(pid: int) -> None:
@@ -383,9 +383,9 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
         assert any(f"run worker process {worker_pid}" in (m or "") and "is gone" in m for m in messages), (
             messages[-5:]
         )
-        assert not layout.region_dir(TABLE, REGION).exists(), "nothing of the killed run was published"
+        assert not layout.region_dir(SOURCE_TABLE, REGION).exists(), "nothing of the killed run was published"
         _wait(
-            lambda: not instance.event_log_storage.get_concurrency_info(TABLE).claimed_slots,
+            lambda: not instance.event_log_storage.get_concurrency_info(SOURCE_TABLE).claimed_slots,
             60,
             "the pool slot to be freed",
             step=1,

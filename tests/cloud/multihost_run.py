@@ -27,7 +27,8 @@ from dagster import DagsterInstance, materialize
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
-from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+from gaia_flows.assets.proper_motion import pm_stats
+from gaia_flows.assets.proper_motion_maps import proper_motion_maps
 from gaia_flows.partitions import sky_regions
 from gaia_flows.profiles import load_profile
 from gaia_flows.resources import build_resources

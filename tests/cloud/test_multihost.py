@@ -48,7 +48,8 @@ from cloud.conftest import AWS_KEY_ID, AWS_SECRET, OS_PASSWORD, OS_USER
 from cloud.emulators import ORCHESTRATOR_ADDRESS, TEST_NETWORK, aws_cloud, openstack_cloud, write_profile
 from gaia_flows import maps
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
-from gaia_flows.assets.proper_motion import pm_stats, proper_motion_maps
+from gaia_flows.assets.proper_motion import pm_stats
+from gaia_flows.assets.proper_motion_maps import proper_motion_maps
 from gaia_flows.cloud.stack import local_stack
 from gaia_flows.layout import StateLayout
 from gaia_flows.partitions import sky_regions
