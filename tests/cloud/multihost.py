@@ -141,6 +141,10 @@ class Lab:
         """Pull the host's cable: its port on the bridge goes down."""
         run("ip", "-n", self.switch, "link", "set", self.hosts[name].port, "down")
 
+    def mend(self, name: str) -> None:
+        """Plug the host's cable back in."""
+        run("ip", "-n", self.switch, "link", "set", self.hosts[name].port, "up")
+
     def spawn(self, name: str, script: str, log: Path, env: dict | None = None) -> subprocess.Popen:
         """Run a bash script in the host's network namespace and a private mount namespace
         (``ip netns exec`` makes one). The script goes through stdin, so nothing it carries
@@ -305,7 +309,8 @@ class Hypervisor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
         for server_id in list(self.booted):
             self._power_off(server_id)
 
