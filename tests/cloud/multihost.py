@@ -162,11 +162,15 @@ class Lab:
         return proc
 
     def remove_host(self, name: str) -> None:
-        host = self.hosts.pop(name, None)
+        """Kill the host's processes and delete its namespace; it stays in ``hosts`` until both
+        are done, so a caller that sees it gone can rely on that."""
+        host = self.hosts.get(name)
         if host is None:
             return
         self._kill(host)
         run("ip", "netns", "del", host.namespace, check=False)
+        with self._lock:
+            self.hosts.pop(name, None)
 
     def _kill(self, host: Host) -> None:
         # Everything in the namespace is ours: the daemons, their executors, Python workers.

@@ -10,8 +10,10 @@ directory at the profile's mount path.
 
 The module provisions one cluster (1 master + 2 workers), runs ``gaia_source`` and ``pm_stats``
 over all 48 regions of a small synthetic catalogue and ``proper_motion_maps`` on it, checks the
-tables against a ``local`` run of the same catalogue, probes the cluster from outside its
-group and with a wrong secret, then tears it down and checks nothing is left.
+tables against a ``local`` run of the same catalogue, trains the classifier with MLflow as
+``mlflow server`` on the orchestrator (PostgreSQL backend, artifacts on the share) and
+classifies one region, probes the cluster from outside its group and with a wrong secret, cuts
+a worker's link in the middle of a rerun, then tears it down and checks nothing is left.
 """
 
 from __future__ import annotations
@@ -516,17 +518,21 @@ def test_a_driver_with_a_wrong_secret_is_refused(deployment, graph_run):
         proc.wait(timeout=30)
 
 
-def _running_tasks(work: Path, known_apps: set[str]) -> bool:
-    """Whether an executor of an application newer than ``known_apps`` runs tasks in ``work``."""
+def _tasks_in_flight(work: Path, known_apps: set[str]) -> set[str]:
+    """Task ids an executor of an application newer than ``known_apps`` started in ``work``
+    and has not finished (from the executor's own log)."""
+    started, finished = set(), set()
     for stderr in work.glob("app-*/*/stderr"):
-        if stderr.parent.parent.name not in known_apps and "Running task" in stderr.read_text(errors="replace"):
-            return True
-    return False
+        if stderr.parent.parent.name not in known_apps:
+            text = stderr.read_text(errors="replace")
+            started |= set(re.findall(r"Running task .*?\(TID (\d+)\)", text))
+            finished |= set(re.findall(r"Finished task .*?\(TID (\d+)\)", text))
+    return started - finished
 
 
 def test_a_worker_cut_mid_run_does_not_change_the_result(deployment, graph_run, local_run):
-    """``gaia_source`` and ``pm_stats`` again over every region; once a worker runs tasks of
-    that run, its link to the bridge goes down. Spark declares its executor lost and retries its
+    """``gaia_source`` and ``pm_stats`` again over every region; while a worker is in the
+    middle of a task of that run, its link to the bridge goes down. Spark declares its executor lost and retries its
     tasks on the other worker; the tables equal the local run's as before."""
     victim = deployment.node_names()[2]
     work = deployment.root / "logs" / f"{victim}-work"
@@ -536,7 +542,7 @@ def test_a_worker_cut_mid_run_does_not_change_the_result(deployment, graph_run, 
 
     def cut_once_busy(proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + 300
-        while not _running_tasks(work, known_apps):
+        while not _tasks_in_flight(work, known_apps):
             assert proc.poll() is None, f"the run ended before {victim} ran any of its tasks"
             assert time.monotonic() < deadline, f"{victim} ran no task of the run"
             time.sleep(0.2)
