@@ -113,7 +113,7 @@ class Lab:
         self._ports = 0
         self._lock = threading.Lock()
 
-    def start(self) -> "Lab":
+    def start(self) -> Lab:
         run("ip", "netns", "add", self.switch)
         run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", self.switch, "link", "set", "br0", "up")
@@ -251,7 +251,7 @@ def boot_script(user_data: str, *, mount: str, shared: Path, secret: str | None,
     work.mkdir(parents=True, exist_ok=True)
     lines = [
         "set -euo pipefail",
-        f"mount -t tmpfs -o mode=0755 gaia-node /opt",  # the node's own disk under /opt
+        "mount -t tmpfs -o mode=0755 gaia-node /opt",  # the node's own disk under /opt
         f"mkdir -p {NODE_VENV}",
         f"mount --bind {shlex.quote(str(VENV))} {NODE_VENV}",
         f"mount -t tmpfs -o mode=0755 gaia-mnt {shlex.quote(str(Path(mount).parent))}",
@@ -307,7 +307,7 @@ class Hypervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hypervisor", daemon=True)
 
-    def start(self) -> "Hypervisor":
+    def start(self) -> Hypervisor:
         self._thread.start()
         return self
 

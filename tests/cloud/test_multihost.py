@@ -44,12 +44,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from dagster import materialize
+from support.spark import TEST_SPARK_CONF
 
 from cloud import multihost
-from cloud.multihost_run import CLASSIFIER_CONFIG
 from cloud.conftest import AWS_KEY_ID, AWS_SECRET, OS_PASSWORD, OS_USER
 from cloud.emulators import ORCHESTRATOR_ADDRESS, TEST_NETWORK, aws_cloud, openstack_cloud, write_profile
-from support.spark import TEST_SPARK_CONF
+from cloud.multihost_run import CLASSIFIER_CONFIG
 from gaia_flows import maps
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.classified_sources import classified_sources
