@@ -159,6 +159,10 @@ class Lab:
         """Pull the host's cable: its port on the bridge goes down."""
         run("ip", "-n", self.switch, "link", "set", self.hosts[name].port, "down")
 
+    def mend(self, name: str) -> None:
+        """Plug the host's cable back in."""
+        run("ip", "-n", self.switch, "link", "set", self.hosts[name].port, "up")
+
     def spawn(self, name: str, script: str, log: Path, env: dict | None = None) -> subprocess.Popen:
         """Run a bash script in the host's network namespace and a private mount namespace
         (``ip netns exec`` makes one). The script goes through stdin, so nothing it carries
@@ -180,11 +184,15 @@ class Lab:
         return proc
 
     def remove_host(self, name: str) -> None:
-        host = self.hosts.pop(name, None)
+        """Kill the host's processes and delete its namespace; it stays in ``hosts`` until both
+        are done, so a caller that sees it gone can rely on that."""
+        host = self.hosts.get(name)
         if host is None:
             return
         self._kill(host)
         run("ip", "netns", "del", host.namespace, check=False)
+        with self._lock:
+            self.hosts.pop(name, None)
 
     def _kill(self, host: Host) -> None:
         # Everything in the namespace is ours: the daemons, their executors, Python workers.
@@ -345,7 +353,8 @@ class Hypervisor:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
         for server_id in list(self.booted):
             self._power_off(server_id)
 

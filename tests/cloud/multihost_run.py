@@ -7,6 +7,8 @@ reaches the cluster only through the bridge. Steps, in order, from ``--steps``:
 - ``cluster``: ``spark_cluster`` (which waits until every worker runs the driver's stack);
 - ``catalogue``: ``gaia_source`` and ``pm_stats`` over ``--regions`` (one single-run backfill);
 - ``maps``: ``proper_motion_maps``;
+- ``classify``: ``astrometric_training_set`` and ``astrometric_classifier`` (tracked in the
+  profile's MLflow), then ``classified_sources`` for the first of ``--regions``;
 - ``teardown``: the ``teardown_cluster`` job.
 
 Writes ``--out`` (JSON): per step its success and what the test checks (the driver's settings,
@@ -26,12 +28,19 @@ from dagster import DagsterInstance, materialize
 
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+from gaia_flows.assets.classified_sources import classified_sources
+from gaia_flows.assets.classifier import astrometric_classifier
 from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
 from gaia_flows.assets.proper_motion import pm_stats
 from gaia_flows.assets.proper_motion_maps import proper_motion_maps
+from gaia_flows.assets.training_set import astrometric_training_set
 from gaia_flows.partitions import sky_regions
 from gaia_flows.profiles import load_profile
 from gaia_flows.resources import build_resources
+
+# The forest the classify step trains (and the test's local run): 20 trees separate the
+# synthetic catalogue already; the default 500 would only cost time.
+CLASSIFIER_CONFIG = {"n_estimators": 20}
 
 
 def main() -> int:
@@ -112,6 +121,31 @@ def main() -> int:
                     instance=instance,
                 )
                 out["maps"] = {"success": result.success}
+            elif step == "classify":
+                graph = [gaia_source, astrometric_training_set, astrometric_classifier, classified_sources]
+                trained = materialize(
+                    graph,
+                    selection=[astrometric_training_set.key, astrometric_classifier.key],
+                    resources=resources,
+                    instance=instance,
+                    run_config={"ops": {"astrometric_classifier": {"config": CLASSIFIER_CONFIG}}},
+                )
+                classified = materialize(
+                    graph,
+                    selection=[classified_sources.key],
+                    partition_key=regions[0],
+                    resources=resources,
+                    instance=instance,
+                )
+                (model,) = trained.asset_materializations_for_node("astrometric_classifier")
+                out["classify"] = {
+                    "success": trained.success and classified.success,
+                    "classifier": {
+                        k: v.value
+                        for k, v in model.metadata.items()
+                        if k.startswith("mlflow_") or k == "model_version"
+                    },
+                }
             elif step == "teardown":
                 spark_factory.stop_active()
                 result = teardown_cluster_job.execute_in_process(

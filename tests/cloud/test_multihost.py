@@ -10,8 +10,10 @@ directory at the profile's mount path.
 
 The module provisions one cluster (1 master + 2 workers), runs ``gaia_source`` and ``pm_stats``
 over all 48 regions of a small synthetic catalogue and ``proper_motion_maps`` on it, checks the
-tables against a ``local`` run of the same catalogue, probes the cluster from outside its
-group and with a wrong secret, then tears it down and checks nothing is left.
+tables against a ``local`` run of the same catalogue, trains the classifier with MLflow as
+``mlflow server`` on the orchestrator (PostgreSQL backend, artifacts on the share) and
+classifies one region, probes the cluster from outside its group and with a wrong secret, cuts
+a worker's link in the middle of a rerun, then tears it down and checks nothing is left.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,13 +49,19 @@ from support.spark import TEST_SPARK_CONF
 from cloud import multihost
 from cloud.conftest import AWS_KEY_ID, AWS_SECRET, OS_PASSWORD, OS_USER
 from cloud.emulators import ORCHESTRATOR_ADDRESS, TEST_NETWORK, aws_cloud, openstack_cloud, write_profile
+from cloud.multihost_run import CLASSIFIER_CONFIG
 from gaia_flows import maps
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+from gaia_flows.assets.classified_sources import classified_sources
+from gaia_flows.assets.classifier import astrometric_classifier
 from gaia_flows.assets.proper_motion import pm_stats
 from gaia_flows.assets.proper_motion_maps import proper_motion_maps
+from gaia_flows.assets.training_set import astrometric_training_set
 from gaia_flows.cloud.stack import local_stack
+from gaia_flows.contracts import load_contract
 from gaia_flows.layout import StateLayout
 from gaia_flows.partitions import sky_regions
+from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import synthetic
@@ -77,6 +86,19 @@ NETWORK = ipaddress.ip_network(TEST_NETWORK)
 # handshake (the bootstrap of every RPC connection once spark.authenticate is on).
 AUTH_REFUSED = re.compile(r"Exception while bootstrapping client")
 MOTO_PORT = 4566  # inside the orchestrator's namespace: nothing else listens there
+PG_PORT, MLFLOW_PORT = 5432, 5000  # the same
+MLFLOW_URL = f"http://127.0.0.1:{MLFLOW_PORT}"  # on the orchestrator's loopback, where runs start
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+CLASSIFY_REGION = REGIONS[7]
+
+
+def _mount_share(shared: Path) -> list[str]:
+    """Script lines giving an orchestrator process the share at the profile's mount path."""
+    return [
+        f"mount -t tmpfs -o mode=0755 gaia-mnt {Path(MOUNT).parent}",
+        f"mkdir -p {MOUNT}",
+        f"mount --bind {shared} {MOUNT}",
+    ]
 
 
 @dataclass
@@ -105,15 +127,20 @@ class Deployment:
     home: Path  # the orchestrator's state folder
     profiles: Path
 
-    def run(self, steps: str, regions: str = "all", timeout: float = 900) -> dict:
-        """The Dagster run on the orchestrator host; returns its summary (fails the test on error)."""
+    def run(
+        self,
+        steps: str,
+        regions: str = "all",
+        timeout: float = 900,
+        during: Callable[[subprocess.Popen], None] | None = None,
+    ) -> dict:
+        """The Dagster run on the orchestrator host; returns its summary (fails the test on error).
+        ``during`` gets the run's process as soon as it starts (to act on the cluster mid-run)."""
         out = self.root / f"run-{steps.replace(',', '-')}.json"
         script = "\n".join(
             [
                 "set -euo pipefail",
-                f"mount -t tmpfs -o mode=0755 gaia-mnt {Path(MOUNT).parent}",
-                f"mkdir -p {MOUNT}",
-                f"mount --bind {self.shared} {MOUNT}",
+                *_mount_share(self.shared),
                 f"exec {sys.executable} {HERE / 'multihost_run.py'} --profile {self.cloud.profile} --profiles-dir {self.profiles} "
                 f"--steps {steps} --regions {regions} --size {self.cloud.worker_size} --out {out}",
             ]
@@ -122,9 +149,12 @@ class Deployment:
         log = self.root / "logs" / f"orchestrator-{steps.replace(',', '-')}.log"
         proc = self.lab.spawn("orchestrator", script, log, env=env)
         try:
+            if during is not None:
+                during(proc)
             code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
             raise
         summary = json.loads(out.read_text()) if out.exists() else {}
         assert code == 0, (
@@ -149,9 +179,18 @@ def _write_profile(directory: Path, base: str, name: str, cloud: dict) -> None:
     path = directory / f"{name}.yaml"
     spec = yaml.safe_load(path.read_text())
     spec["spark"]["conf"].update(
-        {"spark.driver.memory": "1g", "spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false"}
+        {
+            "spark.driver.memory": "1g",
+            "spark.sql.shuffle.partitions": "4",
+            "spark.ui.enabled": "false",
+            # A host whose link is cut counts as lost after 30 s without heartbeats (checked every
+            # 5 s) instead of 120 s, so its tasks are retried elsewhere within the test's time.
+            "spark.executor.heartbeatInterval": "3s",
+            "spark.network.timeout": "30s",
+            "spark.network.timeoutInterval": "5s",
+        }
     )
-    spec["storage"] = {"mount": MOUNT}
+    spec["storage"] = {"mount": MOUNT, "mlflow_tracking_uri": MLFLOW_URL}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
@@ -166,16 +205,29 @@ def _answers(url: str) -> bool:
 
 
 def _serve_on_orchestrator(
-    lab, orchestrator, script: str, log: Path, url: str, env: dict | None = None
-) -> None:
-    """Start an emulator on the orchestrator host's loopback and wait until it answers there."""
-    lab.spawn("orchestrator", script, log, env=env)
-    deadline = time.monotonic() + 90
+    lab, orchestrator, script: str, log: Path, url: str, env: dict | None = None, timeout: float = 90
+) -> subprocess.Popen:
+    """Start a server on the orchestrator host's loopback and wait until it answers there."""
+    proc = lab.spawn("orchestrator", script, log, env=env)
+    deadline = time.monotonic() + timeout
     while not orchestrator(_answers, url):
+        assert proc.poll() is None, f"{url} exited:\n{log.read_text()[-2000:]}"
         assert time.monotonic() < deadline, (
             f"{url} does not answer on the orchestrator's loopback:\n{log.read_text()[-2000:]}"
         )
         time.sleep(0.2)
+    return proc
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server the test started, by its process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def _get_json(url: str) -> dict:
@@ -354,9 +406,10 @@ def _deployment(tmp_path_factory, make_cloud, regions: list[str]):
         )
         files = 48 if len(regions) == len(REGIONS) else 4
         synthetic.generate(
-            stars=STARS if files == 48 else 2_000,
-            seed=14,
-            out=shared / "landing",
+            STARS if files == 48 else 2_000,
+            14,
+            shared / "landing",
+            load_contract(),
             files=files,
             processes=1,
             progress=False,
@@ -364,11 +417,13 @@ def _deployment(tmp_path_factory, make_cloud, regions: list[str]):
         hypervisor.start()
         yield Deployment(lab, orchestrator, hypervisor, cloud, root, shared, home, profiles)
     finally:
-        if hypervisor is not None:
-            hypervisor.stop()
-        if orchestrator is not None:
-            orchestrator.close()
-        lab.close()
+        try:
+            if hypervisor is not None:
+                hypervisor.stop()
+            if orchestrator is not None:
+                orchestrator.close()
+        finally:
+            lab.close()
     assert [ns for ns in multihost.lab_namespaces() if lab.tag in ns] == [], "namespaces left behind"
 
 
@@ -406,6 +461,91 @@ def local_run(tmp_path_factory, deployment, _spark_application):
     return storage.layout
 
 
+@pytest.fixture(scope="module")
+def mlflow_server(deployment):
+    """``mlflow server`` on the orchestrator host's loopback, its backend store a PostgreSQL
+    there too and its artifacts on the share; both stopped by process group at the end.
+
+    PostgreSQL refuses to run as root, so its data folder belongs to ``nobody`` (outside the
+    test's 0700 temp folder)."""
+    data = Path(tempfile.mkdtemp(prefix="gfmh-pg-"))
+    logs = deployment.root / "logs"
+    servers = []
+    try:
+        shutil.chown(data, "nobody")
+        multihost.run(
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(data / "db"),
+            "-U",
+            "gaia",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+        postgres = f"exec runuser -u nobody -- {PG_BIN / 'postgres'} -D {data / 'db'} -p {PG_PORT} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off\n"
+        servers.append(deployment.lab.spawn("orchestrator", postgres, logs / "postgres.log"))
+        deadline = time.monotonic() + 60
+        while not deployment.orchestrator(_connects, "127.0.0.1", PG_PORT):
+            assert servers[0].poll() is None and time.monotonic() < deadline, (
+                logs / "postgres.log"
+            ).read_text()[-2000:]
+            time.sleep(0.2)
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        script = "\n".join(
+            [
+                "set -euo pipefail",
+                *_mount_share(deployment.shared),
+                f"exec {mlflow_bin} server --backend-store-uri postgresql+psycopg2://gaia@127.0.0.1:{PG_PORT}/postgres "
+                f"--artifacts-destination file://{MOUNT}/mlflow-artifacts --host 127.0.0.1 --port {MLFLOW_PORT} --workers 1",
+            ]
+        )
+        servers.append(
+            _serve_on_orchestrator(
+                deployment.lab,
+                deployment.orchestrator,
+                script,
+                logs / "mlflow-server.log",
+                f"{MLFLOW_URL}/health",
+                timeout=300,
+            )
+        )
+        yield MLFLOW_URL
+    finally:
+        for proc in reversed(servers):
+            _stop(proc, signal.SIGINT)  # PostgreSQL's fast shutdown; uvicorn stops on it too
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_classified(local_run):
+    """``classified_sources`` for the region through the ``local`` profile: local[2], MLflow in
+    the state folder (SQLite)."""
+    resources = {
+        "storage": StorageResource(home=str(local_run.home), landing=str(local_run.landing)),
+        "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+        "mlflow": MlflowResource(home=str(local_run.home)),
+    }
+    graph = [gaia_source, astrometric_training_set, astrometric_classifier, classified_sources]
+    config = {"ops": {"astrometric_classifier": {"config": CLASSIFIER_CONFIG}}}
+    assert materialize(
+        graph,
+        selection=[astrometric_training_set.key, astrometric_classifier.key],
+        resources=resources,
+        run_config=config,
+    ).success
+    assert materialize(
+        graph, selection=[classified_sources.key], partition_key=CLASSIFY_REGION, resources=resources
+    ).success
+    return local_run
+
+
 def _table(path: Path, key: str):
     return pq.read_table(path).sort_by(key).to_pandas()
 
@@ -439,9 +579,12 @@ def test_the_graph_runs_on_the_cluster_hosts(deployment, graph_run):
     assert deployment.hypervisor.errors == []
 
 
-def test_tables_and_maps_equal_a_local_run(deployment, graph_run, local_run):
-    cluster = StateLayout.from_env(deployment.home).with_storage({"mount": str(deployment.shared)})
-    assert cluster.warehouse == deployment.shared / "warehouse"
+def _cluster_layout(deployment: Deployment) -> StateLayout:
+    """The orchestrator's layout with the share as the test process sees it."""
+    return StateLayout.from_env(deployment.home).with_storage({"mount": str(deployment.shared)})
+
+
+def _assert_region_tables_equal(cluster: StateLayout, local_run: StateLayout) -> None:
     for region in REGIONS:
         got, want = (
             _table(cluster.region_dir("gaia_source", region), "source_id"),
@@ -458,12 +601,37 @@ def test_tables_and_maps_equal_a_local_run(deployment, graph_run, local_run):
                 region,
                 column,
             )
+
+
+def test_tables_and_maps_equal_a_local_run(deployment, graph_run, local_run):
+    cluster = _cluster_layout(deployment)
+    assert cluster.warehouse == deployment.shared / "warehouse"
+    _assert_region_tables_equal(cluster, local_run)
     got, want = maps.map_table(6, cluster).to_pandas(), maps.map_table(6, local_run).to_pandas()
     assert len(got) == len(want) == 12 * 4**6
     for column in got.columns:
         assert got[column].to_numpy() == pytest.approx(want[column].to_numpy(), rel=1e-12, nan_ok=True), (
             column
         )
+
+
+def test_classified_sources_with_mlflow_on_the_orchestrator_equal_a_local_run(
+    deployment, graph_run, mlflow_server, local_classified
+):
+    """The classifier trained on the cluster and tracked by ``mlflow server`` (PostgreSQL
+    backend, artifacts on the share), then one region classified on the cluster."""
+    run = deployment.run("classify", regions=CLASSIFY_REGION)["classify"]["classifier"]
+    assert run["mlflow_tracking_uri"] == mlflow_server and run["mlflow_registry_uri"] == mlflow_server
+    assert list((deployment.shared / "mlflow-artifacts").rglob("MLmodel")), (
+        "the model's artifacts are on the share"
+    )
+    cluster = _cluster_layout(deployment)
+    got = _table(cluster.region_dir("classified_sources", CLASSIFY_REGION), "source_id")
+    want = _table(local_classified.region_dir("classified_sources", CLASSIFY_REGION), "source_id")
+    assert len(got) > 0 and list(got.columns) == list(want.columns)
+    assert got["source_id"].equals(want["source_id"]) and got["label"].equals(want["label"])
+    assert got["probability"].to_numpy() == pytest.approx(want["probability"].to_numpy(), rel=1e-12)
+    assert deployment.hypervisor.errors == []
 
 
 def _connects(address: str, port: int) -> bool:
@@ -527,6 +695,48 @@ def test_a_driver_with_a_wrong_secret_is_refused(deployment, graph_run):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def _tasks_in_flight(work: Path, known_apps: set[str]) -> set[str]:
+    """Task ids an executor of an application newer than ``known_apps`` started in ``work``
+    and has not finished (from the executor's own log)."""
+    started, finished = set(), set()
+    for stderr in work.glob("app-*/*/stderr"):
+        if stderr.parent.parent.name not in known_apps:
+            text = stderr.read_text(errors="replace")
+            started |= set(re.findall(r"Running task .*?\(TID (\d+)\)", text))
+            finished |= set(re.findall(r"Finished task .*?\(TID (\d+)\)", text))
+    return started - finished
+
+
+def test_a_worker_cut_mid_run_does_not_change_the_result(deployment, graph_run, local_run):
+    """``gaia_source`` and ``pm_stats`` again over every region; while a worker is in the
+    middle of a task of that run, its link to the bridge goes down. Spark declares its executor lost and retries its
+    tasks on the other worker; the tables equal the local run's as before."""
+    victim = deployment.node_names()[2]
+    work = deployment.root / "logs" / f"{victim}-work"
+    known_apps = {p.name for p in work.glob("app-*")}
+    driver_log = deployment.root / "logs" / "orchestrator-catalogue.log"
+    seen = len(driver_log.read_text(errors="replace")) if driver_log.exists() else 0
+
+    def cut_once_busy(proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 300
+        while not _tasks_in_flight(work, known_apps):
+            assert proc.poll() is None, f"the run ended before {victim} ran any of its tasks"
+            assert time.monotonic() < deadline, f"{victim} ran no task of the run"
+            time.sleep(0.2)
+        deployment.lab.cut(victim)
+
+    try:
+        deployment.run("catalogue", during=cut_once_busy)
+    finally:
+        deployment.lab.mend(victim)
+    log = driver_log.read_text(errors="replace")[seen:]
+    victim_address = deployment.cloud.inventory()["servers"][victim]
+    assert re.search(rf"Lost executor \S+ on {re.escape(victim_address)}", log), (
+        f"the driver never lost {victim}'s executor:\n{log[-3000:]}"
+    )
+    _assert_region_tables_equal(_cluster_layout(deployment), local_run)
 
 
 def _teardown_leaves_nothing(deployment: Deployment) -> None:
