@@ -40,12 +40,17 @@ from pathlib import Path
 
 import yaml
 
+import gaia_flows
+
 PREFIX = "gfmh-"
 NETNS_RUN = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 NODE_ROOT = "/opt/gaia-flows"  # the node image's prefix: stack, configuration, start script
 NODE_VENV = f"{NODE_ROOT}/venv"
 VENV = Path(sys.executable).parent.parent
+# The image installs gaia-flows into its venv; the test's venv holds it as an editable install,
+# so its source folder is part of the "image" and stays visible on a node even under ``hide``.
+PACKAGE = Path(gaia_flows.__file__).parent
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -297,7 +302,17 @@ def boot_script(
     if secret is not None:
         # What the cloud's secret store hands the node (deployments/README.md).
         lines += ["umask 077", f"printf %s {shlex.quote(secret)} > {NODE_ROOT}/etc/spark-secret", "umask 022"]
-    lines += [f"mount -t tmpfs gaia-hide {shlex.quote(hide)}", f"exec {exec_start}"]
+    lines += [f"mount -t tmpfs gaia-hide {shlex.quote(hide)}"]
+    if PACKAGE.is_relative_to(hide):
+        lines[2:2] = [
+            f"mkdir -p {NODE_ROOT}/package",
+            f"mount --bind {shlex.quote(str(PACKAGE))} {NODE_ROOT}/package",
+        ]
+        lines += [
+            f"mkdir -p {shlex.quote(str(PACKAGE))}",
+            f"mount --bind {NODE_ROOT}/package {shlex.quote(str(PACKAGE))}",
+        ]
+    lines.append(f"exec {exec_start}")
     return "\n".join(lines) + "\n"
 
 
