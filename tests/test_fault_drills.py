@@ -323,7 +323,7 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
     from gaia_flows import cli
 
     layout = StateLayout.from_env(tmp_path / "state").ensure()
-    _land(layout.landing, 20_000, seed=7, files=4)
+    _land(layout.landing, 150_000, seed=7, files=8)  # tasks long enough to be killed mid-way
     env = {**cli.dagster_env(layout), "GAIA_FLOWS_PROFILE": "local", "GAIA_FLOWS_HOME": str(layout.home)}
     env.pop("GAIA_FLOWS_LANDING", None)
     daemon_log = open(tmp_path / "daemon.log", "w")

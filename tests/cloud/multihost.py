@@ -416,6 +416,8 @@ class Hypervisor:
             by_group.setdefault(server.group, []).append(server)
         for group, members in by_group.items():
             rules = self.group_rules(group) if group else []
+            if not rules and not self._still_running(members):
+                continue  # deleted with its servers (teardown): the next poll powers them off
             if not rules:
                 raise LabError(
                     f"security group {group!r} has no rules in the cloud: its hosts would accept nothing"
@@ -424,6 +426,10 @@ class Hypervisor:
             for server in members:
                 namespace = self.lab.hosts[server.name].namespace
                 run("ip", "netns", "exec", namespace, "nft", "-f", "-", input=f"flush ruleset\n{ruleset}")
+
+    def _still_running(self, members: list[Server]) -> bool:
+        running = {s.id for s in self.servers() if s.running}
+        return any(server.id in running for server in members)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
