@@ -13,8 +13,18 @@ script would do with libcloud: 9 ``create_node`` then 9 ``destroy_node``, no tag
 group, no waiting. It prints wall seconds, libcloud calls (attempts, by our retry wrapper),
 HTTP requests the emulator received, the ratio provision/baseline, and peak RSS.
 
+``--multihost`` (root: network namespaces) instead runs the asset graph on clusters whose
+nodes are separate network hosts (``tests/cloud/deployment.py``, what the multi-host test
+uses): for 1 master + 2 and 1 master + 4 workers on the OpenStack fake, the wall times of
+``spark_cluster`` (provision until every worker runs the driver's stack), the first run
+(``gaia_source`` + ``pm_stats`` over all 48 regions), ``pm_stats`` again on the warm driver,
+and teardown. The baseline, measured just before each cluster on the same catalogue, is
+``pm_stats`` on ``local[2]`` in this process, warm the same way: the ratio is the cost of the
+real network path (driver -> master -> executors on other hosts, authenticated and encrypted).
+
     .venv/bin/python benchmarks/cluster.py            # moto + openstack
     .venv/bin/python benchmarks/cluster.py --local    # and 9 real Spark JVMs
+    .venv/bin/python benchmarks/cluster.py --multihost [--stars 200000]
 """
 
 import argparse
@@ -27,12 +37,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cloud import servers  # noqa: E402
 from cloud.emulators import aws_cloud, openstack_cloud, write_profile  # noqa: E402
-from measure import work_folder  # noqa: E402
+from measure import timed, work_folder  # noqa: E402
 
 from gaia_flows.cloud.drivers import build_driver  # noqa: E402
 from gaia_flows.cloud.provision import Provisioner  # noqa: E402
 from gaia_flows.cloud.settings import CloudSettings  # noqa: E402
 from gaia_flows.layout import StateLayout  # noqa: E402
+from gaia_flows.partitions import sky_regions  # noqa: E402
 from gaia_flows.profiles import load_profile  # noqa: E402
 
 WORKERS = 8
@@ -140,6 +151,90 @@ def _worker_size(settings: CloudSettings) -> str:
     ]
 
 
+def local_pm_stats(landing: Path, home: Path) -> tuple[float, float]:
+    """Seconds of ``gaia_source`` + ``pm_stats`` over all regions on ``local[2]`` in this process
+    (Spark's start excluded), then of ``pm_stats`` alone again on the warm session."""
+    from dagster import materialize
+    from support.spark import TEST_SPARK_CONF
+
+    from gaia_flows import spark as spark_factory
+    from gaia_flows.assets.catalogue import gaia_landing, gaia_source
+    from gaia_flows.assets.proper_motion import pm_stats
+    from gaia_flows.resources.spark import SparkResource
+    from gaia_flows.resources.storage import StorageResource
+
+    regions = sky_regions.get_partition_keys()
+    tags = {
+        "dagster/asset_partition_range_start": regions[0],
+        "dagster/asset_partition_range_end": regions[-1],
+    }
+    spark = SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF)
+    resources = {"storage": StorageResource(home=str(home), landing=str(landing)), "spark": spark}
+    spark.session()
+    try:
+        first, result = timed(
+            lambda: materialize(
+                [gaia_landing, gaia_source, pm_stats],
+                selection=[gaia_source.key, pm_stats.key],
+                resources=resources,
+                tags=tags,
+            )
+        )
+        assert result.success
+        again, result = timed(
+            lambda: materialize(
+                [gaia_source, pm_stats], selection=[pm_stats.key], resources=resources, tags=tags
+            )
+        )
+        assert result.success
+    finally:
+        spark_factory.stop_active()
+    return first, again
+
+
+def multihost(stars: int, shapes: list[int]) -> None:
+    """Provision, first run, ``pm_stats`` and teardown on namespace-host clusters (see the module)."""
+    from cloud import multihost as lab
+    from cloud.deployment import REGIONS, deployment, openstack
+
+    rows = []
+    for workers in shapes:
+        root = work_folder(None, f"gaia-bench-multihost-{workers}-")
+        with deployment(root, openstack, REGIONS, stars=stars, workers=workers) as cluster:
+            local_first, local_again = local_pm_stats(cluster.shared / "landing", root / "local-home")
+            provision = cluster.run("cluster")["cluster"]["seconds"]
+            run = cluster.run("catalogue,pm_stats")
+            started = time.perf_counter()
+            cluster.run("teardown")
+            while set(cluster.lab.hosts) != {"orchestrator"}:
+                time.sleep(0.1)
+            teardown = time.perf_counter() - started
+            assert cluster.cloud.inventory() == {"servers": {}, "key_pairs": [], "security_groups": []}
+            assert cluster.hypervisor.errors == [], cluster.hypervisor.errors
+        assert not [ns for ns in lab.lab_namespaces() if ns.startswith(lab.PREFIX)], "namespaces left"
+        rows.append(
+            (
+                workers,
+                provision,
+                run["catalogue"]["seconds"],
+                run["pm_stats"]["seconds"],
+                teardown,
+                local_first,
+                local_again,
+            )
+        )
+    print(f"\n== multi-host clusters on the OpenStack fake, {stars:,} stars, 48 regions")
+    print(
+        f"{'shape':<7} {'provision s':>11} {'first run s':>11} {'pm_stats s':>10} {'teardown s':>10} "
+        f"{'local[2] first s':>16} {'local[2] pm_stats s':>19} {'pm_stats ratio':>14}"
+    )
+    for workers, provision, first, pm, teardown, local_first, local_pm in rows:
+        print(
+            f"1 + {workers:<3} {provision:>11.1f} {first:>11.1f} {pm:>10.1f} {teardown:>10.1f} "
+            f"{local_first:>16.1f} {local_pm:>19.1f} {pm / local_pm:>13.2f}x"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,7 +242,16 @@ def main(argv=None):
     parser.add_argument(
         "--local", action="store_true", help="also provision 9 real Spark JVMs with the local driver"
     )
+    parser.add_argument(
+        "--multihost",
+        action="store_true",
+        help="run the graph on 1+2 and 1+4 node clusters of network-namespace hosts (needs root)",
+    )
+    parser.add_argument("--stars", type=int, default=200_000, help="catalogue size for --multihost")
     args = parser.parse_args(argv)
+    if args.multihost:
+        multihost(args.stars, [2, 4])
+        return
     work = work_folder(None, "gaia-bench-cluster-")
     layout = StateLayout.from_env(str(work / "state"))
     os.environ.update(

@@ -6,13 +6,14 @@ reaches the cluster only through the bridge. Steps, in order, from ``--steps``:
 
 - ``cluster``: ``spark_cluster`` (which waits until every worker runs the driver's stack);
 - ``catalogue``: ``gaia_source`` and ``pm_stats`` over ``--regions`` (one single-run backfill);
+- ``pm_stats``: ``pm_stats`` alone over ``--regions`` again (what a benchmark times);
 - ``maps``: ``proper_motion_maps``;
 - ``classify``: ``astrometric_training_set`` and ``astrometric_classifier`` (tracked in the
   profile's MLflow), then ``classified_sources`` for the first of ``--regions``;
 - ``teardown``: the ``teardown_cluster`` job.
 
-Writes ``--out`` (JSON): per step its success and what the test checks (the driver's settings,
-the executors' hosts). Exit status 0 only if every step succeeded.
+Writes ``--out`` (JSON): per step its success, wall seconds and what the test checks (the
+driver's settings, the executors' hosts). Exit status 0 only if every step succeeded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -58,12 +60,17 @@ def main() -> int:
     regions = sky_regions.get_partition_keys() if args.regions == "all" else args.regions.split(",")
     instance = DagsterInstance.ephemeral()
     out: dict = {}
+    tags = {  # one single-run backfill over the regions
+        "dagster/asset_partition_range_start": regions[0],
+        "dagster/asset_partition_range_end": regions[-1],
+    }
 
     def save():
         Path(args.out).write_text(json.dumps(out, indent=2, default=str))
 
     try:
         for step in args.steps.split(","):
+            started = time.perf_counter()
             if step == "cluster":
                 config = {"workers": args.workers, "size": args.size, "data_bytes": 2**30}
                 result = materialize(
@@ -78,10 +85,6 @@ def main() -> int:
                     "metadata": {k: v.value for k, v in event.metadata.items()},
                 }
             elif step == "catalogue":
-                tags = {
-                    "dagster/asset_partition_range_start": regions[0],
-                    "dagster/asset_partition_range_end": regions[-1],
-                }
                 result = materialize(
                     [spark_cluster, gaia_landing, gaia_source, pm_stats],
                     selection=[gaia_source.key, pm_stats.key],
@@ -113,6 +116,15 @@ def main() -> int:
                     },
                     "task_hosts": hosts,
                 }
+            elif step == "pm_stats":
+                result = materialize(
+                    [gaia_source, pm_stats],
+                    selection=[pm_stats.key],
+                    resources=resources,
+                    tags=tags,
+                    instance=instance,
+                )
+                out["pm_stats"] = {"success": result.success}
             elif step == "maps":
                 result = materialize(
                     [pm_stats, proper_motion_maps],
@@ -157,6 +169,7 @@ def main() -> int:
                 }
             else:
                 raise SystemExit(f"unknown step {step!r}")
+            out[step]["seconds"] = round(time.perf_counter() - started, 2)
             save()
             if not out[step]["success"]:
                 return 1
