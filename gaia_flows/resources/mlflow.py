@@ -156,13 +156,20 @@ class MlflowResource(ConfigurableResource):
 # --- the MLflow browser on the same store ------------------------------------------------------------
 
 
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+"""Environment for ``mlflow server``: its job runner (huey consumer processes for MLflow's
+generative-AI jobs) stays off, since the project uses tracking and the registry only and the
+runner's processes would take a core while the server starts."""
+
+
 def server_command(
     resource: MlflowResource | None = None,
     host: str = "127.0.0.1",
     port: int = DEFAULT_UI_PORT,
     workers: int = 1,
 ) -> list[str]:
-    """``mlflow server`` on the resource's store (state folder by default), bound to loopback."""
+    """``mlflow server`` on the resource's store (state folder by default), bound to loopback;
+    run it with :data:`SERVER_ENV`."""
     resource = resource or MlflowResource()
     tracking = resource.resolved_tracking_uri()
     if not is_local_store(tracking):

@@ -37,7 +37,7 @@ from gaia_flows.engine import classify
 from gaia_flows.layout import StateLayout
 from gaia_flows.ml.registry import CHAMPION, MODEL_NAME
 from gaia_flows.partitions import range_tags, sky_regions
-from gaia_flows.resources.mlflow import MlflowResource, server_command
+from gaia_flows.resources.mlflow import SERVER_ENV, MlflowResource, server_command
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import astrometric as astro
@@ -523,7 +523,7 @@ def test_mlflow_server_serves_run_metrics_and_registered_model(champion, tmp_pat
     metadata = _metadata(champion["trained"], "astrometric_classifier")
     port = free_port()
     server = ServerProcess(
-        "mlflow-server", server_command(champion["store"], port=port), log_dir=tmp_path
+        "mlflow-server", server_command(champion["store"], port=port), log_dir=tmp_path, env=SERVER_ENV
     ).start(port=port, ready_path="/health", timeout=120)
     try:
         base = server.url

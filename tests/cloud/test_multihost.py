@@ -18,10 +18,7 @@ a worker's link in the middle of a rerun, then tears it down and checks nothing 
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import ipaddress
-import json
 import os
 import re
 import shlex
@@ -32,23 +29,29 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from dagster import materialize
 from support.spark import TEST_SPARK_CONF
 
 from cloud import multihost
-from cloud.conftest import AWS_KEY_ID, AWS_SECRET, OS_PASSWORD, OS_USER
-from cloud.emulators import ORCHESTRATOR_ADDRESS, TEST_NETWORK, aws_cloud, openstack_cloud, write_profile
+from cloud.deployment import (
+    MLFLOW_PORT,
+    MLFLOW_URL,
+    MOUNT,
+    NETWORK,
+    REGIONS,
+    Deployment,
+    ec2,
+    mount_share,
+    openstack,
+    serve_on_orchestrator,
+    stop,
+)
+from cloud.deployment import deployment as cluster_deployment
+from cloud.emulators import ORCHESTRATOR_ADDRESS
 from cloud.multihost_run import CLASSIFIER_CONFIG
 from gaia_flows import maps
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
@@ -58,13 +61,10 @@ from gaia_flows.assets.proper_motion import pm_stats
 from gaia_flows.assets.proper_motion_maps import proper_motion_maps
 from gaia_flows.assets.training_set import astrometric_training_set
 from gaia_flows.cloud.stack import local_stack
-from gaia_flows.contracts import load_contract
 from gaia_flows.layout import StateLayout
-from gaia_flows.partitions import sky_regions
-from gaia_flows.resources.mlflow import MlflowResource
+from gaia_flows.resources.mlflow import SERVER_ENV, MlflowResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.science import synthetic
 
 pytestmark = [
     pytest.mark.cluster,
@@ -77,359 +77,20 @@ pytestmark = [
     ),
 ]
 
-HERE = Path(__file__).resolve().parent
-MOUNT = "/mnt/gaia-flows"  # the profile's storage.mount: the share's path on every host
 STARS = 12_000
-REGIONS = sky_regions.get_partition_keys()
-NETWORK = ipaddress.ip_network(TEST_NETWORK)
 # What a Spark driver logs when the master closes the connection during the authentication
 # handshake (the bootstrap of every RPC connection once spark.authenticate is on).
 AUTH_REFUSED = re.compile(r"Exception while bootstrapping client")
-MOTO_PORT = 4566  # inside the orchestrator's namespace: nothing else listens there
-PG_PORT, MLFLOW_PORT = 5432, 5000  # the same
-MLFLOW_URL = f"http://127.0.0.1:{MLFLOW_PORT}"  # on the orchestrator's loopback, where runs start
+PG_PORT = 5432  # inside the orchestrator's namespace: nothing else listens there
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 CLASSIFY_REGION = REGIONS[7]
 
 
-def _mount_share(shared: Path) -> list[str]:
-    """Script lines giving an orchestrator process the share at the profile's mount path."""
-    return [
-        f"mount -t tmpfs -o mode=0755 gaia-mnt {Path(MOUNT).parent}",
-        f"mkdir -p {MOUNT}",
-        f"mount --bind {shared} {MOUNT}",
-    ]
-
-
-@dataclass
-class Cloud:
-    """One emulated cloud as the orchestrator host runs it, and the cloud's own view of it."""
-
-    profile: str
-    cluster: str
-    worker_size: str
-    credentials: dict[str, str]
-    servers: Callable[[], list[multihost.Server]]
-    group_rules: Callable[[str], list[dict]]
-    inventory: Callable[
-        [], dict
-    ]  # {"servers": {name: address}, "key_pairs": [...], "security_groups": [...]}
-
-
-@dataclass
-class Deployment:
-    lab: multihost.Lab
-    orchestrator: multihost.InNamespace
-    hypervisor: multihost.Hypervisor
-    cloud: Cloud
-    root: Path
-    shared: Path
-    home: Path  # the orchestrator's state folder
-    profiles: Path
-
-    def run(
-        self,
-        steps: str,
-        regions: str = "all",
-        timeout: float = 900,
-        during: Callable[[subprocess.Popen], None] | None = None,
-    ) -> dict:
-        """The Dagster run on the orchestrator host; returns its summary (fails the test on error).
-        ``during`` gets the run's process as soon as it starts (to act on the cluster mid-run)."""
-        out = self.root / f"run-{steps.replace(',', '-')}.json"
-        script = "\n".join(
-            [
-                "set -euo pipefail",
-                *_mount_share(self.shared),
-                f"exec {sys.executable} {HERE / 'multihost_run.py'} --profile {self.cloud.profile} --profiles-dir {self.profiles} "
-                f"--steps {steps} --regions {regions} --size {self.cloud.worker_size} --out {out}",
-            ]
-        )
-        env = {"GAIA_FLOWS_HOME": str(self.home), **self.cloud.credentials}
-        log = self.root / "logs" / f"orchestrator-{steps.replace(',', '-')}.log"
-        proc = self.lab.spawn("orchestrator", script, log, env=env)
-        try:
-            if during is not None:
-                during(proc)
-            code = proc.wait(timeout=timeout)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            raise
-        summary = json.loads(out.read_text()) if out.exists() else {}
-        assert code == 0, (
-            f"run {steps} failed: {summary.get('error') or log.read_text()[-4000:]}\nhypervisor: {self.hypervisor.errors}"
-        )
-        return summary
-
-    def manifest(self) -> dict:
-        return json.loads((self.home / "clusters" / f"{self.cloud.cluster}.json").read_text())
-
-    def node_names(self) -> list[str]:
-        return [
-            f"{self.cloud.cluster}-master",
-            f"{self.cloud.cluster}-worker-0",
-            f"{self.cloud.cluster}-worker-1",
-        ]
-
-
-def _write_profile(directory: Path, base: str, name: str, cloud: dict) -> None:
-    cloud["limits"] = {"min_workers": 1, "max_workers": 4, "master_min_ram_mb": 2048}
-    write_profile(directory, base, name, cloud)
-    path = directory / f"{name}.yaml"
-    spec = yaml.safe_load(path.read_text())
-    spec["spark"]["conf"].update(
-        {
-            "spark.driver.memory": "1g",
-            "spark.sql.shuffle.partitions": "4",
-            "spark.ui.enabled": "false",
-            # A host whose link is cut counts as lost after 30 s without heartbeats (checked every
-            # 5 s) instead of 120 s, so its tasks are retried elsewhere within the test's time.
-            "spark.executor.heartbeatInterval": "3s",
-            "spark.network.timeout": "30s",
-            "spark.network.timeoutInterval": "5s",
-        }
-    )
-    spec["storage"] = {"mount": MOUNT, "mlflow_tracking_uri": MLFLOW_URL}
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=2).close()
-        return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-
-
-def _serve_on_orchestrator(
-    lab, orchestrator, script: str, log: Path, url: str, env: dict | None = None, timeout: float = 90
-) -> subprocess.Popen:
-    """Start a server on the orchestrator host's loopback and wait until it answers there."""
-    proc = lab.spawn("orchestrator", script, log, env=env)
-    deadline = time.monotonic() + timeout
-    while not orchestrator(_answers, url):
-        assert proc.poll() is None, f"{url} exited:\n{log.read_text()[-2000:]}"
-        assert time.monotonic() < deadline, (
-            f"{url} does not answer on the orchestrator's loopback:\n{log.read_text()[-2000:]}"
-        )
-        time.sleep(0.2)
-    return proc
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a server the test started, by its process group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def _openstack(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
-    port = 8774
-    url = f"http://127.0.0.1:{port}"
-    script = (
-        f"exec {sys.executable} {HERE / 'openstack_fake.py'} --port-file {root / 'openstack.port'} --port {port} "
-        f"--user {OS_USER} --subnet {TEST_NETWORK} --build-seconds 0.2\n"
-    )
-    _serve_on_orchestrator(
-        lab,
-        orchestrator,
-        script,
-        root / "logs" / "openstack-fake.log",
-        f"{url}/identity/v3",
-        env={"FAKE_OS_PASSWORD": OS_PASSWORD},
-    )
-    _write_profile(
-        profiles,
-        "openstack",
-        "openstack-mh",
-        openstack_cloud(SimpleNamespace(url=url), wait_timeout_s=300, verify_stack=True),
-    )
-    state = lambda: orchestrator(_get_json, f"{url}/_fake/state")  # noqa: E731
-
-    def servers():
-        return [
-            multihost.Server(
-                s["id"],
-                s["name"],
-                s["status"] == "ACTIVE",
-                s["address"],
-                s["user_data"],
-                (s["security_groups"] or [{}])[0].get("name"),
-            )
-            for s in state()["servers"]
-        ]
-
-    def group_rules(name):
-        for group in state()["security_group_details"]:
-            if group["name"] == name:
-                return [
-                    {"protocol": p, "from": lo, "to": hi, "source": "group" if src == group["id"] else src}
-                    for p, lo, hi, src in group["rules"]
-                ]
-        return []
-
-    def inventory():
-        now = state()
-        return {
-            "servers": {s["name"]: s["address"] for s in now["servers"]},
-            "key_pairs": now["keypairs"],
-            "security_groups": [g for g in now["security_groups"] if g != "default"],
-        }
-
-    credentials = {"GAIA_TEST_OS_USERNAME": OS_USER, "GAIA_TEST_OS_PASSWORD": OS_PASSWORD}
-    return Cloud("openstack-mh", "gaia-os", "general.v1.small", credentials, servers, group_rules, inventory)
-
-
-def _ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
-    url = f"http://127.0.0.1:{MOTO_PORT}"
-    moto = Path(sys.executable).with_name("moto_server")
-    _serve_on_orchestrator(
-        lab,
-        orchestrator,
-        f"exec {moto} -H 127.0.0.1 -p {MOTO_PORT}\n",
-        root / "logs" / "moto.log",
-        f"{url}/moto-api/",
-    )
-    ec2 = orchestrator(
-        lambda: boto3.client(
-            "ec2",
-            endpoint_url=url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-    )
-    call = lambda fn, **kw: orchestrator(lambda: getattr(ec2, fn)(**kw))  # noqa: E731 - every request from the orchestrator host
-    # The cluster's subnet is the lab's network, so instances get addresses the lab can give them.
-    vpc = call("create_vpc", CidrBlock=str(NETWORK.supernet(new_prefix=16)))["Vpc"]["VpcId"]
-    subnet = call("create_subnet", VpcId=vpc, CidrBlock=TEST_NETWORK, AvailabilityZone="us-east-1a")[
-        "Subnet"
-    ]["SubnetId"]
-    cloud = aws_cloud(SimpleNamespace(port=MOTO_PORT), wait_timeout_s=300, verify_stack=True)
-    cloud["network"]["subnet"] = subnet
-    cloud["network"]["use_public_ip"] = False
-    _write_profile(profiles, "aws", "aws-mh", cloud)
-    user_data: dict[str, str] = {}
-
-    def live():
-        for reservation in call("describe_instances")["Reservations"]:
-            for i in reservation["Instances"]:
-                if i["State"]["Name"] not in ("terminated", "shutting-down"):
-                    yield i, {t["Key"]: t["Value"] for t in i.get("Tags", [])}
-
-    def servers():
-        out = []
-        for i, tags in live():
-            iid = i["InstanceId"]
-            if iid not in user_data:
-                user_data[iid] = base64.b64decode(
-                    call("describe_instance_attribute", InstanceId=iid, Attribute="userData")["UserData"][
-                        "Value"
-                    ]
-                ).decode()
-            group = (i.get("SecurityGroups") or [{}])[0].get("GroupName")
-            out.append(
-                multihost.Server(
-                    iid,
-                    tags.get("Name", iid),
-                    i["State"]["Name"] == "running",
-                    i.get("PrivateIpAddress"),
-                    user_data[iid],
-                    group,
-                )
-            )
-        return out
-
-    def group_rules(name):
-        for g in call("describe_security_groups")["SecurityGroups"]:
-            if g["GroupName"] == name:
-                rules = []
-                for p in g["IpPermissions"]:
-                    base = {"protocol": p["IpProtocol"], "from": p["FromPort"], "to": p["ToPort"]}
-                    rules += [
-                        {**base, "source": "group"}
-                        for pair in p.get("UserIdGroupPairs", [])
-                        if pair["GroupId"] == g["GroupId"]
-                    ]
-                    rules += [{**base, "source": r["CidrIp"]} for r in p.get("IpRanges", [])]
-                return rules
-        return []
-
-    def inventory():
-        return {
-            "servers": {tags.get("Name"): i.get("PrivateIpAddress") for i, tags in live()},
-            "key_pairs": [k["KeyName"] for k in call("describe_key_pairs")["KeyPairs"]],
-            "security_groups": [
-                g["GroupName"]
-                for g in call("describe_security_groups")["SecurityGroups"]
-                if g["GroupName"] != "default"
-            ],
-        }
-
-    credentials = {"GAIA_TEST_AWS_KEY_ID": AWS_KEY_ID, "GAIA_TEST_AWS_SECRET": AWS_SECRET}
-    return Cloud("aws-mh", "gaia-aws", "m5.large", credentials, servers, group_rules, inventory)
-
-
-@contextlib.contextmanager
-def _deployment(tmp_path_factory, make_cloud, regions: list[str]):
-    """A lab with the orchestrator host, the emulator on it, a hypervisor and a catalogue on the share."""
-    root = tmp_path_factory.mktemp("multihost")
-    shared, home, profiles = root / "shared", root / "orchestrator-home", root / "profiles"
-    shared.mkdir()
-    lab = multihost.Lab(TEST_NETWORK).start()
-    orchestrator = hypervisor = None
-    try:
-        lab.add_host("orchestrator", ORCHESTRATOR_ADDRESS)
-        orchestrator = multihost.InNamespace(lab.hosts["orchestrator"].namespace)
-        cloud = make_cloud(lab, orchestrator, root, profiles)
-        secret_file = home / "clusters" / cloud.cluster / "spark-secret"
-        hypervisor = multihost.Hypervisor(
-            lab,
-            servers=cloud.servers,
-            group_rules=cloud.group_rules,
-            mount=MOUNT,
-            shared=shared,
-            secret=lambda: secret_file.read_text() if secret_file.exists() else None,
-            log_dir=root / "logs",
-        )
-        files = 48 if len(regions) == len(REGIONS) else 4
-        synthetic.generate(
-            STARS if files == 48 else 2_000,
-            14,
-            shared / "landing",
-            load_contract(),
-            files=files,
-            processes=1,
-            progress=False,
-        )
-        hypervisor.start()
-        yield Deployment(lab, orchestrator, hypervisor, cloud, root, shared, home, profiles)
-    finally:
-        try:
-            if hypervisor is not None:
-                hypervisor.stop()
-            if orchestrator is not None:
-                orchestrator.close()
-        finally:
-            lab.close()
-    assert [ns for ns in multihost.lab_namespaces() if lab.tag in ns] == [], "namespaces left behind"
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    with _deployment(tmp_path_factory, _openstack, REGIONS) as deployment:
+    with cluster_deployment(
+        tmp_path_factory.mktemp("multihost"), openstack, REGIONS, stars=STARS
+    ) as deployment:
         yield deployment
 
 
@@ -501,25 +162,26 @@ def mlflow_server(deployment):
         script = "\n".join(
             [
                 "set -euo pipefail",
-                *_mount_share(deployment.shared),
+                *mount_share(deployment.shared),
                 f"exec {mlflow_bin} server --backend-store-uri postgresql+psycopg2://gaia@127.0.0.1:{PG_PORT}/postgres "
                 f"--artifacts-destination file://{MOUNT}/mlflow-artifacts --host 127.0.0.1 --port {MLFLOW_PORT} --workers 1",
             ]
         )
         servers.append(
-            _serve_on_orchestrator(
+            serve_on_orchestrator(
                 deployment.lab,
                 deployment.orchestrator,
                 script,
                 logs / "mlflow-server.log",
                 f"{MLFLOW_URL}/health",
+                env=SERVER_ENV,
                 timeout=300,
             )
         )
         yield MLFLOW_URL
     finally:
         for proc in reversed(servers):
-            _stop(proc, signal.SIGINT)  # PostgreSQL's fast shutdown; uvicorn stops on it too
+            stop(proc, signal.SIGINT)  # PostgreSQL's fast shutdown; uvicorn stops on it too
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -767,7 +429,9 @@ def test_teardown_leaves_no_server_group_key_host_or_process(deployment, graph_r
 
 @pytest.fixture(scope="module")
 def ec2_deployment(tmp_path_factory):
-    with _deployment(tmp_path_factory, _ec2, REGIONS[7:8]) as deployment:
+    with cluster_deployment(
+        tmp_path_factory.mktemp("multihost"), ec2, REGIONS[7:8], stars=2_000
+    ) as deployment:
         yield deployment
 
 
