@@ -2,7 +2,7 @@
 
 The seed's team blamed their own code for weeks before metrics showed the shared filesystem
 was slow. Each Spark-backed asset records per run what its tasks read and how they spent their
-time (Spark stage metrics, plus what Python tasks read with pyarrow: ``engine.pm_stats.task_io``);
+time (Spark stage metrics, plus what Python tasks read with pyarrow: ``engine.metrics.task_io``);
 this command reads those figures back from the instance and names the bound:
 
 - **the driver / waiting for executors**: the tasks kept the cores busy for only a small share of
@@ -42,10 +42,20 @@ def name_bound(asset: str, metadata: dict) -> Verdict | None:
     """The bound of one asset's step from its run metadata, or ``None`` without task figures."""
     wall = _figure(metadata, "wall_seconds")
     cores = _figure(metadata, "spark_cores") or 1.0
-    task_wall = _figure(metadata, "task_wall_seconds") + _figure(metadata, "spark_executor_run_ms") / 1000
+    # Python tasks measure themselves (engine.metrics.timed_task); Spark's executor run time of
+    # such a task is the same wall time seen from the JVM, which waits for the Python worker,
+    # so Spark's task figures count only where no Python task figures exist.
+    python = "task_wall_seconds" in metadata
+    task_wall = (
+        _figure(metadata, "task_wall_seconds")
+        if python
+        else _figure(metadata, "spark_executor_run_ms") / 1000
+    )
     if not wall or not task_wall:
         return None
-    task_cpu = _figure(metadata, "task_cpu_seconds") + _figure(metadata, "spark_executor_cpu_ns") / 1e9
+    task_cpu = (
+        _figure(metadata, "task_cpu_seconds") if python else _figure(metadata, "spark_executor_cpu_ns") / 1e9
+    )
     cpu_wait = _figure(metadata, "task_cpu_wait_seconds")
     read = _figure(metadata, "python_read_bytes", "spark_input_bytes")
     shuffled = _figure(metadata, "spark_shuffle_read_bytes", "spark_shuffle_write_bytes")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gaia_flows.cli_diagnose import name_bound
-from gaia_flows.engine.pm_stats import task_io, timed_task
+from gaia_flows.engine.metrics import task_io, timed_task
 
 
 def _files(tmp_path, n: int = 3) -> list[str]:
@@ -21,7 +21,11 @@ def _files(tmp_path, n: int = 3) -> list[str]:
 
 
 def _run(records: list[dict], wall: float, cores: int = 1) -> dict:
-    return {"wall_seconds": wall, "spark_cores": cores, **task_io(records)}
+    return {
+        "wall_seconds": wall,
+        "spark_cores": cores,
+        **task_io(records, rows="n_sources", written="stored_bytes"),
+    }
 
 
 def _computing(files):
@@ -49,7 +53,7 @@ def _slow_reader(files):
 
 def test_task_records_report_the_parquet_bytes_they_read(tmp_path):
     files = _files(tmp_path)
-    record = timed_task("hpx1-07", files, _computing(files))
+    record = timed_task(files, _computing(files))
     assert record["read_bytes"] == sum((tmp_path / f"part-{i}.parquet").stat().st_size for i in range(3))
     assert (
         record["task_cpu_seconds"] >= 0.4 and record["task_wall_seconds"] >= record["task_cpu_seconds"] * 0.9
@@ -59,7 +63,7 @@ def test_task_records_report_the_parquet_bytes_they_read(tmp_path):
 def test_cpu_bound_run_is_named_cpu(tmp_path):
     files = _files(tmp_path)
     started = time.perf_counter()
-    records = [timed_task(f"hpx1-0{i}", files, _computing(files)) for i in range(2)]
+    records = [timed_task(files, _computing(files)) for i in range(2)]
     verdict = name_bound("pm_stats", _run(records, time.perf_counter() - started))
     assert verdict.bound == "CPU", verdict
 
@@ -67,7 +71,7 @@ def test_cpu_bound_run_is_named_cpu(tmp_path):
 def test_read_throttled_run_is_named_reading(tmp_path):
     files = _files(tmp_path)
     started = time.perf_counter()
-    records = [timed_task("hpx1-07", files, _slow_reader(files))]
+    records = [timed_task(files, _slow_reader(files))]
     verdict = name_bound("pm_stats", _run(records, time.perf_counter() - started))
     assert verdict.bound == "reading", verdict
     assert "MB/s per core" in verdict.evidence

@@ -93,7 +93,9 @@ def gaia_source(
                 "published_regions": sorted(report.regions),
             },
         )
-    return MaterializeResult(metadata=_run_metadata(report, stage_io(session, SOURCE_TABLE)))
+    metadata = _run_metadata(report, stage_io(session, SOURCE_TABLE))
+    metadata["spark_cores"] = session.sparkContext.defaultParallelism
+    return MaterializeResult(metadata=metadata)
 
 
 def _failure_text(report: IngestReport) -> str:
@@ -118,6 +120,13 @@ def _run_metadata(report: IngestReport, io: dict) -> dict:
         "rows_per_second": round(report.rows_read / seconds),
     }
     metadata.update({f"spark_{name}": value for name, value in io.items()})
+    metadata.update(
+        {
+            name: MetadataValue.json(value) if isinstance(value, dict) else value
+            for name, value in report.task_figures.items()
+            if value is not None
+        }
+    )
     if io.get("input_bytes"):
         metadata["spark_input_mb_per_second"] = round(io["input_bytes"] / 2**20 / seconds, 1)
     return metadata

@@ -26,7 +26,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from gaia_flows.engine.metrics import stage_io
+from gaia_flows.engine.metrics import stage_io, task_io
 from gaia_flows.engine.pm_stats import (
     InputColumnsError,
     StatsPublisher,
@@ -35,7 +35,6 @@ from gaia_flows.engine.pm_stats import (
     read_input,
     region_bytes,
     stats_in_region_tasks,
-    task_io,
 )
 from gaia_flows.layout import SOURCE_TABLE, STATS_TABLE
 from gaia_flows.partitions import sky_regions
@@ -142,7 +141,7 @@ def pm_stats(
         "stored_kib": round(total["stored_bytes"] / 1024, 1),
     }
     metadata.update({f"spark_{name}": value for name, value in stage_io(session, job_group).items()})
-    python_io = task_io(published)
+    python_io = task_io(published, rows="n_sources", written="stored_bytes")
     if python_io:
         metadata.update(
             {

@@ -22,12 +22,9 @@ Two engines, the same statistics (both tested against DuckDB):
 from __future__ import annotations
 
 import os
-import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +34,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from gaia_flows.contracts import load_contract
+from gaia_flows.engine.metrics import timed_task
 from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
@@ -339,7 +337,7 @@ def stats_in_region_tasks(
 
     def compute_and_publish(group: int) -> list[dict]:
         return [
-            timed_task(region, files[region], lambda r=region: publish(r, region_stats(files[r], r, level)))
+            timed_task(files[region], lambda r=region: publish(r, region_stats(files[r], r, level)))
             for region in groups[group]
         ]
 
@@ -348,75 +346,6 @@ def stats_in_region_tasks(
         .flatMap(compute_and_publish)
         .collect()
     )
-
-
-def timed_task(region: str, files: list[str], work: Callable[[], dict]) -> dict:
-    """``work``'s record plus what a Python task read and how it spent its time: Spark's stage
-    metrics do not see files a Python task opens with pyarrow, so the task reports them itself
-    (``read_bytes``: the sizes of the Parquet files it read; CPU against wall seconds: the share
-    spent waiting, on the disk or the scheduler; the host, for a per-executor breakdown)."""
-    wall, (cpu, queued) = time.perf_counter(), _scheduler_seconds()
-    record = work()
-    cpu_after, queued_after = _scheduler_seconds()
-    return {
-        **record,
-        "read_bytes": sum(os.path.getsize(path) for path in files),
-        "read_files": len(files),
-        "task_wall_seconds": time.perf_counter() - wall,
-        "task_cpu_seconds": cpu_after - cpu,
-        "task_cpu_wait_seconds": queued_after - queued,
-        "host": socket.gethostname(),
-    }
-
-
-def _scheduler_seconds() -> tuple[float, float]:
-    """This thread's seconds on a CPU and waiting in the run queue for one (Linux schedstat):
-    a task that waits for a core is CPU-bound (more work than cores), not waiting for data."""
-    try:
-        on_cpu, queued, _ = Path("/proc/thread-self/schedstat").read_text().split()
-        return int(on_cpu) / 1e9, int(queued) / 1e9
-    except (OSError, ValueError):
-        return time.thread_time(), 0.0
-
-
-def task_io(records: list[dict]) -> dict:
-    """Run totals of :func:`timed_task` records, with MB/s per core and a per-host breakdown."""
-    if not records or "read_bytes" not in records[0]:
-        return {}
-    hosts: dict[str, dict] = {}
-    for record in records:
-        host = hosts.setdefault(
-            record["host"],
-            {
-                "tasks": 0,
-                "read_bytes": 0,
-                "task_wall_seconds": 0.0,
-                "task_cpu_seconds": 0.0,
-                "task_cpu_wait_seconds": 0.0,
-            },
-        )
-        host["tasks"] += 1
-        for name in ("read_bytes", "task_wall_seconds", "task_cpu_seconds", "task_cpu_wait_seconds"):
-            host[name] += record[name]
-    wall = sum(r["task_wall_seconds"] for r in records)
-    cpu = sum(r["task_cpu_seconds"] for r in records)
-    cpu_wait = sum(r["task_cpu_wait_seconds"] for r in records)
-    read = sum(r["read_bytes"] for r in records)
-    return {
-        "python_read_bytes": read,
-        "python_read_files": sum(r["read_files"] for r in records),
-        "python_read_rows": sum(r["n_sources"] for r in records),
-        "python_written_bytes": sum(r["stored_bytes"] for r in records),
-        "task_wall_seconds": round(wall, 3),
-        "task_cpu_seconds": round(cpu, 3),
-        "task_cpu_wait_seconds": round(cpu_wait, 3),
-        "task_cpu_share": round(cpu / wall, 3) if wall else None,
-        "read_mb_per_second_per_core": round(read / 2**20 / wall, 1) if wall else None,
-        "per_host": {
-            name: {k: round(v, 3) if isinstance(v, float) else v for k, v in h.items()}
-            for name, h in sorted(hosts.items())
-        },
-    }
 
 
 def region_bytes(layout: StateLayout, table: str, regions: list[str]) -> dict[str, int]:

@@ -81,6 +81,27 @@ def test_two_regions_in_one_run(layout, spark):
     assert [c.passed for c in checks] == [True]
 
 
+def test_run_reports_the_bytes_its_python_tasks_read_and_wrote(layout, spark):
+    """Spark's stage metrics do not see the landing files the tasks open with pyarrow: the tasks
+    report them, and what they wrote, themselves."""
+    _land_two_regions(layout)
+    result = _run()
+    run = result.asset_materializations_for_node("gaia_source")[0].metadata
+    landed = sorted(layout.landing.glob("*.csv.gz"))
+    assert run["python_read_bytes"].value == sum(p.stat().st_size for p in landed) > 0
+    assert run["python_read_files"].value == len(landed) == 4
+    assert run["python_read_rows"].value == run["run_rows_in"].value == 700
+    written = [
+        p
+        for region in ("hpx1-07", "hpx1-08")
+        for p in layout.region_dir("gaia_source", region).glob("*.parquet")
+    ]
+    assert run["python_written_bytes"].value == sum(p.stat().st_size for p in written)
+    assert 0 < run["task_cpu_seconds"].value <= run["task_wall_seconds"].value * 1.05
+    (host,) = run["per_host"].value.values()
+    assert host["read_bytes"] == run["python_read_bytes"].value
+
+
 def test_rerun_is_idempotent_and_leaves_other_regions_alone(layout, spark):
     _land_two_regions(layout)
     _run()
