@@ -132,12 +132,13 @@ def profile_tasks(landing: Path, staging: Path) -> tuple[float, dict[str, float]
     """Every task's work on one core, in this process: CPU seconds in all and per stage."""
     contract = load_contract(SOURCE_TABLE)
     files = [str(p) for p in landing_files(landing)]
-    schema = region_schema({p: read_file_header(p) for p in files}, contract)
+    headers = {p: read_file_header(p) for p in files}
+    schema = region_schema(headers, contract)
     task = IngestTask(contract, schema, frozenset(parse_region_key(k)[1] for k in region_keys()), staging)
     profiler = cProfile.Profile(time.process_time)  # CPU seconds: a busy machine's waits do not count
     started = time.process_time()
     profiler.enable()
-    counts: Counter = task(0, file_groups(files))["counts"]
+    counts: Counter = task(0, file_groups(files), headers)["counts"]
     profiler.disable()
     seconds = time.process_time() - started
     shutil.rmtree(staging)

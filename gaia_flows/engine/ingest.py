@@ -112,8 +112,11 @@ def _converted_types(header: EcsvHeader, contract: TableContract) -> dict[str, p
     return types
 
 
-def read_gaia_file(path: str, contract: TableContract, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """Parse and validate one file, yielding batches in ``schema`` with provenance columns.
+def read_gaia_file(
+    path: str, contract: TableContract, schema: pa.Schema, header: EcsvHeader | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Parse and validate one file, yielding batches in ``schema`` with provenance columns;
+    ``header``: the file's header when the caller has read and checked it already.
 
     The first pass lets the CSV reader convert the numeric columns while it parses (about as
     fast as parsing alone, where parsing every column as text and converting afterwards cost
@@ -121,8 +124,9 @@ def read_gaia_file(path: str, contract: TableContract, schema: pa.Schema) -> Ite
     convert (a typo, a value out of range, a bad row, a truncated file) abandons the pass: the
     file is then read again as text, which names every bad value and the line of a file error.
     """
-    header = read_file_header(path)
-    check_header(header, contract, path)
+    if header is None:
+        header = read_file_header(path)
+        check_header(header, contract, path)
     file_range = healpix.parse_file_range(path)
     try:
         yield from list(
@@ -301,10 +305,13 @@ class IngestTask:
     pixels: frozenset[int]
     staging: Path
 
-    def __call__(self, index: int, groups: list[list[str]]) -> dict:
-        return timed_task([path for group in groups for path in group], lambda: self._ingest(index, groups))
+    def __call__(self, index: int, groups: list[list[str]], headers: dict[str, EcsvHeader]) -> dict:
+        """``headers``: the groups' files' headers, read and checked by the driver."""
+        return timed_task(
+            [path for group in groups for path in group], lambda: self._ingest(index, groups, headers)
+        )
 
-    def _ingest(self, index: int, groups: list[list[str]]) -> dict:
+    def _ingest(self, index: int, groups: list[list[str]], headers: dict[str, EcsvHeader]) -> dict:
         counts: Counter = Counter()
         writers: dict[Path, pq.ParquetWriter] = {}
         accepted_columns = [f.name for f in self.schema if not f.name.startswith("_")]
@@ -312,7 +319,8 @@ class IngestTask:
             for group in groups:
                 table = pa.concat_tables(
                     pa.Table.from_batches(
-                        list(read_gaia_file(path, self.contract, self.schema)), schema=self.schema
+                        list(read_gaia_file(path, self.contract, self.schema, headers[path])),
+                        schema=self.schema,
                     )
                     for path in group
                 )
@@ -437,7 +445,7 @@ def _ingest_once(
     try:
         try:
             records = _run_tasks(
-                spark, all_files, IngestTask(contract, schema, frozenset(pixels), staging), bucket_bytes
+                spark, headers, IngestTask(contract, schema, frozenset(pixels), staging), bucket_bytes
             )
         except Exception as exc:  # noqa: BLE001 - re-raised below, typed where we can name the file
             error = _file_error_from(exc)
@@ -455,10 +463,14 @@ def _ingest_once(
         release_staging(staging)
 
 
-def _run_tasks(spark: SparkSession, files: list[str], task: IngestTask, bucket_bytes: int) -> list[dict]:
+def _run_tasks(
+    spark: SparkSession, headers: dict[str, EcsvHeader], task: IngestTask, bucket_bytes: int
+) -> list[dict]:
     """Every file parsed and written by Python tasks of one plain RDD job (no SQL plan, no
-    rows through the JVM); the driver receives one small record per task."""
+    rows through the JVM); each task gets its files' headers, and the driver receives one
+    small record per task."""
     sc = spark.sparkContext
+    files = sorted(headers)
     chunks = task_chunks(
         file_groups(files), {p: os.path.getsize(p) for p in files}, bucket_bytes, sc.defaultParallelism
     )
@@ -467,7 +479,8 @@ def _run_tasks(spark: SparkSession, files: list[str], task: IngestTask, bucket_b
     )
     if not chunks:
         return []
-    return sc.parallelize(list(enumerate(chunks)), len(chunks)).map(lambda item: task(*item)).collect()
+    items = [(i, chunk, {p: headers[p] for group in chunk for p in group}) for i, chunk in enumerate(chunks)]
+    return sc.parallelize(items, len(items)).map(lambda item: task(*item)).collect()
 
 
 def _publish_region(
