@@ -362,6 +362,146 @@ def test_helm_values_run_our_image_with_the_k8s_run_launcher():
     assert values["global"]["postgresqlSecretName"]
 
 
+HELM_SCHEMA = REPO_ROOT / "tests" / "data" / "helm" / "dagster-values.schema.json"
+HELM_SCHEMA_K8S_URI = "https://kubernetesjsonschema.dev/v1.18.0/_definitions.json"
+
+
+def _helm_schema_errors(values: dict) -> list[str]:
+    """What the chart's ``values.schema.json`` (tests/data/helm/README.md) says of ``values``, as
+    Helm judges it: Helm validates the chart's defaults merged with the user's values. Maps merge,
+    so a required key the defaults supply may be absent from ours; lists replace, so inside a
+    list item every required key is ours to give. The schema's Kubernetes objects resolve to the
+    strict definitions kubernetes-validate ships, so a misspelt field inside them is refused."""
+    import importlib.resources
+    import json
+
+    import jsonschema
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    definitions = json.loads(
+        importlib.resources.files("kubernetes_validate")
+        .joinpath(f"kubernetes-json-schema/v{KUBERNETES_VERSION}-local-strict/_definitions.json")
+        .read_text()
+    )["$defs"]
+    kubernetes = Resource.from_contents(
+        {"$defs": definitions, "definitions": definitions}, default_specification=DRAFT202012
+    )
+    validator = jsonschema.Draft202012Validator(
+        json.loads(HELM_SCHEMA.read_text()),
+        registry=Registry().with_resource(HELM_SCHEMA_K8S_URI, kubernetes),
+    )
+    return [
+        f"{'.'.join(map(str, error.absolute_path))}: {error.message[:200]}"
+        for error in validator.iter_errors(values)
+        if not _supplied_by_chart_defaults(error)
+    ]
+
+
+def _supplied_by_chart_defaults(error) -> bool:
+    """A missing key outside any list item (the chart's defaults hold it), or an ``anyOf`` one of
+    whose branches fails only for such keys."""
+    if error.validator == "required":
+        return not any(isinstance(step, int) for step in error.absolute_path)
+    if error.validator in ("anyOf", "oneOf"):
+        branches: dict = {}
+        for sub in error.context:
+            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+        return any(all(_supplied_by_chart_defaults(e) for e in errors) for errors in branches.values())
+    return False
+
+
+def test_helm_values_validate_against_the_official_chart_schema():
+    assert _helm_schema_errors(_yaml(HELM_VALUES)) == []
+
+
+def _misspelt_launcher_key(values):
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    launcher["jobNamespce"] = launcher.pop("jobNamespace")
+
+
+def _deployment_without_port(values):
+    del values["dagster-user-deployments"]["deployments"][0]["port"]
+
+
+def _misspelt_pod_security_field(values):
+    values["dagsterDaemon"]["podSecurityContext"] = {"runAsNonroot": True}
+
+
+def _unknown_pull_policy(values):
+    values["runLauncher"]["config"]["k8sRunLauncher"]["imagePullPolicy"] = "IfMissing"
+
+
+def _string_replica_count(values):
+    values["dagsterWebserver"]["replicaCount"] = "2"
+
+
+@pytest.mark.parametrize(
+    "edit, where",
+    [
+        (_misspelt_launcher_key, "runLauncher.config.k8sRunLauncher"),
+        (_deployment_without_port, "dagster-user-deployments.deployments.0"),
+        (_misspelt_pod_security_field, "dagsterDaemon.podSecurityContext"),
+        (_unknown_pull_policy, "runLauncher.config.k8sRunLauncher"),
+        (_string_replica_count, "dagsterWebserver.replicaCount"),
+    ],
+    ids=["misspelt key", "list item lacks a required key", "misspelt kubernetes field", "enum", "type"],
+)
+def test_helm_schema_check_refuses_broken_values(edit, where):
+    values = _yaml(HELM_VALUES)
+    edit(values)
+    errors = _helm_schema_errors(values)
+    assert any(error.startswith(where) for error in errors), errors
+
+
+def test_postgresql_and_mlflow_manifests_serve_the_names_the_profile_and_instance_use():
+    """The in-cluster PostgreSQL and MLflow answer at the addresses the Helm values, the instance
+    ConfigMap and the profile's tracking URI name, with the password Secret they all share."""
+    from urllib.parse import urlsplit
+
+    def docs(name):
+        return {
+            d["kind"] + "/" + d["metadata"]["name"]: d
+            for d in yaml.safe_load_all((DEPLOYMENTS / "kubernetes" / name).read_text())
+        }
+
+    pg = docs("postgresql.yaml")
+    mlflow = docs("mlflow.yaml")
+    namespace = _yaml(DEPLOYMENTS / "kubernetes" / "namespace.yaml")["metadata"]["name"]
+    values = _yaml(HELM_VALUES)
+    instance_env = pg["ConfigMap/gaia-flows-pg"]["data"]
+    service = pg["Service/gaia-flows-pg"]
+    assert instance_env["DAGSTER_PG_HOST"] == f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
+    assert values["postgresql"]["postgresqlHost"] == instance_env["DAGSTER_PG_HOST"]
+    assert values["postgresql"]["service"]["port"] == service["spec"]["ports"][0]["port"]
+    assert values["postgresql"]["postgresqlUsername"] == instance_env["DAGSTER_PG_USERNAME"]
+    assert values["postgresql"]["postgresqlDatabase"] == instance_env["DAGSTER_PG_DB"]
+    (server,) = pg["StatefulSet/gaia-flows-pg"]["spec"]["template"]["spec"]["containers"]
+    password = next(e for e in server["env"] if e["name"] == "POSTGRES_PASSWORD")["valueFrom"]["secretKeyRef"]
+    assert password == {"name": values["global"]["postgresqlSecretName"], "key": "postgresql-password"}
+    assert "CREATE DATABASE mlflow" in pg["ConfigMap/gaia-flows-pg-init"]["data"]["10-mlflow.sql"]
+
+    tracking = urlsplit(_yaml(PROFILES / "kubernetes.yaml")["storage"]["mlflow_tracking_uri"])
+    mlflow_service = mlflow["Service/mlflow"]
+    assert tracking.hostname == f"{mlflow_service['metadata']['name']}.{namespace}.svc"
+    assert tracking.port == mlflow_service["spec"]["ports"][0]["port"]
+    (container,) = mlflow["Deployment/mlflow"]["spec"]["template"]["spec"]["containers"]
+    args = dict(zip(container["args"][::2], container["args"][1::2], strict=True))
+    store = urlsplit(args["--backend-store-uri"])
+    assert (store.hostname, store.port, store.path) == (instance_env["DAGSTER_PG_HOST"], 5432, "/mlflow")
+    assert store.password == "$(PG_PASSWORD)", "the password is substituted from the Secret, never written"
+    assert (
+        next(e for e in container["env"] if e["name"] == "PG_PASSWORD")["valueFrom"]["secretKeyRef"]
+        == password
+    )
+    assert tracking.netloc in args["--allowed-hosts"].split(","), (
+        "MLflow refuses a Host header it does not list"
+    )
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["httpHeaders"] == [{"name": "Host", "value": tracking.netloc}]
+    assert container["image"] == _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["image"]
+
+
 def test_kubernetes_profile_files_exist_in_the_image_layout():
     profile = _yaml(PROFILES / "kubernetes.yaml")
     template = profile["kubernetes"]["pod_template"]
@@ -495,20 +635,143 @@ def _restricted_violations(pod_spec: dict) -> list[str]:
     return found
 
 
-def test_executor_pod_template_and_run_pods_pass_the_restricted_pod_security_standard():
-    template = _yaml(DEPLOYMENTS / "spark" / "executor-pod-template.yaml")
-    assert _restricted_violations(template["spec"]) == []
-    assert _restricted_violations({"containers": [{"name": "bare"}]}), "the rules do catch a bare pod"
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
+
+def _pod_specs() -> list[tuple[str, dict]]:
+    """Every pod spec we ship: the pods and pod templates of the manifests (the run Job included),
+    and the pods the Helm chart renders from our values. The chart sets a component's
+    ``podSecurityContext`` on its pod and its ``securityContext`` on every container, the
+    ``check-db-ready`` init container included; run pods come from ``runK8sConfig`` through
+    dagster-k8s."""
+    specs = []
+    for name, manifest in _manifests():
+        body = manifest.get("spec") or {}
+        spec = body if manifest["kind"] == "Pod" else body.get("template", {}).get("spec")
+        if spec is not None:
+            specs.append((f"{name} {manifest['kind']}", spec))
+    values = _yaml(HELM_VALUES)
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    for name, component in [
+        ("webserver", values["dagsterWebserver"]),
+        ("daemon", values["dagsterDaemon"]),
+        ("user deployment", deployment),
+    ]:
+        container = {"securityContext": component.get("securityContext")}
+        specs.append(
+            (
+                f"Helm {name}",
+                {
+                    "securityContext": component.get("podSecurityContext"),
+                    "initContainers": [{"name": "check-db-ready", **container}],
+                    "containers": [{"name": name, **container}],
+                },
+            )
+        )
+    run_config = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
+    helm_run_job = _run_job_manifest(
+        {"container_config": run_config["containerConfig"], "pod_spec_config": run_config["podSpecConfig"]},
+        values["imagePullSecrets"],
+    )
+    specs.append(("Helm run Job (dagster-k8s)", helm_run_job["spec"]["template"]["spec"]))
+    return specs
+
+
+def _restricted_violations(pod_spec: dict) -> list[str]:
+    """The rules of the "restricted" Pod Security Standard (v1.30+) for one pod spec, pod-level
+    settings inherited by containers where the standard allows it."""
+    pod = pod_spec.get("securityContext") or {}
+    found = []
+    if pod_spec.get("hostNetwork") or pod_spec.get("hostPID") or pod_spec.get("hostIPC"):
+        found.append("shares a host namespace")
+    for volume in pod_spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            found.append(f"volume {volume.get('name')}: {sorted(kinds)} not allowed")
+    for container in [*(pod_spec.get("initContainers") or []), *pod_spec.get("containers", [])]:
+        ctx = container.get("securityContext") or {}
+        name = container.get("name", "?")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
+            found.append(f"{name}: capabilities must drop ALL")
+        if set((ctx.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities")
+        if ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
+            found.append(f"{name}: runAsNonRoot must be true")
+        if ctx.get("runAsUser", pod.get("runAsUser")) == 0:
+            found.append(f"{name}: runs as uid 0")
+        seccomp = (ctx.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if ctx.get("privileged"):
+            found.append(f"{name}: privileged")
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+def test_every_pod_we_ship_passes_the_restricted_pod_security_standard():
+    specs = _pod_specs()
+    kinds = {name.rsplit(" ", 1)[-1] for name, _ in specs}
+    assert {"Pod", "Deployment", "StatefulSet", "(dagster-k8s)", "webserver", "daemon"} <= kinds, kinds
+    violations = {name: found for name, spec in specs if (found := _restricted_violations(spec))}
+    assert not violations, violations
+
+
+@pytest.mark.parametrize(
+    "pod_spec",
+    [
+        {"containers": [{"name": "bare"}]},
+        {
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False}}],
+        },
+        {
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "Unconfined"}},
+            "containers": [
+                {
+                    "name": "c",
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
+        },
+        {"volumes": [{"name": "v", "hostPath": {"path": "/"}}], "containers": []},
+        {"initContainers": [{"name": "root-init"}], "containers": []},
+    ],
+    ids=["bare pod", "capabilities kept", "unconfined seccomp", "hostPath volume", "bare init container"],
+)
+def test_restricted_rules_catch_a_pod_that_breaks_them(pod_spec):
+    assert _restricted_violations(pod_spec)
+
+
+def test_every_pod_pulls_our_image_with_the_registry_secret():
+    registry = [{"name": "gaia-flows-registry"}]
     namespace = _yaml(DEPLOYMENTS / "kubernetes" / "namespace.yaml")
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     launcher = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")["run_launcher"]["config"]
     assert launcher["job_namespace"] == namespace["metadata"]["name"]
-    assert launcher["image_pull_secrets"] == [{"name": "gaia-flows-registry"}]
-
-    pod_spec = _run_job_manifest()["spec"]["template"]["spec"]
-    assert _restricted_violations(pod_spec) == [], pod_spec.get("securityContext")
-    assert pod_spec["imagePullSecrets"] == [{"name": "gaia-flows-registry"}]
+    assert launcher["image_pull_secrets"] == registry
+    values = _yaml(HELM_VALUES)
+    assert values["imagePullSecrets"] == registry
+    assert values["dagster-user-deployments"]["imagePullSecrets"] == registry
+    image = _yaml(PROFILES / "kubernetes.yaml")["kubernetes"]["image"]
+    ours = [
+        (name, spec)
+        for name, spec in _pod_specs()
+        if any(c.get("image") == image for c in spec.get("containers", []))
+    ]
+    assert {name for name, _ in ours} >= {"mlflow.yaml Deployment", "run Job (dagster-k8s) Job"}
+    for name, spec in ours:
+        assert spec.get("imagePullSecrets") == registry, name
 
 
 def _camel(node):
@@ -527,8 +790,9 @@ def _camel(node):
 KUBERNETES_VERSION = "1.34.0"  # a current release; kubernetes-validate ships its OpenAPI schemas
 
 
-def _run_job_manifest() -> dict:
-    """The Job dagster-k8s builds for a run from deployments/kubernetes/dagster.yaml."""
+def _run_job_manifest(run_k8s_config: dict | None = None, image_pull_secrets: list | None = None) -> dict:
+    """The Job dagster-k8s builds for a run from deployments/kubernetes/dagster.yaml, or with the
+    given ``run_k8s_config`` and pull secrets (what the Helm chart renders from its values)."""
     from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
 
     launcher = _yaml(DEPLOYMENTS / "kubernetes" / "dagster.yaml")["run_launcher"]["config"]
@@ -537,7 +801,7 @@ def _run_job_manifest() -> dict:
         dagster_home=launcher["dagster_home"],
         instance_config_map=launcher["instance_config_map"],
         postgres_password_secret=launcher["postgres_password_secret"],
-        image_pull_secrets=launcher["image_pull_secrets"],
+        image_pull_secrets=image_pull_secrets or launcher["image_pull_secrets"],
         service_account_name=launcher["service_account_name"],
         env_config_maps=launcher["env_config_maps"],
         env_secrets=launcher["env_secrets"],
@@ -548,7 +812,9 @@ def _run_job_manifest() -> dict:
         args=["dagster", "api", "execute_run", "{}"],
         job_name="dagster-run-test",
         pod_name="dagster-run-test",
-        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher["run_k8s_config"]),
+        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(
+            run_k8s_config or launcher["run_k8s_config"]
+        ),
         component="run_worker",
     ).to_dict()
     return {
@@ -573,12 +839,17 @@ def test_every_kubernetes_manifest_and_the_run_job_validate_against_a_current_ku
     import kubernetes_validate
 
     manifests = _manifests()
-    assert {kind for _, m in manifests for kind in [m["kind"]]} >= {
+    assert {m["kind"] for _, m in manifests} >= {
+        "ConfigMap",
+        "Deployment",
         "Job",
         "Namespace",
+        "PersistentVolumeClaim",
         "Pod",
         "Role",
         "RoleBinding",
+        "Service",
+        "StatefulSet",
     }
     for _, manifest in manifests:
         kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)

@@ -406,3 +406,101 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
     reference = StateLayout.from_env(tmp_path / "reference", layout.landing).ensure()
     assert _materialize(reference).success
     assert _table(layout).equals(_table(reference))
+
+
+# --- two runs of one region at once -------------------------------------------------------------
+
+
+def _step_window(instance: DagsterInstance, run_id: str) -> tuple[float, float]:
+    """When the run's ingestion step started and when it succeeded."""
+    events = [e for e in instance.all_logs(run_id) if e.dagster_event and e.step_key == "gaia_source"]
+    start = min(e.timestamp for e in events if e.dagster_event.event_type_value == "STEP_START")
+    end = max(e.timestamp for e in events if e.dagster_event.event_type_value == "STEP_SUCCESS")
+    return start, end
+
+
+def _rows_in(instance: DagsterInstance, run_id: str) -> int:
+    (materialization,) = [
+        e.dagster_event.event_specific_data.materialization
+        for e in instance.all_logs(run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+    ]
+    return materialization.metadata["rows_in"].value
+
+
+def test_two_runs_of_one_region_at_once_take_turns_through_the_pool_and_publish_one_whole_table(
+    clean, tmp_path, monkeypatch
+):
+    """Two ``dagster asset materialize ... --partition hpx1-07`` processes, started together on one
+    state folder and instance (deployments/local/dagster.yaml: pool ``gaia_source``, default
+    limit 1), each reading its own landing folder (3000 and 2000 stars). Their ingestion steps
+    must not overlap, and the published region must be exactly the later run's clean table,
+    never a mixture of the two. Both processes run under a deadline and are killed with their
+    Spark JVMs in ``finally``, so a stuck run fails the test instead of hanging it."""
+    from gaia_flows import cli
+
+    layout = StateLayout.from_env(tmp_path / "state").ensure()
+    other = StateLayout.from_env(tmp_path / "other").ensure()
+    _land(other.landing, 2000, seed=9, files=1)
+    assert _materialize(other).success
+    sources = {3000: clean, 2000: other}
+    processes: dict[int, subprocess.Popen] = {}
+    logs = {rows: open(tmp_path / f"run-{rows}.log", "w") for rows in sources}
+    deadline = time.monotonic() + 480
+    try:
+        for rows, source in sources.items():
+            env = {
+                **cli.dagster_env(StateLayout.from_env(layout.home, source.landing)),
+                "GAIA_FLOWS_PROFILE": "local",
+            }
+            processes[rows] = subprocess.Popen(
+                [
+                    str(BIN / "dagster"),
+                    "asset",
+                    "materialize",
+                    "-m",
+                    "gaia_flows.definitions",
+                    "--select",
+                    "gaia_source",
+                    "--partition",
+                    REGION,
+                ],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=logs[rows],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        for process in processes.values():
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for process in processes.values():
+            _kill_tree(process.pid)
+            process.wait()
+        for log in logs.values():
+            log.close()
+    output = {rows: (tmp_path / f"run-{rows}.log").read_text()[-3000:] for rows in sources}
+    assert all(p.returncode == 0 for p in processes.values()), output
+
+    monkeypatch.setenv("DAGSTER_HOME", str(layout.dagster_home))
+    with DagsterInstance.get() as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 2 and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+        windows = {_rows_in(instance, r.run_id): _step_window(instance, r.run_id) for r in runs}
+        blocked = {
+            _rows_in(instance, r.run_id)
+            for r in runs
+            if any(
+                f"blocked by limit for pool {SOURCE_TABLE}" in (e.message or "")
+                for e in instance.all_logs(r.run_id)
+            )
+        }
+        assert instance.event_log_storage.get_concurrency_info(SOURCE_TABLE).slot_count == 1
+    assert set(windows) == set(sources), windows
+    first, second = sorted(windows, key=lambda rows: windows[rows][0])
+    assert windows[first][1] <= windows[second][0], f"ingestion steps overlapped: {windows}"
+    assert blocked == {second}, "the later run waited for the pool's slot, the first did not"
+    assert _table(layout).equals(_table(sources[second])), "the later run's table, whole"
+    versions = [p for p in (layout.table(SOURCE_TABLE) / ".versions").iterdir() if p.name.startswith(REGION)]
+    assert len(versions) == 1, versions
+    assert _staging_dirs(layout) == []

@@ -1,0 +1,246 @@
+"""The whole pipeline at growing catalogue sizes: does each stage scale linearly?
+
+    .venv/bin/python benchmarks/scale.py --stars 1000000 10000000 [--work DIR] [--json OUT] [--plot PNG]
+
+For each size, in a fresh folder, the stages run in order as a deployment runs them:
+
+  generate     ``gaia-flows generate`` (its own process, so its arrays are not the driver's)
+  ingest       ``gaia_source`` over all 48 regions in one run (the Spark application's start
+               included: it is the first stage to use Spark)
+  pm_stats     ``pm_stats`` over all 48 regions in one run
+  maps         ``proper_motion_maps``
+  training     ``astrometric_training_set``
+  classifier   ``astrometric_classifier`` (tracked in the state folder's MLflow store)
+  classify     ``classified_sources`` over all 48 regions in one run
+
+Each asset stage is Dagster's ``materialize`` in this process on the assets of
+``gaia_flows.definitions`` and the resources of profile ``local`` (Spark ``local[*]``), its
+checks included, on one in-memory instance per size. Per stage it reports wall time, catalogue stars per second per core (the
+same numerator for every stage, so rates compare across stages and sizes), the peak RSS of the
+driver (this process) and of the Spark JVM while the stage ran, and the disk the state folder
+and landing area use once the stage is done. Nothing is asserted: the goals (time linear within 15 % a
+decade, flat driver memory, per-core rates at 100M within 20 % of 10M) are read off the table.
+
+``--project-workers N --cores-per-worker C`` adds, for the largest size, a projection of the
+full DR3 catalogue (1,811,709,771 sources) on N x C cores from the measured per-core rates:
+a projection, not a measurement. The last lines are machine-readable
+(``scale stars=<n> stage=<name> seconds=<s> rows_per_core=<r> driver_mb=<m> jvm_mb=<m> disk_mb=<m>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from measure import PeakRss, work_folder
+
+DR3_SOURCES = 1_811_709_771
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the table, not the event log
+SEED = 42
+ASSET_STAGES = [
+    ("ingest", "gaia_source", True),
+    ("pm_stats", "pm_stats", True),
+    ("maps", "proper_motion_maps", False),
+    ("training", "astrometric_training_set", False),
+    ("classifier", "astrometric_classifier", False),
+    ("classify", "classified_sources", True),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stars", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument(
+        "--work", type=Path, help="keep each size's folders here (default: a temporary folder)"
+    )
+    parser.add_argument("--json", type=Path, help="write every stage's figures here as JSON")
+    parser.add_argument("--plot", type=Path, help="draw time and per-core rate against size into this PNG")
+    parser.add_argument("--project-workers", type=int, default=0)
+    parser.add_argument("--cores-per-worker", type=int, default=26)
+    return parser.parse_args()
+
+
+def disk_bytes(*folders: Path) -> int:
+    """Bytes of the regular files below ``folders`` (links counted once, not followed)."""
+    seen, total = set(), 0
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                info = os.lstat(os.path.join(root, name))
+                if info.st_ino not in seen and not os.path.islink(os.path.join(root, name)):
+                    seen.add(info.st_ino)
+                    total += info.st_size
+    return total
+
+
+def generate(stars: int, landing: Path) -> None:
+    command = [
+        str(Path(sys.executable).with_name("gaia-flows")),
+        "generate",
+        "--stars",
+        str(stars),
+        "--seed",
+        str(SEED),
+        "--out",
+        str(landing),
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+
+
+def run_size(stars: int, folder: Path, cores: int) -> list[dict]:
+    """Every stage once at ``stars``, in ``folder``; one dict of figures per stage."""
+    home, landing = folder / "home", folder / "landing"
+    rows: list[dict] = []
+
+    def record(stage: str, seconds: float, peak: PeakRss | None) -> None:
+        rows.append(
+            {
+                "stars": stars,
+                "stage": stage,
+                "seconds": round(seconds, 2),
+                "rows_per_core": round(stars / seconds / cores),
+                "driver_mb": round(peak.python / 2**20) if peak else None,
+                "jvm_mb": round(peak.jvm / 2**20) if peak else None,
+                "disk_mb": round(disk_bytes(home, landing) / 2**20, 1),
+            }
+        )
+        print(format_row(rows[-1]), flush=True)
+
+    started = time.perf_counter()
+    generate(stars, landing)
+    record("generate", time.perf_counter() - started, None)
+
+    # The definitions read the state folder and landing area from the environment when loaded.
+    os.environ["GAIA_FLOWS_HOME"] = str(home)
+    os.environ["GAIA_FLOWS_LANDING"] = str(landing)
+    os.environ["GAIA_FLOWS_PROFILE"] = "local"
+    from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+
+    from gaia_flows.definitions import defs
+    from gaia_flows.resources import build_resources
+    from gaia_flows.science.healpix import region_keys
+
+    regions = region_keys()
+    all_regions = {
+        "dagster/asset_partition_range_start": regions[0],
+        "dagster/asset_partition_range_end": regions[-1],
+    }
+    graph = [*defs.assets, *defs.asset_checks]
+    resources = build_resources()  # this size's folders, not those of the first size loaded
+    with DagsterInstance.ephemeral() as instance:
+        for stage, asset, partitioned in ASSET_STAGES:
+            with PeakRss() as peak:
+                started = time.perf_counter()
+                result = materialize(
+                    graph,
+                    selection=AssetSelection.assets(AssetKey(asset)),
+                    resources=resources,
+                    instance=instance,
+                    tags=all_regions if partitioned else None,
+                    raise_on_error=False,
+                    run_config=QUIET,
+                )
+                seconds = time.perf_counter() - started
+            if not result.success:
+                raise SystemExit(f"{stage} ({asset}) failed at {stars:,} stars; state kept in {folder}")
+            record(stage, seconds, peak)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    def mb(value):
+        return "-" if value is None else f"{value:,}"
+
+    return (
+        f"| {row['stars']:>11,} | {row['stage']:<10} | {row['seconds']:>9.1f} | {row['rows_per_core']:>11,} "
+        f"| {mb(row['driver_mb']):>9} | {mb(row['jvm_mb']):>7} | {row['disk_mb']:>9,.1f} |"
+    )
+
+
+def print_scaling(rows: list[dict]) -> None:
+    """Per stage, the time ratio and the per-core rate ratio between consecutive sizes."""
+    sizes = sorted({r["stars"] for r in rows})
+    if len(sizes) < 2:
+        return
+    print("\n| stage | sizes | time ratio / size ratio | rate ratio |")
+    print("|---|---|---|---|")
+    by = {(r["stars"], r["stage"]): r for r in rows}
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        for small, large in zip(sizes, sizes[1:]):
+            a, b = by.get((small, stage)), by.get((large, stage))
+            if a and b:
+                linear = (b["seconds"] / a["seconds"]) / (large / small)
+                rate = b["rows_per_core"] / a["rows_per_core"]
+                print(f"| {stage} | {small:,} -> {large:,} | {linear:.2f} | {rate:.2f} |")
+
+
+def print_projection(rows: list[dict], workers: int, cores_per_worker: int) -> None:
+    largest = max(r["stars"] for r in rows)
+    cores = workers * cores_per_worker
+    print(
+        f"\nProjection (not a measurement): full DR3, {DR3_SOURCES:,} sources, on {workers} x "
+        f"{cores_per_worker} = {cores} cores, from the per-core rates at {largest:,} stars, "
+        "assuming they hold at that scale and across nodes."
+    )
+    print("| stage | projected s | seed platform (6 x 26 vCPU), measured |")
+    print("|---|---|---|")
+    seed = {"pm_stats": "mean proper motion: 120 s", "classifier": "Random Forest: 650 s"}
+    for row in rows:
+        if row["stars"] == largest and row["stage"] != "generate":
+            projected = DR3_SOURCES / (row["rows_per_core"] * cores)
+            print(f"| {row['stage']} | {projected:,.0f} | {seed.get(row['stage'], '')} |")
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, rate_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        points = sorted((r["stars"], r["seconds"], r["rows_per_core"]) for r in rows if r["stage"] == stage)
+        stars = [p[0] for p in points]
+        time_ax.plot(stars, [p[1] for p in points], marker="o", label=stage)
+        rate_ax.plot(stars, [p[2] for p in points], marker="o", label=stage)
+    time_ax.set(xscale="log", yscale="log", xlabel="stars", ylabel="wall time (s)", title="time per stage")
+    rate_ax.set(xscale="log", yscale="log", xlabel="stars", ylabel="stars / s / core", title="per-core rate")
+    rate_ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main() -> int:
+    args = parse_args()
+    cores = os.cpu_count() or 1
+    work = work_folder(args.work, "scale-bench-")
+    print(f"cores: {cores}; load average at start: {os.getloadavg()}")
+    print("|       stars | stage      | wall (s)  | stars/s/core | driver MB | JVM MB  | disk MB after |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    rows: list[dict] = []
+    for stars in args.stars:
+        rows += run_size(stars, work / f"stars-{stars}", cores)
+    print_scaling(rows)
+    if args.project_workers:
+        print_projection(rows, args.project_workers, args.cores_per_worker)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"cores": cores, "command": sys.argv, "stages": rows}, indent=2) + "\n"
+        )
+    if args.plot:
+        plot(rows, args.plot)
+    for row in rows:
+        print("scale " + " ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
