@@ -33,6 +33,7 @@ from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
 from gaia_flows.cloud import prometheus
+from gaia_flows.cloud.cost import check_budget, cost_report, openstack_quota
 from gaia_flows.cloud.drivers import planner_sizes
 from gaia_flows.cloud.firewall import Group, firewall_for
 from gaia_flows.cloud.planner import Plan, plan_cluster, worker_memory_mb
@@ -220,6 +221,11 @@ class Provisioner:
             limits=limits,
             regions=regions if regions is not None else cluster.regions,
         )
+
+    def cost(self, plan: Plan) -> dict:
+        """The plan's price, or its quota footprint where the sizes have none (``cloud.cost``)."""
+        unpriced_openstack = self.settings.provider == "openstack" and plan.cost_per_hour is None
+        return cost_report(plan, self.settings, openstack_quota(self.driver) if unpriced_openstack else None)
 
     # --- inventory -----------------------------------------------------------------------
     def tagged_nodes(self) -> list[Node]:
@@ -486,6 +492,7 @@ class Provisioner:
         started = self.clock()
         deadline = started + self.settings.cluster.wait_timeout_s
         cluster = self.settings.name
+        check_budget(plan, self.settings.cluster.max_hourly_cost)  # before any cloud call
         driver_conf = (
             self.settings.driver_conf()
         )  # a placeholder orchestrator fails here, before any cloud call

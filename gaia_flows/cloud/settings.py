@@ -24,6 +24,9 @@ TAG_INDEX = "gaia-flows-index"
 TAG_SIZE = "gaia-flows-size"
 TAG_MASTER = "gaia-flows-master"
 TAG_MASTER_URL = "gaia-flows-master-url"
+# Run tags on a teardown the orchestrator decided on its own: what decided it and why.
+RUN_TAG_TEARDOWN_DECISION = "gaia-flows/teardown-decision"
+RUN_TAG_TEARDOWN_REASON = "gaia-flows/teardown-reason"
 
 
 # Where the node image keeps the pinned Python stack (deployments/node-image); executors run it.
@@ -54,6 +57,8 @@ class ClusterSettings:
     verify_stack: bool = True
     spark_version: str | None = None
     user_data_template: str | None = None
+    max_hourly_cost: float | None = None
+    idle_minutes: float = 30.0
 
     @property
     def block_manager_ports(self) -> tuple[int, int]:
@@ -74,6 +79,7 @@ class CloudSettings:
     zone: str | None = None
     allowed_sizes: tuple[str, ...] | None = None
     prices: dict[str, float] = field(default_factory=dict)
+    price_source: str | None = None
     local_sizes: tuple[dict, ...] = ()
     limits: Limits = field(default_factory=Limits)
     network_name: str | None = None
@@ -119,6 +125,7 @@ class CloudSettings:
             zone=spec.get("zone"),
             allowed_sizes=tuple(sizes["allowed"]) if sizes.get("allowed") else None,
             prices={str(k): float(v) for k, v in (sizes.get("prices") or {}).items()},
+            price_source=sizes.get("price_source"),
             local_sizes=tuple(sizes.get("local") or ()),
             limits=Limits.from_mapping(limits_spec),
             network_name=network.get("name"),

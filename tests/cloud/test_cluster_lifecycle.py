@@ -1,0 +1,198 @@
+"""A cluster's life from a person's side: what it costs before create (``cluster plan``, the
+``max_hourly_cost`` gate), one command each way (``cluster up`` / ``status`` / ``down`` by
+subprocess), and the orchestrator's idle teardown (``idle_cluster_sensor`` evaluated for real,
+then the job it launches).
+
+Against moto EC2 behind the request-counting proxy and the OpenStack fake over HTTP; every
+claim about what exists is checked in the emulator's own state.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, build_sensor_context, job, op
+
+from cloud.emulators import aws_cloud, openstack_cloud, write_profile
+from cloud.test_cloud_provisioning import failure, materialise, metadata, teardown
+from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
+from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.sensors import cluster_idleness, idle_cluster_sensor
+
+# A price table of the kind a profile carries (per-hour on-demand, the test's own figures).
+PRICES = {"c5.large": 0.085, "m5.xlarge": 0.192}
+PRICE_SOURCE = "test table, 2026-12-06"
+# What moto's EC2 receives when anything would be created or changed.
+EC2_MUTATIONS = (
+    "Action=RunInstances",
+    "Action=CreateSecurityGroup",
+    "Action=AuthorizeSecurityGroupIngress",
+    "Action=CreateKeyPair",
+    "Action=ImportKeyPair",
+    "Action=CreateTags",
+)
+
+
+def _budget_profile(target, max_hourly_cost: float) -> str:
+    cloud = aws_cloud(target.api, max_hourly_cost=max_hourly_cost)
+    cloud["sizes"] = {"allowed": sorted(PRICES), "prices": PRICES, "price_source": PRICE_SOURCE}
+    return write_profile(target.profiles_dir, "aws", "aws-budget", cloud)
+
+
+@pytest.mark.parametrize("target", ["aws"], indirect=True)
+def test_a_plan_over_max_hourly_cost_is_refused_before_any_create_request(target, layout):
+    # 3 x m5.xlarge + a c5.large master = 0.661/h.
+    before = target.requests()
+    refused = materialise(target, workers=3, profile=_budget_profile(target, 0.5), raise_on_error=False)
+    message, meta = failure(refused)
+    assert "0.6610/h" in message and "max_hourly_cost 0.5" in message
+    assert not [k for k in target.requests() if k in EC2_MUTATIONS and target.count(k, before)]
+    assert target.count(target.create_request, before) == 0
+    assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
+    cost = meta["plan_cost"]
+    assert cost["cost_per_hour"] == pytest.approx(3 * PRICES["m5.xlarge"] + PRICES["c5.large"])
+    assert {n["price_source"] for n in cost["nodes"]} == {f"profile: {PRICE_SOURCE}"}
+
+    # Under the budget the same profile provisions, and the figures are in the metadata.
+    meta = metadata(materialise(target, workers=2, profile=_budget_profile(target, 0.5)))
+    assert target.count(target.create_request, before) == 3
+    assert meta["plan_cost"]["cost_per_hour"] == pytest.approx(2 * 0.192 + 0.085)
+    assert (meta["vcpus_total"], meta["ram_mb_total"]) == (2 * 4 + 2, 2 * 16384 + 4096)
+    teardown(target, _budget_profile(target, 0.5))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "gaia_flows.cli", "cluster", *args]
+    return subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+
+
+def _profile_path(target, name: str) -> str:
+    return str(target.profiles_dir / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_cluster_plan_shows_the_quota_footprint_on_openstack_and_creates_nothing(target, layout):
+    before = target.requests()
+    proc = _cli("plan", "--profile", _profile_path(target, target.profile), "--workers", "3", "--size",
+                target.worker_size, "--data-bytes", str(50 * 2**30), "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    workers = next(n for n in report["nodes"] if n["role"] == "worker")
+    assert (workers["size"], workers["count"], workers["vcpus"]) == (target.worker_size, 3, 4)
+    assert report["cost_per_hour"] is None and workers["price_source"] is None
+    # The fake's quota (--max-cores 128 etc. by default), read through Nova's os-quota-sets.
+    quota = report["quota"]
+    assert quota["cores"] == {
+        "needs": report["vcpus"],
+        "limit": 128,
+        "in_use": 0,
+        "free_after": 128 - report["vcpus"],
+    }
+    assert quota["instances"]["needs"] == 4 and quota["instances"]["limit"] == 20
+    assert [s["stage"] for s in report["estimate"]["stages"]] == ["gaia_source (ingest)", "pm_stats"]
+    assert target.count(target.create_request, before) == 0 and target.servers() == []
+
+    human = _cli("plan", "--profile", _profile_path(target, target.profile), "--workers", "3", "--size",
+                 target.worker_size)  # fmt: skip
+    assert human.returncode == 0, human.stderr
+    assert "Quota footprint" in human.stdout and target.worker_size in human.stdout
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_cluster_up_status_down_by_subprocess(target, layout, monkeypatch):
+    profile = _profile_path(target, target.profile)
+    up = _cli("up", "--profile", profile, "--workers", "2", "--size", target.worker_size)
+    assert up.returncode == 0, up.stdout + up.stderr
+    names = sorted(s["name"] for s in target.servers())
+    assert names == [f"{target.cluster}-master", f"{target.cluster}-worker-0", f"{target.cluster}-worker-1"]
+    assert "up (run " in up.stdout
+
+    status = _cli("status", "--profile", profile, "--json")
+    assert status.returncode == 0, status.stderr
+    seen = json.loads(status.stdout)
+    assert sorted(n["name"] for n in seen["nodes"]) == names
+    assert seen["security_group"] == f"{target.cluster}-sg" and seen["key_pair"] == f"{target.cluster}-key"
+    assert seen["master_url"].startswith("spark://") and seen["idle"]["idle"] is False
+
+    down = _cli("down", "--profile", profile)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
+    assert not (layout.clusters / f"{target.cluster}.json").exists()
+    after = json.loads(_cli("status", "--profile", profile, "--json").stdout)
+    assert after["nodes"] == [] and after["manifest"] is None
+
+    # Both were runs of the state folder's instance, as the UI and the idle sensor see them.
+    monkeypatch.setenv("DAGSTER_HOME", str(layout.dagster_home))  # the instance's dagster.yaml reads it
+    with DagsterInstance.from_config(str(layout.dagster_home)) as instance:
+        runs = instance.get_runs()
+        materialised = instance.get_latest_materialization_event(AssetKey("spark_cluster"))
+    assert [r.job_name for r in runs][0] == "teardown_cluster" and len(runs) == 2
+    assert materialised is not None and materialised.run_id == runs[1].run_id
+
+
+IDLE_MINUTES = 0.05  # 3 s
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
+    cloud = openstack_cloud(target.api, idle_minutes=IDLE_MINUTES)
+    profile = write_profile(target.profiles_dir, "openstack", "openstack-idle", cloud)
+    resource = CloudResource(profile=profile, profiles_dir=str(target.profiles_dir))
+    with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
+        materialise(target, workers=2, profile=profile, instance=instance)
+        manifest = json.loads((layout.clusters / f"{target.cluster}.json").read_text())
+        (run,) = instance.get_run_records()
+        # Within the window the cluster stays; past it, it goes.
+        early = cluster_idleness(instance, manifest, IDLE_MINUTES, now=run.end_time + 1)
+        assert not early.idle and "idle 0.0 min < idle_minutes 0.05" in early.reason
+        late = cluster_idleness(instance, manifest, IDLE_MINUTES, now=run.end_time + 4)
+        assert late.idle and run.dagster_run.run_id[:8] in late.reason
+
+        # A run still going keeps the cluster, however long since the last one ended.
+        time.sleep(IDLE_MINUTES * 60 + 0.5)
+        busy = instance.create_run_for_job(job_def=_busy_job)  # NOT_STARTED: not finished
+        kept = _tick(instance, resource)
+        assert not kept.run_requests and "unfinished" in kept.skip_message, kept
+        instance.report_run_canceled(busy)
+        time.sleep(IDLE_MINUTES * 60 + 0.5)
+
+        (request,) = _tick(instance, resource).run_requests
+        assert request.tags[RUN_TAG_TEARDOWN_DECISION] == "idle"
+        assert "idle_minutes 0.05" in request.tags[RUN_TAG_TEARDOWN_REASON]
+        assert target.servers(), "the sensor decides; the job removes"
+
+        result = teardown(target, profile, instance=instance, tags=request.tags)
+        assert result.success
+        assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
+        assert not (layout.clusters / f"{target.cluster}.json").exists()
+        (observation,) = [
+            e.asset_observation_data.asset_observation
+            for e in result.all_events
+            if e.event_type_value == "ASSET_OBSERVATION"
+        ]
+        assert observation.metadata["decision"].value == "idle"
+        assert observation.metadata["reason"].value == request.tags[RUN_TAG_TEARDOWN_REASON]
+        stored = instance.get_run_by_id(result.run_id)
+        assert stored.tags[RUN_TAG_TEARDOWN_DECISION] == "idle" and stored.status == DagsterRunStatus.SUCCESS
+
+        gone = _tick(instance, resource)
+        assert not gone.run_requests and "no cluster" in gone.skip_message
+
+
+def _tick(instance, resource):
+    """One evaluation of the sensor as the daemon runs it (a tick: requests or a skip reason)."""
+    with build_sensor_context(instance=instance, resources={"cloud": resource}) as context:
+        return idle_cluster_sensor.evaluate_tick(context)
+
+
+@op
+def _wait():
+    pass
+
+
+@job(name="busy_on_cluster")
+def _busy_job():
+    _wait()
