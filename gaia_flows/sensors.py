@@ -22,6 +22,7 @@ from dagster import (
 )
 
 from gaia_flows.assets.cluster import teardown_cluster_job
+from gaia_flows.cloud.lease import renew_lease
 from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
 from gaia_flows.jobs import catalogue_job
 from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
@@ -137,7 +138,9 @@ def idle_cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
     """Launch ``teardown_cluster`` when the profile's cluster has had no run for ``idle_minutes``.
 
     The orchestrator decides, from its own run history, so a cluster someone provisioned and
-    forgot costs at most the idle window; the decision and its reason travel as run tags.
+    forgot costs at most the idle window; the decision and its reason travel as run tags. A
+    tick that keeps the cluster renews the orchestrator's lease (``cloud.lease``), which the
+    nodes' dead-man switch watches.
     """
     if not cloud.enabled:
         return SkipReason(f"profile {cloud.profile!r} has no cloud")
@@ -148,7 +151,9 @@ def idle_cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
     manifest = json.loads(path.read_text())
     verdict = cluster_idleness(context.instance, manifest, settings.cluster.idle_minutes, time.time())
     if not verdict.idle:
-        return SkipReason(f"cluster {settings.name!r} kept: {verdict.reason}")
+        lease = renew_lease(settings)
+        renewed = f"; lease renewed at {lease}" if lease else ""
+        return SkipReason(f"cluster {settings.name!r} kept: {verdict.reason}{renewed}")
     context.log.info(f"tearing down cluster {settings.name!r}: {verdict.reason}")
     return RunRequest(
         run_key=f"idle-teardown:{settings.name}:{manifest['updated_at']}",

@@ -29,6 +29,10 @@ RUN_TAG_TEARDOWN_DECISION = "gaia-flows/teardown-decision"
 RUN_TAG_TEARDOWN_REASON = "gaia-flows/teardown-reason"
 
 
+# The orchestrator's lease on a cluster, under the shared file system every node mounts: the
+# nodes' dead-man switch powers them off when it has not been renewed for orphan_minutes.
+LEASE_DIR = ".gaia-flows/leases"
+
 # Where the node image keeps the pinned Python stack (deployments/node-image); executors run it.
 NODE_PYTHON = "/opt/gaia-flows/venv/bin/python"
 
@@ -59,6 +63,7 @@ class ClusterSettings:
     user_data_template: str | None = None
     max_hourly_cost: float | None = None
     idle_minutes: float = 30.0
+    orphan_minutes: float = 60.0
 
     @property
     def block_manager_ports(self) -> tuple[int, int]:
@@ -168,6 +173,12 @@ class CloudSettings:
     @property
     def cluster_dir(self) -> Path:
         return Path(self.clusters_dir) / self.cluster.name
+
+    @property
+    def lease_path(self) -> Path | None:
+        """``<storage.mount>/.gaia-flows/leases/<cluster>``; None without a shared file system."""
+        mount = self.storage.get("mount")
+        return Path(mount) / LEASE_DIR / self.cluster.name if mount else None
 
     @property
     def secret_path(self) -> Path:

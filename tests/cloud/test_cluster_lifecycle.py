@@ -12,13 +12,24 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, build_sensor_context, job, op
 
 from cloud.emulators import aws_cloud, openstack_cloud, write_profile
 from cloud.test_cloud_provisioning import failure, materialise, metadata, teardown
-from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
+from gaia_flows.cloud.lease import release_lease, renew_lease
+from gaia_flows.cloud.provision import render_user_data
+from gaia_flows.cloud.settings import (
+    LEASE_DIR,
+    RUN_TAG_TEARDOWN_DECISION,
+    RUN_TAG_TEARDOWN_REASON,
+    CloudSettings,
+)
+from gaia_flows.profiles import load_profile
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.sensors import cluster_idleness, idle_cluster_sensor
 
@@ -61,6 +72,13 @@ def test_a_plan_over_max_hourly_cost_is_refused_before_any_create_request(target
     assert target.count(target.create_request, before) == 3
     assert meta["plan_cost"]["cost_per_hour"] == pytest.approx(2 * 0.192 + 0.085)
     assert (meta["vcpus_total"], meta["ram_mb_total"]) == (2 * 4 + 2, 2 * 16384 + 4096)
+    # A node that powers itself off (the dead-man switch) is terminated, not kept stopped.
+    ec2 = target._ec2()
+    for instance_id in meta["node_ids"]:
+        attribute = ec2.describe_instance_attribute(
+            InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
+        )
+        assert attribute["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
     teardown(target, _budget_profile(target, 0.5))
 
 
@@ -140,10 +158,14 @@ IDLE_MINUTES = 0.05  # 3 s
 def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
     cloud = openstack_cloud(target.api, idle_minutes=IDLE_MINUTES)
     profile = write_profile(target.profiles_dir, "openstack", "openstack-idle", cloud)
+    share = _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
+    lease = share / LEASE_DIR / target.cluster
     resource = CloudResource(profile=profile, profiles_dir=str(target.profiles_dir))
     with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
         materialise(target, workers=2, profile=profile, instance=instance)
         manifest = json.loads((layout.clusters / f"{target.cluster}.json").read_text())
+        assert lease.exists(), "spark_cluster writes the lease before the nodes boot"
+        provisioned_lease = lease.stat().st_mtime
         (run,) = instance.get_run_records()
         # Within the window the cluster stays; past it, it goes.
         early = cluster_idleness(instance, manifest, IDLE_MINUTES, now=run.end_time + 1)
@@ -156,6 +178,9 @@ def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
         busy = instance.create_run_for_job(job_def=_busy_job)  # NOT_STARTED: not finished
         kept = _tick(instance, resource)
         assert not kept.run_requests and "unfinished" in kept.skip_message, kept
+        assert lease.stat().st_mtime > provisioned_lease + IDLE_MINUTES * 60, (
+            "a kept cluster's lease is renewed"
+        )
         instance.report_run_canceled(busy)
         time.sleep(IDLE_MINUTES * 60 + 0.5)
 
@@ -167,7 +192,7 @@ def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
         result = teardown(target, profile, instance=instance, tags=request.tags)
         assert result.success
         assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
-        assert not (layout.clusters / f"{target.cluster}.json").exists()
+        assert not (layout.clusters / f"{target.cluster}.json").exists() and not lease.exists()
         (observation,) = [
             e.asset_observation_data.asset_observation
             for e in result.all_events
@@ -196,3 +221,60 @@ def _wait():
 @job(name="busy_on_cluster")
 def _busy_job():
     _wait()
+
+
+def _mount_share(profile_yaml, share):
+    """Point the profile's storage.mount at a folder of the test (the share on this host)."""
+    share.mkdir(parents=True, exist_ok=True)
+    spec = yaml.safe_load(profile_yaml.read_text())
+    spec["storage"]["mount"] = str(share)
+    profile_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return share
+
+
+def test_dead_man_switch_powers_the_node_off_when_the_lease_is_not_renewed(tmp_path):
+    """The switch as cloud-init installs it, run with systemctl replaced by a recorder."""
+    settings = CloudSettings.from_profile(load_profile("openstack"))
+    share = tmp_path / "share"
+    share.mkdir()
+    settings = replace(
+        settings, storage={"mount": str(share)}, cluster=replace(settings.cluster, orphan_minutes=1)
+    )
+    user_data = render_user_data(
+        settings,
+        role="master",
+        node_name="gaia-os-master",
+        master_host="0.0.0.0",
+        worker_cores=2,
+        worker_memory_mb=1024,
+    )
+    files = {f["path"]: f["content"] for f in yaml.safe_load(user_data)["write_files"]}
+    assert "OnUnitActiveSec=1min" in files["/etc/systemd/system/gaia-deadman.timer"]
+    assert "[systemctl, enable, --now, gaia-deadman.timer]" in user_data.replace("'", "")
+    switch = tmp_path / "gaia-deadman"
+    switch.write_text(files["/opt/gaia-flows/bin/gaia-deadman"])
+    switch.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "systemctl.calls"
+    for tool, body in (("systemctl", f'echo "$@" >> {calls}'), ("logger", "true")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def tick() -> list[str]:
+        calls.unlink(missing_ok=True)
+        subprocess.run([str(switch)], env=env, check=True, timeout=30)
+        return calls.read_text().split("\n")[:-1] if calls.exists() else []
+
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    assert uptime > 60, "the host booted under a minute ago: a missing lease is not yet stale"
+    assert tick() == ["poweroff"], "never renewed since boot, longer than orphan_minutes"
+    lease = renew_lease(settings)
+    assert lease == share / LEASE_DIR / "gaia-os" and tick() == []
+    os.utime(lease, (time.time() - 59, time.time() - 59))
+    assert tick() == []
+    os.utime(lease, (time.time() - 61, time.time() - 61))
+    assert tick() == ["poweroff"]
+    release_lease(settings)
+    assert not lease.exists()
