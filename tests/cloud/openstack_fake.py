@@ -6,7 +6,8 @@ a server carries ``links`` with ``rel: self`` (libcloud reads its URI from it), 
 are listed as ``{"keypairs": [{"keypair": {...}}]}``, Glance lists ``{"images": [...]}``.
 It behaves like a cloud where it matters to provisioning: tokens are checked, servers go
 BUILD -> ACTIVE after ``--build-seconds``, quotas (instances/cores/RAM) are enforced with
-Nova's 403 "Quota exceeded", a security group in use cannot be deleted (409), and faults
+Nova's 403 "Quota exceeded" and read through ``os-quota-sets/<project>/detail``, ``os-stop``
+leaves a server SHUTOFF (as a guest's own power-off does), a security group in use cannot be deleted (409), and faults
 can be injected through ``/_fake/faults`` (see ``fakehttp``).
 
 Run: ``python openstack_fake.py --port-file F``; the password comes from ``FAKE_OS_PASSWORD``
@@ -273,6 +274,14 @@ class OpenStackFake(FakeApp):
             return self._create_server(data.get("server", {}))
         if parts in (["servers", "detail"], ["servers"]) and method == "GET":
             return self._json(200, {"servers": [self._server_view(s) for s in self.servers.values()]})
+        if len(parts) == 3 and parts[0] == "servers" and parts[2] == "action" and method == "POST":
+            s = self.servers.get(parts[1])
+            if s is None:
+                return self._error(404, "itemNotFound", f"Instance {parts[1]} could not be found.")
+            if "os-stop" in data:  # what a guest's own power-off leads to as well
+                s["status"] = "SHUTOFF"
+                return 202, {}, b""
+            return self._error(400, "badRequest", f"unsupported action {sorted(data)}")
         if len(parts) == 2 and parts[0] == "servers":
             s = self.servers.get(parts[1])
             if s is None:

@@ -278,3 +278,20 @@ def test_dead_man_switch_powers_the_node_off_when_the_lease_is_not_renewed(tmp_p
     assert tick() == ["poweroff"]
     release_lease(settings)
     assert not lease.exists()
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_nodes_that_powered_themselves_off_are_replaced_by_the_next_reconcile(target, layout):
+    """On OpenStack a node's dead-man switch leaves a SHUTOFF server holding quota; the
+    orchestrator's next reconcile replaces it and teardown removes it."""
+    first = metadata(materialise(target, workers=2))
+    driver = CloudResource(profile=target.profile, profiles_dir=str(target.profiles_dir)).driver()
+    for node in driver.list_nodes():  # each guest ran `systemctl poweroff`
+        driver.ex_stop_node(node)
+    assert {s["status"] for s in target.api.state()["servers"]} == {"SHUTOFF"}
+
+    again = metadata(materialise(target, workers=2))
+    assert sorted(again["destroyed"]) == sorted(first["created"]) and len(again["created"]) == 3
+    assert set(again["node_ids"]).isdisjoint(first["node_ids"])
+    assert {s["status"] for s in target.api.state()["servers"]} == {"ACTIVE"}
+    assert teardown(target).success and target.servers() == []
