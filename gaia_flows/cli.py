@@ -1,8 +1,8 @@
 """``gaia-flows``: the command line a person uses around the Dagster graph.
 
 Each subcommand lives in its own ``cli_*`` module (``demo``, ``status``, ``generate``,
-``map``); this one holds what they share (the Dagster environment of a state folder) and
-wires them.
+``map``, ``cluster``); this one holds what they share (the Dagster environment of a state
+folder) and wires them.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def _lazy(module: str, function: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gaia_flows.cli_cluster import add_cluster_command
     from gaia_flows.cli_generate import add_generate_command
     from gaia_flows.cli_map import add_map_command
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml = sub.add_parser("mlflow", help="MLflow tracking browser on this state folder's store")
     ml.add_argument("--port", type=int, default=5000)
     ml.set_defaults(func=cmd_mlflow)
+    add_cluster_command(sub)
     add_generate_command(sub)
     add_map_command(sub)
     return parser

@@ -25,7 +25,7 @@ from gaia_flows.assets import (
 from gaia_flows.jobs import catalogue_job
 from gaia_flows.resources import build_resources
 from gaia_flows.schedules import nightly_refresh
-from gaia_flows.sensors import landing_files_sensor
+from gaia_flows.sensors import idle_cluster_sensor, landing_files_sensor
 
 _modules = [
     cluster,
@@ -53,7 +53,7 @@ defs = Definitions(
     asset_checks=load_asset_checks_from_modules(_modules),
     jobs=[catalogue_job, cluster.teardown_cluster_job],
     schedules=[nightly_refresh],
-    sensors=[landing_files_sensor, automation_sensor],
+    sensors=[landing_files_sensor, idle_cluster_sensor, automation_sensor],
     resources=build_resources(),
     # One process per run, so every step of a run shares one Spark application: a cold Spark
     # start (~10 s) per step would cost more than most steps, and Spark already uses every core.

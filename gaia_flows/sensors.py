@@ -1,14 +1,33 @@
-"""React to new or changed Gaia files in the landing folder."""
+"""React to the world outside a run: new or changed Gaia files in the landing folder, and a
+provisioned cluster that no run has used for its profile's ``idle_minutes``."""
 
+import calendar
 import hashlib
 import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
 
+from gaia_flows.assets.cluster import teardown_cluster_job
+from gaia_flows.cloud.lease import renew_lease
+from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
 from gaia_flows.jobs import catalogue_job
 from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import range_tags
+from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
 
 
@@ -67,3 +86,76 @@ def landing_files_sensor(context: SensorEvaluationContext):
         for first, last in contiguous_runs(affected_regions(changed))
     ]
     return SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))
+
+
+FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+
+@dataclass(frozen=True)
+class Idleness:
+    idle: bool
+    reason: str
+
+
+def cluster_idleness(instance: DagsterInstance, manifest: dict, idle_minutes: float, now: float) -> Idleness:
+    """Whether the cluster in ``manifest`` has had no run for ``idle_minutes``, and why.
+
+    With a cloud profile every run's Spark session goes to the cluster, so any run other than
+    a teardown counts as use: one still queued or running keeps the cluster; otherwise it has
+    been idle since the later of its provisioning and the end of the last run after it.
+    """
+    provisioned = float(calendar.timegm(time.strptime(manifest["updated_at"], "%Y-%m-%dT%H:%M:%SZ")))
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(provisioned))
+    records = [
+        r
+        for r in instance.get_run_records(filters=RunsFilter(updated_after=_utc(provisioned)))
+        if r.dagster_run.job_name != teardown_cluster_job.name
+    ]
+    busy = [r.dagster_run for r in records if r.dagster_run.status not in FINISHED]
+    if busy:
+        names = ", ".join(f"{r.job_name} ({r.run_id[:8]}, {r.status.value})" for r in busy[:3])
+        return Idleness(False, f"in use by {len(busy)} unfinished run(s): {names}")
+    last = max(records, key=lambda r: r.end_time or 0.0, default=None)
+    last_used = max(provisioned, (last.end_time or 0.0) if last else 0.0)
+    what = (
+        f"last run {last.dagster_run.job_name} ({last.dagster_run.run_id[:8]}) ended "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(last_used))}"
+        if last and last_used > provisioned
+        else f"no run since it was provisioned at {since}"
+    )
+    idle = (now - last_used) / 60
+    if idle < idle_minutes:
+        return Idleness(False, f"idle {idle:.1f} min < idle_minutes {idle_minutes:g}; {what}")
+    return Idleness(True, f"idle {idle:.1f} min >= idle_minutes {idle_minutes:g}; {what}")
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+@sensor(job=teardown_cluster_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
+def idle_cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
+    """Launch ``teardown_cluster`` when the profile's cluster has had no run for ``idle_minutes``.
+
+    The orchestrator decides, from its own run history, so a cluster someone provisioned and
+    forgot costs at most the idle window; the decision and its reason travel as run tags. A
+    tick that keeps the cluster renews the orchestrator's lease (``cloud.lease``), which the
+    nodes' dead-man switch watches.
+    """
+    if not cloud.enabled:
+        return SkipReason(f"profile {cloud.profile!r} has no cloud")
+    settings = cloud.settings()
+    path = Path(settings.manifest_path)
+    if not path.exists():
+        return SkipReason(f"no cluster {settings.name!r} is provisioned (no manifest at {path})")
+    manifest = json.loads(path.read_text())
+    verdict = cluster_idleness(context.instance, manifest, settings.cluster.idle_minutes, time.time())
+    if not verdict.idle:
+        lease = renew_lease(settings)
+        renewed = f"; lease renewed at {lease}" if lease else ""
+        return SkipReason(f"cluster {settings.name!r} kept: {verdict.reason}{renewed}")
+    context.log.info(f"tearing down cluster {settings.name!r}: {verdict.reason}")
+    return RunRequest(
+        run_key=f"idle-teardown:{settings.name}:{manifest['updated_at']}",
+        tags={RUN_TAG_TEARDOWN_DECISION: "idle", RUN_TAG_TEARDOWN_REASON: verdict.reason},
+    )

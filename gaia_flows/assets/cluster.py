@@ -24,10 +24,16 @@ from dagster import (
     op,
 )
 
-from gaia_flows.cloud.planner import PlanError
-from gaia_flows.cloud.provision import ProvisionError, ProvisioningFailed
+from gaia_flows.cloud.cost import BudgetExceeded
+from gaia_flows.cloud.planner import Plan, PlanError
+from gaia_flows.cloud.provision import Provisioner, ProvisionError, ProvisioningFailed
 from gaia_flows.cloud.retry import CloudCallError, redact
-from gaia_flows.cloud.settings import CloudConfigError, CloudSettings
+from gaia_flows.cloud.settings import (
+    RUN_TAG_TEARDOWN_DECISION,
+    RUN_TAG_TEARDOWN_REASON,
+    CloudConfigError,
+    CloudSettings,
+)
 from gaia_flows.cloud.stack import StackMismatch, check_cluster, local_stack
 from gaia_flows.layout import StateLayout, landing_files
 from gaia_flows.resources.cloud import CloudResource
@@ -48,6 +54,15 @@ class ClusterConfig(Config):
 def landing_bytes(layout: StateLayout) -> int:
     """Bytes of Gaia bulk files waiting in the landing area: the planner's data size."""
     return sum(p.stat().st_size for p in landing_files(layout.landing))
+
+
+def plan_for(provisioner: Provisioner, config: ClusterConfig, layout: StateLayout) -> Plan:
+    """The plan ``spark_cluster`` reconciles to: the config's overrides, else the landing area's
+    size, else the profile's ``data_bytes``. ``gaia-flows cluster plan`` prints the same plan."""
+    measured = landing_bytes(layout)
+    default = measured or provisioner.settings.cluster.data_bytes
+    data_bytes = config.data_bytes if config.data_bytes is not None else default
+    return provisioner.plan(data_bytes, config.workload, config.regions, config.workers, config.size)
 
 
 @asset(
@@ -77,20 +92,24 @@ def spark_cluster(
         settings.driver_conf()
     except CloudConfigError as exc:
         raise Failure(description=str(exc)) from exc
-    measured = landing_bytes(storage.layout)
-    data_bytes = (
-        config.data_bytes if config.data_bytes is not None else (measured or settings.cluster.data_bytes)
-    )
     provisioner = cloud.provisioner(logger=context.log)
     try:
-        plan = provisioner.plan(data_bytes, config.workload, config.regions, config.workers, config.size)
+        plan = plan_for(provisioner, config, storage.layout)
     except (PlanError, CloudCallError) as exc:
         raise Failure(description=f"cannot plan cluster {settings.name!r}: {redact(str(exc))}") from exc
     for reason in plan.reasons:
         context.log.info(f"plan: {reason}")
+    cost = provisioner.cost(plan)
+    cost_metadata = {
+        "plan_cost": MetadataValue.json(cost),
+        "vcpus_total": cost["vcpus"],
+        "ram_mb_total": cost["ram_mb"],
+    }
 
     try:
         result = provisioner.reconcile(plan)
+    except BudgetExceeded as exc:
+        raise Failure(description=str(exc), metadata=cost_metadata) from exc
     except ProvisioningFailed as exc:
         raise Failure(
             description=str(exc),
@@ -133,6 +152,7 @@ def spark_cluster(
         "api_calls": MetadataValue.json(provisioner.call.summary()),
         "reconcile_seconds": result.seconds,
         "manifest": MetadataValue.path(str(settings.manifest_path)),
+        **cost_metadata,
     }
     if stacks is not None:
         metadata["worker_stacks"] = MetadataValue.json(stacks)
@@ -204,18 +224,24 @@ def teardown_cluster_nodes(context: OpExecutionContext, cloud: CloudResource) ->
             metadata={"api_calls": MetadataValue.json(provisioner.call.summary())},
         ) from exc
     summary["api_calls"] = provisioner.call.summary()
+    decision = context.run.tags.get(RUN_TAG_TEARDOWN_DECISION, "requested")
+    reason = context.run.tags.get(RUN_TAG_TEARDOWN_REASON, "a person or a job asked for it")
     context.log_event(
         AssetObservation(
             asset_key="spark_cluster",
             metadata={
                 "state": "torn down",
+                "decision": decision,
+                "reason": reason,
                 "destroyed_nodes": MetadataValue.json(summary["destroyed_nodes"]),
                 "deleted_security_group": str(summary["deleted_security_group"]),
                 "deleted_key_pair": str(summary["deleted_key_pair"]),
             },
         )
     )
-    context.log.info(f"teardown of {summary['cluster']}: removed {len(summary['destroyed_nodes'])} node(s)")
+    context.log.info(
+        f"teardown of {summary['cluster']} ({decision}: {reason}): removed {len(summary['destroyed_nodes'])} node(s)"
+    )
     return summary
 
 

@@ -33,8 +33,10 @@ from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeSize
 from libcloud.compute.types import NodeState
 
 from gaia_flows.cloud import prometheus
+from gaia_flows.cloud.cost import check_budget, cost_report, openstack_quota
 from gaia_flows.cloud.drivers import planner_sizes
 from gaia_flows.cloud.firewall import Group, firewall_for
+from gaia_flows.cloud.lease import release_lease, renew_lease
 from gaia_flows.cloud.planner import Plan, plan_cluster, worker_memory_mb
 from gaia_flows.cloud.retry import Caller, CloudCallError, describe, is_timeout, redact
 from gaia_flows.cloud.secret import ensure_secret
@@ -147,6 +149,8 @@ def render_user_data(
         daemon_conf=daemon_conf,
         mount_path=settings.storage.get("mount") or "(no shared file system)",
         mounts=json.dumps(share_mounts(settings.storage)),
+        lease_path=settings.lease_path or "",
+        orphan_seconds=int(settings.cluster.orphan_minutes * 60),
     )
 
 
@@ -220,6 +224,11 @@ class Provisioner:
             limits=limits,
             regions=regions if regions is not None else cluster.regions,
         )
+
+    def cost(self, plan: Plan) -> dict:
+        """The plan's price, or its quota footprint where the sizes have none (``cloud.cost``)."""
+        unpriced_openstack = self.settings.provider == "openstack" and plan.cost_per_hour is None
+        return cost_report(plan, self.settings, openstack_quota(self.driver) if unpriced_openstack else None)
 
     # --- inventory -----------------------------------------------------------------------
     def tagged_nodes(self) -> list[Node]:
@@ -343,6 +352,9 @@ class Provisioner:
             network = self._openstack_network()
             if network is not None:
                 kwargs["networks"] = [network]
+        if provider == "ec2":
+            # A node's dead-man switch powers it off; on EC2 that ends the instance and its bill.
+            kwargs["ex_terminate_on_shutdown"] = True
         if provider == "ec2" and self.settings.subnet:
             subnets = self.call(
                 "ex_list_subnets", self.driver.ex_list_subnets, subnet_ids=[self.settings.subnet]
@@ -486,11 +498,13 @@ class Provisioner:
         started = self.clock()
         deadline = started + self.settings.cluster.wait_timeout_s
         cluster = self.settings.name
+        check_budget(plan, self.settings.cluster.max_hourly_cost)  # before any cloud call
         driver_conf = (
             self.settings.driver_conf()
         )  # a placeholder orchestrator fails here, before any cloud call
         if self.settings.security_conf():
             ensure_secret(self.settings.secret_path)
+        renew_lease(self.settings)  # nodes about to boot find a fresh lease
         result = ReconcileResult(manifest={})
         attempted: list[str] = []
         master_replaced = False
@@ -751,6 +765,7 @@ class Provisioner:
         key_deleted = self._delete_key()
         self.remove_manifest()
         self.settings.secret_path.unlink(missing_ok=True)
+        release_lease(self.settings)
         return {
             "cluster": self.settings.name,
             "destroyed_nodes": sorted(n.name for n in nodes),

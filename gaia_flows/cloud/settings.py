@@ -24,7 +24,14 @@ TAG_INDEX = "gaia-flows-index"
 TAG_SIZE = "gaia-flows-size"
 TAG_MASTER = "gaia-flows-master"
 TAG_MASTER_URL = "gaia-flows-master-url"
+# Run tags on a teardown the orchestrator decided on its own: what decided it and why.
+RUN_TAG_TEARDOWN_DECISION = "gaia-flows/teardown-decision"
+RUN_TAG_TEARDOWN_REASON = "gaia-flows/teardown-reason"
 
+
+# The orchestrator's lease on a cluster, under the shared file system every node mounts: the
+# nodes' dead-man switch powers them off when it has not been renewed for orphan_minutes.
+LEASE_DIR = ".gaia-flows/leases"
 
 # Where the node image keeps the pinned Python stack (deployments/node-image); executors run it.
 NODE_PYTHON = "/opt/gaia-flows/venv/bin/python"
@@ -54,6 +61,9 @@ class ClusterSettings:
     verify_stack: bool = True
     spark_version: str | None = None
     user_data_template: str | None = None
+    max_hourly_cost: float | None = None
+    idle_minutes: float = 30.0
+    orphan_minutes: float = 60.0
 
     @property
     def block_manager_ports(self) -> tuple[int, int]:
@@ -74,6 +84,7 @@ class CloudSettings:
     zone: str | None = None
     allowed_sizes: tuple[str, ...] | None = None
     prices: dict[str, float] = field(default_factory=dict)
+    price_source: str | None = None
     local_sizes: tuple[dict, ...] = ()
     limits: Limits = field(default_factory=Limits)
     network_name: str | None = None
@@ -119,6 +130,7 @@ class CloudSettings:
             zone=spec.get("zone"),
             allowed_sizes=tuple(sizes["allowed"]) if sizes.get("allowed") else None,
             prices={str(k): float(v) for k, v in (sizes.get("prices") or {}).items()},
+            price_source=sizes.get("price_source"),
             local_sizes=tuple(sizes.get("local") or ()),
             limits=Limits.from_mapping(limits_spec),
             network_name=network.get("name"),
@@ -161,6 +173,12 @@ class CloudSettings:
     @property
     def cluster_dir(self) -> Path:
         return Path(self.clusters_dir) / self.cluster.name
+
+    @property
+    def lease_path(self) -> Path | None:
+        """``<storage.mount>/.gaia-flows/leases/<cluster>``; None without a shared file system."""
+        mount = self.storage.get("mount")
+        return Path(mount) / LEASE_DIR / self.cluster.name if mount else None
 
     @property
     def secret_path(self) -> Path:

@@ -6,7 +6,8 @@ a server carries ``links`` with ``rel: self`` (libcloud reads its URI from it), 
 are listed as ``{"keypairs": [{"keypair": {...}}]}``, Glance lists ``{"images": [...]}``.
 It behaves like a cloud where it matters to provisioning: tokens are checked, servers go
 BUILD -> ACTIVE after ``--build-seconds``, quotas (instances/cores/RAM) are enforced with
-Nova's 403 "Quota exceeded", a security group in use cannot be deleted (409), and faults
+Nova's 403 "Quota exceeded" and read through ``os-quota-sets/<project>/detail``, ``os-stop``
+leaves a server SHUTOFF (as a guest's own power-off does), a security group in use cannot be deleted (409), and faults
 can be injected through ``/_fake/faults`` (see ``fakehttp``).
 
 Run: ``python openstack_fake.py --port-file F``; the password comes from ``FAKE_OS_PASSWORD``
@@ -273,6 +274,14 @@ class OpenStackFake(FakeApp):
             return self._create_server(data.get("server", {}))
         if parts in (["servers", "detail"], ["servers"]) and method == "GET":
             return self._json(200, {"servers": [self._server_view(s) for s in self.servers.values()]})
+        if len(parts) == 3 and parts[0] == "servers" and parts[2] == "action" and method == "POST":
+            s = self.servers.get(parts[1])
+            if s is None:
+                return self._error(404, "itemNotFound", f"Instance {parts[1]} could not be found.")
+            if "os-stop" in data:  # what a guest's own power-off leads to as well
+                s["status"] = "SHUTOFF"
+                return 202, {}, b""
+            return self._error(400, "badRequest", f"unsupported action {sorted(data)}")
         if len(parts) == 2 and parts[0] == "servers":
             s = self.servers.get(parts[1])
             if s is None:
@@ -282,6 +291,8 @@ class OpenStackFake(FakeApp):
             if method == "DELETE":
                 del self.servers[parts[1]]
                 return 204, {}, b""
+        if parts == ["os-quota-sets", PROJECT, "detail"] and method == "GET":
+            return self._json(200, {"quota_set": self._quota_detail()})
         if parts == ["os-keypairs"]:
             if method == "GET":
                 return self._json(200, {"keypairs": [{"keypair": k} for k in self.keypairs.values()]})
@@ -297,6 +308,26 @@ class OpenStackFake(FakeApp):
                 del self.keypairs[parts[1]]
                 return 202, {}, b""
         return self._error(404, "itemNotFound", f"no nova route {method} {path}")
+
+    def _quota_detail(self) -> dict:
+        """Nova's quota detail: limit and in_use of what the fake enforces (others unlimited)."""
+        used = {
+            "instances": len(self.servers),
+            "cores": sum(self.flavors[s["flavor"]["id"]]["vcpus"] for s in self.servers.values()),
+            "ram": sum(self.flavors[s["flavor"]["id"]]["ram"] for s in self.servers.values()),
+            "key_pairs": len(self.keypairs),
+        }
+        keys = (
+            "instances",
+            "cores",
+            "ram",
+            "key_pairs",
+            "metadata_items",
+            "server_groups",
+            "server_group_members",
+        )
+        detail = {k: {"limit": self.quota.get(k, -1), "in_use": used.get(k, 0), "reserved": 0} for k in keys}
+        return {"id": PROJECT, **detail}
 
     def _flavor_view(self, f):
         return {
@@ -320,14 +351,9 @@ class OpenStackFake(FakeApp):
         missing = [n for n in names if n not in known]
         if missing:
             return self._error(400, "badRequest", f"Security group {missing[0]} not found.")
-        used_cores = sum(self.flavors[s["flavor"]["id"]]["vcpus"] for s in self.servers.values())
-        used_ram = sum(self.flavors[s["flavor"]["id"]]["ram"] for s in self.servers.values())
-        q = self.quota
-        for what, used, need, limit in (
-            ("instances", len(self.servers), 1, q["instances"]),
-            ("cores", used_cores, flavor["vcpus"], q["cores"]),
-            ("ram", used_ram, flavor["ram"], q["ram"]),
-        ):
+        usage = self._quota_detail()
+        for what, need in (("instances", 1), ("cores", flavor["vcpus"]), ("ram", flavor["ram"])):
+            used, limit = usage[what]["in_use"], usage[what]["limit"]
             if used + need > limit:
                 return self._error(
                     403,

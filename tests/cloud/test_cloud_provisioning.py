@@ -59,8 +59,10 @@ def failure(result):
     return data.error.message, meta
 
 
-def teardown(target, profile=None):
-    return teardown_cluster_job.execute_in_process(resources={"cloud": _resources(target, profile)["cloud"]})
+def teardown(target, profile=None, **execute):
+    return teardown_cluster_job.execute_in_process(
+        resources={"cloud": _resources(target, profile)["cloud"]}, **execute
+    )
 
 
 def test_materialise_builds_a_tagged_cluster_and_rematerialise_makes_no_changes(target, layout):
