@@ -1,7 +1,7 @@
 """The Dagster UI and the MLflow browser as a person meets them on day one, for the browser tests
 (``tests/ui/``) and ``make screenshots`` alike.
 
-:func:`ui_world` builds a state folder the way ``make demo`` leaves it (a small synthetic
+:func:`ui_world` builds a state folder much as ``make demo`` leaves it (a small synthetic
 catalogue, every region ingested, the maps drawn, the classifier trained and registered as
 champion), all through the Python API so no journey waits for it, then starts what a user
 starts: ``gaia-flows ui`` (``dagster dev``: the webserver and the daemon that dequeues runs
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import load_assets_from_modules, materialize
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from gaia_flows import definitions
 from gaia_flows.cli import dagster_env, open_instance
@@ -111,33 +112,35 @@ def ui_world(home: Path) -> Iterator[UiWorld]:
         layout = StateLayout.from_env().ensure()
         env.setenv("DAGSTER_HOME", dagster_env(layout)["DAGSTER_HOME"])
         mlflow_port, dagster_port = free_port(), free_port()
-        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-        materialize_catalogue(layout, mlflow_url)
-        servers = [
-            ServerProcess(
-                "mlflow",
-                [gaia_flows, "mlflow", "--port", str(mlflow_port)],
-                env=dagster_env(layout),
-                log_dir=home,
-            ),
-            ServerProcess(
-                "dagster-dev",
-                [gaia_flows, "ui", "--port", str(dagster_port)],
-                env=dagster_env(layout),
-                log_dir=home,
-            ),
-        ]
+        mlflow = ServerProcess(
+            "mlflow",
+            [gaia_flows, "mlflow", "--port", str(mlflow_port)],
+            env=dagster_env(layout),
+            log_dir=home,
+        )
+        dagster = ServerProcess(
+            "dagster-dev",
+            [gaia_flows, "ui", "--port", str(dagster_port)],
+            env=dagster_env(layout),
+            log_dir=home,
+        )
         try:
-            servers[0].start(port=mlflow_port, ready_path="/health", timeout=120)
-            servers[1].start(port=dagster_port, ready_path="/server_info", timeout=180)
-            yield UiWorld(layout=layout, dagster=servers[1].url, mlflow=mlflow_url)
+            # MLflow first: its port goes into the classifier's metadata, and it starts while
+            # Spark works. The UI's daemon last: it would ingest what is not yet ingested.
+            mlflow.start(port=mlflow_port, ready_path="/health", timeout=120)
+            materialize_catalogue(layout, mlflow.url)
+            dagster.start(port=dagster_port, ready_path="/server_info", timeout=180)
+            yield UiWorld(layout=layout, dagster=dagster.url, mlflow=mlflow.url)
         finally:
-            for server in servers:
-                server.stop()
+            dagster.stop()
+            mlflow.stop()
 
 
 @contextlib.contextmanager
 def chromium() -> Iterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright."""
+    if not Path(CHROMIUM).exists():
+        raise FileNotFoundError(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does this)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
@@ -160,9 +163,12 @@ def open_ui(page: Page, world: UiWorld, path: str) -> None:
 
 
 def shoot(page: Page, shots: Path | None, name: str) -> None:
-    """Save the page as the user sees it once its data requests have settled (screenshots only)."""
+    """Save the page as the user sees it, after its data requests have settled (at most 5 s: some
+    pages poll) and the live status they fetch last has been drawn (3 s)."""
     if shots is not None:
-        page.wait_for_load_state("networkidle")
+        with contextlib.suppress(PlaywrightTimeoutError):
+            page.wait_for_load_state("networkidle", timeout=5_000)
+        page.wait_for_timeout(3_000)
         page.screenshot(path=shots / f"{name}.png")
 
 
