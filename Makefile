@@ -5,7 +5,7 @@ UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
 IMAGE  ?= localhost/gaia-flows:dev
 
-.PHONY: install demo test test-slow lint format image clean
+.PHONY: install demo test test-slow lint format image screenshots clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ format: install
 # that is built once per machine; Python packages come from the uv cache `install` filled.
 image: install
 	deployments/podman/build-image.sh $(IMAGE)
+
+# docs/screenshots/: the UI journeys of tests/ui/ clicked through on a fresh state folder with
+# Debian's Chromium, one PNG per step (the README shows two). Not part of `make test`.
+screenshots: install
+	$(BIN)/python scripts/screenshots.py
 
 clean:
 	rm -rf $(VENV) .gaia

@@ -1,11 +1,13 @@
-"""Prometheus metrics of the Spark daemons the platform starts, and where to scrape them.
+"""Prometheus metrics of the Spark daemons and machines the platform starts, and where to scrape them.
 
 The seed's platform blamed its own code for weeks before metrics showed the shared filesystem
 was the bottleneck. So every Spark master and worker started here (cloud-init on VMs, the local
-driver's JVMs on loopback) serves Spark's ``PrometheusServlet`` on its web UI port, and
-``spark_cluster`` writes a Prometheus file-based service-discovery file next to the cluster
-manifest. A Prometheus started with ``deployments/prometheus/prometheus.yml`` then scrapes
-whichever cluster exists now, and stops when teardown removes the file, with no edits.
+driver's JVMs on loopback) serves Spark's ``PrometheusServlet`` on its web UI port; on VMs,
+cloud-init also starts Debian's node exporter (the host's CPU, memory, disk and network, which
+tell a slow machine from slow code). ``spark_cluster`` writes a Prometheus file-based
+service-discovery file next to the cluster manifest. A Prometheus started with
+``deployments/prometheus/prometheus.yml`` then scrapes whichever cluster exists now, and stops
+when teardown removes the file, with no edits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from pathlib import Path
 
 MASTER_UI_PORT = 8080
 WORKER_UI_PORT = 8081
+# The host's own CPU, memory, disk and network figures: Debian's ``prometheus-node-exporter``,
+# baked into the node image and started by cloud-init on this port (its Debian default).
+NODE_EXPORTER_PORT = 9100
+NODE_EXPORTER_PATH = "/metrics"
 
 # Scrape path of each job, and the Spark metrics instance that serves it.
 PATHS = {
@@ -43,18 +49,25 @@ def _group(job: str, cluster: str, node: dict) -> list[dict]:
     ips = node.get("private_ips") or node.get("public_ips") or []
     if not ips:
         return []
-    labels = {"job": job, "gaia_cluster": cluster, "node": node["name"], "__metrics_path__": PATHS[job][1]}
-    return [{"targets": [f"{ips[0]}:{node['ui_port']}"], "labels": labels}]
+    port, path = (
+        (NODE_EXPORTER_PORT, NODE_EXPORTER_PATH) if job == "node" else (node["ui_port"], PATHS[job][1])
+    )
+    labels = {"job": job, "gaia_cluster": cluster, "node": node["name"], "__metrics_path__": path}
+    return [{"targets": [f"{ips[0]}:{port}"], "labels": labels}]
 
 
-def scrape_targets(manifest: dict) -> list[dict]:
+def scrape_targets(manifest: dict, node_exporters: bool) -> list[dict]:
     """Prometheus ``file_sd`` target groups for a cluster manifest: the master (its own and its
-    applications' metrics) and every worker, labelled with the cluster and the node name."""
-    cluster = manifest["cluster"]
+    applications' metrics) and every worker, labelled with the cluster and the node name; with
+    ``node_exporters`` (machines cloud-init booted), each node's exporter too (job ``node``)."""
+    cluster, nodes = manifest["cluster"], [manifest["master"], *manifest["workers"]]
     groups = [
         g for job in ("spark-master", "spark-applications") for g in _group(job, cluster, manifest["master"])
     ]
-    return groups + [g for worker in manifest["workers"] for g in _group("spark-worker", cluster, worker)]
+    groups += [g for worker in manifest["workers"] for g in _group("spark-worker", cluster, worker)]
+    if node_exporters:
+        groups += [g for node in nodes for g in _group("node", cluster, node)]
+    return groups
 
 
 def targets_path(manifest_path: Path) -> Path:
@@ -62,10 +75,10 @@ def targets_path(manifest_path: Path) -> Path:
     return manifest_path.with_name(f"{manifest_path.stem}.prometheus.json")
 
 
-def write_targets(manifest_path: Path, manifest: dict) -> Path:
+def write_targets(manifest_path: Path, manifest: dict, node_exporters: bool) -> Path:
     """Written atomically: Prometheus re-reads the file whenever it changes."""
     path = targets_path(manifest_path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(scrape_targets(manifest), indent=2))
+    tmp.write_text(json.dumps(scrape_targets(manifest, node_exporters), indent=2))
     os.replace(tmp, path)
     return path

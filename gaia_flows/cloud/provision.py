@@ -140,6 +140,7 @@ def render_user_data(
         worker_memory_mb=worker_memory_mb,
         master_ui_port=prometheus.MASTER_UI_PORT,
         worker_ui_port=prometheus.WORKER_UI_PORT,
+        node_exporter_port=prometheus.NODE_EXPORTER_PORT,
         master_metrics_options=prometheus.daemon_java_options("master"),
         worker_metrics_options=prometheus.daemon_java_options("worker"),
         spark_version=settings.cluster.spark_version or pyspark.__version__,
@@ -646,7 +647,7 @@ class Provisioner:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(redact(json.dumps(manifest, indent=2, sort_keys=True)))
         os.replace(tmp, path)
-        prometheus.write_targets(path, manifest)
+        prometheus.write_targets(path, manifest, node_exporters=self.settings.boots_with_cloud_init)
         return path
 
     def remove_manifest(self) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gaia_flows.cloud.planner import DEFAULT_REGIONS, Limits
-from gaia_flows.cloud.prometheus import MASTER_UI_PORT, WORKER_UI_PORT
+from gaia_flows.cloud.prometheus import MASTER_UI_PORT, NODE_EXPORTER_PORT, WORKER_UI_PORT
 from gaia_flows.cloud.retry import RetryPolicy
 from gaia_flows.cloud.secret import secret_path
 from gaia_flows.layout import StateLayout
@@ -231,11 +231,18 @@ class CloudSettings:
             "spark.pyspark.python": NODE_PYTHON,
         }
 
+    @property
+    def boots_with_cloud_init(self) -> bool:
+        """Nodes are machines started from the cloud-init user data; the local driver's are
+        Spark processes on loopback."""
+        return self.provider != "local-spark"
+
     def orchestrator_ports(self) -> list[tuple[int, int]]:
         """TCP ranges the orchestrator opens on nodes: SSH, master, workers, their web UIs
-        (people and Prometheus) and the executors' block managers (the driver fetches results)."""
+        (people and Prometheus), the node exporter (Prometheus) and the executors' block
+        managers (the driver fetches results)."""
         c = self.cluster
-        single = sorted({22, c.spark_port, c.worker_port, MASTER_UI_PORT, WORKER_UI_PORT})
+        single = sorted({22, c.spark_port, c.worker_port, MASTER_UI_PORT, WORKER_UI_PORT, NODE_EXPORTER_PORT})
         return [(p, p) for p in single] + [c.block_manager_ports]
 
     def security_conf(self) -> dict[str, str]:

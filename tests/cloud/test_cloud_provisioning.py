@@ -19,8 +19,16 @@ from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 
-# SSH, master, worker, master UI, worker UI, then the block managers' range.
-ORCHESTRATOR_PORTS = [(22, 22), (7077, 7077), (7078, 7078), (8080, 8080), (8081, 8081), (7080, 7088)]
+# SSH, master, worker, master UI, worker UI, node exporter, then the block managers' range.
+ORCHESTRATOR_PORTS = [
+    (22, 22),
+    (7077, 7077),
+    (7078, 7078),
+    (8080, 8080),
+    (8081, 8081),
+    (9100, 9100),
+    (7080, 7088),
+]
 
 
 def _resources(target, profile=None):
@@ -133,7 +141,8 @@ def test_nodes_boot_with_cloud_init_that_leaves_memory_for_the_os_and_serves_the
         assert f"SPARK_WORKER_MEMORY={usable}m\n" in booted[name], name
     assert not [name for name, text in booted.items() if target.secret in text]
 
-    # Prometheus file_sd: every node at the UI port and metrics path its own cloud-init serves.
+    # Prometheus file_sd: every node at the UI port and metrics path its own cloud-init serves,
+    # and its node exporter at the port cloud-init gives it.
     targets_file = layout.clusters / f"{target.cluster}.prometheus.json"
     groups = json.loads(targets_file.read_text())
     by_node = {}
@@ -145,11 +154,16 @@ def test_nodes_boot_with_cloud_init_that_leaves_memory_for_the_os_and_serves_the
         assert group["labels"]["gaia_cluster"] == target.cluster
     assert sorted(by_node) == sorted(booted)
     assert sorted(job for job, _, _ in by_node[f"{target.cluster}-master"]) == [
+        "node",
         "spark-applications",
         "spark-master",
     ]
     for name, scraped in by_node.items():
-        for job, address, path in scraped:
+        [(address, path)] = [(address, path) for job, address, path in scraped if job == "node"]
+        port = address.rsplit(":", 1)[1]
+        assert f'ARGS="--web.listen-address=:{port}"' in booted[name] and path == "/metrics", (name, address)
+        assert "[systemctl, restart, prometheus-node-exporter.service]" in booted[name], name
+        for job, address, path in [s for s in scraped if s[0] != "node"]:
             host, port = address.rsplit(":", 1)
             webui = (
                 "SPARK_MASTER_WEBUI_PORT" if name == f"{target.cluster}-master" else "SPARK_WORKER_WEBUI_PORT"
