@@ -195,10 +195,11 @@ def main() -> None:
         "spark.sql.shuffle.partitions": str(2 * cores),
         "spark.driver.memory": "4g",
     }
+    storage = StorageResource()
     resources = {
         "spark": SparkResource(master=f"local[{cores}]", spark_config=conf),
-        "storage": StorageResource(),
-        "mlflow": MlflowResource(),
+        "storage": storage,
+        "mlflow": MlflowResource(storage=storage),
     }
     layout = StateLayout.from_env().ensure()
     print(f"state {home}; {cores} cores; {args.stars:,} synthetic stars (seed {args.seed})", flush=True)

@@ -54,14 +54,16 @@ ALL_REGIONS = range_tags(sky_regions.get_partition_keys()[0], sky_regions.get_pa
 def _store(path) -> MlflowResource:
     path.mkdir(parents=True, exist_ok=True)
     return MlflowResource(
-        tracking_uri=f"sqlite:///{path / 'mlflow.db'}", artifact_location=(path / "artifacts").as_uri()
+        storage=StorageResource(),
+        tracking_uri=f"sqlite:///{path / 'mlflow.db'}",
+        artifact_location=(path / "artifacts").as_uri(),
     )
 
 
 def _resources(store: MlflowResource) -> dict:
     return {
         "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
-        "storage": StorageResource(),
+        "storage": store.storage,
         "mlflow": store,
     }
 
@@ -504,7 +506,7 @@ def test_classified_sources_names_the_bad_column(world, champion, tmp_path):
 
 
 def test_default_store_is_in_the_state_folder_and_env_overrides(layout, monkeypatch):
-    resource = MlflowResource()
+    resource = MlflowResource(storage=StorageResource())
     assert resource.resolved_tracking_uri() == layout.mlflow_tracking_uri.replace("\\", "/")
     assert resource.resolved_artifact_location() == layout.mlflow_artifacts.as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:5999")

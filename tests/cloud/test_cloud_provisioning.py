@@ -24,9 +24,12 @@ ORCHESTRATOR_PORTS = [(22, 22), (7077, 7077), (7078, 7078), (8080, 8080), (8081,
 
 
 def _resources(target, profile=None):
+    storage = StorageResource()
     return {
-        "cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)),
-        "storage": StorageResource(),
+        "cloud": CloudResource(
+            storage=storage, profile=profile or target.profile, profiles_dir=str(target.profiles_dir)
+        ),
+        "storage": storage,
         "spark": SparkResource(),
     }
 
@@ -273,11 +276,12 @@ def test_persistent_server_errors_stop_after_the_retry_budget(target, layout):
 
 
 def test_no_cloud_profile_is_a_no_op(layout):
+    storage = StorageResource()
     result = materialize(
         [spark_cluster],
         resources={
-            "cloud": CloudResource(profile="local"),
-            "storage": StorageResource(),
+            "cloud": CloudResource(storage=storage, profile="local"),
+            "storage": storage,
             "spark": SparkResource(),
         },
     )
