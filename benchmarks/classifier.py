@@ -44,7 +44,7 @@ def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -
     from gaia_flows.engine import classify
     from gaia_flows.science import astrometric as astro
     from gaia_flows.science.astrometric import FEATURES
-    from gaia_flows.tables import footer_rows
+    from gaia_flows.warehouse import footer_rows
 
     single = classify.set_threads(loaded.model, 1)
     features = astro.feature_frame(rows)

@@ -7,7 +7,6 @@ numbers). Training, logging and the gate are :mod:`gaia_flows.ml.train` and
 :mod:`gaia_flows.ml.registry`.
 """
 
-import json
 from typing import Literal
 
 import pyarrow.parquet as pq
@@ -25,7 +24,7 @@ from dagster import (
 
 from gaia_flows.assets.training_set import GROUP, astrometric_training_set
 from gaia_flows.engine import classify
-from gaia_flows.layout import REGION_MANIFEST, TRAINING_TABLE
+from gaia_flows.layout import TRAINING_TABLE
 from gaia_flows.maps import preview_markdown
 from gaia_flows.ml import figures
 from gaia_flows.ml.registry import MODEL_NAME
@@ -33,6 +32,7 @@ from gaia_flows.ml.train import GateSettings, train_and_register
 from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
+from gaia_flows.warehouse import version_manifest
 
 _DEFAULT_FOREST = classify.ForestParams()
 
@@ -90,11 +90,7 @@ def astrometric_classifier(
     if not table_path.exists():
         raise Failure(f"{TRAINING_TABLE} is not materialised ({table_path}); materialise it first")
     version_dir = table_path.resolve()
-    manifest = (
-        json.loads((version_dir / REGION_MANIFEST).read_text())
-        if (version_dir / REGION_MANIFEST).exists()
-        else {}
-    )
+    manifest = version_manifest(version_dir)
     rows = int(manifest.get("rows") or pq.ParquetDataset(version_dir).read(columns=["source_id"]).num_rows)
     memory = (
         int(config.driver_memory_gb * 2**30) if config.driver_memory_gb else classify.driver_memory_bytes()

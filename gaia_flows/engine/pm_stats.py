@@ -41,7 +41,7 @@ from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import region_paths, write_region_arrow
+from gaia_flows.warehouse import region_paths, write_region_arrow
 
 LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 

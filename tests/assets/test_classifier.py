@@ -42,11 +42,11 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FEATURES, FeatureError, GcnsCuts
-from gaia_flows.tables import write_region_arrow
+from gaia_flows.warehouse import write_region_arrow
 
 STARS, SEED = 150_000, 7
 FLOOR = 0.95
-FAST = {"n_estimators": 20}  # the default is 500; 20 trees already separate this catalogue
+FAST = {"n_estimators": 20}  # the default is 100; 20 trees already separate this catalogue
 ASSETS = [astrometric_training_set, astrometric_classifier, classified_sources]
 ALL_REGIONS = range_tags(sky_regions.get_partition_keys()[0], sky_regions.get_partition_keys()[-1])
 
