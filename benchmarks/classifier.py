@@ -216,7 +216,7 @@ def main() -> None:
     # 1. three training runs, same data, one process -----------------------------------------
     default = ClassifierConfig()
     print(
-        f"\n## repeated training (asset, default forest: {default.n_estimators} trees, max_depth {default.max_depth})"
+        f"\n## repeated training (asset, default forest: {default.forest.n_estimators} trees, max_depth {default.forest.max_depth})"
     )
     runs = []
     for i in range(3):

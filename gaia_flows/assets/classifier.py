@@ -37,8 +37,9 @@ from gaia_flows.warehouse import version_manifest
 _DEFAULT_FOREST = classify.ForestParams()
 
 
-class ClassifierConfig(Config):
-    """Random Forest hyper-parameters, engine choice and the champion gate."""
+class ForestConfig(Config):
+    """Random Forest hyper-parameters as run config: the fields of
+    :class:`~gaia_flows.engine.classify.ForestParams` a run may set, with its defaults."""
 
     n_estimators: int = _DEFAULT_FOREST.n_estimators
     max_depth: int | None = _DEFAULT_FOREST.max_depth
@@ -46,6 +47,15 @@ class ClassifierConfig(Config):
     max_features: str = _DEFAULT_FOREST.max_features
     criterion: str = _DEFAULT_FOREST.criterion
     random_state: int = _DEFAULT_FOREST.random_state
+
+    def to_params(self) -> classify.ForestParams:
+        return classify.ForestParams(**{name: getattr(self, name) for name in ForestConfig.model_fields})
+
+
+class ClassifierConfig(Config):
+    """Random Forest hyper-parameters, engine choice and the champion gate."""
+
+    forest: ForestConfig = ForestConfig()
     engine: Literal["auto", "sklearn", "spark"] = "auto"
     driver_memory_fraction: float = 0.25
     driver_memory_gb: float | None = None
@@ -53,16 +63,6 @@ class ClassifierConfig(Config):
     threshold: float = 0.5
     promotion_metric: Literal["accuracy", "f1", "roc_auc", "precision", "recall"] = "accuracy"
     promotion_tolerance: float = 0.0
-
-    def forest(self) -> classify.ForestParams:
-        return classify.ForestParams(
-            n_estimators=self.n_estimators,
-            max_depth=self.max_depth,
-            min_samples_leaf=self.min_samples_leaf,
-            max_features=self.max_features,
-            criterion=self.criterion,
-            random_state=self.random_state,
-        )
 
 
 @asset(
@@ -112,7 +112,7 @@ def astrometric_classifier(
             experiment_id,
             f"{MODEL_NAME}-{context.run_id[:8]}",
             tags,
-            config.forest(),
+            config.forest.to_params(),
             choice,
             version_dir,
             manifest,

@@ -31,8 +31,8 @@ from support.servers import ServerProcess, free_port
 from support.spark import TEST_SPARK_CONF
 
 from gaia_flows.assets.classified_sources import classified_sources
-from gaia_flows.assets.classifier import astrometric_classifier
-from gaia_flows.assets.training_set import TrainingSetConfig, astrometric_training_set
+from gaia_flows.assets.classifier import ForestConfig, astrometric_classifier
+from gaia_flows.assets.training_set import GcnsCutsConfig, TrainingSetConfig, astrometric_training_set
 from gaia_flows.engine import classify
 from gaia_flows.layout import StateLayout
 from gaia_flows.ml.registry import CHAMPION, MODEL_NAME
@@ -69,11 +69,13 @@ def _resources(store: MlflowResource) -> dict:
 
 
 def _train(store: MlflowResource, raise_on_error=True, **config):
+    """The classifier on ``store``; forest hyper-parameters among ``config`` go to its ``forest``."""
+    forest = {**FAST, **{k: config.pop(k) for k in list(config) if k in ForestConfig.model_fields}}
     return materialize(
         ASSETS,
         selection=[astrometric_classifier.key],
         resources=_resources(store),
-        run_config={"ops": {"astrometric_classifier": {"config": {**FAST, **config}}}},
+        run_config={"ops": {"astrometric_classifier": {"config": {**config, "forest": forest}}}},
         raise_on_error=raise_on_error,
     )
 
@@ -173,8 +175,8 @@ def test_every_selection_threshold_is_run_config():
         "excess_n_sigma": 3.0,
         "bad_per_good": 0.5,
     }
-    assert set(GcnsCuts.__dataclass_fields__) <= set(TrainingSetConfig.model_fields)
-    assert TrainingSetConfig(**cuts).cuts() == GcnsCuts(**cuts)
+    assert set(GcnsCuts.__dataclass_fields__) <= set(GcnsCutsConfig.model_fields)
+    assert TrainingSetConfig(cuts=GcnsCutsConfig(**cuts)).cuts.to_cuts() == GcnsCuts(**cuts)
 
 
 def _good_star_at(ra: float, dec: float) -> dict:
