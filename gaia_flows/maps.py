@@ -94,8 +94,8 @@ def region_file(region: str) -> str:
 HELD_LEVEL = 6
 """Pyramid levels up to this one (at most 65,532 pixels over the whole sky, whatever the star
 count) are stored for the whole sky in one file, one row group per level, so a map at these
-levels opens one file; only the finer levels are stored region by region (writing every level of
-every region as its own row group made a maps run 25 % slower)."""
+levels opens one file; only the finer levels are stored region by region, which keeps the
+number of row groups a maps run writes small."""
 
 
 @dataclass
@@ -549,7 +549,7 @@ def _write_png(fig, out: str | os.PathLike, dpi: int) -> Path:
     os.close(fd)
     try:
         # zlib level 1: the PNG is ~20 % bigger than at the default 6 but encodes ~3x faster,
-        # and encoding was half of a re-plot's drawing time.
+        # and encoding is a large share of a re-plot's drawing time.
         fig.savefig(tmp, dpi=dpi, pil_kwargs={"compress_level": 1})
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a map is for everyone who can read the folder
         os.replace(tmp, out)

@@ -1,8 +1,7 @@
 """Prometheus metrics of the Spark daemons the platform starts, and where to scrape them.
 
-The seed's platform blamed its own code for weeks before metrics showed the shared filesystem
-was the bottleneck. So every Spark master and worker started here (cloud-init on VMs, the local
-driver's JVMs on loopback) serves Spark's ``PrometheusServlet`` on its web UI port, and
+Metrics of the daemons tell a slow shared filesystem from slow code. Every Spark master and
+worker started here (cloud-init on VMs, the local driver's JVMs on loopback) serves Spark's ``PrometheusServlet`` on its web UI port, and
 ``spark_cluster`` writes a Prometheus file-based service-discovery file next to the cluster
 manifest. A Prometheus started with ``deployments/prometheus/prometheus.yml`` then scrapes
 whichever cluster exists now, and stops when teardown removes the file, with no edits.

@@ -1,8 +1,8 @@
 """Spark stage IO for a job group, from the driver's monitoring REST API.
 
-The seed's platform lost weeks assuming its own code was slow before metrics showed the
-shared filesystem was. Every Spark-backed asset therefore reports what its stages read,
-shuffled and spilled, so a bottleneck is visible in the Dagster UI next to the row counts.
+Every Spark-backed asset reports what its stages read, shuffled and spilled, so a slow shared
+filesystem or a shuffle-bound stage shows in the Dagster UI next to the row counts, instead of
+being mistaken for slow code.
 """
 
 from __future__ import annotations
