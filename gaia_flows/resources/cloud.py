@@ -6,6 +6,8 @@ that needs it and dropped afterwards, so no secret is ever part of resource conf
 Dagster UI, run storage or a pickled output.
 """
 
+# No ``from __future__ import annotations``: Dagster reads the ``storage`` annotation at class
+# creation to know it is a nested resource, which a string annotation hides.
 import logging
 from pathlib import Path
 

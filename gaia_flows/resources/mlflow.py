@@ -1,8 +1,8 @@
 """MLflow as a Dagster resource: where runs, artifacts and registered models live.
 
-By default everything sits in the state folder the storage resource owns (``<home>/mlflow``): an SQLite
-tracking + registry store and a local artifact directory, so deleting the state folder resets
-MLflow with the rest. ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) point it at a
+By default everything sits in the state folder the storage resource owns (``<home>/mlflow``):
+an SQLite tracking + registry store and a local artifact directory, so deleting the state folder
+resets MLflow with the rest. ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) point it at a
 server instead, exactly as the MLflow client itself would.
 
 dagster-mlflow's ``mlflow_tracking`` is an old-style config-dict resource that opens one
@@ -20,6 +20,8 @@ Open the MLflow browser on the same store (one command, runs :func:`server_comma
     .venv/bin/gaia-flows mlflow      # http://127.0.0.1:5000
 """
 
+# No ``from __future__ import annotations``: Dagster reads the ``storage`` annotation at class
+# creation to know it is a nested resource, which a string annotation hides.
 import contextlib
 import os
 import sys
