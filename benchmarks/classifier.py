@@ -44,7 +44,7 @@ def scoring_rates(session, loaded, rows: pd.DataFrame, cores: int, title: str) -
     from gaia_flows.engine import classify
     from gaia_flows.science import astrometric as astro
     from gaia_flows.science.astrometric import FEATURES
-    from gaia_flows.tables import footer_rows
+    from gaia_flows.warehouse import footer_rows
 
     single = classify.set_threads(loaded.model, 1)
     features = astro.feature_frame(rows)
@@ -195,10 +195,11 @@ def main() -> None:
         "spark.sql.shuffle.partitions": str(2 * cores),
         "spark.driver.memory": "4g",
     }
+    storage = StorageResource()
     resources = {
         "spark": SparkResource(master=f"local[{cores}]", spark_config=conf),
-        "storage": StorageResource(),
-        "mlflow": MlflowResource(),
+        "storage": storage,
+        "mlflow": MlflowResource(storage=storage),
     }
     layout = StateLayout.from_env().ensure()
     print(f"state {home}; {cores} cores; {args.stars:,} synthetic stars (seed {args.seed})", flush=True)
@@ -215,7 +216,7 @@ def main() -> None:
     # 1. three training runs, same data, one process -----------------------------------------
     default = ClassifierConfig()
     print(
-        f"\n## repeated training (asset, default forest: {default.n_estimators} trees, max_depth {default.max_depth})"
+        f"\n## repeated training (asset, default forest: {default.forest.n_estimators} trees, max_depth {default.forest.max_depth})"
     )
     runs = []
     for i in range(3):

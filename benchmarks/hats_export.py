@@ -82,7 +82,7 @@ def main() -> None:
     from gaia_flows import spark as spark_factory
     from gaia_flows.engine.hats_export import HatsSettings, export
     from gaia_flows.layout import SOURCE_TABLE, StateLayout
-    from gaia_flows.tables import footer_rows, write_region_arrow
+    from gaia_flows.warehouse import footer_rows, write_region_arrow
 
     layout = StateLayout.from_env().ensure()
     if not layout.table("gaia_source").exists():

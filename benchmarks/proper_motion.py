@@ -274,10 +274,11 @@ def main() -> int:
     from gaia_flows.assets.catalogue import gaia_landing, gaia_source
     from gaia_flows.assets.proper_motion import pm_stats
     from gaia_flows.assets.proper_motion_maps import proper_motion_maps
+    from gaia_flows.engine.tables import read_regions
     from gaia_flows.layout import StateLayout
     from gaia_flows.science import healpix
     from gaia_flows.science import proper_motion as pm
-    from gaia_flows.tables import published_regions, read_regions
+    from gaia_flows.warehouse import published_regions
 
     layout = StateLayout.from_env().ensure()
     resources = resources_for_benchmark()

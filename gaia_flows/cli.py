@@ -76,10 +76,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_mlflow(args: argparse.Namespace) -> int:
-    from gaia_flows.resources.mlflow import SERVER_ENV, server_command
+    from gaia_flows.resources.mlflow import SERVER_ENV, MlflowResource, server_command
+    from gaia_flows.resources.storage import StorageResource
 
     layout = StateLayout.from_env().ensure()
-    return subprocess.call(server_command(port=args.port), env={**dagster_env(layout), **SERVER_ENV})
+    store = MlflowResource(storage=StorageResource())
+    return subprocess.call(server_command(store, port=args.port), env={**dagster_env(layout), **SERVER_ENV})
 
 
 def _lazy(module: str, function: str):

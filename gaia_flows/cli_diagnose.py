@@ -1,7 +1,7 @@
 """``gaia-flows diagnose RUN_ID``: what bound a run, with the numbers that say so.
 
-The seed's team blamed their own code for weeks before metrics showed the shared filesystem
-was slow. Each Spark-backed asset records per run what its tasks read and how they spent their
+A slow shared filesystem looks like slow code until the numbers say otherwise. Each Spark-backed
+asset records per run what its tasks read and how they spent their
 time (Spark stage metrics, plus what Python tasks read with pyarrow: ``engine.metrics.task_io``);
 this command reads those figures back from the instance and names the bound:
 

@@ -16,7 +16,7 @@ resets the platform. Every module asks this one helper for paths instead of join
     │   ├── proper_motion_maps/              MAPS_TABLE (unpartitioned: .table(name))
     │   ├── astrometric_training_set/        TRAINING_TABLE
     │   ├── classified_sources/<region>/     CLASSIFIED_TABLE
-    │   ├── <table>/.versions/               immutable versions the links point at (publish())
+    │   ├── <table>/.versions/               immutable versions the links point at (warehouse.publish)
     │   └── _staging/                        .staging_dir(table): writes before publish()
     ├── quarantine/<table>/<region>/         .quarantine_dir(table, region): rejected rows
     ├── dagster/                             .dagster_home
@@ -36,10 +36,8 @@ Spark's scratch space stay in the orchestrator's own state folder.
 
 from __future__ import annotations
 
-import errno
 import importlib.resources
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,18 +96,14 @@ STORAGE_DIRS = ("landing", "warehouse", "quarantine", "maps")
 
 @dataclass(frozen=True)
 class StateLayout:
-    """``home`` and the four data folders; each data folder defaults to ``home/<name>``."""
+    """``home`` and the four data folders: ``home/<name>`` from :meth:`from_env`, elsewhere after
+    :meth:`with_storage`."""
 
     home: Path
     landing: Path
-    warehouse: Path | None = None
-    quarantine: Path | None = None
-    maps: Path | None = None
-
-    def __post_init__(self):
-        for name in ("warehouse", "quarantine", "maps"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, self.home / name)
+    warehouse: Path
+    quarantine: Path
+    maps: Path
 
     @classmethod
     def from_env(
@@ -118,7 +112,13 @@ class StateLayout:
         """Resolve the folders from arguments first, then ``GAIA_FLOWS_HOME``/``GAIA_FLOWS_LANDING``."""
         home_path = Path(home or os.environ.get("GAIA_FLOWS_HOME") or DEFAULT_HOME).expanduser().resolve()
         landing_path = landing or os.environ.get("GAIA_FLOWS_LANDING") or home_path / "landing"
-        return cls(home=home_path, landing=Path(landing_path).expanduser().resolve())
+        return cls(
+            home=home_path,
+            landing=Path(landing_path).expanduser().resolve(),
+            warehouse=home_path / "warehouse",
+            quarantine=home_path / "quarantine",
+            maps=home_path / "maps",
+        )
 
     def with_storage(self, storage: dict | None) -> StateLayout:
         """The data folders a profile's ``storage`` section names.
@@ -206,7 +206,8 @@ class StateLayout:
         """Published regions of a per-region table and the version each points at.
 
         A region directory is a symlink into ``<table>/.versions/`` that every publish
-        replaces, so the link target identifies the exact content (see :func:`publish`).
+        replaces, so the link target identifies the exact content (see
+        :func:`gaia_flows.warehouse.publish`).
         """
         root = self.table(table)
         if not root.exists():
@@ -230,7 +231,7 @@ class StateLayout:
         return self.warehouse / "_staging"
 
     def staging_dir(self, table: str) -> Path:
-        """A fresh staging path for one write of ``table`` (claimed through ``tables.claim_staging``)."""
+        """A fresh staging path for one write of ``table`` (claimed through ``warehouse.claim_staging``)."""
         return self.staging_root / f"{table}-{uuid.uuid4().hex[:12]}"
 
     def ensure(self) -> StateLayout:
@@ -244,40 +245,3 @@ class StateLayout:
         ):
             path.mkdir(parents=True, exist_ok=True)
         return self
-
-
-def publish(staged: Path, final: Path) -> Path:
-    """Make ``staged`` the content of ``final`` in one atomic step.
-
-    ``final`` is a symlink into ``<table>/.versions/``; swapping the link is a single
-    ``rename``, so a reader sees the old version or the new one, never a half-written mix,
-    and a failure before the swap leaves the previous version untouched. Spark and DuckDB
-    skip dot-directories, so old versions never leak into a table scan.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    versions = final.parent / ".versions"
-    versions.mkdir(exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    target = versions / f"{final.name}-{tag}"
-    os.replace(staged, target)
-    link = final.parent / f".{final.name}.link-{tag}"
-    os.symlink(os.path.relpath(target, final.parent), link)
-    previous = final.resolve() if final.is_symlink() else None
-    if final.exists() and not final.is_symlink():
-        shutil.rmtree(final)
-    os.replace(link, final)
-    if previous is not None and previous != target:
-        shutil.rmtree(previous, ignore_errors=True)
-    return target
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """Put an immutable published file into a new version without copying its bytes: a hard
-    link, or a copy on a filesystem without hard links."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        shutil.copy2(source, target)

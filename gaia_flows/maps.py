@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -46,9 +45,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gaia_flows.layout import MAPS_TABLE, REGION_MANIFEST, STATS_TABLE, StateLayout
+from gaia_flows.layout import MAPS_TABLE, STATS_TABLE, StateLayout
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import children_range, nside, parse_region_key
+from gaia_flows.warehouse import published_regions, version_manifest, write_table_files
 
 MAPS_SUBDIR = "proper_motion"
 
@@ -67,7 +67,7 @@ def read_region_stats(layout: StateLayout, regions: list[str] | None = None) -> 
     """The stored statistics of each (by default every published) region; a region stored by
     an older gaia-flows, without every statistics column, raises
     :class:`~gaia_flows.science.proper_motion.StaleStatisticsError` naming it."""
-    wanted = list(layout.region_versions(STATS_TABLE)) if regions is None else regions
+    wanted = published_regions(layout, STATS_TABLE) if regions is None else regions
     out = {}
     for region in wanted:
         parts = [pq.read_table(f) for f in _stats_files(layout, region)]
@@ -94,8 +94,8 @@ def region_file(region: str) -> str:
 HELD_LEVEL = 6
 """Pyramid levels up to this one (at most 65,532 pixels over the whole sky, whatever the star
 count) are stored for the whole sky in one file, one row group per level, so a map at these
-levels opens one file; only the finer levels are stored region by region (writing every level of
-every region as its own row group made a maps run 25 % slower)."""
+levels opens one file; only the finer levels are stored region by region, which keeps the
+number of row groups a maps run writes small."""
 
 
 @dataclass
@@ -152,7 +152,7 @@ def pyramid_files(
     layout: StateLayout, versions: dict[str, str], pyramid: Pyramid
 ) -> Iterator[tuple[str, pa.Table | Path]]:
     """The all-sky pyramid (levels 0..``pyramid.level_max``) of the pm_stats ``versions``, as
-    (file name, rows or a file to reuse) items for :func:`gaia_flows.tables.write_table_files`,
+    (file name, rows or a file to reuse) items for :func:`gaia_flows.warehouse.write_table_files`,
     reading one region at a time, so the driver never holds the finest levels of the whole sky.
 
     Every pixel at the regions' level or finer lies in one region, so the levels finer than
@@ -258,8 +258,6 @@ def publish_pyramid(layout: StateLayout, render_levels: list[int]) -> tuple[dict
     levels, pyramid
         The stored level of every region, and the pyramid built (totals, reused regions).
     """
-    from gaia_flows.tables import write_table_files  # imports Spark: reading maps never needs it
-
     for _ in range(5):
         before = layout.region_versions(STATS_TABLE)
         if not before:
@@ -309,11 +307,7 @@ def _stored_pyramid(layout: StateLayout) -> tuple[Path, dict]:
     """The published version directory of the maps pyramid and its manifest (``{}`` if none):
     resolved once, so a reader keeps reading one version while a maps run publishes the next."""
     root = layout.table(MAPS_TABLE).resolve()
-    path = root / REGION_MANIFEST
-    try:
-        return root, json.loads(path.read_text())
-    except FileNotFoundError:
-        return root, {}
+    return root, version_manifest(root)
 
 
 def _has_every_column(manifest: dict) -> bool:
@@ -555,7 +549,7 @@ def _write_png(fig, out: str | os.PathLike, dpi: int) -> Path:
     os.close(fd)
     try:
         # zlib level 1: the PNG is ~20 % bigger than at the default 6 but encodes ~3x faster,
-        # and encoding was half of a re-plot's drawing time.
+        # and encoding is a large share of a re-plot's drawing time.
         fig.savefig(tmp, dpi=dpi, pil_kwargs={"compress_level": 1})
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a map is for everyone who can read the folder
         os.replace(tmp, out)

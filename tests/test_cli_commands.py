@@ -14,7 +14,7 @@ from support.servers import ServerProcess, free_port
 
 from gaia_flows.cli import dagster_env
 from gaia_flows.layout import REPO_ROOT
-from gaia_flows.tables import read_manifest
+from gaia_flows.warehouse import read_manifest
 
 pytestmark = pytest.mark.cli
 

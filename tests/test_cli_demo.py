@@ -9,7 +9,7 @@ from support.gaia_files import region_file_range, stars_in_region, write_gaia_fi
 
 from gaia_flows.cli import open_instance
 from gaia_flows.cli_demo import Step, StepFailed, failure_text, run_step, summary_table
-from gaia_flows.tables import read_manifest
+from gaia_flows.warehouse import read_manifest
 
 pytestmark = pytest.mark.cli
 

@@ -13,6 +13,7 @@ from gaia_flows.partitions import range_tags
 from gaia_flows.resources import build_resources
 from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
+from gaia_flows.resources.storage import StorageResource
 
 
 def test_status_counts_materialised_stale_and_failed_regions(layout, spark):
@@ -46,7 +47,7 @@ def test_status_counts_materialised_stale_and_failed_regions(layout, spark):
     assert (stats.materialized, stats.stale, stats.failed) == (2, 1, 0)
     assert stats.last_run_status == "SUCCESS" and stats.last_materialized is not None
     assert (maps.materialized, maps.last_materialized, maps.last_run) == (0, None, None)
-    assert champion(MlflowResource()) is None, (
+    assert champion(MlflowResource(storage=StorageResource())) is None, (
         "an empty state folder has no champion (and status creates no store)"
     )
     assert not layout.mlflow_dir.joinpath("mlflow.db").exists()

@@ -81,7 +81,7 @@ def built_world(layout, spark, monkeypatch, tmp_path):
         (
             ["proper_motion_maps", "astrometric_training_set", "astrometric_classifier"],
             {},
-            {"ops": {"astrometric_classifier": {"config": {"n_estimators": 20}}}},
+            {"ops": {"astrometric_classifier": {"config": {"forest": {"n_estimators": 20}}}}},
         ),
         (["classified_sources"], everywhere, {}),
     ]

@@ -32,7 +32,7 @@ from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE, StateLayout
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.run_launcher import RUN_WORKER_TAG
-from gaia_flows.tables import claim_staging, release_staging
+from gaia_flows.warehouse import claim_staging, release_staging
 
 REGION = "hpx1-07"
 BIN = Path(sys.executable).parent
@@ -175,7 +175,7 @@ def test_full_disk_fails_the_run_naming_space_path_and_table_and_keeps_the_previ
         shutil.copytree(kept, layout.warehouse, symlinks=True, dirs_exist_ok=True)
 
     layout, text = _refused_run(clean, tmp_path / "state", fill)
-    assert text.startswith("gaia_flows.tables.WarehouseWriteError: no space left on device at "), text
+    assert text.startswith("gaia_flows.warehouse.WarehouseWriteError: no space left on device at "), text
     assert str(layout.warehouse) in text and repr(SOURCE_TABLE) in text and REGION in text
 
 
@@ -187,7 +187,7 @@ def test_read_only_warehouse_fails_the_run_naming_permission_path_and_table(clea
         _mount("-o", "remount,bind,ro", str(layout.warehouse))
 
     layout, text = _refused_run(clean, tmp_path / "state", freeze)
-    assert text.startswith("gaia_flows.tables.WarehouseWriteError: permission denied at "), text
+    assert text.startswith("gaia_flows.warehouse.WarehouseWriteError: permission denied at "), text
     assert str(layout.warehouse) in text and repr(SOURCE_TABLE) in text
 
 
@@ -197,7 +197,7 @@ def test_read_only_warehouse_fails_the_run_naming_permission_path_and_table(clea
 def test_next_write_removes_a_dead_runs_staging_but_not_a_live_ones(tmp_path):
     layout = StateLayout.from_env(tmp_path / "state").ensure()
     claim = (
-        "import sys, time; from gaia_flows.layout import StateLayout; from gaia_flows.tables import claim_staging;"
+        "import sys, time; from gaia_flows.layout import StateLayout; from gaia_flows.warehouse import claim_staging;"
         f"p = claim_staging(StateLayout.from_env({str(layout.home)!r}), {SOURCE_TABLE!r}); (p / 'parsed').mkdir(parents=True);"
         "print(p, flush=True); time.sleep(120)"
     )

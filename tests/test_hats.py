@@ -24,7 +24,7 @@ from gaia_flows.layout import StateLayout
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science.healpix import region_key
-from gaia_flows.tables import write_region_arrow
+from gaia_flows.warehouse import write_region_arrow
 
 STARS, SEED = 20_000, 11
 THRESHOLD = 300  # rows per partition: ~100 partitions of orders 1-5 on this catalogue

@@ -21,7 +21,7 @@ from gaia_flows.layout import SOURCE_TABLE
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.tables import (
+from gaia_flows.warehouse import (
     CorruptTableError,
     footer_rows,
     published_regions,

@@ -39,7 +39,7 @@ from gaia_flows.science.healpix import REGION_LEVEL
 
 class ClassifyConfig(Config):
     population: Literal["candidates", "all_5p_6p"] = "candidates"
-    """``candidates``: the |parallax| selection the training set was drawn from (as the seed);
+    """``candidates``: the |parallax| selection the training set was drawn from;
     ``all_5p_6p``: every source with a 5- or 6-parameter solution."""
     parallax_min_mas: float | None = None
     """``None``: the threshold the champion was trained with (a tag on its model version)."""

@@ -7,7 +7,6 @@ numbers). Training, logging and the gate are :mod:`gaia_flows.ml.train` and
 :mod:`gaia_flows.ml.registry`.
 """
 
-import json
 from typing import Literal
 
 import pyarrow.parquet as pq
@@ -25,7 +24,7 @@ from dagster import (
 
 from gaia_flows.assets.training_set import GROUP, astrometric_training_set
 from gaia_flows.engine import classify
-from gaia_flows.layout import REGION_MANIFEST, TRAINING_TABLE
+from gaia_flows.layout import TRAINING_TABLE
 from gaia_flows.maps import preview_markdown
 from gaia_flows.ml import figures
 from gaia_flows.ml.registry import MODEL_NAME
@@ -33,12 +32,14 @@ from gaia_flows.ml.train import GateSettings, train_and_register
 from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
+from gaia_flows.warehouse import version_manifest
 
 _DEFAULT_FOREST = classify.ForestParams()
 
 
-class ClassifierConfig(Config):
-    """Random Forest hyper-parameters, engine choice and the champion gate."""
+class ForestConfig(Config):
+    """Random Forest hyper-parameters as run config: the fields of
+    :class:`~gaia_flows.engine.classify.ForestParams` a run may set, with its defaults."""
 
     n_estimators: int = _DEFAULT_FOREST.n_estimators
     max_depth: int | None = _DEFAULT_FOREST.max_depth
@@ -46,6 +47,15 @@ class ClassifierConfig(Config):
     max_features: str = _DEFAULT_FOREST.max_features
     criterion: str = _DEFAULT_FOREST.criterion
     random_state: int = _DEFAULT_FOREST.random_state
+
+    def to_params(self) -> classify.ForestParams:
+        return classify.ForestParams(**{name: getattr(self, name) for name in ForestConfig.model_fields})
+
+
+class ClassifierConfig(Config):
+    """Random Forest hyper-parameters, engine choice and the champion gate."""
+
+    forest: ForestConfig = ForestConfig()
     engine: Literal["auto", "sklearn", "spark"] = "auto"
     driver_memory_fraction: float = 0.25
     driver_memory_gb: float | None = None
@@ -53,16 +63,6 @@ class ClassifierConfig(Config):
     threshold: float = 0.5
     promotion_metric: Literal["accuracy", "f1", "roc_auc", "precision", "recall"] = "accuracy"
     promotion_tolerance: float = 0.0
-
-    def forest(self) -> classify.ForestParams:
-        return classify.ForestParams(
-            n_estimators=self.n_estimators,
-            max_depth=self.max_depth,
-            min_samples_leaf=self.min_samples_leaf,
-            max_features=self.max_features,
-            criterion=self.criterion,
-            random_state=self.random_state,
-        )
 
 
 @asset(
@@ -90,11 +90,7 @@ def astrometric_classifier(
     if not table_path.exists():
         raise Failure(f"{TRAINING_TABLE} is not materialised ({table_path}); materialise it first")
     version_dir = table_path.resolve()
-    manifest = (
-        json.loads((version_dir / REGION_MANIFEST).read_text())
-        if (version_dir / REGION_MANIFEST).exists()
-        else {}
-    )
+    manifest = version_manifest(version_dir)
     rows = int(manifest.get("rows") or pq.ParquetDataset(version_dir).read(columns=["source_id"]).num_rows)
     memory = (
         int(config.driver_memory_gb * 2**30) if config.driver_memory_gb else classify.driver_memory_bytes()
@@ -116,7 +112,7 @@ def astrometric_classifier(
             experiment_id,
             f"{MODEL_NAME}-{context.run_id[:8]}",
             tags,
-            config.forest(),
+            config.forest.to_params(),
             choice,
             version_dir,
             manifest,

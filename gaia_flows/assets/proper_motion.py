@@ -41,7 +41,7 @@ from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import footer_rows, read_manifest
+from gaia_flows.warehouse import footer_rows, read_manifest
 
 GROUP = "proper_motion"
 

@@ -35,15 +35,16 @@ GROUP = "astrometric_quality"
 _DEFAULT_CUTS = GcnsCuts()
 
 
-class TrainingSetConfig(Config):
-    """GCNS selection thresholds (Smart et al. 2021) and how the set is split and stored."""
+class GcnsCutsConfig(Config):
+    """The GCNS selection thresholds (Smart et al. 2021) as run config: the fields of
+    :class:`~gaia_flows.science.astrometric.GcnsCuts`, with its defaults."""
 
     parallax_min_mas: float = _DEFAULT_CUTS.parallax_min_mas
     abs_b_min_deg: float = _DEFAULT_CUTS.abs_b_min_deg
     exclude_magellanic_clouds: bool = _DEFAULT_CUTS.exclude_magellanic_clouds
     magellanic_regions: Literal["seed_boxes", "circles"] = _DEFAULT_CUTS.magellanic_regions
-    """``seed_boxes``: the seed's ra/dec boxes; ``circles``: cones of lmc/smc_radius_deg
-    (see :data:`gaia_flows.science.astrometric.MAGELLANIC_REGIONS`)."""
+    """``seed_boxes``: fixed ra/dec boxes around the Clouds; ``circles``: cones of
+    lmc/smc_radius_deg (see :data:`gaia_flows.science.astrometric.MAGELLANIC_REGIONS`)."""
     lmc_ra_deg: float = _DEFAULT_CUTS.lmc_ra_deg
     lmc_dec_deg: float = _DEFAULT_CUTS.lmc_dec_deg
     lmc_radius_deg: float = _DEFAULT_CUTS.lmc_radius_deg
@@ -52,13 +53,19 @@ class TrainingSetConfig(Config):
     smc_radius_deg: float = _DEFAULT_CUTS.smc_radius_deg
     excess_n_sigma: float = _DEFAULT_CUTS.excess_n_sigma
     bad_per_good: float = _DEFAULT_CUTS.bad_per_good
+
+    def to_cuts(self) -> GcnsCuts:
+        return GcnsCuts(**{name: getattr(self, name) for name in GcnsCuts.__dataclass_fields__})
+
+
+class TrainingSetConfig(Config):
+    """GCNS selection thresholds and how the set is split and stored."""
+
+    cuts: GcnsCutsConfig = GcnsCutsConfig()
     holdout_fraction: float = 0.33
     split_seed: int = 42
     target_file_mb: int = 128
     sky_map_level: int = Field(default=5, ge=REGION_LEVEL, le=10)
-
-    def cuts(self) -> GcnsCuts:
-        return GcnsCuts(**{name: getattr(self, name) for name in GcnsCuts.__dataclass_fields__})
 
 
 @asset(
@@ -81,7 +88,7 @@ def astrometric_training_set(
     layout = storage.layout
     session = spark.session()
     session.sparkContext.setJobGroup(TRAINING_TABLE, "GCNS training-set selection", interruptOnCancel=True)
-    cuts = config.cuts()
+    cuts = config.cuts.to_cuts()
     started = time.perf_counter()
     try:
         selected = select_training_set(

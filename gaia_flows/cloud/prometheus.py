@@ -1,13 +1,12 @@
 """Prometheus metrics of the Spark daemons and machines the platform starts, and where to scrape them.
 
-The seed's platform blamed its own code for weeks before metrics showed the shared filesystem
-was the bottleneck. So every Spark master and worker started here (cloud-init on VMs, the local
-driver's JVMs on loopback) serves Spark's ``PrometheusServlet`` on its web UI port; on VMs,
-cloud-init also starts Debian's node exporter (the host's CPU, memory, disk and network, which
-tell a slow machine from slow code). ``spark_cluster`` writes a Prometheus file-based
-service-discovery file next to the cluster manifest. A Prometheus started with
-``deployments/prometheus/prometheus.yml`` then scrapes whichever cluster exists now, and stops
-when teardown removes the file, with no edits.
+Metrics of the daemons tell a slow shared filesystem from slow code. Every Spark master and
+worker started here (cloud-init on VMs, the local driver's JVMs on loopback) serves Spark's
+``PrometheusServlet`` on its web UI port; on VMs, cloud-init also starts Debian's node exporter
+(the host's CPU, memory, disk and network, which tell a slow machine from slow code).
+``spark_cluster`` writes a Prometheus file-based service-discovery file next to the cluster
+manifest. A Prometheus started with ``deployments/prometheus/prometheus.yml`` then scrapes
+whichever cluster exists now, and stops when teardown removes the file, with no edits.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def sklearn_pipeline(params: ForestParams, n_jobs: int = -1):
 
     Two column branches (the absolute-valued features, the rest passed through), not one per
     feature: every branch costs a column selection and an ``hstack`` input per predicted batch,
-    which with sixteen branches was ~15 % of the scoring time. The forest therefore sees the
+    a noticeable share of the scoring time with sixteen branches. The forest therefore sees the
     features in the transformer's output order, which :meth:`LoadedModel.feature_importances`
     reads back by name.
     """

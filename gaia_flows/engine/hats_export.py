@@ -21,7 +21,7 @@ after a rerun of some regions of ``gaia_source`` only the partitions of the regi
 fall in (by position; a source's ``source_id`` region can differ from its position's near a
 border) are rewritten. The others are hard links to the previous version's files. The whole
 collection is built in a staging folder and published with one rename
-(:func:`gaia_flows.layout.publish`), so a reader sees the old collection or the new one.
+(:func:`gaia_flows.warehouse.publish`), so a reader sees the old collection or the new one.
 
 Layout of a published collection: see :attr:`gaia_flows.layout.StateLayout.hats`.
 """
@@ -40,8 +40,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gaia_flows.engine.sizing import balanced_groups
-from gaia_flows.layout import StateLayout, link_or_copy, publish
+from gaia_flows.layout import StateLayout
 from gaia_flows.science.healpix import REGION_LEVEL, region_key
+from gaia_flows.warehouse import link_or_copy, publish
 
 EXPORT_MANIFEST = "_export.json"
 HISTOGRAM_FILE = "_histogram.parquet"

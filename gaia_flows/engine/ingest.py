@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
 from gaia_flows.engine.metrics import task_io, timed_task
-from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files, publish
+from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.science import healpix
 from gaia_flows.science.contract import TableContract
 from gaia_flows.science.ecsv import EcsvHeader, GaiaFileError, read_file_header
 from gaia_flows.science.validation import NULL_TOKENS, check_header, home_regions, validate_rows
-from gaia_flows.tables import claim_staging, footer_rows, release_staging, write_manifest
+from gaia_flows.warehouse import claim_staging, footer_rows, publish, release_staging, write_manifest
 
 DIAGNOSTIC_COLUMNS = [
     ("_file", pa.string()),

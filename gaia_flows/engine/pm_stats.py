@@ -7,8 +7,8 @@ Two engines, the same statistics (both tested against DuckDB):
   (:func:`gaia_flows.science.proper_motion.stats_from_table`: sorted rows, ``reduceat`` over
   cache-sized blocks)
   and publishes each region's table itself; the driver receives one row per region. No
-  exchange, no final aggregation stage, no per-pixel result through the JVM or the driver:
-  on 2 cores and 10M stars, 2.4x faster than the ``groupBy``.
+  exchange, no final aggregation stage, no per-pixel result through the JVM or the driver, so
+  it is the one for regions a core sums on its own.
 - **one ``groupBy``** on ``source_id >> shift`` (:func:`compute_region_stats`) with plain
   sums. Spark aggregates each input split before the exchange (partial aggregation), and the
   region tables are sorted by ``source_id``, so every task emits one small row per pixel it
@@ -39,7 +39,7 @@ from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import region_paths, write_region_arrow
+from gaia_flows.warehouse import region_paths, write_region_arrow
 
 LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
 
@@ -226,11 +226,10 @@ class EngineChoice:
 
 
 SMALL_REGION_BYTES = 512 * 2**20
-"""A region up to this size is one task's work on any number of cores: one task sums ~700 MB/s
-of region files (the 10M-star catalogue's biggest region, 299 MB, in 0.40-0.46 s), while the
-groupBy costs ~0.35-0.5 s before it has read a row when its plan is warm (0.66-0.71 s for that
-region on two cores) and seconds when it is not (1.99 s in a benchmark run where nothing else
-had run it; each Dagster run is a fresh process)."""
+"""A region up to this size is one task's work on any number of cores: one task sums several
+hundred MB/s of region files, so such a region takes under a second, about what the groupBy
+spends planning before it reads a row (and each Dagster run is a fresh process, with a cold
+plan)."""
 
 
 def choose_engine(region_bytes: dict[str, int], cores: int, requested: str = "auto") -> EngineChoice:
@@ -327,8 +326,7 @@ def stats_in_region_tasks(
     costs ~45 ms to start in local mode, so one task per region would add ~1 s to a 48-region
     run on two cores (the statistics take ~1.5 s), and one group per core would leave nothing
     to rebalance if an executor falls behind. A plain RDD job, not a DataFrame one: there is
-    no SQL plan to analyse and compile, which made a one-region refresh's job 0.27-0.43 s
-    instead of 0.17-0.20 s."""
+    no SQL plan to analyse and compile, a large share of a one-region refresh."""
     check_input_columns(layout, table, regions)
     files = {region: [str(p) for p in layout.region_files(table, region)] for region in regions}
     groups = balanced_groups(

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from gaia_flows.engine import classify
+from gaia_flows.engine.tables import read_regions, write_regions
 from gaia_flows.layout import CLASSIFIED_TABLE, SOURCE_TABLE, StateLayout
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FeatureError
 from gaia_flows.science.healpix import REGION_LEVEL, npix, parse_region_key, source_id_shift
-from gaia_flows.tables import footer_rows, read_regions, write_regions
+from gaia_flows.warehouse import footer_rows
 
 
 def classify_regions(

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gaia_flows.engine.tables import read_regions, write_table
 from gaia_flows.layout import SOURCE_TABLE, TRAINING_TABLE, StateLayout
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FEATURES, FeatureError, GcnsCuts
-from gaia_flows.tables import published_regions, read_regions, write_table
+from gaia_flows.warehouse import published_regions
 
 _DOUBLES = set(FEATURES) | {
     "ra",

@@ -18,19 +18,24 @@ def build_resources(profile: Profile | None = None) -> dict:
     profile = profile or load_profile()
     layout = StateLayout.from_env()
     conf = {"spark.local.dir": str(layout.spark_local_dir), **profile.spark_conf}
-    storage = profile.storage
+    storage = StorageResource.from_profile_storage(profile.storage)
     return {
-        "storage": StorageResource.from_profile_storage(storage),
+        "storage": storage,
         "spark": SparkResource(
             master=profile.spark_master,
             spark_config=conf,
             cluster_manifest=_cluster_manifest(profile, layout),
         ),
+        # The state folder has one owner: the cloud and MLflow resources find theirs through it.
         "cloud": CloudResource(
-            profile=profile.name, profiles_dir=str(profile.directory) if profile.directory else None
+            storage=storage,
+            profile=profile.name,
+            profiles_dir=str(profile.directory) if profile.directory else None,
         ),
         "mlflow": MlflowResource(
-            tracking_uri=storage.get("mlflow_tracking_uri"), artifact_location=_mlflow_artifacts(storage)
+            storage=storage,
+            tracking_uri=profile.storage.get("mlflow_tracking_uri"),
+            artifact_location=_mlflow_artifacts(profile.storage),
         ),
     }
 

@@ -6,8 +6,8 @@ that needs it and dropped afterwards, so no secret is ever part of resource conf
 Dagster UI, run storage or a pickled output.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Dagster reads the ``storage`` annotation at class
+# creation to know it is a nested resource, which a string annotation hides.
 import logging
 from pathlib import Path
 
@@ -15,26 +15,27 @@ from dagster import ConfigurableResource
 
 from gaia_flows.layout import StateLayout
 from gaia_flows.profiles import PROFILES_DIR, Profile, load_profile
+from gaia_flows.resources.storage import StorageResource
 
 
 class CloudResource(ConfigurableResource):
     """Where clusters are provisioned: a profile from ``resources/`` (e.g. ``aws``, ``local-cluster``).
 
-    ``home`` overrides the state folder (default ``$GAIA_FLOWS_HOME``) that holds cluster
-    manifests and the local driver's PIDs. A profile with ``cloud: null`` (``local``,
+    Cluster manifests and the local driver's PIDs live in the state folder of ``storage``.
+    A profile with ``cloud: null`` (``local``,
     ``kubernetes``) is valid: ``spark_cluster`` then reports that no cluster is needed.
     """
 
+    storage: StorageResource
     profile: str = "local"
     profiles_dir: str | None = None
-    home: str | None = None
 
     def load(self) -> Profile:
         return load_profile(self.profile, Path(self.profiles_dir) if self.profiles_dir else PROFILES_DIR)
 
     @property
     def layout(self) -> StateLayout:
-        return StateLayout.from_env(self.home)
+        return self.storage.paths
 
     @property
     def enabled(self) -> bool:

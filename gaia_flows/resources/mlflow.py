@@ -1,8 +1,8 @@
 """MLflow as a Dagster resource: where runs, artifacts and registered models live.
 
-By default everything sits in the state folder (``$GAIA_FLOWS_HOME/mlflow``): an SQLite
-tracking + registry store and a local artifact directory, so deleting the state folder resets
-MLflow with the rest. ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) point it at a
+By default everything sits in the state folder the storage resource owns (``<home>/mlflow``):
+an SQLite tracking + registry store and a local artifact directory, so deleting the state folder
+resets MLflow with the rest. ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_REGISTRY_URI``) point it at a
 server instead, exactly as the MLflow client itself would.
 
 dagster-mlflow's ``mlflow_tracking`` is an old-style config-dict resource that opens one
@@ -20,8 +20,8 @@ Open the MLflow browser on the same store (one command, runs :func:`server_comma
     .venv/bin/gaia-flows mlflow      # http://127.0.0.1:5000
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Dagster reads the ``storage`` annotation at class
+# creation to know it is a nested resource, which a string annotation hides.
 import contextlib
 import os
 import sys
@@ -33,6 +33,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from dagster import ConfigurableResource
 
 from gaia_flows.layout import StateLayout
+from gaia_flows.resources.storage import StorageResource
 
 if TYPE_CHECKING:  # imported only where a store is used: mlflow takes seconds to import
     import mlflow
@@ -60,22 +61,23 @@ class MlflowResource(ConfigurableResource):
     """Tracking and registry URIs, artifact location and the experiment assets log to.
 
     Every field left ``None`` is resolved when a run starts, never at import: first the
-    environment (``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``), then the state folder
-    (``StateLayout.mlflow_tracking_uri`` / ``mlflow_artifacts``).
+    environment (``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``), then the state folder of
+    ``storage`` (``StateLayout.mlflow_tracking_uri`` / ``mlflow_artifacts``).
     """
 
+    storage: StorageResource
     tracking_uri: str | None = None
     registry_uri: str | None = None
     artifact_location: str | None = None
     experiment_name: str = DEFAULT_EXPERIMENT
-    home: str | None = None
     ui_url: str | None = None
 
     # --- resolution ------------------------------------------------------------------------------
 
     @property
     def layout(self) -> StateLayout:
-        return StateLayout.from_env(self.home)
+        """The storage resource's state folder; nothing is created until a store is used."""
+        return self.storage.paths
 
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or self.layout.mlflow_tracking_uri
@@ -102,7 +104,7 @@ class MlflowResource(ConfigurableResource):
     # --- use -------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def activate(self) -> Iterator[mlflow.MlflowClient]:
+    def activate(self) -> Iterator["mlflow.MlflowClient"]:
         """Point the MLflow client library at this store for the duration of the block.
 
         MLflow keeps its URIs in process globals; they are restored on exit so two resources
@@ -163,14 +165,13 @@ runner's processes would take a core while the server starts."""
 
 
 def server_command(
-    resource: MlflowResource | None = None,
+    resource: MlflowResource,
     host: str = "127.0.0.1",
     port: int = DEFAULT_UI_PORT,
     workers: int = 1,
 ) -> list[str]:
-    """``mlflow server`` on the resource's store (state folder by default), bound to loopback;
+    """``mlflow server`` on the resource's store (its state folder by default), bound to loopback;
     run it with :data:`SERVER_ENV`."""
-    resource = resource or MlflowResource()
     tracking = resource.resolved_tracking_uri()
     if not is_local_store(tracking):
         raise SystemExit(f"MLflow already runs as a server at {redact_uri(tracking)}: open that URL instead")

@@ -8,9 +8,10 @@ from gaia_flows.layout import StateLayout
 
 
 class StorageResource(ConfigurableResource):
-    """Paths of landing, warehouse, quarantine and maps.
+    """The state folder and the paths of landing, warehouse, quarantine and maps.
 
-    ``None`` means "from the environment" (``GAIA_FLOWS_HOME`` / ``GAIA_FLOWS_LANDING``),
+    The one resource that knows where the state folder is: the MLflow and cloud resources take
+    it as a nested resource and find their stores under it. ``None`` means "from the environment" (``GAIA_FLOWS_HOME`` / ``GAIA_FLOWS_LANDING``),
     resolved when the run starts, not at import. ``mount`` and the folder fields come from the
     profile's ``storage`` section (:meth:`StateLayout.with_storage`): on a multi-host cluster
     they name the shared file system every node mounts, so executors and driver see one warehouse.
@@ -24,14 +25,21 @@ class StorageResource(ConfigurableResource):
     maps: str | None = None
 
     @property
-    def layout(self) -> StateLayout:
+    def paths(self) -> StateLayout:
+        """The folders, resolved from the fields and the environment, none of them created (for
+        readers such as ``gaia-flows status`` that must leave an empty state folder empty)."""
         shared = {
             "mount": self.mount,
             "warehouse": self.warehouse,
             "quarantine": self.quarantine,
             "maps": self.maps,
         }
-        return StateLayout.from_env(self.home, self.landing).with_storage(shared).ensure()
+        return StateLayout.from_env(self.home, self.landing).with_storage(shared)
+
+    @property
+    def layout(self) -> StateLayout:
+        """The folders, created if missing."""
+        return self.paths.ensure()
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         """Record this run's worker process (host, PID, start time) on the run, so the

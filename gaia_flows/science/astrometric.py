@@ -1,7 +1,6 @@
 """Good vs spurious astrometric solutions: selection, features and metrics. Pure pandas/numpy.
 
-The selection follows the Gaia Catalogue of Nearby Stars (Smart et al. 2021, A&A 649, A6), as
-the seed platform did:
+The selection follows the Gaia Catalogue of Nearby Stars (Smart et al. 2021, A&A 649, A6):
 
 - *candidates*: ``|parallax| > parallax_min`` (8 mas) with a 5- or 6-parameter solution;
 - *good*: ``parallax > parallax_min``, ``|b| > abs_b_min`` (25 deg), outside the Large and
@@ -90,9 +89,9 @@ def entirely_null(name: str, rows: int) -> FeatureError:
 MAGELLANIC_REGIONS = ("seed_boxes", "circles")
 """How the training set excludes the Magellanic Clouds.
 
-``seed_boxes`` (the default): the equatorial boxes of the seed platform's Random Forest notebook
-(the ROE Gaia data mining platform, quoted in issue 13), :data:`LMC_BOX` and :data:`SMC_BOX`
-(761 and 225 deg²), which take in the Clouds' outskirts as well as their bars.
+``seed_boxes`` (the default): the equatorial boxes of the ROE Gaia data mining platform's Random
+Forest notebook, :data:`LMC_BOX` and :data:`SMC_BOX` (761 and 225 deg²), which take in the
+Clouds' outskirts as well as their bars.
 ``circles``: cones around the Clouds' centres as SIMBAD gives them (LMC 05 23 34.6 −69 45 22,
 SMC 00 52 44.8 −72 49 43) with radii of 9° and 5° (254 and 79 deg²), a tighter cut around
 the bodies; the radii are this project's choice, not a published one."""
@@ -106,7 +105,8 @@ SMC_BOX = ((350.0, 40.0), (-80.0, -65.0))
 
 @dataclass(frozen=True)
 class GcnsCuts:
-    """Every threshold of the training-set selection (defaults: Smart et al. 2021 / the seed)."""
+    """Every threshold of the training-set selection (defaults: Smart et al. 2021, and the
+    Magellanic boxes of :data:`MAGELLANIC_REGIONS`)."""
 
     parallax_min_mas: float = 8.0
     abs_b_min_deg: float = 25.0

@@ -14,7 +14,7 @@ from support.gaia_files import region_file_range, stars_in_region, write_gaia_fi
 from gaia_flows.contracts import load_contract
 from gaia_flows.engine.ingest import ingest_regions
 from gaia_flows.layout import REPO_ROOT, SOURCE_TABLE
-from gaia_flows.tables import read_manifest
+from gaia_flows.warehouse import read_manifest
 
 
 def _land(layout, region: str, n: int, seed: int) -> None:

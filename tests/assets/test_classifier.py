@@ -31,8 +31,8 @@ from support.servers import ServerProcess, free_port
 from support.spark import TEST_SPARK_CONF
 
 from gaia_flows.assets.classified_sources import classified_sources
-from gaia_flows.assets.classifier import astrometric_classifier
-from gaia_flows.assets.training_set import TrainingSetConfig, astrometric_training_set
+from gaia_flows.assets.classifier import ForestConfig, astrometric_classifier
+from gaia_flows.assets.training_set import GcnsCutsConfig, TrainingSetConfig, astrometric_training_set
 from gaia_flows.engine import classify
 from gaia_flows.layout import StateLayout
 from gaia_flows.ml.registry import CHAMPION, MODEL_NAME
@@ -42,11 +42,11 @@ from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FEATURES, FeatureError, GcnsCuts
-from gaia_flows.tables import write_region_arrow
+from gaia_flows.warehouse import write_region_arrow
 
 STARS, SEED = 150_000, 7
 FLOOR = 0.95
-FAST = {"n_estimators": 20}  # the default is 500; 20 trees already separate this catalogue
+FAST = {"n_estimators": 20}  # the default is 100; 20 trees already separate this catalogue
 ASSETS = [astrometric_training_set, astrometric_classifier, classified_sources]
 ALL_REGIONS = range_tags(sky_regions.get_partition_keys()[0], sky_regions.get_partition_keys()[-1])
 
@@ -54,24 +54,28 @@ ALL_REGIONS = range_tags(sky_regions.get_partition_keys()[0], sky_regions.get_pa
 def _store(path) -> MlflowResource:
     path.mkdir(parents=True, exist_ok=True)
     return MlflowResource(
-        tracking_uri=f"sqlite:///{path / 'mlflow.db'}", artifact_location=(path / "artifacts").as_uri()
+        storage=StorageResource(),
+        tracking_uri=f"sqlite:///{path / 'mlflow.db'}",
+        artifact_location=(path / "artifacts").as_uri(),
     )
 
 
 def _resources(store: MlflowResource) -> dict:
     return {
         "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
-        "storage": StorageResource(),
+        "storage": store.storage,
         "mlflow": store,
     }
 
 
 def _train(store: MlflowResource, raise_on_error=True, **config):
+    """The classifier on ``store``; forest hyper-parameters among ``config`` go to its ``forest``."""
+    forest = {**FAST, **{k: config.pop(k) for k in list(config) if k in ForestConfig.model_fields}}
     return materialize(
         ASSETS,
         selection=[astrometric_classifier.key],
         resources=_resources(store),
-        run_config={"ops": {"astrometric_classifier": {"config": {**FAST, **config}}}},
+        run_config={"ops": {"astrometric_classifier": {"config": {**config, "forest": forest}}}},
         raise_on_error=raise_on_error,
     )
 
@@ -171,8 +175,8 @@ def test_every_selection_threshold_is_run_config():
         "excess_n_sigma": 3.0,
         "bad_per_good": 0.5,
     }
-    assert set(GcnsCuts.__dataclass_fields__) <= set(TrainingSetConfig.model_fields)
-    assert TrainingSetConfig(**cuts).cuts() == GcnsCuts(**cuts)
+    assert set(GcnsCuts.__dataclass_fields__) <= set(GcnsCutsConfig.model_fields)
+    assert TrainingSetConfig(cuts=GcnsCutsConfig(**cuts)).cuts.to_cuts() == GcnsCuts(**cuts)
 
 
 def _good_star_at(ra: float, dec: float) -> dict:
@@ -504,7 +508,7 @@ def test_classified_sources_names_the_bad_column(world, champion, tmp_path):
 
 
 def test_default_store_is_in_the_state_folder_and_env_overrides(layout, monkeypatch):
-    resource = MlflowResource()
+    resource = MlflowResource(storage=StorageResource())
     assert resource.resolved_tracking_uri() == layout.mlflow_tracking_uri.replace("\\", "/")
     assert resource.resolved_artifact_location() == layout.mlflow_artifacts.as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@127.0.0.1:5999")

@@ -42,13 +42,14 @@ from gaia_flows.engine.pm_stats import (
     region_stats,
     stats_in_region_tasks,
 )
-from gaia_flows.layout import SOURCE_TABLE, StateLayout, publish
+from gaia_flows.engine.tables import read_regions
+from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout
 from gaia_flows.maps import publish_pyramid
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import healpix, synthetic
 from gaia_flows.science import proper_motion as pm
-from gaia_flows.tables import read_regions, write_region_arrow, write_table_files
+from gaia_flows.warehouse import publish, write_region_arrow, write_table_files
 
 RTOL = 1e-9
 L_MAX = 8
@@ -610,7 +611,7 @@ def test_statistics_an_older_version_stored_are_refused_or_rebuilt(stored):
     layout, rows = stored
     publish_pyramid(layout, [])
     reference = duckdb_reference(source_files(layout), 6)
-    manifest_path = layout.table(maps.MAPS_TABLE).resolve() / maps.REGION_MANIFEST
+    manifest_path = layout.table(maps.MAPS_TABLE).resolve() / REGION_MANIFEST
     manifest = json.loads(manifest_path.read_text())
     assert manifest["stats_columns"] == list(pm.STAT_COLUMNS)
     del manifest["stats_columns"]  # what an older version wrote

@@ -42,7 +42,7 @@ from gaia_flows.resources import build_resources
 
 # The forest the classify step trains (and the test's local run): 20 trees separate the
 # synthetic catalogue already; the default 500 would only cost time.
-CLASSIFIER_CONFIG = {"n_estimators": 20}
+CLASSIFIER_CONFIG = {"forest": {"n_estimators": 20}}
 
 
 def main() -> int:

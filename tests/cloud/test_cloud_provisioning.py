@@ -32,9 +32,12 @@ ORCHESTRATOR_PORTS = [
 
 
 def _resources(target, profile=None):
+    storage = StorageResource()
     return {
-        "cloud": CloudResource(profile=profile or target.profile, profiles_dir=str(target.profiles_dir)),
-        "storage": StorageResource(),
+        "cloud": CloudResource(
+            storage=storage, profile=profile or target.profile, profiles_dir=str(target.profiles_dir)
+        ),
+        "storage": storage,
         "spark": SparkResource(),
     }
 
@@ -289,11 +292,12 @@ def test_persistent_server_errors_stop_after_the_retry_budget(target, layout):
 
 
 def test_no_cloud_profile_is_a_no_op(layout):
+    storage = StorageResource()
     result = materialize(
         [spark_cluster],
         resources={
-            "cloud": CloudResource(profile="local"),
-            "storage": StorageResource(),
+            "cloud": CloudResource(storage=storage, profile="local"),
+            "storage": storage,
             "spark": SparkResource(),
         },
     )

@@ -18,8 +18,9 @@ def _all_text_of(value) -> str:
 
 def test_secret_from_the_environment_appears_in_no_log_metadata_or_file(target, layout, caplog):
     caplog.set_level(logging.DEBUG)  # libcloud, urllib3, ours: everything Python logs
-    cloud = CloudResource(profile=target.profile, profiles_dir=str(target.profiles_dir))
-    resources = {"cloud": cloud, "storage": StorageResource(), "spark": SparkResource()}
+    storage = StorageResource()
+    cloud = CloudResource(storage=storage, profile=target.profile, profiles_dir=str(target.profiles_dir))
+    resources = {"cloud": cloud, "storage": storage, "spark": SparkResource()}
     config = {"ops": {"spark_cluster": {"config": {"workers": 1, "size": target.worker_size}}}}
     # The instance lives in the state folder, so its event log (SQLite) is among the files scanned.
     with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:

@@ -31,6 +31,7 @@ from gaia_flows.cloud.settings import (
 )
 from gaia_flows.profiles import load_profile
 from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.storage import StorageResource
 from gaia_flows.sensors import cluster_idleness, idle_cluster_sensor
 
 # A price table of the kind a profile carries (per-hour on-demand, the test's own figures).
@@ -160,7 +161,9 @@ def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
     profile = write_profile(target.profiles_dir, "openstack", "openstack-idle", cloud)
     share = _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
     lease = share / LEASE_DIR / target.cluster
-    resource = CloudResource(profile=profile, profiles_dir=str(target.profiles_dir))
+    resource = CloudResource(
+        storage=StorageResource(), profile=profile, profiles_dir=str(target.profiles_dir)
+    )
     with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
         materialise(target, workers=2, profile=profile, instance=instance)
         manifest = json.loads((layout.clusters / f"{target.cluster}.json").read_text())
@@ -285,7 +288,9 @@ def test_nodes_that_powered_themselves_off_are_replaced_by_the_next_reconcile(ta
     """On OpenStack a node's dead-man switch leaves a SHUTOFF server holding quota; the
     orchestrator's next reconcile replaces it and teardown removes it."""
     first = metadata(materialise(target, workers=2))
-    driver = CloudResource(profile=target.profile, profiles_dir=str(target.profiles_dir)).driver()
+    driver = CloudResource(
+        storage=StorageResource(), profile=target.profile, profiles_dir=str(target.profiles_dir)
+    ).driver()
     for node in driver.list_nodes():  # each guest ran `systemctl poweroff`
         driver.ex_stop_node(node)
     assert {s["status"] for s in target.api.state()["servers"]} == {"SHUTOFF"}

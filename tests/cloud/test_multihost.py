@@ -189,10 +189,11 @@ def mlflow_server(deployment):
 def local_classified(local_run):
     """``classified_sources`` for the region through the ``local`` profile: local[2], MLflow in
     the state folder (SQLite)."""
+    storage = StorageResource(home=str(local_run.home), landing=str(local_run.landing))
     resources = {
-        "storage": StorageResource(home=str(local_run.home), landing=str(local_run.landing)),
+        "storage": storage,
         "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
-        "mlflow": MlflowResource(home=str(local_run.home)),
+        "mlflow": MlflowResource(storage=storage),
     }
     graph = [gaia_source, astrometric_training_set, astrometric_classifier, classified_sources]
     config = {"ops": {"astrometric_classifier": {"config": CLASSIFIER_CONFIG}}}

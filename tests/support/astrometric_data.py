@@ -22,7 +22,7 @@ from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.science import healpix
 from gaia_flows.science.ecsv import read_file_header
 from gaia_flows.science.synthetic import generate, truth_path
-from gaia_flows.tables import write_region_arrow
+from gaia_flows.warehouse import write_region_arrow
 
 
 def publish_synthetic(layout: StateLayout, stars: int, seed: int, files: int = 8) -> Path:

@@ -67,11 +67,11 @@ def materialize_catalogue(layout: StateLayout, mlflow_url: str) -> None:
     and the HATS export are left out: no journey opens them)."""
     generate(STARS, SEED, layout.landing, load_contract(), files=FILES, processes=1, progress=False)
     instance = open_instance(layout)
-    resources = {
-        **build_resources(),
-        "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
-        "mlflow": MlflowResource(ui_url=mlflow_url),
-    }
+    resources = build_resources()
+    resources.update(
+        spark=SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF),
+        mlflow=MlflowResource(storage=resources["storage"], ui_url=mlflow_url),
+    )
     keys = sky_regions.get_partition_keys()
     steps = [
         (["spark_cluster"], {}, {}),  # upstream of everything: the UI asks before a run without it
@@ -79,7 +79,7 @@ def materialize_catalogue(layout: StateLayout, mlflow_url: str) -> None:
         (
             ["proper_motion_maps", "astrometric_training_set", "astrometric_classifier"],
             {},
-            {"ops": {"astrometric_classifier": {"config": {"n_estimators": TREES}}}},
+            {"ops": {"astrometric_classifier": {"config": {"forest": {"n_estimators": TREES}}}}},
         ),
     ]
     assets = load_assets_from_modules(definitions._modules)

@@ -1,27 +1,32 @@
-"""Reading and publishing per-region tables in the warehouse.
+"""The warehouse on disk, with pyarrow alone: listing, manifests, atomic publishing, footers.
 
 Every partitioned table is ``warehouse/<table>/<region>/`` (``hpx1-07``), a symlink to an
 immutable version directory, so one region can be rewritten while the others and any reader
-stay untouched. Only this module writes there.
+stay untouched. Every write goes through this module: a staging folder claimed by the writing
+process (:func:`claim_staging`), a manifest beside the data (:func:`write_manifest`), then one
+atomic :func:`publish`. The Spark writers (:mod:`gaia_flows.engine.tables`) use the same steps;
+nothing here imports Spark, so the maps, the CLI and the tests read and write tables without it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, SparkSession
 
-from gaia_flows.layout import REGION_MANIFEST, StateLayout, link_or_copy, publish
+from gaia_flows.layout import REGION_MANIFEST, StateLayout
 
 STAGING_LOCK = ".lock"
 _HELD_STAGING: dict[Path, int] = {}
@@ -124,11 +129,13 @@ def warehouse_errors(layout: StateLayout, table: str, regions: Iterable[str] = (
 
 
 def _error_chain_text(exc: BaseException) -> str:
-    parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        parts.append(f"{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
+    parts: list[str] = []
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        parts.append(f"{type(link).__name__}: {link}")
+        link = link.__cause__ or link.__context__
     return "\n".join(parts)
 
 
@@ -160,10 +167,13 @@ def verify_region(layout: StateLayout, table: str, region: str) -> int:
 
 
 def published_regions(layout: StateLayout, table: str) -> list[str]:
+    """The regions of ``table`` that are published now, sorted."""
     return sorted(layout.region_versions(table))
 
 
 def region_paths(layout: StateLayout, table: str, regions: list[str] | None = None) -> list[str]:
+    """The directories of ``regions`` (all published ones by default); a region not published
+    raises :class:`FileNotFoundError` naming it."""
     wanted = published_regions(layout, table) if regions is None else regions
     missing = [r for r in wanted if not layout.region_dir(table, r).exists()]
     if missing:
@@ -173,25 +183,24 @@ def region_paths(layout: StateLayout, table: str, regions: list[str] | None = No
     return [str(layout.region_dir(table, r)) for r in wanted]
 
 
-def read_regions(
-    spark: SparkSession, layout: StateLayout, table: str, regions: list[str] | None = None
-) -> DataFrame:
-    """Spark DataFrame over the given regions (all published ones by default)."""
-    paths = region_paths(layout, table, regions)
-    if not paths:
-        raise FileNotFoundError(f"table {table!r} has no published regions under {layout.table(table)}")
-    return spark.read.parquet(*paths)
-
-
 def footer_rows(paths: Iterable[str | Path]) -> int:
     """Rows of Parquet files from their footers (no data read), independent of the counts of the
     job that wrote them."""
     return sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
 
 
+def version_manifest(directory: Path) -> dict:
+    """The manifest of a published version directory (``{}`` when it has none, or when the
+    version was replaced and removed meanwhile)."""
+    try:
+        return json.loads((directory / REGION_MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}
+
+
 def read_manifest(layout: StateLayout, table: str, region: str) -> dict:
-    path = layout.region_dir(table, region) / REGION_MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The manifest of a region's published version (``{}`` when there is none)."""
+    return version_manifest(layout.region_dir(table, region))
 
 
 def write_manifest(directory: Path, manifest: dict | None) -> None:
@@ -200,30 +209,24 @@ def write_manifest(directory: Path, manifest: dict | None) -> None:
         (directory / REGION_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
 
-def write_region(
-    df: DataFrame,
-    layout: StateLayout,
-    table: str,
-    region: str,
-    files: int,
-    sort_key: str = "source_id",
-    manifest: dict | None = None,
-) -> Path:
-    """Write ``df`` as ``files`` Parquet files sorted by ``sort_key`` and publish it atomically.
+ARROW_WRITE_OPTIONS: dict[str, Any] = {"compression": "lz4", "use_dictionary": False}
+"""Parquet options for the tables the driver writes (per-pixel sums and their pyramid). Their
+float columns are nearly all distinct values, so dictionary encoding would be attempted and
+abandoned on every page; lz4 rather than zstd trades ~10 % more bytes for about twice the write
+and read speed of these small, often re-read tables."""
 
-    A range partition on the sort key keeps neighbouring sources in the same file, so a region
-    (and any sub-range of source_id) is read sequentially.
+
+def write_region_arrow(
+    data: pa.Table, layout: StateLayout, table: str, region: str, manifest: dict | None = None
+) -> Path:
+    """Publish a small per-region table (statistics, predictions) written from the driver.
 
     Parameters
     ----------
-    df
-        The region's rows.
+    data
+        The region's rows, written as one Parquet file with :data:`ARROW_WRITE_OPTIONS`.
     layout, table, region
         Where it is published: ``warehouse/<table>/<region>``.
-    files
-        Number of Parquet files (see :func:`gaia_flows.engine.sizing.files_per_region`).
-    sort_key
-        Column the files are range-partitioned and sorted by.
     manifest
         Written as the version's ``_region.json``.
 
@@ -231,54 +234,12 @@ def write_region(
     -------
     Path
         The published version directory.
+
+    Raises
+    ------
+    WarehouseWriteError
+        The disk is full or the write is refused; the previous version stays published.
     """
-    return _publish_spark(df, layout, table, layout.region_dir(table, region), files, sort_key, manifest)
-
-
-def write_table(
-    df: DataFrame,
-    layout: StateLayout,
-    table: str,
-    files: int,
-    sort_key: str = "source_id",
-    manifest: dict | None = None,
-) -> Path:
-    """Publish an unpartitioned table written by Spark (e.g. the contiguous training set)."""
-    return _publish_spark(df, layout, table, layout.table(table), files, sort_key, manifest)
-
-
-def _publish_spark(
-    df: DataFrame,
-    layout: StateLayout,
-    table: str,
-    final: Path,
-    files: int,
-    sort_key: str,
-    manifest: dict | None,
-) -> Path:
-    with warehouse_errors(layout, table):
-        staging = claim_staging(layout, table)
-        try:
-            df.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(sort_key).write.parquet(
-                str(staging)
-            )
-            write_manifest(staging, manifest)
-            return publish(staging, final)
-        finally:
-            release_staging(staging)
-
-
-ARROW_WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False}
-"""Parquet options for the tables the driver writes (per-pixel sums and their pyramid). Their
-float columns are nearly all distinct values: dictionary encoding is attempted and abandoned for
-every page, and zstd saves ~10 % of the bytes. Without both, the 1M-row all-sky pyramid writes
-in 0.2 s instead of 0.5 s and reads in 0.1 s instead of 0.3 s (measured on this machine)."""
-
-
-def write_region_arrow(
-    data: pa.Table, layout: StateLayout, table: str, region: str, manifest: dict | None = None
-) -> Path:
-    """Publish a small per-region table (statistics, predictions) written from the driver."""
     with warehouse_errors(layout, table, [region]):
         staging = claim_staging(layout, table)
         try:
@@ -354,73 +315,38 @@ def write_table_files(
         release_staging(staging)
 
 
-def write_regions(
-    df: DataFrame,
-    layout: StateLayout,
-    table: str,
-    regions: list[str],
-    files: int,
-    sort_key: str = "source_id",
-    manifest: dict | None = None,
-) -> dict[str, Path]:
-    """Write many regions of ``df`` in one Spark job and publish each one atomically.
+def publish(staged: Path, final: Path) -> Path:
+    """Make ``staged`` the content of ``final`` in one atomic step.
 
-    One pass over the data instead of one job per region: on a backfill of 48 small regions the
-    per-job overhead dominates otherwise. ``df``'s rows must belong to ``regions`` (the region
-    is derived from ``sort_key``, a Gaia ``source_id``); a region without rows is published
-    empty, with ``df``'s schema, so readers find every region they asked for.
-
-    Parameters
-    ----------
-    df
-        Rows of ``regions``, with a Gaia ``source_id`` in ``sort_key``.
-    layout, table
-        Where the regions are published: ``warehouse/<table>/<region>``.
-    regions
-        The region keys written; each is published, empty if it has no rows.
-    files
-        Number of Parquet files over all regions (range partitions of ``sort_key``).
-    sort_key
-        The ``source_id`` column the region is derived from and the files are sorted by.
-    manifest
-        Written to every region's ``_region.json`` with its ``region`` key added.
-
-    Returns
-    -------
-    dict[str, Path]
-        The published version directory of each region.
-
-    Raises
-    ------
-    ValueError
-        ``df`` holds rows of a region not in ``regions`` (nothing is published then).
+    ``final`` is a symlink into ``<table>/.versions/``; swapping the link is a single
+    ``rename``, so a reader sees the old version or the new one, never a half-written mix,
+    and a failure before the swap leaves the previous version untouched. Spark and DuckDB
+    skip dot-directories, so old versions never leak into a table scan.
     """
-    from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import to_arrow_schema
+    final.parent.mkdir(parents=True, exist_ok=True)
+    versions = final.parent / ".versions"
+    versions.mkdir(exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    target = versions / f"{final.name}-{tag}"
+    os.replace(staged, target)
+    link = final.parent / f".{final.name}.link-{tag}"
+    os.symlink(os.path.relpath(target, final.parent), link)
+    previous = final.resolve() if final.is_symlink() else None
+    if final.exists() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.replace(link, final)
+    if previous is not None and previous != target:
+        shutil.rmtree(previous, ignore_errors=True)
+    return target
 
-    from gaia_flows.science.healpix import REGION_LEVEL, region_key, source_id_shift
 
-    staging = claim_staging(layout, table)
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put an immutable published file into a new version without copying its bytes: a hard
+    link, or a copy on a filesystem without hard links."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        keyed = df.withColumn("_region", F.shiftright(F.col(sort_key), source_id_shift(REGION_LEVEL)))
-        keyed.repartitionByRange(max(1, files), sort_key).sortWithinPartitions(
-            "_region", sort_key
-        ).write.partitionBy("_region").parquet(str(staging))
-        written = {region_key(int(p.name.split("=", 1)[1])): p for p in staging.glob("_region=*")}
-        stray = sorted(set(written) - set(regions))
-        if stray:
-            raise ValueError(f"rows of {table} fall outside the regions being written: {stray}")
-        published = {}
-        for region in regions:
-            directory = written.get(region)
-            if directory is None:
-                directory = staging / f"_region=empty-{region}"
-                directory.mkdir(parents=True)
-                pq.write_table(
-                    to_arrow_schema(df.schema).empty_table(), directory / "part-00000-empty.parquet"
-                )
-            write_manifest(directory, {**(manifest or {}), "region": region})
-            published[region] = publish(directory, layout.region_dir(table, region))
-        return published
-    finally:
-        release_staging(staging)
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(source, target)
