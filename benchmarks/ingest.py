@@ -19,7 +19,10 @@ the table. ``--profile`` adds where the time goes: the driver's side of a run (c
 The last line is machine-readable, for the largest size:
 ``ingest stars=<n> rows_per_core=<n> floor_rows_per_core=<n> ratio=<r> fixed_s=<s>``.
 
-    .venv/bin/python benchmarks/ingest.py --stars 1000000 10000000 [--landing-cache /tmp/x]
+    .venv/bin/python benchmarks/ingest.py --stars 1000000 3000000 10000000 [--landing-cache /tmp/x]
+
+With three sizes or more it also fits a line (seconds = fixed + per-row x rows) and prints
+how far the worst size lies from it: linear scaling keeps that small.
 """
 
 import argparse
@@ -32,6 +35,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
@@ -238,6 +242,15 @@ def main() -> None:
             f"scaling {first['stars']:,} -> {last['stars']:,} stars (x{last['rows'] / first['rows']:.1f} rows):"
             f" ingest time x{last['ingest_s'] / first['ingest_s']:.2f}; per-row time (less the warm fixed cost)"
             f" x{last['per_mrow_s'] / first['per_mrow_s']:.2f} (linear: 1.00 +- 0.15)"
+        )
+    if len(results) > 2:
+        rows = np.array([r["rows"] for r in results], dtype=float)
+        seconds = np.array([r["ingest_s"] for r in results])
+        per_row, intercept = np.polyfit(rows, seconds, 1)
+        deviation = np.abs(seconds - (intercept + per_row * rows)) / seconds
+        print(
+            f"least-squares line over {len(results)} sizes: {intercept:.2f} s + {per_row * 1e6:.2f} s per million rows;"
+            f" largest deviation of a size from it {deviation.max():.1%}"
         )
     spark_factory.stop_active()
     last = results[-1]

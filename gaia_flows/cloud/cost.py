@@ -25,8 +25,8 @@ from gaia_flows.cloud.planner import Plan, Workload
 # Parquet, resources/*.yaml) over DR3's 1,811,709,771 sources.
 BYTES_PER_ROW = 600_000_000_000 / 1_811_709_771
 # Measured throughput per core on the 2-core development VM (docs/benchmarks.md, 2026-12-06):
-# "Ingestion" table, 1M stars, the fastest of the three runs (10,281 rows/s/core);
-INGEST_ROWS_PER_CORE_S = 10_281
+# "Ingestion" table, 10M stars, the slower of the two idle-machine runs (101,461 rows/s/core);
+INGEST_ROWS_PER_CORE_S = 101_461
 # "Proper motion" table, pm_stats task time: 6.03 M rows per task-second (run 1);
 AGGREGATE_ROWS_PER_CORE_S = 6_030_000
 # "Classifier" table, score_files (the asset's path): 964,333 rows/s on 2 cores.
