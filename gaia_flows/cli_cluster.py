@@ -250,9 +250,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from gaia_flows.assets.cluster import teardown_cluster_job
     from gaia_flows.cli import open_instance
     from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
+    from gaia_flows.jobs import teardown_cluster_job
 
     profile = _profile(args)
     result = teardown_cluster_job.execute_in_process(

@@ -21,10 +21,9 @@ from dagster import (
     sensor,
 )
 
-from gaia_flows.assets.cluster import teardown_cluster_job
 from gaia_flows.cloud.lease import renew_lease
 from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
-from gaia_flows.jobs import catalogue_job
+from gaia_flows.jobs import catalogue_job, teardown_cluster_job
 from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import range_tags
 from gaia_flows.resources.cloud import CloudResource

@@ -1,36 +1,30 @@
-"""The Spark cluster as an asset, and the job that removes it.
+"""The Spark cluster as an asset (``teardown_cluster`` in :mod:`gaia_flows.jobs` removes it).
 
 Materialising ``spark_cluster`` plans a cluster for the workload (``cloud.planner``) and
 reconciles the cloud to it (``cloud.provision``); its manifest (master URL, nodes, size,
 price) is what ``SparkResource`` reads, so downstream assets run on ``local[*]``, a loopback
-standalone cluster or cloud VMs without a change. ``teardown_cluster`` is the one command
-that removes a whole deployment again.
+standalone cluster or cloud VMs without a change.
 """
 
+import json
 from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
-    AssetObservation,
     Config,
     Failure,
     MaterializeResult,
     MetadataValue,
-    OpExecutionContext,
     asset,
     asset_check,
-    job,
-    op,
 )
 
 from gaia_flows.cloud.cost import BudgetExceeded
 from gaia_flows.cloud.planner import Plan, PlanError
-from gaia_flows.cloud.provision import Provisioner, ProvisionError, ProvisioningFailed
+from gaia_flows.cloud.provision import Provisioner, ProvisioningFailed
 from gaia_flows.cloud.retry import CloudCallError, redact
 from gaia_flows.cloud.settings import (
-    RUN_TAG_TEARDOWN_DECISION,
-    RUN_TAG_TEARDOWN_REASON,
     CloudConfigError,
     CloudSettings,
 )
@@ -192,8 +186,6 @@ def spark_cluster_nodes_running(cloud: CloudResource) -> AssetCheckResult:
     path = Path(settings.manifest_path)
     if not path.exists():
         return AssetCheckResult(passed=False, metadata={"reason": f"no manifest at {path}"})
-    import json
-
     manifest = json.loads(path.read_text())
     expected = {manifest["master"]["id"], *(w["id"] for w in manifest["workers"])}
     running = {n["id"] for n in cloud.provisioner().inventory()["nodes"] if n["state"] == "running"}
@@ -206,48 +198,3 @@ def spark_cluster_nodes_running(cloud: CloudResource) -> AssetCheckResult:
             "missing": MetadataValue.json(missing),
         },
     )
-
-
-@op(
-    description="Destroy every node tagged with the profile's cluster name, then its security group and key pair."
-)
-def teardown_cluster_nodes(context: OpExecutionContext, cloud: CloudResource) -> dict:
-    if not cloud.enabled:
-        context.log.info("profile has no cloud: nothing to tear down")
-        return {"cluster": None, "destroyed_nodes": []}
-    provisioner = cloud.provisioner(logger=context.log)
-    try:
-        summary = provisioner.teardown()
-    except (ProvisionError, CloudCallError) as exc:
-        raise Failure(
-            description=f"teardown incomplete: {redact(str(exc))}",
-            metadata={"api_calls": MetadataValue.json(provisioner.call.summary())},
-        ) from exc
-    summary["api_calls"] = provisioner.call.summary()
-    decision = context.run.tags.get(RUN_TAG_TEARDOWN_DECISION, "requested")
-    reason = context.run.tags.get(RUN_TAG_TEARDOWN_REASON, "a person or a job asked for it")
-    context.log_event(
-        AssetObservation(
-            asset_key="spark_cluster",
-            metadata={
-                "state": "torn down",
-                "decision": decision,
-                "reason": reason,
-                "destroyed_nodes": MetadataValue.json(summary["destroyed_nodes"]),
-                "deleted_security_group": str(summary["deleted_security_group"]),
-                "deleted_key_pair": str(summary["deleted_key_pair"]),
-            },
-        )
-    )
-    context.log.info(
-        f"teardown of {summary['cluster']} ({decision}: {reason}): removed {len(summary['destroyed_nodes'])} node(s)"
-    )
-    return summary
-
-
-@job(
-    name="teardown_cluster",
-    description="Remove the profile's Spark cluster: all tagged nodes, its security group and key pair.",
-)
-def teardown_cluster_job():
-    teardown_cluster_nodes()

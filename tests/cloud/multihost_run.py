@@ -32,10 +32,11 @@ from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
 from gaia_flows.assets.classified_sources import classified_sources
 from gaia_flows.assets.classifier import astrometric_classifier
-from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
+from gaia_flows.assets.cluster import spark_cluster
 from gaia_flows.assets.proper_motion import pm_stats
 from gaia_flows.assets.proper_motion_maps import proper_motion_maps
 from gaia_flows.assets.training_set import astrometric_training_set
+from gaia_flows.jobs import teardown_cluster_job
 from gaia_flows.partitions import sky_regions
 from gaia_flows.profiles import load_profile
 from gaia_flows.resources import build_resources

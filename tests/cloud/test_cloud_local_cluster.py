@@ -16,9 +16,10 @@ from support.gaia_files import region_file_range, stars_in_region, write_gaia_fi
 
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
-from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
+from gaia_flows.assets.cluster import spark_cluster
 from gaia_flows.assets.proper_motion import pm_stats
 from gaia_flows.cloud import local_spark
+from gaia_flows.jobs import teardown_cluster_job
 from gaia_flows.resources import build_resources
 
 REGION = "hpx1-07"

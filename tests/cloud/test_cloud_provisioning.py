@@ -12,9 +12,10 @@ import re
 from dagster import materialize
 
 from cloud.emulators import ORCHESTRATOR_ADDRESS, ORCHESTRATOR_CIDR
-from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
+from gaia_flows.assets.cluster import spark_cluster
 from gaia_flows.cloud.settings import TAG_CLUSTER, TAG_ROLE
 from gaia_flows.cloud.stack import local_stack, mismatches
+from gaia_flows.jobs import teardown_cluster_job
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource

@@ -6,7 +6,8 @@ import logging
 
 from dagster import DagsterInstance, materialize
 
-from gaia_flows.assets.cluster import spark_cluster, teardown_cluster_job
+from gaia_flows.assets.cluster import spark_cluster
+from gaia_flows.jobs import teardown_cluster_job
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
