@@ -171,7 +171,10 @@ def test_full_disk_fails_the_run_naming_space_path_and_table_and_keeps_the_previ
     def fill(layout):
         kept = tmp_path / "kept"
         shutil.copytree(layout.warehouse, kept, symlinks=True)
-        _mount("-t", "tmpfs", "-o", "size=3m", "tmpfs", str(layout.warehouse))
+        kept_kib = sum(p.stat().st_size for p in kept.rglob("*") if p.is_file()) // 1024
+        # Room for the published version and a quarter more (plus pages for small files): the
+        # rerun's new version, as large again, cannot fit.
+        _mount("-t", "tmpfs", "-o", f"size={kept_kib * 5 // 4 + 256}k", "tmpfs", str(layout.warehouse))
         shutil.copytree(kept, layout.warehouse, symlinks=True, dirs_exist_ok=True)
 
     layout, text = _refused_run(clean, tmp_path / "state", fill)
