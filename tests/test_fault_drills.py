@@ -447,6 +447,11 @@ def test_two_runs_of_one_region_at_once_take_turns_through_the_pool_and_publish_
     _land(other.landing, 2000, seed=9, files=1)
     assert _materialize(other).success
     sources = {3000: clean, 2000: other}
+    # The instance's SQLite storage is created once, here: two processes opening a new instance
+    # at the same moment can both stamp its schema version, which leaves it unreadable.
+    monkeypatch.setenv("DAGSTER_HOME", cli.dagster_env(layout)["DAGSTER_HOME"])
+    with DagsterInstance.get():
+        pass
     processes: dict[int, subprocess.Popen] = {}
     logs = {rows: open(tmp_path / f"run-{rows}.log", "w") for rows in sources}
     deadline = time.monotonic() + 480
@@ -485,7 +490,6 @@ def test_two_runs_of_one_region_at_once_take_turns_through_the_pool_and_publish_
     output = {rows: (tmp_path / f"run-{rows}.log").read_text()[-3000:] for rows in sources}
     assert all(p.returncode == 0 for p in processes.values()), output
 
-    monkeypatch.setenv("DAGSTER_HOME", str(layout.dagster_home))
     with DagsterInstance.get() as instance:
         runs = instance.get_runs()
         assert len(runs) == 2 and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
