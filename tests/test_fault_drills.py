@@ -329,6 +329,17 @@ def test_killed_run_worker_is_failed_by_run_monitoring_and_a_rerun_cleans_its_st
     _land(layout.landing, 150_000, seed=7, files=8)  # tasks long enough to be killed mid-way
     env = {**cli.dagster_env(layout), "GAIA_FLOWS_PROFILE": "local", "GAIA_FLOWS_HOME": str(layout.home)}
     env.pop("GAIA_FLOWS_LANDING", None)
+    # Only the run this drill launches may ingest REGION: the landing sensor (running by
+    # default) would queue a run of its own for the landed files, which could publish first.
+    stopped = subprocess.run(
+        [str(BIN / "dagster"), "sensor", "stop", "landing_files_sensor", "-m", "gaia_flows.definitions"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
     daemon_log = open(tmp_path / "daemon.log", "w")
     daemon = subprocess.Popen(
         [str(BIN / "dagster-daemon"), "run", "-m", "gaia_flows.definitions"],
