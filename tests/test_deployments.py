@@ -609,32 +609,6 @@ def test_secret_scan_flags_literal_credentials(content, tmp_path):
 # --- Pod Security Standard "restricted" ---------------------------------------------------------
 
 
-def _restricted_violations(pod_spec: dict) -> list[str]:
-    """The container-level rules of the "restricted" Pod Security Standard (v1.30+) for one pod
-    spec, pod-level settings inherited where the standard allows it."""
-    pod = pod_spec.get("securityContext") or {}
-    found = []
-    for container in pod_spec.get("containers", []):
-        ctx = container.get("securityContext") or {}
-        name = container.get("name", "?")
-        if ctx.get("allowPrivilegeEscalation") is not False:
-            found.append(f"{name}: allowPrivilegeEscalation must be false")
-        if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
-            found.append(f"{name}: capabilities must drop ALL")
-        if set((ctx.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
-            found.append(f"{name}: adds capabilities")
-        if ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
-            found.append(f"{name}: runAsNonRoot must be true")
-        if ctx.get("runAsUser", pod.get("runAsUser")) == 0:
-            found.append(f"{name}: runs as uid 0")
-        seccomp = (ctx.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
-        if ctx.get("privileged"):
-            found.append(f"{name}: privileged")
-    return found
-
-
 RESTRICTED_VOLUME_TYPES = {
     "configMap",
     "csi",
