@@ -1,7 +1,7 @@
 """``gaia-flows``: the command line a person uses around the Dagster graph.
 
 Each subcommand lives in its own ``cli_*`` module (``demo``, ``status``, ``generate``,
-``map``, ``cluster``); this one holds what they share (the Dagster environment of a state
+``map``, ``cluster``, ``diagnose``, ``metrics``); this one holds what they share (the Dagster environment of a state
 folder) and wires them.
 """
 
@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     ml = sub.add_parser("mlflow", help="MLflow tracking browser on this state folder's store")
     ml.add_argument("--port", type=int, default=5000)
     ml.set_defaults(func=cmd_mlflow)
+    metrics = sub.add_parser("metrics", help="serve the pipeline's own figures to Prometheus")
+    metrics.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on, and the target advertised"
+    )
+    metrics.add_argument("--port", type=int, default=9464, help="0 picks a free port")
+    metrics.set_defaults(func=_lazy("gaia_flows.cli_metrics", "cmd_metrics"))
     add_cluster_command(sub)
     add_generate_command(sub)
     add_map_command(sub)

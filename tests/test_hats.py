@@ -8,6 +8,7 @@ and so has many borders to cross.
 """
 
 import os
+import socket
 
 import lsdb
 import numpy as np
@@ -88,6 +89,18 @@ def test_lsdb_opens_the_collection_with_every_row(exported):
     assert catalogue.hc_structure.catalog_info.hats_max_rows == THRESHOLD
     dataset = layout.hats_collection("gaia_source") / "gaia_source" / "dataset"
     assert max(pq.read_metadata(f).num_rows for f in dataset.glob("Norder=*/*/*.parquet")) <= THRESHOLD
+
+    # Evidence: every region's files are read twice by Python tasks (its histogram, then its
+    # partitions), and the tasks report what they wrote.
+    sources = [
+        p for r in layout.region_versions("gaia_source") for p in layout.region_files("gaia_source", r)
+    ]
+    assert metadata["python_read_bytes"] == 2 * sum(p.stat().st_size for p in sources) > 0
+    assert metadata["python_read_rows"] == 2 * metadata["rows"]
+    assert metadata["python_written_bytes"] == sum(
+        f.stat().st_size for f in dataset.glob("Norder=*/*/*.parquet")
+    )
+    assert set(metadata["python_per_host"]) == {socket.gethostname()}
 
 
 def test_cone_search_equals_an_angular_distance_filter(exported):

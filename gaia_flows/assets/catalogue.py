@@ -16,7 +16,7 @@ from dagster import (
 
 from gaia_flows.contracts import load_contract
 from gaia_flows.engine.ingest import IngestReport, ingest_regions
-from gaia_flows.engine.metrics import stage_io
+from gaia_flows.engine.metrics import run_figures, run_job_group
 from gaia_flows.layout import SOURCE_TABLE
 from gaia_flows.partitions import sky_regions
 from gaia_flows.resources.spark import SparkResource
@@ -67,6 +67,10 @@ def gaia_source(
     """
     layout = storage.layout
     session = spark.session()
+    job_group = run_job_group(SOURCE_TABLE, context.run_id)
+    session.sparkContext.setJobGroup(
+        job_group, f"{SOURCE_TABLE}, run {context.run_id}", interruptOnCancel=True
+    )
     with warehouse_errors(layout, SOURCE_TABLE, context.partition_keys):
         report = ingest_regions(
             session, layout, list(context.partition_keys), load_contract(SOURCE_TABLE), config.bucket_mb << 20
@@ -93,7 +97,7 @@ def gaia_source(
                 "published_regions": sorted(report.regions),
             },
         )
-    metadata = _run_metadata(report, stage_io(session, SOURCE_TABLE))
+    metadata = _run_metadata(report, run_figures(session, job_group, report.task_records))
     metadata["spark_cores"] = session.sparkContext.defaultParallelism
     return MaterializeResult(metadata=metadata)
 
@@ -107,7 +111,7 @@ def _failure_text(report: IngestReport) -> str:
     )
 
 
-def _run_metadata(report: IngestReport, io: dict) -> dict:
+def _run_metadata(report: IngestReport, figures: dict) -> dict:
     accepted = sum(r.accepted for r in report.regions.values())
     rejected = sum(r.rejected for r in report.regions.values())
     seconds = max(report.seconds, 1e-9)
@@ -119,16 +123,9 @@ def _run_metadata(report: IngestReport, io: dict) -> dict:
         "wall_seconds": round(report.seconds, 2),
         "rows_per_second": round(report.rows_read / seconds),
     }
-    metadata.update({f"spark_{name}": value for name, value in io.items()})
-    metadata.update(
-        {
-            name: MetadataValue.json(value) if isinstance(value, dict) else value
-            for name, value in report.task_figures.items()
-            if value is not None
-        }
-    )
-    if io.get("input_bytes"):
-        metadata["spark_input_mb_per_second"] = round(io["input_bytes"] / 2**20 / seconds, 1)
+    metadata.update(figures)
+    if figures.get("spark_input_bytes"):
+        metadata["spark_input_mb_per_second"] = round(figures["spark_input_bytes"] / 2**20 / seconds, 1)
     return metadata
 
 

@@ -24,7 +24,7 @@ from pydantic import Field
 from gaia_flows.assets.classifier import astrometric_classifier
 from gaia_flows.assets.training_set import GROUP
 from gaia_flows.engine import classify
-from gaia_flows.engine.metrics import stage_io
+from gaia_flows.engine.metrics import run_figures, run_job_group, task_records
 from gaia_flows.layout import CLASSIFIED_TABLE, SOURCE_TABLE
 from gaia_flows.maps import preview_markdown, render_healpix
 from gaia_flows.ml import scoring
@@ -72,9 +72,11 @@ def classified_sources(
     """
     layout = storage.layout
     session = spark.session()
+    job_group = run_job_group(CLASSIFIED_TABLE, context.run_id)
     session.sparkContext.setJobGroup(
-        CLASSIFIED_TABLE, "classify sources with the champion model", interruptOnCancel=True
+        job_group, "classify sources with the champion model", interruptOnCancel=True
     )
+    records = task_records(session)
     with mlflow.activate() as client:
         try:
             uri, version, population_min = resolve_model(client, config.model_uri)
@@ -94,7 +96,7 @@ def classified_sources(
     }
     try:
         paths = scoring.classify_regions(
-            session, layout, loaded, regions, config.threshold, parallax_cut, manifest
+            session, layout, loaded, regions, config.threshold, parallax_cut, manifest, records
         )
     except FeatureError as exc:
         raise Failure(str(exc)) from exc
@@ -144,6 +146,6 @@ def classified_sources(
             )
         ),
         "bad_fraction_map_png": MetadataValue.path(str(sky_png)),
-        **{f"spark_{k}": v for k, v in stage_io(session, CLASSIFIED_TABLE).items()},
+        **run_figures(session, job_group, records.value),
     }
     return MaterializeResult(metadata=metadata)

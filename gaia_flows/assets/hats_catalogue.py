@@ -8,6 +8,7 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from gaia_flows.engine.hats_export import HatsSettings, export
+from gaia_flows.engine.metrics import run_figures, run_job_group
 from gaia_flows.layout import SOURCE_TABLE
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -43,9 +44,10 @@ def hats_catalogue(
     atomically. Only the partitions of regions whose rows changed since the last export are
     rewritten; the others are carried over unchanged."""
     layout = storage.layout
-    report = export(
-        spark.session(), layout, SOURCE_TABLE, layout.region_versions(SOURCE_TABLE), config.settings()
-    )
+    session = spark.session()
+    job_group = run_job_group(f"hats-{SOURCE_TABLE}", context.run_id)
+    session.sparkContext.setJobGroup(job_group, f"HATS export of {SOURCE_TABLE}", interruptOnCancel=True)
+    report = export(session, layout, SOURCE_TABLE, layout.region_versions(SOURCE_TABLE), config.settings())
     collection = layout.hats_collection(SOURCE_TABLE)
     context.log.info(
         f"HATS collection {collection}: {report.partitions_written} partitions written, {report.partitions_linked} carried over"
@@ -66,5 +68,6 @@ def hats_catalogue(
             "margin_rows": report.margin_rows,
             "margin_arcsec": config.margin_arcsec,
             **{f"{step}_seconds": round(value, 2) for step, value in report.seconds.items()},
+            **run_figures(session, job_group, report.task_records),
         }
     )

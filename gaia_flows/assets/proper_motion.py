@@ -26,7 +26,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from gaia_flows.engine.metrics import stage_io, task_io
+from gaia_flows.engine.metrics import run_figures, run_job_group
 from gaia_flows.engine.pm_stats import (
     InputColumnsError,
     StatsPublisher,
@@ -78,7 +78,7 @@ def pm_stats(
     layout = storage.layout
     regions = list(context.partition_keys)
     session = spark.session()
-    job_group = f"{STATS_TABLE}-{context.run_id}"  # per run: stage_io must not add up earlier runs on a shared session
+    job_group = run_job_group(STATS_TABLE, context.run_id)
     session.sparkContext.setJobGroup(
         job_group,
         f"proper-motion statistics, {len(regions)} region(s), level {config.level}",
@@ -140,16 +140,7 @@ def pm_stats(
         "rows_per_second": round(total["n_sources"] / max(spark_seconds, 1e-9)),
         "stored_kib": round(total["stored_bytes"] / 1024, 1),
     }
-    metadata.update({f"spark_{name}": value for name, value in stage_io(session, job_group).items()})
-    python_io = task_io(published, rows="n_sources", written="stored_bytes")
-    if python_io:
-        metadata.update(
-            {
-                name: MetadataValue.json(value) if name == "per_host" else value
-                for name, value in python_io.items()
-                if value is not None
-            }
-        )
+    metadata.update(run_figures(session, job_group, published, rows="n_sources", written="stored_bytes"))
     return MaterializeResult(metadata=metadata)
 
 

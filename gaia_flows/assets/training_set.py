@@ -21,7 +21,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from gaia_flows.engine.metrics import stage_io
+from gaia_flows.engine.metrics import run_figures, run_job_group, task_records
 from gaia_flows.layout import SOURCE_TABLE, TRAINING_TABLE
 from gaia_flows.maps import preview_markdown
 from gaia_flows.ml import figures
@@ -87,12 +87,14 @@ def astrometric_training_set(
     (:func:`gaia_flows.ml.training_set.select_training_set` gives the rules)."""
     layout = storage.layout
     session = spark.session()
-    session.sparkContext.setJobGroup(TRAINING_TABLE, "GCNS training-set selection", interruptOnCancel=True)
+    job_group = run_job_group(TRAINING_TABLE, context.run_id)
+    session.sparkContext.setJobGroup(job_group, "GCNS training-set selection", interruptOnCancel=True)
+    records = task_records(session)
     cuts = config.cuts.to_cuts()
     started = time.perf_counter()
     try:
         selected = select_training_set(
-            session, layout, cuts, config.holdout_fraction, config.split_seed, config.target_file_mb
+            session, layout, cuts, config.holdout_fraction, config.split_seed, config.target_file_mb, records
         )
     except FeatureError as exc:
         raise Failure(str(exc)) from exc
@@ -127,7 +129,7 @@ def astrometric_training_set(
         "path": MetadataValue.path(str(selected.path)),
         "parquet_files": selected.files,
         "wall_seconds": round(seconds, 2),
-        **{f"spark_{k}": v for k, v in stage_io(session, TRAINING_TABLE).items()},
+        **run_figures(session, job_group, records.value),
     }
     check = AssetCheckResult(
         check_name="both_classes_balanced",

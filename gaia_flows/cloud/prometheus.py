@@ -7,6 +7,7 @@ worker started here (cloud-init on VMs, the local driver's JVMs on loopback) ser
 ``spark_cluster`` writes a Prometheus file-based service-discovery file next to the cluster
 manifest. A Prometheus started with ``deployments/prometheus/prometheus.yml`` then scrapes
 whichever cluster exists now, and stops when teardown removes the file, with no edits.
+``gaia-flows metrics`` adds the pipeline's own figures the same way.
 """
 
 from __future__ import annotations
@@ -79,5 +80,23 @@ def write_targets(manifest_path: Path, manifest: dict, node_exporters: bool) -> 
     path = targets_path(manifest_path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(scrape_targets(manifest, node_exporters), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+# The pipeline's own figures (``gaia-flows metrics``): one target on the orchestrator, found
+# through the same glob as the clusters' (the leading underscore keeps it apart from any
+# cluster's name).
+PIPELINE_JOB = "gaia-flows"
+PIPELINE_TARGETS = "_pipeline.prometheus.json"
+
+
+def write_pipeline_targets(clusters: Path, address: str) -> Path:
+    """The ``file_sd`` file naming the exporter at ``address`` (``host:port``), atomically."""
+    clusters.mkdir(parents=True, exist_ok=True)
+    path = clusters / PIPELINE_TARGETS
+    tmp = path.with_name(f".{path.name}.tmp")
+    groups = [{"targets": [address], "labels": {"job": PIPELINE_JOB, "__metrics_path__": "/metrics"}}]
+    tmp.write_text(json.dumps(groups, indent=2))
     os.replace(tmp, path)
     return path

@@ -529,7 +529,12 @@ def _check_files(files: list[str], population: Population) -> None:
 
 
 def score_files(
-    session, files: list[str], loaded: LoadedModel, threshold: float = 0.5, parallax_min: float | None = None
+    session,
+    files: list[str],
+    loaded: LoadedModel,
+    threshold: float = 0.5,
+    parallax_min: float | None = None,
+    records=None,
 ):
     """Spark DataFrame of ``source_id, probability, label`` for the population
     (:func:`population_filter`) of Parquet ``files``, scored by a scikit-learn model in Spark
@@ -542,9 +547,12 @@ def score_files(
     similar size, two per core: a Python task costs ~45 ms of scheduling in local mode, so one
     task per small file would eat the gain (``docs/benchmarks.md``, classifier, third pass).
     Missing or non-numeric columns fail here on the driver, naming them; an all-null feature
-    fails in the first batch that shows it.
+    fails in the first batch that shows it. ``records`` (``engine.metrics.task_records``), when
+    given, receives one record per group of files: bytes and rows read, CPU against wall.
     """
     import pyarrow.parquet as pq
+
+    from gaia_flows.engine.metrics import TaskClock
 
     if loaded.flavor != "sklearn":
         raise ValueError(
@@ -566,8 +574,10 @@ def score_files(
         model = _worker_model(broadcast, token)
         for batch in batches:
             for group in batch.column(0).to_pylist():
+                clock, read = TaskClock(), 0
                 for path in groups[group]:
                     table = pq.read_table(path, columns=columns, filters=rows)
+                    read += table.num_rows
                     for start in range(0, max(table.num_rows, 1), SCORE_BATCH_ROWS):
                         part = table.slice(start, SCORE_BATCH_ROWS)
                         yield from _scored(
@@ -577,6 +587,8 @@ def score_files(
                             good_column,
                             threshold,
                         )
+                if records is not None:
+                    records.add([clock.record(groups[group], rows=read)])
 
     return session.range(0, len(groups), 1, len(groups)).mapInArrow(score_groups, SCORE_SCHEMA)
 

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gaia_flows.engine.metrics import timed_task
 from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.layout import StateLayout
 from gaia_flows.science.healpix import REGION_LEVEL, region_key
@@ -84,6 +85,7 @@ class ExportReport:
     margin_rows: int
     orders: dict[int, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    task_records: list[dict] = field(default_factory=list)  # engine.metrics.timed_task, per Spark task
 
 
 # --- pure parts: histogram, plan, which regions -----------------------------------------------------
@@ -135,6 +137,11 @@ def _region_histogram(files: list[str], order: int) -> tuple[np.ndarray, np.ndar
     return sparse_histogram(np.concatenate(parts) if parts else np.zeros(0, np.int64), order)
 
 
+def _region_record(region: str, files: list[str], order: int) -> dict:
+    pixels, counts = _region_histogram(files, order)
+    return {"region": region, "histogram": (pixels, counts), "rows": int(counts.sum())}
+
+
 def _write_region(
     files: list[str], region: int, partitions: list[tuple[int, int, int]], catalog: str
 ) -> list[tuple[int, int, int]]:
@@ -176,6 +183,15 @@ def _write_region(
             f"region {region_key(region)}: {table.num_rows} rows, {sum(n for _, _, n in written)} written to partitions"
         )
     return written
+
+
+def _bytes(catalog: str, parts: list[tuple[int, int, int]]) -> int:
+    from hats.io import paths
+    from hats.pixel_math.healpix_pixel import HealpixPixel
+
+    return sum(
+        os.path.getsize(paths.pixel_catalog_file(catalog, HealpixPixel(o, p)).path) for o, p, _ in parts
+    )
 
 
 # --- the export -----------------------------------------------------------------------------------
@@ -232,13 +248,15 @@ def export(
     # 1. histograms of the changed regions (Spark tasks); the others' come from the manifest.
     fresh = [r for r in changed if r in source_versions]
     sc = session.sparkContext
-    sc.setJobGroup(f"hats-{table}", f"HATS export of {table}", interruptOnCancel=True)
-    if fresh:
-        computed = (
-            sc.parallelize(fresh, len(fresh)).map(lambda r: (r, _region_histogram(files[r], order))).collect()
-        )
-    else:
-        computed = []
+    sc.setJobDescription(f"HATS export of {table}")
+    records = (
+        sc.parallelize(fresh, len(fresh))
+        .map(lambda r: timed_task(files[r], lambda: _region_record(r, files[r], order)))
+        .collect()
+        if fresh
+        else []
+    )
+    computed = [(record["region"], record.pop("histogram")) for record in records]
     dirty: set[int] = set()
     for region in changed:
         if region in histograms:
@@ -275,14 +293,26 @@ def export(
             inputs = {int(r): sorted(f for s in feeders[int(r)] for f in files[s]) for r in weights}
             catalog_dir = str(catalog)
 
-            def write_group(group: int):
-                return [
+            def write_group(group: int) -> dict:
+                parts = [
                     part
                     for r in groups[group]
                     for part in _write_region(inputs[int(r)], int(r), by_region[int(r)], catalog_dir)
                 ]
+                return {
+                    "parts": parts,
+                    "rows": sum(n for _, _, n in parts),
+                    "written_bytes": _bytes(catalog_dir, parts),
+                }
 
-            written = sc.parallelize(range(len(groups)), len(groups)).flatMap(write_group).collect()
+            group_files = [sorted({f for r in group for f in inputs[int(r)]}) for group in groups]
+            writes = (
+                sc.parallelize(range(len(groups)), len(groups))
+                .map(lambda g: timed_task(group_files[g], lambda: write_group(g)))
+                .collect()
+            )
+            written = [part for record in writes for part in record.pop("parts")]
+            records += writes
         else:
             written = []
         previous_catalog = collection / table
@@ -354,6 +384,7 @@ def export(
         margin_rows,
         dict(sorted(orders.items())),
         seconds,
+        records,
     )
 
 

@@ -30,7 +30,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-from gaia_flows.engine.metrics import task_io, timed_task
+from gaia_flows.engine.metrics import timed_task
 from gaia_flows.layout import SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.science import healpix
 from gaia_flows.science.contract import TableContract
@@ -76,7 +76,7 @@ class IngestReport:
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     rows_read: int = 0
-    task_figures: dict = field(default_factory=dict)  # engine.metrics.task_io of the tasks
+    task_records: list[dict] = field(default_factory=list)  # engine.metrics.timed_task, one per task
 
 
 # --- landing files ------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ def ingest_regions(
             continue
         report.regions.update(results)
         report.rows_read += sum(record["rows"] for record in records)
-        report.task_figures = task_io(records)
+        report.task_records = records
         break
     report.seconds = time.perf_counter() - started
     return report
@@ -474,9 +474,7 @@ def _run_tasks(
     chunks = task_chunks(
         file_groups(files), {p: os.path.getsize(p) for p in files}, bucket_bytes, sc.defaultParallelism
     )
-    sc.setJobGroup(
-        SOURCE_TABLE, f"ingest {len(files)} files into {len(task.pixels)} regions", interruptOnCancel=True
-    )
+    sc.setJobDescription(f"ingest {len(files)} files into {len(task.pixels)} regions")
     if not chunks:
         return []
     items = [(i, chunk, {p: headers[p] for group in chunk for p in group}) for i, chunk in enumerate(chunks)]

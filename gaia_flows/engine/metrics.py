@@ -13,9 +13,10 @@ import os
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pyspark.accumulators import Accumulator, AccumulatorParam
 from pyspark.sql import SparkSession
 
 FIELDS = {
@@ -36,8 +37,28 @@ def _get(url: str) -> list | dict:
         return json.loads(response.read())
 
 
-def stage_io(spark: SparkSession, job_group: str) -> dict[str, int]:
-    """Totals over the completed stages of ``job_group``; empty when the Spark UI is off."""
+# Per executor of a stage (the REST API's ExecutorStageSummary), summed per executor host.
+EXECUTOR_FIELDS = {
+    "inputBytes": "input_bytes",
+    "outputBytes": "output_bytes",
+    "shuffleRead": "shuffle_read_bytes",
+    "shuffleWrite": "shuffle_write_bytes",
+    "memoryBytesSpilled": "memory_spilled_bytes",
+    "diskBytesSpilled": "disk_spilled_bytes",
+    "taskTime": "task_ms",
+    "succeededTasks": "tasks",
+}
+
+
+def run_job_group(table: str, run_id: str) -> str:
+    """The Spark job group of one run's work on ``table``: per run, so that :func:`stage_io`
+    never adds up an earlier run's stages on a session that outlives runs."""
+    return f"{table}-{run_id}"
+
+
+def stage_io(spark: SparkSession, job_group: str) -> dict:
+    """Totals over the completed stages of ``job_group``, and the same per executor host
+    (``per_host``); empty when the Spark UI is off."""
     sc = spark.sparkContext
     base = sc.uiWebUrl
     if not base:
@@ -49,14 +70,65 @@ def stage_io(spark: SparkSession, job_group: str) -> dict[str, int]:
         stages = [
             s for s in _get(f"{api}/stages") if s["stageId"] in wanted and s.get("status") == "COMPLETE"
         ]
+        hosts = {e["id"]: e["hostPort"].rsplit(":", 1)[0] for e in _get(f"{api}/allexecutors")}
+        summaries = [
+            _get(f"{api}/stages/{s['stageId']}/{s['attemptId']}").get("executorSummary", {}) for s in stages
+        ]
     except OSError:
         return {}
-    totals = {name: sum(int(s.get(key, 0)) for s in stages) for key, name in FIELDS.items()}
+    totals: dict = {name: sum(int(s.get(key, 0)) for s in stages) for key, name in FIELDS.items()}
     totals["stages"] = len(stages)
+    per_host: dict[str, dict[str, int]] = {}
+    for summary in summaries:
+        for executor, figures in summary.items():
+            host = per_host.setdefault(
+                hosts.get(executor, executor), dict.fromkeys(EXECUTOR_FIELDS.values(), 0)
+            )
+            for key, name in EXECUTOR_FIELDS.items():
+                host[name] += int(figures.get(key, 0))
+    if per_host:
+        totals["per_host"] = dict(sorted(per_host.items()))
     return totals
 
 
 # --- Python tasks ------------------------------------------------------------------------------
+
+
+class _Records(AccumulatorParam):
+    """Lists of task records, concatenated."""
+
+    def zero(self, value: list) -> list:
+        return []
+
+    def addInPlace(self, value1: list, value2: list) -> list:  # noqa: N802 - PySpark's name
+        value1.extend(value2)
+        return value1
+
+
+def task_records(spark: SparkSession) -> Accumulator:
+    """An accumulator that collects :func:`timed_task`-style records from tasks whose results
+    are rows of a DataFrame (``mapInArrow``, ``mapInPandas``), not records sent back."""
+    return spark.sparkContext.accumulator([], _Records())
+
+
+class TaskClock:
+    """CPU, run-queue and wall seconds of the calling thread since the clock started: what
+    :func:`timed_task` measures, for work that yields its output batch by batch."""
+
+    def __init__(self):
+        self.wall, (self.cpu, self.queued) = time.perf_counter(), _scheduler_seconds()
+
+    def record(self, files: Sequence[str] = (), **figures) -> dict:
+        cpu, queued = _scheduler_seconds()
+        return {
+            **figures,
+            "read_bytes": sum(os.path.getsize(path) for path in files),
+            "read_files": len(files),
+            "task_wall_seconds": time.perf_counter() - self.wall,
+            "task_cpu_seconds": cpu - self.cpu,
+            "task_cpu_wait_seconds": queued - self.queued,
+            "host": task_host(),
+        }
 
 
 def timed_task(files: list[str], work: Callable[[], dict]) -> dict:
@@ -64,18 +136,16 @@ def timed_task(files: list[str], work: Callable[[], dict]) -> dict:
     metrics do not see files a Python task opens with pyarrow, so the task reports them itself
     (``read_bytes``: the sizes of the files it read; CPU against wall seconds: the share spent
     waiting, on the disk or the scheduler; the host, for a per-executor breakdown)."""
-    wall, (cpu, queued) = time.perf_counter(), _scheduler_seconds()
-    record = work()
-    cpu_after, queued_after = _scheduler_seconds()
-    return {
-        **record,
-        "read_bytes": sum(os.path.getsize(path) for path in files),
-        "read_files": len(files),
-        "task_wall_seconds": time.perf_counter() - wall,
-        "task_cpu_seconds": cpu_after - cpu,
-        "task_cpu_wait_seconds": queued_after - queued,
-        "host": socket.gethostname(),
-    }
+    clock = TaskClock()
+    return clock.record(files, **work())
+
+
+def task_host() -> str:
+    """The executor's address as Spark knows it (``SPARK_LOCAL_IP``, set on cluster nodes, so
+    the Python figures line up with ``stage_io``'s ``per_host``); the host name where that is
+    unset or loopback (one machine, local mode)."""
+    address = os.environ.get("SPARK_LOCAL_IP", "")
+    return address if address and not address.startswith("127.") else socket.gethostname()
 
 
 def _scheduler_seconds() -> tuple[float, float]:
@@ -93,7 +163,8 @@ HOST_FIGURES = ("read_bytes", "task_wall_seconds", "task_cpu_seconds", "task_cpu
 
 def task_io(records: list[dict], rows: str = "rows", written: str = "written_bytes") -> dict:
     """Run totals of :func:`timed_task` records, with MB/s per core and a per-host breakdown;
-    ``rows`` and ``written`` name the records' own counts of rows read and bytes written."""
+    ``rows`` and ``written`` name the records' own counts of rows read and bytes written (0 for
+    tasks whose output Spark writes: ``spark_output_bytes`` counts it)."""
     if not records or "read_bytes" not in records[0]:
         return {}
     hosts: dict[str, dict] = {}
@@ -107,17 +178,33 @@ def task_io(records: list[dict], rows: str = "rows", written: str = "written_byt
     cpu_wait = sum(r["task_cpu_wait_seconds"] for r in records)
     read = sum(r["read_bytes"] for r in records)
     return {
+        "python_tasks": len(records),
         "python_read_bytes": read,
         "python_read_files": sum(r["read_files"] for r in records),
-        "python_read_rows": sum(r[rows] for r in records),
-        "python_written_bytes": sum(r[written] for r in records),
+        "python_read_rows": sum(r.get(rows, 0) for r in records),
+        "python_written_bytes": sum(r.get(written, 0) for r in records),
         "task_wall_seconds": round(wall, 3),
         "task_cpu_seconds": round(cpu, 3),
         "task_cpu_wait_seconds": round(cpu_wait, 3),
         "task_cpu_share": round(cpu / wall, 3) if wall else None,
         "read_mb_per_second_per_core": round(read / 2**20 / wall, 1) if wall else None,
-        "per_host": {
+        "python_per_host": {
             name: {k: round(v, 3) if isinstance(v, float) else v for k, v in h.items()}
             for name, h in sorted(hosts.items())
         },
     }
+
+
+def run_figures(
+    spark: SparkSession,
+    job_group: str,
+    records: list[dict] | None = None,
+    rows: str = "rows",
+    written: str = "written_bytes",
+) -> dict:
+    """One run's evidence as asset metadata: Spark's stage figures of ``job_group`` (``spark_*``,
+    with ``spark_per_host``) and the totals of its Python tasks' ``records`` (:func:`task_io`).
+    Dagster shows the dicts as JSON and plots the numbers over runs."""
+    figures = {f"spark_{name}": value for name, value in stage_io(spark, job_group).items()}
+    figures.update(task_io(records or [], rows=rows, written=written))
+    return {name: value for name, value in figures.items() if value is not None}

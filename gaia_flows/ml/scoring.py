@@ -23,10 +23,11 @@ def classify_regions(
     threshold: float,
     parallax_cut: float | None,
     manifest: dict,
+    records=None,
 ) -> dict[str, Path]:
     """Score each region's sources (``parallax_cut``: only \\|parallax\\| above it) and publish
     ``classified_sources`` per region: ``source_id``, ``probability`` (of a good solution) and
-    ``label`` (1 good, 0 bad).
+    ``label`` (1 good, 0 bad). ``records``: see :func:`~gaia_flows.engine.classify.score_files`.
 
     Raises
     ------
@@ -39,7 +40,7 @@ def classify_regions(
     inputs = [path for region in regions for path in layout.region_files(SOURCE_TABLE, region)]
     files = classify.files_for_rows(footer_rows(inputs))
     if loaded.flavor == "sklearn":  # Python tasks read the region files (classify.score_files says why)
-        scored = classify.score_files(session, inputs, loaded, threshold, parallax_cut)
+        scored = classify.score_files(session, inputs, loaded, threshold, parallax_cut, records)
     else:
         selected = classify.population_filter(parallax_cut).spark
         scored = classify.score(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gaia_flows.engine.metrics import TaskClock
 from gaia_flows.engine.tables import read_regions, write_table
 from gaia_flows.layout import SOURCE_TABLE, TRAINING_TABLE, StateLayout
 from gaia_flows.science import astrometric as astro
@@ -52,13 +53,16 @@ def select_training_set(
     holdout_fraction: float,
     split_seed: int,
     target_file_mb: int,
+    records=None,
 ) -> TrainingSet:
     """Label every candidate of the published ``gaia_source`` regions and publish the training set.
 
     Good: parallax > min, \\|b\\| > min, outside the LMC/SMC, BP/RP excess consistent (Riello et
     al. 2021, n sigma). Bad: parallax < -min, the rows with the smallest ``random_index``,
     ``bad_per_good`` times as many as the good set (or all of them if fewer). A ``holdout``
-    column (hash of source_id and ``split_seed``) fixes the evaluation rows.
+    column (hash of source_id and ``split_seed``) fixes the evaluation rows. ``records``
+    (``engine.metrics.task_records``), when given, receives one record per labelling task: rows,
+    CPU against wall (Spark reads the files, so its ``inputBytes`` counts them).
 
     Raises
     ------
@@ -89,8 +93,12 @@ def select_training_set(
     )
 
     def label_batches(batches):
+        clock, rows = TaskClock(), 0
         for batch in batches:
+            rows += len(batch)
             yield astro.label_batch(batch, cuts, holdout_fraction, split_seed)
+        if records is not None:
+            records.add([clock.record(rows=rows)])
 
     labelled = candidates.mapInPandas(label_batches, schema).persist(StorageLevel.MEMORY_AND_DISK)
     try:

@@ -98,7 +98,7 @@ def test_run_reports_the_bytes_its_python_tasks_read_and_wrote(layout, spark):
     ]
     assert run["python_written_bytes"].value == sum(p.stat().st_size for p in written)
     assert 0 < run["task_cpu_seconds"].value <= run["task_wall_seconds"].value * 1.05
-    (host,) = run["per_host"].value.values()
+    (host,) = run["python_per_host"].value.values()
     assert host["read_bytes"] == run["python_read_bytes"].value
 
 

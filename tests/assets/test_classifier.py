@@ -14,6 +14,7 @@ leaves room for other seeds without letting a broken selection (labels or featur
 
 import json
 import os
+import socket
 import sys
 import urllib.parse
 import urllib.request
@@ -160,6 +161,12 @@ def test_training_set_is_the_reference_selection_stored_contiguously(world):
     assert bad == min(metadata["bad_available"], good), "bad subsampled to the size of the good set"
     assert metadata["cuts"] == GcnsCuts().as_dict()
     assert {"low_latitude", "in_lmc", "bp_rp_excess_inconsistent"} <= set(metadata["cut_flow"])
+    # Evidence: the labelling tasks saw every candidate (Spark read the files: its input bytes).
+    assert metadata["python_read_rows"] == sum(metadata["cut_flow"].values()) > 0
+    assert (
+        metadata["python_tasks"] > 0
+        and 0 < metadata["task_cpu_seconds"] <= metadata["task_wall_seconds"] * 1.05
+    )
     for name in ("good", "bad"):
         assert metadata[f"sky_{name}"].startswith("![Training set")
         assert (layout.maps / f"astrometric_training_set_{name}.png").stat().st_size > 10_000
@@ -326,6 +333,15 @@ def test_classified_sources_apply_the_champion_per_region(world, champion):
     assert metadata["run_fraction_bad"] == pytest.approx(bad.mean())
     assert metadata["bad_fraction_map"].startswith("![Fraction flagged bad")
     assert (layout.maps / "classified_sources_bad_fraction.png").stat().st_size > 10_000
+
+    # Evidence: the scoring tasks read the region files with pyarrow, which Spark's stage metrics
+    # do not see; they report the files' sizes and the rows they scored themselves.
+    read = [p for p in layout.table("gaia_source").glob("hpx*/*.parquet")]
+    assert metadata["python_read_bytes"] == sum(p.stat().st_size for p in read)
+    assert metadata["python_read_files"] == len(read)
+    assert metadata["python_read_rows"] == metadata["run_rows"]
+    assert 0 < metadata["task_cpu_seconds"] <= metadata["task_wall_seconds"] * 1.05
+    assert list(metadata["python_per_host"]) == [socket.gethostname()]
 
 
 # --- champion gate and determinism -------------------------------------------------------------------

@@ -1253,7 +1253,7 @@ def test_assets_two_regions_maps_and_one_region_refresh(layout, spark):
     assert refreshed["python_read_files"].value == len(read)
     assert refreshed["python_read_rows"].value == refreshed["rows"].value
     assert refreshed["task_wall_seconds"].value > 0 and 0 < refreshed["task_cpu_seconds"].value
-    assert list(refreshed["per_host"].value) == [socket.gethostname()]
+    assert list(refreshed["python_per_host"].value) == [socket.gethostname()]
     assert os.readlink(layout.region_dir("pm_stats", MAT_REGIONS[0])) == stats31_version
     png_before = maps.png_path(layout, 6, "pmra").read_bytes()
     meta = run_maps()

@@ -132,7 +132,6 @@ def write_cluster_profile(directory: Path, base: str, name: str, cloud: dict) ->
         {
             "spark.driver.memory": "1g",
             "spark.sql.shuffle.partitions": "4",
-            "spark.ui.enabled": "false",
             # A host whose link is cut counts as lost after 30 s without heartbeats (checked every
             # 5 s) instead of 120 s, so its tasks are retried elsewhere within the test's time.
             "spark.executor.heartbeatInterval": "3s",

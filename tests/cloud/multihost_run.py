@@ -116,6 +116,14 @@ def main() -> int:
                         )
                     },
                     "task_hosts": hosts,
+                    "evidence": {  # the run-level figures, on every region's materialization
+                        node: {
+                            k: v.value
+                            for k, v in result.asset_materializations_for_node(node)[0].metadata.items()
+                            if k in ("python_per_host", "spark_per_host", "python_read_bytes")
+                        }
+                        for node in ("gaia_source", "pm_stats")
+                    },
                 }
             elif step == "pm_stats":
                 result = materialize(

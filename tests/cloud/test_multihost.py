@@ -238,6 +238,13 @@ def test_the_graph_runs_on_the_cluster_hosts(deployment, graph_run):
     assert (
         set(graph_run["catalogue"]["task_hosts"]) <= set(workers) and graph_run["catalogue"]["task_hosts"]
     ), "tasks ran on the worker hosts"
+    # The evidence is broken down per executor host: Spark's stage figures and what the Python
+    # tasks read themselves, keyed alike by the worker hosts' addresses.
+    for asset, figures in graph_run["catalogue"]["evidence"].items():
+        python_hosts = figures["python_per_host"]
+        assert set(python_hosts) <= set(workers) and python_hosts, asset
+        assert sum(h["read_bytes"] for h in python_hosts.values()) == figures["python_read_bytes"], asset
+        assert set(figures["spark_per_host"]) <= set(workers) and figures["spark_per_host"], asset
     assert graph_run["maps"]["success"]
     assert deployment.hypervisor.errors == []
 
