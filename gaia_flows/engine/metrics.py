@@ -33,7 +33,8 @@ FIELDS = {
 
 
 def _get(url: str) -> list | dict:
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - driver UI on loopback
+    # The first request of an application starts the UI's REST layer: 3 s on an idle machine.
+    with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - driver UI on loopback
         return json.loads(response.read())
 
 
@@ -48,6 +49,9 @@ EXECUTOR_FIELDS = {
     "taskTime": "task_ms",
     "succeededTasks": "tasks",
 }
+
+
+SETTLE_SECONDS = 10.0
 
 
 def run_job_group(table: str, run_id: str) -> str:
@@ -65,11 +69,19 @@ def stage_io(spark: SparkSession, job_group: str) -> dict:
         return {}
     api = f"{base}/api/v1/applications/{sc.applicationId}"
     try:
-        jobs = [j for j in _get(f"{api}/jobs") if j.get("jobGroup") == job_group]
-        wanted = {s for j in jobs for s in j.get("stageIds", [])}
-        stages = [
-            s for s in _get(f"{api}/stages") if s["stageId"] in wanted and s.get("status") == "COMPLETE"
-        ]
+        # The UI's store learns of the last stage's end shortly after the action returns.
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            jobs = [j for j in _get(f"{api}/jobs") if j.get("jobGroup") == job_group]
+            wanted = {s for j in jobs for s in j.get("stageIds", [])}
+            listed = [s for s in _get(f"{api}/stages") if s["stageId"] in wanted]
+            settled = all(j.get("status") != "RUNNING" for j in jobs) and not any(
+                s.get("status") in ("ACTIVE", "PENDING") for s in listed
+            )
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        stages = [s for s in listed if s.get("status") == "COMPLETE"]
         hosts = {e["id"]: e["hostPort"].rsplit(":", 1)[0] for e in _get(f"{api}/allexecutors")}
         summaries = [
             _get(f"{api}/stages/{s['stageId']}/{s['attemptId']}").get("executorSummary", {}) for s in stages
