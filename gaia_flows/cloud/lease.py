@@ -1,7 +1,7 @@
 """The orchestrator's lease on a cluster: a file on the shared file system whose age every node's
 dead-man switch (``gaia-deadman`` in the cloud-init template) compares with ``orphan_minutes``.
 
-``spark_cluster`` writes it before creating nodes and the ``idle_cluster_sensor`` renews it at
+``spark_cluster`` writes it before creating nodes and the ``cluster_sensor`` renews it at
 every tick that keeps the cluster; teardown removes it. An orchestrator that stops (crash, lost
 network, a closed laptop) stops renewing, and the nodes power themselves off.
 """

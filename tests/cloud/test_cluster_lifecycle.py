@@ -1,6 +1,6 @@
 """A cluster's life from a person's side: what it costs before create (``cluster plan``, the
 ``max_hourly_cost`` gate), one command each way (``cluster up`` / ``status`` / ``down`` by
-subprocess), and the orchestrator's idle teardown (``idle_cluster_sensor`` evaluated for real,
+subprocess), and the orchestrator's idle teardown (``cluster_sensor`` evaluated for real,
 then the job it launches).
 
 Against moto EC2 behind the request-counting proxy and the OpenStack fake over HTTP; every
@@ -32,7 +32,7 @@ from gaia_flows.cloud.settings import (
 from gaia_flows.profiles import load_profile
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.sensors import cluster_idleness, idle_cluster_sensor
+from gaia_flows.sensors import cluster_idleness, cluster_sensor
 
 # A price table of the kind a profile carries (per-hour on-demand, the test's own figures).
 PRICES = {"c5.large": 0.085, "m5.xlarge": 0.192}
@@ -213,7 +213,7 @@ def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
 def _tick(instance, resource):
     """One evaluation of the sensor as the daemon runs it (a tick: requests or a skip reason)."""
     with build_sensor_context(instance=instance, resources={"cloud": resource}) as context:
-        return idle_cluster_sensor.evaluate_tick(context)
+        return cluster_sensor.evaluate_tick(context)
 
 
 @op

@@ -1,0 +1,187 @@
+"""Elastic and interruptible workers, checked in the emulators' own state.
+
+- On the OpenStack fake (over HTTP; no Spark runs on its servers): a queued backfill over many
+  regions makes ``cluster_sensor`` grow the cluster toward what the planner asks for, idle
+  time (shortened) shrinks it back to ``limits.min_workers``, and the later teardown counts
+  from the backfill's end, not from the sensor's own resizes.
+- On moto EC2: with ``spot_workers`` the workers are Spot instances and the master is not; a
+  Spot worker the cloud takes back is replaced by the next reconcile.
+"""
+
+import time
+from dataclasses import replace
+
+import pytest
+from dagster import DagsterInstance, build_sensor_context, job, materialize, op
+
+from cloud.emulators import aws_cloud, openstack_cloud, write_profile
+from cloud.test_cloud_provisioning import _resources, materialise, metadata, teardown
+from cloud.test_cluster_lifecycle import _mount_share
+from gaia_flows.assets.cluster import spark_cluster
+from gaia_flows.cloud.settings import (
+    RUN_TAG_RESIZE_DECISION,
+    RUN_TAG_RESIZE_REASON,
+    RUN_TAG_TEARDOWN_DECISION,
+    CloudConfigError,
+    CloudSettings,
+)
+from gaia_flows.jobs import resize_cluster_job, teardown_cluster_job
+from gaia_flows.partitions import range_tags, sky_regions
+from gaia_flows.profiles import load_profile
+from gaia_flows.resources.cloud import CloudResource
+from gaia_flows.resources.storage import StorageResource
+from gaia_flows.sensors import cluster_sensor
+
+WORKER_IDLE_MINUTES = 0.05  # 3 s
+IDLE_MINUTES = 0.15  # 9 s
+REGION_PIXELS = 4**7  # level-8 pixels per level-1 sky region: one bulk file per region here
+GIB = 2**30
+
+
+def _landing_file(landing, region: int, size: int) -> None:
+    """A Gaia bulk file of ``size`` bytes for one region, sparse: the planner reads only its size."""
+    start, end = region * REGION_PIXELS, (region + 1) * REGION_PIXELS - 1
+    with open(landing / f"GaiaSource_{start:06d}-{end:06d}.csv.gz", "wb") as fh:
+        fh.truncate(size)
+
+
+@op
+def _read_regions():
+    pass
+
+
+@job(name="backfill_on_cluster")
+def _backfill_job():
+    _read_regions()
+
+
+def _tick(instance, resource):
+    with build_sensor_context(instance=instance, resources={"cloud": resource}) as context:
+        return cluster_sensor.evaluate_tick(context)
+
+
+def _workers(target) -> list[str]:
+    return sorted(s["name"] for s in target.servers() if s["tags"].get("gaia-flows-role") == "worker")
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_a_backfill_grows_the_cluster_and_idle_time_shrinks_it_to_min_workers(target, layout):
+    cloud = openstack_cloud(target.api, idle_minutes=IDLE_MINUTES, worker_idle_minutes=WORKER_IDLE_MINUTES)
+    cloud["limits"] = {"min_workers": 1, "max_workers": 4}
+    profile = write_profile(target.profiles_dir, "openstack", "openstack-elastic", cloud)
+    _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")  # the lease's home
+    resource = CloudResource(
+        storage=StorageResource(), profile=profile, profiles_dir=str(target.profiles_dir)
+    )
+    resources = _resources(target, profile)
+    # 12 regions x 1.75 GiB = 21 GiB; an aggregate scans 2 GiB per core: 11 cores, and a
+    # general.v1.medium worker (4 vCPU, one 4-core executor) gives 4, so 3 workers.
+    for region in range(12):
+        _landing_file(layout.landing, region, 7 * GIB // 4)
+    keys = sky_regions.get_partition_keys()
+
+    with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
+        up = {"size": target.worker_size, "data_bytes": 0}  # nothing to read yet: min_workers
+        first = metadata(
+            materialize(
+                [spark_cluster],
+                resources=resources,
+                run_config={"ops": {"spark_cluster": {"config": up}}},
+                instance=instance,
+            )
+        )
+        assert first["worker_count"] == 1 and _workers(target) == [f"{target.cluster}-worker-0"]
+        master = first["node_ids"][0]
+        quiet = _tick(instance, resource)
+        assert not quiet.run_requests and "kept" in quiet.skip_message
+
+        # A single-run backfill over regions 0..11 is queued: the sensor grows the cluster.
+        backfill = instance.create_run_for_job(job_def=_backfill_job, tags=range_tags(keys[0], keys[11]))
+        (grow,) = _tick(instance, resource).run_requests
+        assert grow.job_name == resize_cluster_job.name and grow.tags[RUN_TAG_RESIZE_DECISION] == "grow"
+        assert "12 region(s) read 21.00 GiB" in grow.tags[RUN_TAG_RESIZE_REASON]
+        assert f"3 x {target.worker_size} (max_workers 4)" in grow.tags[RUN_TAG_RESIZE_REASON]
+        grown = metadata(_execute(grow, resources, instance))
+        assert grown["worker_count"] == 3 and grown["node_ids"][0] == master
+        assert _workers(target) == [f"{target.cluster}-worker-{i}" for i in range(3)]
+        assert sorted(grown["kept"]) == [f"{target.cluster}-master", f"{target.cluster}-worker-0"]
+        assert grown["spark_conf"]["spark.dynamicAllocation.maxExecutors"] == "4"  # max_workers x 1
+        again = _tick(instance, resource)  # the planner's count is met: nothing more to do
+        assert not again.run_requests and "in use by 1 unfinished run(s)" in again.skip_message
+
+        instance.report_run_canceled(backfill)
+        ended = instance.get_run_record_by_id(backfill.run_id).end_time
+        assert not _tick(instance, resource).run_requests, "within worker_idle_minutes the workers stay"
+        _sleep_until(ended + WORKER_IDLE_MINUTES * 60 + 0.5)
+        (shrink,) = _tick(instance, resource).run_requests
+        assert shrink.job_name == resize_cluster_job.name and shrink.tags[RUN_TAG_RESIZE_DECISION] == "shrink"
+        assert "3 worker(s) -> min_workers 1" in shrink.tags[RUN_TAG_RESIZE_REASON]
+        shrunk = metadata(_execute(shrink, resources, instance))
+        assert shrunk["worker_count"] == 1 and shrunk["node_ids"][0] == master
+        assert _workers(target) == [f"{target.cluster}-worker-0"]
+        assert sorted(shrunk["destroyed"]) == [f"{target.cluster}-worker-{i}" for i in (1, 2)]
+        assert not _tick(instance, resource).run_requests, "at min_workers, before idle_minutes"
+
+        # The resizes were the sensor's own runs: the idle window counts from the backfill's end.
+        shrink_ended = max(r.end_time for r in instance.get_run_records())
+        _sleep_until(ended + IDLE_MINUTES * 60 + 0.5)
+        assert time.time() < shrink_ended + IDLE_MINUTES * 60
+        (down,) = _tick(instance, resource).run_requests
+        assert down.job_name == teardown_cluster_job.name and down.tags[RUN_TAG_TEARDOWN_DECISION] == "idle"
+        assert teardown(target, profile, instance=instance, tags=down.tags).success
+        assert target.servers() == [] and target.security_groups() == []
+
+
+def _execute(request, resources, instance):
+    """The run a request asks for, in process (resize_cluster is spark_cluster alone)."""
+    return materialize(
+        [spark_cluster],
+        resources=resources,
+        run_config=request.run_config,
+        tags=request.tags,
+        instance=instance,
+    )
+
+
+def _sleep_until(epoch: float) -> None:
+    time.sleep(max(0.0, epoch - time.time()))
+
+
+@pytest.mark.parametrize("target", ["aws"], indirect=True)
+def test_spot_workers_with_an_on_demand_master_and_a_lost_one_replaced(target, layout):
+    profile = write_profile(
+        target.profiles_dir, "aws", "aws-spot", aws_cloud(target.api, spot_workers=True, spot_max_price=0.05)
+    )
+    _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
+    first = metadata(materialise(target, workers=2, profile=profile))
+    assert first["worker_count"] == 2
+
+    def lifecycles() -> dict[str, str]:
+        out = {}
+        for reservation in target._ec2().describe_instances()["Reservations"]:
+            for i in reservation["Instances"]:
+                if i["State"]["Name"] == "running":
+                    name = {t["Key"]: t["Value"] for t in i["Tags"]}["Name"]
+                    out[name] = i.get("InstanceLifecycle", "on-demand")
+        return out
+
+    names = [f"{target.cluster}-master", f"{target.cluster}-worker-0", f"{target.cluster}-worker-1"]
+    assert lifecycles() == dict(zip(names, ["on-demand", "spot", "spot"], strict=True))
+
+    # The cloud takes worker-1 back (a Spot interruption ends in termination).
+    lost = first["node_ids"][names.index(f"{target.cluster}-worker-1")]
+    target._ec2().terminate_instances(InstanceIds=[lost])
+    assert sorted(lifecycles()) == names[:2]
+
+    again = metadata(materialise(target, workers=2, profile=profile))
+    assert again["created"] == [f"{target.cluster}-worker-1"] and again["destroyed"] == []
+    assert sorted(again["kept"]) == names[:2] and lost not in again["node_ids"]
+    assert lifecycles() == dict(zip(names, ["on-demand", "spot", "spot"], strict=True))
+    assert teardown(target, profile).success and target.servers() == []
+
+
+def test_spot_workers_are_refused_where_the_cloud_has_none():
+    profile = load_profile("openstack")
+    spec = {**profile.cloud, "cluster": {**profile.cloud["cluster"], "spot_workers": True}}
+    with pytest.raises(CloudConfigError, match="spot_workers is for ec2 and gce; openstack has no spot"):
+        CloudSettings.from_profile(replace(profile, cloud=spec))
