@@ -23,7 +23,8 @@ from dagster import (
 )
 
 from gaia_flows.assets.cluster import region_bytes
-from gaia_flows.cloud.lease import renew_lease
+from gaia_flows.cloud.lease import lease_age, renew_lease
+from gaia_flows.cloud.provision import HEALTHY
 from gaia_flows.cloud.settings import (
     RUN_TAG_RESIZE_DECISION,
     RUN_TAG_RESIZE_REASON,
@@ -97,6 +98,7 @@ def landing_files_sensor(context: SensorEvaluationContext):
 
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 UNFINISHED = [s for s in DagsterRunStatus if s not in FINISHED]
+HEALTHY_STATES = {str(state) for state in HEALTHY}
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,27 @@ def _resize(
     )
 
 
+def _powered_off(cloud: CloudResource, settings: CloudSettings, now: float) -> str | None:
+    """Why the cluster is to be removed at once, if its lease went stale and no node runs.
+
+    An orchestrator that was away (crashed, asleep) for ``orphan_minutes`` stopped renewing the
+    lease, so the nodes' dead-man switch powered them off. On clouds where a powered-off VM
+    stays (OpenStack SHUTOFF) it still holds quota; only then does the sensor ask the cloud.
+    """
+    age = lease_age(settings, now)
+    if age is None or age < settings.cluster.orphan_minutes * 60:
+        return None
+    nodes = cloud.provisioner().inventory()["nodes"]
+    running = [n for n in nodes if n["state"] in HEALTHY_STATES]
+    if running:
+        return None
+    states = ", ".join(sorted({n["state"] for n in nodes})) or "none left"
+    return (
+        f"lease not renewed for {age / 60:.1f} min >= orphan_minutes {settings.cluster.orphan_minutes:g}: "
+        f"the nodes powered themselves off ({len(nodes)} node(s): {states})"
+    )
+
+
 @sensor(
     jobs=[teardown_cluster_job, resize_cluster_job],
     minimum_interval_seconds=60,
@@ -191,7 +214,9 @@ def cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
     - **Shrink**: after ``worker_idle_minutes`` without a run, ``resize_cluster`` removes the
       workers beyond ``limits.min_workers``.
     - **Tear down**: after ``idle_minutes`` without a run, ``teardown_cluster`` removes it all.
-      So a cluster someone provisioned and forgot costs at most the idle window.
+      So a cluster someone provisioned and forgot costs at most the idle window. So it does at
+      once, without waiting for a run, when the lease went stale (the orchestrator was away for
+      ``orphan_minutes``) and no node runs any more: the dead-man switch powered them off.
 
     Resizes do not count as use, so they never postpone the teardown. Every decision and its
     reason travel as run tags. A tick that keeps the cluster renews the orchestrator's lease
@@ -205,6 +230,14 @@ def cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
         return SkipReason(f"no cluster {settings.name!r} is provisioned (no manifest at {path})")
     manifest = json.loads(path.read_text())
     now = time.time()
+    orphaned = _powered_off(cloud, settings, now)
+    if orphaned:
+        context.log.info(f"tearing down cluster {settings.name!r}: {orphaned}")
+        return RunRequest(
+            job_name=teardown_cluster_job.name,
+            run_key=f"orphan-teardown:{settings.name}:{manifest['updated_at']}",
+            tags={RUN_TAG_TEARDOWN_DECISION: "orphaned", RUN_TAG_TEARDOWN_REASON: orphaned},
+        )
     verdict = cluster_idleness(context.instance, manifest, settings.cluster.idle_minutes, now)
     if verdict.idle:
         context.log.info(f"tearing down cluster {settings.name!r}: {verdict.reason}")

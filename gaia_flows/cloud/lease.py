@@ -30,6 +30,14 @@ def renew_lease(settings: CloudSettings) -> Path | None:
     return path
 
 
+def lease_age(settings: CloudSettings, now: float | None = None) -> float | None:
+    """Seconds since the lease was last written; None without a share or a lease file here."""
+    path = settings.lease_path
+    if path is None or not path.exists():
+        return None
+    return (time.time() if now is None else now) - path.stat().st_mtime
+
+
 def release_lease(settings: CloudSettings) -> None:
     if settings.lease_path is not None:
         settings.lease_path.unlink(missing_ok=True)

@@ -300,3 +300,39 @@ def test_nodes_that_powered_themselves_off_are_replaced_by_the_next_reconcile(ta
     assert set(again["node_ids"]).isdisjoint(first["node_ids"])
     assert {s["status"] for s in target.api.state()["servers"]} == {"ACTIVE"}
     assert teardown(target).success and target.servers() == []
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_cluster_sensor_removes_a_cluster_that_powered_off_while_the_orchestrator_was_away(target, layout):
+    """Back after orphan_minutes, the orchestrator finds a stale lease and SHUTOFF servers
+    holding quota: the sensor tears them down at once, before idle_minutes and with no new run."""
+    cloud = openstack_cloud(target.api, orphan_minutes=1)  # idle_minutes stays 30
+    profile = write_profile(target.profiles_dir, "openstack", "openstack-orphan", cloud)
+    share = _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
+    lease = share / LEASE_DIR / target.cluster
+    resource = CloudResource(
+        storage=StorageResource(), profile=profile, profiles_dir=str(target.profiles_dir)
+    )
+    with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
+        materialise(target, workers=2, profile=profile, instance=instance)
+
+        def away() -> None:  # nobody renewed the lease for longer than orphan_minutes
+            stale = time.time() - 61
+            os.utime(lease, (stale, stale))
+
+        away()
+        running = _tick(instance, resource)  # the switch has not fired yet: a stale lease alone is no reason
+        assert not running.run_requests and "kept" in running.skip_message
+        assert time.time() - lease.stat().st_mtime < 5, "the returning orchestrator renews the lease"
+
+        away()
+        driver = resource.driver()
+        for node in driver.list_nodes():  # each node's gaia-deadman ran `systemctl poweroff`
+            driver.ex_stop_node(node)
+        (request,) = _tick(instance, resource).run_requests
+        assert request.tags[RUN_TAG_TEARDOWN_DECISION] == "orphaned"
+        reason = request.tags[RUN_TAG_TEARDOWN_REASON]
+        assert ">= orphan_minutes 1" in reason and "(3 node(s): stopped)" in reason, reason
+        assert teardown(target, profile, instance=instance, tags=request.tags).success
+        assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
+        assert not lease.exists()
