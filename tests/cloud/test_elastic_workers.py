@@ -155,6 +155,8 @@ def test_spot_workers_with_an_on_demand_master_and_a_lost_one_replaced(target, l
     _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
     first = metadata(materialise(target, workers=2, profile=profile))
     assert first["worker_count"] == 2
+    markets = {n["role"]: n["market"] for n in first["plan_cost"]["nodes"]}
+    assert markets == {"master": "on-demand", "worker": "spot"}
 
     def lifecycles() -> dict[str, str]:
         out = {}
