@@ -207,16 +207,16 @@ def _powered_off(cloud: CloudResource, settings: CloudSettings, now: float) -> s
 def cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
     """Fit the profile's cluster to its use, from the orchestrator's own run history.
 
-    - **Grow**: unfinished partitioned runs (a backfill, queued or going) need the landing
+    - **Grow**: unfinished partitioned runs (a backfill, queued or going) read the landing
       files of their regions; when the planner, on the cluster's worker size, asks for more
       workers than run (at most ``limits.max_workers``), ``resize_cluster`` adds them. Spark's
       dynamic allocation gives running applications executors on them as they join.
     - **Shrink**: after ``worker_idle_minutes`` without a run, ``resize_cluster`` removes the
       workers beyond ``limits.min_workers``.
     - **Tear down**: after ``idle_minutes`` without a run, ``teardown_cluster`` removes it all.
-      So a cluster someone provisioned and forgot costs at most the idle window. So it does at
-      once, without waiting for a run, when the lease went stale (the orchestrator was away for
-      ``orphan_minutes``) and no node runs any more: the dead-man switch powered them off.
+      So a cluster someone provisioned and forgot costs at most the idle window. It goes at
+      once, without waiting for ``idle_minutes``, when the lease went stale (the orchestrator
+      was away for ``orphan_minutes``) and no node runs: the dead-man switch powered them off.
 
     Resizes do not count as use, so they never postpone the teardown. Every decision and its
     reason travel as run tags. A tick that keeps the cluster renews the orchestrator's lease
