@@ -1,5 +1,8 @@
 """Elastic and interruptible workers, checked in the emulators' own state.
 
+- On a real Spark standalone cluster (the local driver, profile ``local-cluster``): an
+  application that started on one worker gets an executor on a worker added while it runs
+  (dynamic allocation with shuffle tracking, under the manifest's settings).
 - On the OpenStack fake (over HTTP; no Spark runs on its servers): a queued backfill over many
   regions makes ``cluster_sensor`` grow the cluster toward what the planner asks for, idle
   time (shortened) shrinks it back to ``limits.min_workers``, and the later teardown counts
@@ -8,16 +11,20 @@
   Spot worker the cloud takes back is replaced by the next reconcile.
 """
 
+import json
 import time
 from dataclasses import replace
 
 import pytest
+import yaml
 from dagster import DagsterInstance, build_sensor_context, job, materialize, op
 
 from cloud.emulators import aws_cloud, openstack_cloud, write_profile
 from cloud.test_cloud_provisioning import _resources, materialise, metadata, teardown
 from cloud.test_cluster_lifecycle import _mount_share
+from gaia_flows import spark as spark_factory
 from gaia_flows.assets.cluster import spark_cluster
+from gaia_flows.cloud import local_spark
 from gaia_flows.cloud.settings import (
     RUN_TAG_RESIZE_DECISION,
     RUN_TAG_RESIZE_REASON,
@@ -27,7 +34,8 @@ from gaia_flows.cloud.settings import (
 )
 from gaia_flows.jobs import resize_cluster_job, teardown_cluster_job
 from gaia_flows.partitions import range_tags, sky_regions
-from gaia_flows.profiles import load_profile
+from gaia_flows.profiles import PROFILES_DIR, load_profile
+from gaia_flows.resources import build_resources
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.sensors import cluster_sensor
@@ -187,3 +195,63 @@ def test_spot_workers_are_refused_where_the_cloud_has_none():
     spec = {**profile.cloud, "cluster": {**profile.cloud["cluster"], "spot_workers": True}}
     with pytest.raises(CloudConfigError, match="spot_workers is for ec2 and gce; openstack has no spot"):
         CloudSettings.from_profile(replace(profile, cloud=spec))
+
+
+@pytest.mark.cluster
+def test_a_running_application_gets_executors_on_workers_added_while_it_runs(
+    layout, tmp_path, _spark_application
+):
+    spec = yaml.safe_load((PROFILES_DIR / "local-cluster.yaml").read_text())
+    spec["name"] = "local-elastic"
+    spec["cloud"]["limits"].update({"min_workers": 1, "max_workers": 2})
+    # One core per worker, with the 1 GiB per core an aggregate's executor needs.
+    spec["cloud"]["sizes"]["local"] = [{"name": "local.1x3g", "vcpus": 1, "ram_mb": 3072}]
+    spec["spark"]["conf"].update(
+        {
+            "spark.driver.memory": "1g",
+            "spark.dynamicAllocation.enabled": "true",
+            "spark.dynamicAllocation.shuffleTracking.enabled": "true",
+            "spark.dynamicAllocation.executorIdleTimeout": "5s",  # 60 s in the shipped profiles
+        }
+    )
+    (tmp_path / "local-elastic.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    resources = build_resources(load_profile("local-elastic", tmp_path))
+
+    def reconcile(data_bytes: int) -> dict:
+        config = {"size": "local.1x3g", "data_bytes": data_bytes}
+        run_config = {"ops": {"spark_cluster": {"config": config}}}
+        return metadata(materialize([spark_cluster], resources=resources, run_config=run_config))
+
+    def slow_task(i: int) -> int:  # nested, so it pickles by value: the workers cannot import tests
+        time.sleep(1.0)
+        return i
+
+    def busy_workers() -> int:
+        status = local_spark.master_status(master_ui)
+        return sum(1 for w in status["workers"] if w["state"] == "ALIVE" and w["coresused"] > 0)
+
+    try:
+        small = reconcile(0)
+        assert small["worker_count"] == 1
+        conf = small["spark_conf"]  # a 1-core worker, one 1-core executor; room for max_workers
+        assert (conf["spark.cores.max"], conf["spark.dynamicAllocation.maxExecutors"]) == ("2", "2")
+        manifest_path = layout.clusters / "gaia-local.json"
+        master_ui = json.loads(manifest_path.read_text())["master"]["ui_port"]
+        session = resources["spark"].session()
+        assert session.conf.get("spark.dynamicAllocation.enabled") == "true"
+        assert session.sparkContext.parallelize(range(4), 4).map(slow_task).sum() == 6
+        assert busy_workers() == 1
+
+        # The cluster grows while the application lives: 3 GiB at 2 GiB a core is 2 workers.
+        grown = reconcile(3 * GIB)
+        assert grown["worker_count"] == 2 and grown["created"] == ["gaia-local-worker-1"]
+        assert session.sparkContext.parallelize(range(16), 16).map(slow_task).sum() == 120
+        assert busy_workers() == 2, "cores.max leaves room for max_workers: the new worker got an executor"
+        # Dynamic allocation gives idle executors back (a static application would keep them).
+        deadline = time.monotonic() + 60
+        while busy_workers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert busy_workers() == 0
+    finally:
+        spark_factory.stop_active()
+        assert teardown_cluster_job.execute_in_process(resources={"cloud": resources["cloud"]}).success
