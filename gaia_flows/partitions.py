@@ -18,9 +18,10 @@ def range_tags(first: str, last: str) -> dict[str, str]:
 
 
 def run_regions(tags: dict[str, str]) -> list[str]:
-    """The sky regions a run covers, from its tags (a range, one partition, or none)."""
+    """The sky regions a run covers, from its tags (a range, one partition, or none: a run of
+    anything not partitioned by sky region covers none)."""
     keys = sky_regions.get_partition_keys()
-    if RANGE_START_TAG in tags and RANGE_END_TAG in tags:
-        first, last = keys.index(tags[RANGE_START_TAG]), keys.index(tags[RANGE_END_TAG])
-        return keys[first : last + 1]
+    first, last = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
+    if first in keys and last in keys:
+        return keys[keys.index(first) : keys.index(last) + 1]
     return [tags[PARTITION_TAG]] if tags.get(PARTITION_TAG) in keys else []

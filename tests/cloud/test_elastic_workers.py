@@ -33,7 +33,7 @@ from gaia_flows.cloud.settings import (
     CloudSettings,
 )
 from gaia_flows.jobs import resize_cluster_job, teardown_cluster_job
-from gaia_flows.partitions import range_tags, sky_regions
+from gaia_flows.partitions import range_tags, run_regions, sky_regions
 from gaia_flows.profiles import PROFILES_DIR, load_profile
 from gaia_flows.resources import build_resources
 from gaia_flows.resources.cloud import CloudResource
@@ -255,3 +255,12 @@ def test_a_running_application_gets_executors_on_workers_added_while_it_runs(
     finally:
         spark_factory.stop_active()
         assert teardown_cluster_job.execute_in_process(resources={"cloud": resources["cloud"]}).success
+
+
+def test_the_regions_a_run_covers_come_from_its_partition_tags():
+    assert run_regions(range_tags("hpx1-02", "hpx1-05")) == ["hpx1-02", "hpx1-03", "hpx1-04", "hpx1-05"]
+    assert run_regions({"dagster/partition": "hpx1-07"}) == ["hpx1-07"]
+    # Runs partitioned some other way, or not at all, read no region's landing files.
+    assert run_regions({"dagster/partition": "2026-12-06"}) == []
+    assert run_regions(range_tags("2026-12-01", "2026-12-06")) == []
+    assert run_regions({}) == []
