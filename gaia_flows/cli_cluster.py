@@ -108,20 +108,21 @@ def _print_plan(console: Console, report: dict, reasons: list[str]) -> None:
     from rich.table import Table
 
     nodes = Table(title=f"Cluster {report['cluster']} on {report['provider']}", title_justify="left")
-    for column in ("role", "size", "count", "vCPU", "RAM MiB", "price/h each", "price source"):
+    for column in ("role", "size", "count", "market", "vCPU", "RAM MiB", "price/h each", "price source"):
         nodes.add_column(column)
     for n in report["nodes"]:
         nodes.add_row(
             n["role"],
             n["size"],
             str(n["count"]),
+            n["market"],
             str(n["vcpus"]),
             str(n["ram_mb"]),
             _money(n["price_per_hour"]),
             n["price_source"] or "none listed",
         )
     nodes.add_row(
-        "total", "", str(report["instances"]), str(report["vcpus"]), str(report["ram_mb"]),
+        "total", "", str(report["instances"]), "", str(report["vcpus"]), str(report["ram_mb"]),
         _money(report["cost_per_hour"]), "per hour, whole cluster",
     )  # fmt: skip
     console.print(nodes)

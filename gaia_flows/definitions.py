@@ -22,10 +22,10 @@ from gaia_flows.assets import (
     proper_motion_maps,
     training_set,
 )
-from gaia_flows.jobs import catalogue_job, teardown_cluster_job
+from gaia_flows.jobs import catalogue_job, resize_cluster_job, teardown_cluster_job
 from gaia_flows.resources import build_resources
 from gaia_flows.schedules import nightly_refresh
-from gaia_flows.sensors import idle_cluster_sensor, landing_files_sensor
+from gaia_flows.sensors import cluster_sensor, landing_files_sensor
 
 _modules = [
     cluster,
@@ -51,9 +51,9 @@ automation_sensor = AutomationConditionSensorDefinition(
 defs = Definitions(
     assets=load_assets_from_modules(_modules),
     asset_checks=load_asset_checks_from_modules(_modules),
-    jobs=[catalogue_job, teardown_cluster_job],
+    jobs=[catalogue_job, resize_cluster_job, teardown_cluster_job],
     schedules=[nightly_refresh],
-    sensors=[landing_files_sensor, idle_cluster_sensor, automation_sensor],
+    sensors=[landing_files_sensor, cluster_sensor, automation_sensor],
     resources=build_resources(),
     # One process per run, so every step of a run shares one Spark application: a cold Spark
     # start (~10 s) per step would cost more than most steps, and Spark already uses every core.

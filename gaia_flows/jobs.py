@@ -25,6 +25,14 @@ catalogue_job = define_asset_job(
     description="Ingest landing files and recompute per-region proper-motion statistics.",
 )
 
+# spark_cluster alone, as the cluster sensor launches it to grow or shrink the workers.
+resize_cluster_job = define_asset_job(
+    "resize_cluster",
+    selection=AssetSelection.assets("spark_cluster"),
+    description="Reconcile spark_cluster to the worker count the cluster sensor chose "
+    "(grown for a backfill, shrunk to min_workers when idle).",
+)
+
 
 @op(
     description="Destroy every node tagged with the profile's cluster name, then its security group and key pair."

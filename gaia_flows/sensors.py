@@ -1,5 +1,5 @@
-"""React to the world outside a run: new or changed Gaia files in the landing folder, and a
-provisioned cluster that no run has used for its profile's ``idle_minutes``."""
+"""React to the world outside a run: new or changed Gaia files in the landing folder, and the
+provisioned cluster's use (grown for a backfill, shrunk to ``min_workers`` and torn down when idle)."""
 
 import calendar
 import hashlib
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dagster import (
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -21,11 +22,19 @@ from dagster import (
     sensor,
 )
 
-from gaia_flows.cloud.lease import renew_lease
-from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
-from gaia_flows.jobs import catalogue_job, teardown_cluster_job
+from gaia_flows.assets.cluster import region_bytes
+from gaia_flows.cloud.lease import lease_age, renew_lease
+from gaia_flows.cloud.provision import HEALTHY
+from gaia_flows.cloud.settings import (
+    RUN_TAG_RESIZE_DECISION,
+    RUN_TAG_RESIZE_REASON,
+    RUN_TAG_TEARDOWN_DECISION,
+    RUN_TAG_TEARDOWN_REASON,
+    CloudSettings,
+)
+from gaia_flows.jobs import catalogue_job, resize_cluster_job, teardown_cluster_job
 from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
-from gaia_flows.partitions import range_tags
+from gaia_flows.partitions import range_tags, run_regions
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
 
@@ -88,6 +97,8 @@ def landing_files_sensor(context: SensorEvaluationContext):
 
 
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+UNFINISHED = [s for s in DagsterRunStatus if s not in FINISHED]
+HEALTHY_STATES = {str(state) for state in HEALTHY}
 
 
 @dataclass(frozen=True)
@@ -96,50 +107,120 @@ class Idleness:
     reason: str
 
 
-def cluster_idleness(instance: DagsterInstance, manifest: dict, idle_minutes: float, now: float) -> Idleness:
-    """Whether the cluster in ``manifest`` has had no run for ``idle_minutes``, and why.
+def _decided_by_orchestrator(run: DagsterRun) -> bool:
+    """Teardowns and the sensor's own resizes are not use of the cluster."""
+    return run.job_name == teardown_cluster_job.name or RUN_TAG_RESIZE_DECISION in run.tags
+
+
+def cluster_idleness(
+    instance: DagsterInstance, manifest: dict, minutes: float, now: float, setting: str = "idle_minutes"
+) -> Idleness:
+    """Whether the cluster in ``manifest`` has had no run for ``minutes`` (the profile's ``setting``), and why.
 
     With a cloud profile every run's Spark session goes to the cluster, so any run other than
-    a teardown counts as use: one still queued or running keeps the cluster; otherwise it has
-    been idle since the later of its provisioning and the end of the last run after it.
+    a teardown or a resize the sensor decided counts as use: one still queued or running keeps
+    the cluster; otherwise it has been idle since the later of its creation and the end of the
+    last run after it.
     """
-    provisioned = float(calendar.timegm(time.strptime(manifest["updated_at"], "%Y-%m-%dT%H:%M:%SZ")))
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(provisioned))
-    records = [
-        r
-        for r in instance.get_run_records(filters=RunsFilter(updated_after=_utc(provisioned)))
-        if r.dagster_run.job_name != teardown_cluster_job.name
-    ]
-    busy = [r.dagster_run for r in records if r.dagster_run.status not in FINISHED]
+    created = manifest.get("created_at", manifest["updated_at"])
+    provisioned = float(calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")))
+    busy = _unfinished_runs(instance)
     if busy:
         names = ", ".join(f"{r.job_name} ({r.run_id[:8]}, {r.status.value})" for r in busy[:3])
         return Idleness(False, f"in use by {len(busy)} unfinished run(s): {names}")
+    # The run table's update times have whole seconds: look one second further back.
+    ended = RunsFilter(statuses=list(FINISHED), updated_after=_utc(provisioned - 1))
+    records = [
+        r for r in instance.get_run_records(filters=ended) if not _decided_by_orchestrator(r.dagster_run)
+    ]
     last = max(records, key=lambda r: r.end_time or 0.0, default=None)
     last_used = max(provisioned, (last.end_time or 0.0) if last else 0.0)
     what = (
         f"last run {last.dagster_run.job_name} ({last.dagster_run.run_id[:8]}) ended "
         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(last_used))}"
         if last and last_used > provisioned
-        else f"no run since it was provisioned at {since}"
+        else f"no run since it was created at {created}"
     )
     idle = (now - last_used) / 60
-    if idle < idle_minutes:
-        return Idleness(False, f"idle {idle:.1f} min < idle_minutes {idle_minutes:g}; {what}")
-    return Idleness(True, f"idle {idle:.1f} min >= idle_minutes {idle_minutes:g}; {what}")
+    if idle < minutes:
+        return Idleness(False, f"idle {idle:.1f} min < {setting} {minutes:g}; {what}")
+    return Idleness(True, f"idle {idle:.1f} min >= {setting} {minutes:g}; {what}")
 
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-@sensor(job=teardown_cluster_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
-def idle_cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
-    """Launch ``teardown_cluster`` when the profile's cluster has had no run for ``idle_minutes``.
+def _unfinished_runs(instance: DagsterInstance) -> list[DagsterRun]:
+    """Runs queued or going that use the cluster, whenever they were created."""
+    unfinished = instance.get_runs(filters=RunsFilter(statuses=UNFINISHED))
+    return [r for r in unfinished if not _decided_by_orchestrator(r)]
 
-    The orchestrator decides, from its own run history, so a cluster someone provisioned and
-    forgot costs at most the idle window; the decision and its reason travel as run tags. A
-    tick that keeps the cluster renews the orchestrator's lease (``cloud.lease``), which the
-    nodes' dead-man switch watches.
+
+def backfill_regions(instance: DagsterInstance) -> tuple[list[str], list[str]]:
+    """Sky regions of the unfinished partitioned runs (queued or going), and those runs' ids."""
+    runs = [r for r in _unfinished_runs(instance) if run_regions(r.tags)]
+    regions = sorted({region for r in runs for region in run_regions(r.tags)})
+    return regions, sorted(r.run_id for r in runs)
+
+
+def _resize(
+    settings: CloudSettings, manifest: dict, decision: str, workers: int, data_bytes: int, reason: str
+):
+    """A run of ``spark_cluster`` planned for ``data_bytes`` on the cluster's own worker size (a
+    resize never replaces the workers it keeps), tagged with the decision and its reason."""
+    size = manifest["size"]["id"]
+    return RunRequest(
+        job_name=resize_cluster_job.name,
+        run_key=f"{decision}:{settings.name}:{manifest['updated_at']}:{workers}",
+        run_config={"ops": {"spark_cluster": {"config": {"data_bytes": data_bytes, "size": size}}}},
+        tags={RUN_TAG_RESIZE_DECISION: decision, RUN_TAG_RESIZE_REASON: reason},
+    )
+
+
+def _powered_off(cloud: CloudResource, settings: CloudSettings, now: float) -> str | None:
+    """Why the cluster is to be removed at once, if its lease went stale and no node runs.
+
+    An orchestrator that was away (crashed, asleep) for ``orphan_minutes`` stopped renewing the
+    lease, so the nodes' dead-man switch powered them off. On clouds where a powered-off VM
+    stays (OpenStack SHUTOFF) it still holds quota; only then does the sensor ask the cloud.
+    """
+    age = lease_age(settings, now)
+    if age is None or age < settings.cluster.orphan_minutes * 60:
+        return None
+    nodes = cloud.provisioner().inventory()["nodes"]
+    running = [n for n in nodes if n["state"] in HEALTHY_STATES]
+    if running:
+        return None
+    states = ", ".join(sorted({n["state"] for n in nodes})) or "none left"
+    return (
+        f"lease not renewed for {age / 60:.1f} min >= orphan_minutes {settings.cluster.orphan_minutes:g}: "
+        f"the nodes powered themselves off ({len(nodes)} node(s): {states})"
+    )
+
+
+@sensor(
+    jobs=[teardown_cluster_job, resize_cluster_job],
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.RUNNING,
+)
+def cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
+    """Fit the profile's cluster to its use, from the orchestrator's own run history.
+
+    - **Grow**: unfinished partitioned runs (a backfill, queued or going) read the landing
+      files of their regions; when the planner, on the cluster's worker size, asks for more
+      workers than run (at most ``limits.max_workers``), ``resize_cluster`` adds them. Spark's
+      dynamic allocation gives running applications executors on them as they join.
+    - **Shrink**: after ``worker_idle_minutes`` without a run, ``resize_cluster`` removes the
+      workers beyond ``limits.min_workers``.
+    - **Tear down**: after ``idle_minutes`` without a run, ``teardown_cluster`` removes it all.
+      So a cluster someone provisioned and forgot costs at most the idle window. It goes at
+      once, without waiting for ``idle_minutes``, when the lease went stale (the orchestrator
+      was away for ``orphan_minutes``) and no node runs: the dead-man switch powered them off.
+
+    Resizes do not count as use, so they never postpone the teardown. Every decision and its
+    reason travel as run tags. A tick that keeps the cluster renews the orchestrator's lease
+    (``cloud.lease``), which the nodes' dead-man switch watches.
     """
     if not cloud.enabled:
         return SkipReason(f"profile {cloud.profile!r} has no cloud")
@@ -148,13 +229,48 @@ def idle_cluster_sensor(context: SensorEvaluationContext, cloud: CloudResource):
     if not path.exists():
         return SkipReason(f"no cluster {settings.name!r} is provisioned (no manifest at {path})")
     manifest = json.loads(path.read_text())
-    verdict = cluster_idleness(context.instance, manifest, settings.cluster.idle_minutes, time.time())
-    if not verdict.idle:
-        lease = renew_lease(settings)
-        renewed = f"; lease renewed at {lease}" if lease else ""
-        return SkipReason(f"cluster {settings.name!r} kept: {verdict.reason}{renewed}")
-    context.log.info(f"tearing down cluster {settings.name!r}: {verdict.reason}")
-    return RunRequest(
-        run_key=f"idle-teardown:{settings.name}:{manifest['updated_at']}",
-        tags={RUN_TAG_TEARDOWN_DECISION: "idle", RUN_TAG_TEARDOWN_REASON: verdict.reason},
+    now = time.time()
+    orphaned = _powered_off(cloud, settings, now)
+    if orphaned:
+        context.log.info(f"tearing down cluster {settings.name!r}: {orphaned}")
+        return RunRequest(
+            job_name=teardown_cluster_job.name,
+            run_key=f"orphan-teardown:{settings.name}:{manifest['updated_at']}",
+            tags={RUN_TAG_TEARDOWN_DECISION: "orphaned", RUN_TAG_TEARDOWN_REASON: orphaned},
+        )
+    verdict = cluster_idleness(context.instance, manifest, settings.cluster.idle_minutes, now)
+    if verdict.idle:
+        context.log.info(f"tearing down cluster {settings.name!r}: {verdict.reason}")
+        return RunRequest(
+            job_name=teardown_cluster_job.name,
+            run_key=f"idle-teardown:{settings.name}:{manifest['updated_at']}",
+            tags={RUN_TAG_TEARDOWN_DECISION: "idle", RUN_TAG_TEARDOWN_REASON: verdict.reason},
+        )
+    lease = renew_lease(settings)
+    kept = f"cluster {settings.name!r} kept: {verdict.reason}" + (
+        f"; lease renewed at {lease}" if lease else ""
     )
+    workers, floor = manifest["worker_count"], settings.limits.min_workers
+
+    regions, runs = backfill_regions(context.instance)
+    data_bytes = region_bytes(cloud.layout, regions) if regions else 0
+    if data_bytes:
+        plan = cloud.provisioner().plan(data_bytes, size=manifest["size"]["id"])
+        if plan.worker_count > workers:
+            reason = (
+                f"{len(runs)} unfinished run(s) over {len(regions)} region(s) read {data_bytes / 2**30:.2f} GiB: "
+                f"the planner asks for {plan.worker_count} x {plan.size.name} (max_workers {plan.max_workers}), "
+                f"{workers} run"
+            )
+            context.log.info(f"growing cluster {settings.name!r}: {reason}")
+            return _resize(settings, manifest, "grow", plan.worker_count, data_bytes, reason)
+
+    if workers > floor:
+        spare = cluster_idleness(
+            context.instance, manifest, settings.cluster.worker_idle_minutes, now, "worker_idle_minutes"
+        )
+        if spare.idle:
+            reason = f"{spare.reason}: {workers} worker(s) -> min_workers {floor}"
+            context.log.info(f"shrinking cluster {settings.name!r}: {reason}")
+            return _resize(settings, manifest, "shrink", floor, 0, reason)
+    return SkipReason(kept)

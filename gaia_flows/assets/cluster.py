@@ -33,6 +33,7 @@ from gaia_flows.layout import StateLayout, landing_files
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
+from gaia_flows.science.healpix import files_for_region
 
 
 class ClusterConfig(Config):
@@ -48,6 +49,12 @@ class ClusterConfig(Config):
 def landing_bytes(layout: StateLayout) -> int:
     """Bytes of Gaia bulk files waiting in the landing area: the planner's data size."""
     return sum(p.stat().st_size for p in landing_files(layout.landing))
+
+
+def region_bytes(layout: StateLayout, regions: list[str]) -> int:
+    """Bytes of the landing files that feed ``regions``: what a backfill of them reads."""
+    files = landing_files(layout.landing)
+    return sum(p.stat().st_size for p in {p for r in regions for p in files_for_region(files, r)})
 
 
 def plan_for(provisioner: Provisioner, config: ClusterConfig, layout: StateLayout) -> Plan:

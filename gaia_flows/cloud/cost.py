@@ -85,9 +85,14 @@ def openstack_quota(driver) -> dict[str, dict[str, int]] | None:
 
 def cost_report(plan: Plan, settings, quota: dict | None = None) -> dict:
     """Nodes, totals, hourly price or quota footprint, and the workload estimate of one plan."""
-    roles = [("master", plan.master_size, 1), ("worker", plan.size, plan.worker_count)]
+    spot = settings.cluster.spot_workers  # only ec2 and gce profiles may set it (CloudSettings)
+    worker_market = {"ec2": "spot", "gce": "preemptible"}[settings.provider] if spot else "on-demand"
+    roles = [
+        ("master", plan.master_size, 1, "on-demand"),
+        ("worker", plan.size, plan.worker_count, worker_market),
+    ]
     nodes = []
-    for role, size, count in roles:
+    for role, size, count, market in roles:
         nodes.append(
             {
                 "role": role,
@@ -95,6 +100,8 @@ def cost_report(plan: Plan, settings, quota: dict | None = None) -> dict:
                 "count": count,
                 "vcpus": size.vcpus,
                 "ram_mb": size.ram_mb,
+                # For spot / preemptible workers the listed price is the on-demand one: an upper bound.
+                "market": market,
                 "price_per_hour": size.price if size.priced else None,
                 "price_source": price_source(size.name, size.id, size.price, settings),
             }
@@ -107,6 +114,7 @@ def cost_report(plan: Plan, settings, quota: dict | None = None) -> dict:
         "vcpus": sum(n["vcpus"] * n["count"] for n in nodes),
         "ram_mb": sum(n["ram_mb"] * n["count"] for n in nodes),
         "executor_cores": plan.total_executor_cores,
+        "max_workers": plan.max_workers,  # how far cluster_sensor may grow it for a backfill
         "cost_per_hour": plan.cost_per_hour,
         "max_hourly_cost": settings.cluster.max_hourly_cost,
     }

@@ -1,7 +1,7 @@
 """The orchestrator's lease on a cluster: a file on the shared file system whose age every node's
 dead-man switch (``gaia-deadman`` in the cloud-init template) compares with ``orphan_minutes``.
 
-``spark_cluster`` writes it before creating nodes and the ``idle_cluster_sensor`` renews it at
+``spark_cluster`` writes it before creating nodes and the ``cluster_sensor`` renews it at
 every tick that keeps the cluster; teardown removes it. An orchestrator that stops (crash, lost
 network, a closed laptop) stops renewing, and the nodes power themselves off.
 """
@@ -28,6 +28,14 @@ def renew_lease(settings: CloudSettings) -> Path | None:
     tmp.write_text(f"{socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
     os.replace(tmp, path)
     return path
+
+
+def lease_age(settings: CloudSettings, now: float | None = None) -> float | None:
+    """Seconds since the lease was last written; None without a share or a lease file here."""
+    path = settings.lease_path
+    if path is None or not path.exists():
+        return None
+    return (time.time() if now is None else now) - path.stat().st_mtime
 
 
 def release_lease(settings: CloudSettings) -> None:

@@ -166,6 +166,7 @@ class Plan:
     bucket_bytes: int
     files_per_region: dict[str, int]
     cost_per_hour: float | None
+    max_workers: int  # the most workers of ``size`` the limits allow: how far the cluster may grow
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -177,11 +178,18 @@ class Plan:
         return self.worker_count * self.executors_per_worker * self.executor_memory_mb
 
     def spark_conf(self) -> dict[str, str]:
-        """Spark settings that realise the plan on a standalone cluster."""
+        """Spark settings that realise the plan on a standalone cluster.
+
+        An application may use the cores of the largest cluster the limits allow, and starts
+        (with dynamic allocation on) with one executor slot per planned one: workers that join
+        while it runs, when the cluster grows, take executors it asks for.
+        """
         return {
             "spark.executor.cores": str(self.executor_cores),
             "spark.executor.memory": f"{self.executor_memory_mb}m",
-            "spark.cores.max": str(self.total_executor_cores),
+            "spark.cores.max": str(self.max_workers * self.executors_per_worker * self.executor_cores),
+            "spark.dynamicAllocation.initialExecutors": str(self.worker_count * self.executors_per_worker),
+            "spark.dynamicAllocation.maxExecutors": str(self.max_workers * self.executors_per_worker),
             "spark.sql.shuffle.partitions": str(self.shuffle_partitions),
             "spark.sql.files.maxPartitionBytes": str(min(self.bucket_bytes, BUCKET_MAX_BYTES)),
         }
@@ -227,6 +235,7 @@ class _Candidate:
     size: Size
     shape: _Carve
     workers: int
+    ceiling: int  # most workers of this size within the limits
     notes: list[str]
 
 
@@ -409,7 +418,9 @@ def plan_cluster(
             delivered = min(workers * shape.cores, want_cores) or 1
             cost_metric = workers * size.cost_key(by_price) / delivered  # cost per useful core
             preference = -workers  # more, smaller workers: more disks and NICs reading at once
-        candidates.append(_Candidate(cost_metric, preference, delivered, size, shape, workers, notes))
+        candidates.append(
+            _Candidate(cost_metric, preference, delivered, size, shape, workers, ceiling, notes)
+        )
 
     if not candidates:
         if limits.worker_sizes is not None and not any(
@@ -469,5 +480,6 @@ def plan_cluster(
         bucket_bytes=int(bucket),
         files_per_region=region_files,
         cost_per_hour=cost,
+        max_workers=best.ceiling,
         reasons=reasons,
     )

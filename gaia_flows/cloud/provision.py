@@ -330,9 +330,17 @@ class Provisioner:
                 return s
         raise ProvisionError(f"size {size_id!r} is no longer offered by the driver")
 
-    def _provider_kwargs(self, metadata: dict, user_data: str, key: str | None, group: Group) -> dict:
+    def _provider_kwargs(
+        self, metadata: dict, user_data: str, key: str | None, group: Group, spot: bool = False
+    ) -> dict:
         provider = self.settings.provider
         kwargs: dict = {}
+        if spot and provider == "ec2":
+            kwargs["ex_spot"] = True
+            if self.settings.cluster.spot_max_price is not None:
+                kwargs["ex_spot_max_price"] = self.settings.cluster.spot_max_price
+        if spot and provider == "gce":
+            kwargs["ex_preemptible"] = True
         if provider == "gce":
             labels = {k: v for k, v in metadata.items() if k != TAG_MASTER_URL}
             kwargs.update(
@@ -406,7 +414,10 @@ class Provisioner:
             worker_cores=vcpus,
             worker_memory_mb=worker_memory_mb(int(size.ram)),
         )
-        kwargs = self._provider_kwargs(metadata, user_data, key, group)
+        # Workers may be interruptible (cheaper; a lost one is replaced by the next reconcile);
+        # the master never is, since losing it loses the cluster.
+        spot = role == "worker" and self.settings.cluster.spot_workers
+        kwargs = self._provider_kwargs(metadata, user_data, key, group, spot)
         attempted.append(name)
 
         def find_landed() -> Node | None:
@@ -613,6 +624,11 @@ class Provisioner:
     ) -> dict:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         size = plan.size
+        path = self.settings.manifest_path
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        # The cluster is as old as its master: a resize keeps it, so idleness counts from real use.
+        same_master = previous.get("master", {}).get("id") == master.id
+        created_at = previous.get("created_at", previous.get("updated_at")) if same_master else now
         return {
             "cluster": self.settings.name,
             "profile": self.settings.profile,
@@ -638,6 +654,8 @@ class Provisioner:
             "plan": plan.to_dict(),
             "security_group": self.settings.group_name,
             "key_pair": self.settings.key_name,
+            "spot_workers": self.settings.cluster.spot_workers,
+            "created_at": created_at,
             "updated_at": now,
         }
 

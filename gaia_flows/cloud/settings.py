@@ -27,6 +27,9 @@ TAG_MASTER_URL = "gaia-flows-master-url"
 # Run tags on a teardown the orchestrator decided on its own: what decided it and why.
 RUN_TAG_TEARDOWN_DECISION = "gaia-flows/teardown-decision"
 RUN_TAG_TEARDOWN_REASON = "gaia-flows/teardown-reason"
+# Run tags on a resize the orchestrator decided on its own (grow for a backfill, shrink when idle).
+RUN_TAG_RESIZE_DECISION = "gaia-flows/resize-decision"
+RUN_TAG_RESIZE_REASON = "gaia-flows/resize-reason"
 
 
 # The orchestrator's lease on a cluster, under the shared file system every node mounts: the
@@ -35,6 +38,9 @@ LEASE_DIR = ".gaia-flows/leases"
 
 # Where the node image keeps the pinned Python stack (deployments/node-image); executors run it.
 NODE_PYTHON = "/opt/gaia-flows/venv/bin/python"
+
+# Clouds whose libcloud driver creates interruptible VMs: EC2 Spot (ex_spot), GCE preemptible.
+SPOT_PROVIDERS = ("ec2", "gce")
 
 # RFC 5737's documentation range: the shipped profiles' orchestrator_cidr until a user fills it in.
 PLACEHOLDER_NETWORK = ipaddress.ip_network("192.0.2.0/24")
@@ -64,6 +70,11 @@ class ClusterSettings:
     max_hourly_cost: float | None = None
     idle_minutes: float = 30.0
     orphan_minutes: float = 60.0
+    # Workers beyond limits.min_workers go after this long without a run (limits.min_workers
+    # and limits.max_workers are the elastic range; they live in the limits the planner reads).
+    worker_idle_minutes: float = 10.0
+    spot_workers: bool = False  # workers as EC2 Spot / GCE preemptible VMs; the master stays on demand
+    spot_max_price: float | None = None  # EC2 only: the most a Spot worker may cost per hour
 
     @property
     def block_manager_ports(self) -> tuple[int, int]:
@@ -118,6 +129,11 @@ class CloudSettings:
         if isinstance(image, str):
             image = {"ref": image}
         state_dir = spec.get("state_dir")
+        if cluster.spot_workers and spec["provider"] not in SPOT_PROVIDERS:
+            raise CloudConfigError(
+                f"profile {profile.name!r}: cloud.cluster.spot_workers is for {' and '.join(SPOT_PROVIDERS)}; "
+                f"{spec['provider']} has no spot or preemptible VMs through libcloud"
+            )
         return cls(
             profile=profile.name,
             provider=spec["provider"],

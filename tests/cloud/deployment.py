@@ -66,6 +66,8 @@ class Cloud:
     inventory: Callable[
         [], dict
     ]  # {"servers": {name: address}, "key_pairs": [...], "security_groups": [...]}
+    # What the cloud does when a guest powers itself off (None: not simulated for this cloud).
+    guest_shutdown: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -86,15 +88,19 @@ class Deployment:
         regions: str = "all",
         timeout: float = 900,
         during: Callable[[subprocess.Popen], None] | None = None,
+        profile: str | None = None,
     ) -> dict:
         """The Dagster run on the orchestrator host; returns its summary (fails the test on error).
-        ``during`` gets the run's process as soon as it starts (to act on the cluster mid-run)."""
+        ``during`` gets the run's process as soon as it starts (to act on the cluster mid-run);
+        ``profile`` is another profile in ``profiles`` for the same cloud."""
+        profile = profile or self.cloud.profile
         out = self.root / f"run-{steps.replace(',', '-')}.json"
+        out.unlink(missing_ok=True)  # a step run again reports afresh
         script = "\n".join(
             [
                 "set -euo pipefail",
                 *mount_share(self.shared),
-                f"exec {sys.executable} {HERE / 'multihost_run.py'} --profile {self.cloud.profile} --profiles-dir {self.profiles} "
+                f"exec {sys.executable} {HERE / 'multihost_run.py'} --profile {profile} --profiles-dir {self.profiles} "
                 f"--steps {steps} --regions {regions} --size {self.cloud.worker_size} --workers {self.workers} --out {out}",
             ]
         )
@@ -237,8 +243,37 @@ def openstack(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
             "security_groups": [g for g in now["security_groups"] if g != "default"],
         }
 
+    def guest_shutdown(server_id):
+        """Nova's view of a guest that powered itself off: the server is SHUTOFF (os-stop)."""
+        orchestrator(_nova_stop, url, server_id)
+
     credentials = {"GAIA_TEST_OS_USERNAME": OS_USER, "GAIA_TEST_OS_PASSWORD": OS_PASSWORD}
-    return Cloud("openstack-mh", "gaia-os", "general.v1.small", credentials, servers, group_rules, inventory)
+    return Cloud(
+        "openstack-mh",
+        "gaia-os",
+        "general.v1.small",
+        credentials,
+        servers,
+        group_rules,
+        inventory,
+        guest_shutdown,
+    )
+
+
+def _nova_stop(url: str, server_id: str) -> None:
+    auth = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": OS_USER, "domain": {"id": "default"}, "password": OS_PASSWORD}}}}}  # fmt: skip
+    request = urllib.request.Request(
+        f"{url}/identity/v3/auth/tokens", json.dumps(auth).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        token, project = r.headers["X-Subject-Token"], json.loads(r.read())["token"]["project"]["id"]
+    stop = urllib.request.Request(
+        f"{url}/compute/v2.1/{project}/servers/{server_id}/action",
+        json.dumps({"os-stop": None}).encode(),
+        {"Content-Type": "application/json", "X-Auth-Token": token},
+    )
+    urllib.request.urlopen(stop, timeout=10).close()
 
 
 def ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
@@ -332,9 +367,18 @@ def ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
 
 
 @contextlib.contextmanager
-def deployment(root: Path, make_cloud, regions: list[str], *, stars: int, workers: int = 2):
+def deployment(
+    root: Path,
+    make_cloud,
+    regions: list[str],
+    *,
+    stars: int,
+    workers: int = 2,
+    deadman_every: float | None = None,
+):
     """A lab with the orchestrator host, the emulator on it, a hypervisor and a catalogue of
-    ``stars`` on the share (48 files for all regions, 4 otherwise); runs ask for ``workers``."""
+    ``stars`` on the share (48 files for all regions, 4 otherwise); runs ask for ``workers``;
+    with ``deadman_every`` the nodes run their dead-man switch that often (seconds)."""
     shared, home, profiles = root / "shared", root / "orchestrator-home", root / "profiles"
     shared.mkdir()
     lab = multihost.Lab(TEST_NETWORK).start()
@@ -352,6 +396,8 @@ def deployment(root: Path, make_cloud, regions: list[str], *, stars: int, worker
             shared=shared,
             secret=lambda: secret_file.read_text() if secret_file.exists() else None,
             log_dir=root / "logs",
+            deadman_every=deadman_every,
+            guest_shutdown=cloud.guest_shutdown,
         )
         files = 48 if len(regions) == len(REGIONS) else 4
         synthetic.generate(

@@ -272,12 +272,41 @@ def start_part(user_data: str) -> tuple[list[dict], str]:
     return files, exec_start
 
 
+POWEROFF_MARK = "poweroff"  # what a node's `systemctl poweroff` leaves in its work directory
+
+
+def deadman_lines(every: float) -> list[str]:
+    """The dead-man switch's timer on a node, every ``every`` seconds instead of a minute: the
+    rendered ``gaia-deadman`` runs with ``systemctl`` and ``logger`` of the simulated host, whose
+    ``poweroff`` leaves :data:`POWEROFF_MARK` for the hypervisor (a guest's power-off is
+    something the hypervisor sees, not the guest) and whose log lines go to the node's log."""
+    shims = f"{NODE_ROOT}/sim-bin"
+    tools = {
+        "systemctl": f'#!/bin/sh\n[ "$1" = poweroff ] && touch {NODE_ROOT}/work/{POWEROFF_MARK} && exec sleep infinity\n',
+        "logger": '#!/bin/sh\nshift 2\necho "$(date -u +%FT%TZ) gaia-deadman: $*"\n',
+    }
+    lines = [f"mkdir -p {shims}"]
+    for name, body in tools.items():
+        data = base64.b64encode(body.encode()).decode()
+        lines += [f"echo {data} | base64 -d > {shims}/{name}", f"chmod 0755 {shims}/{name}"]
+    every_s = f"{every:g}"
+    loop = f"PATH={shims}:$PATH {NODE_ROOT}/bin/gaia-deadman || true"
+    return [*lines, f"( while sleep {every_s}; do {loop}; done ) &"]
+
+
 def boot_script(
-    user_data: str, *, mount: str, shared: Path, secret: str | None, work: Path, hide: str = "/tmp"
+    user_data: str,
+    *,
+    mount: str,
+    shared: Path,
+    secret: str | None,
+    work: Path,
+    hide: str = "/tmp",
+    deadman_every: float | None = None,
 ) -> str:
     """The host's boot: its own /opt with the image's stack, the share, the start part of its
-    user data. ``work`` (the Spark work directory: executor logs) is kept on the test's disk so
-    a failing test can show it."""
+    user data (with ``deadman_every``, its dead-man switch too). ``work`` (the Spark work
+    directory: executor logs) is kept on the test's disk so a failing test can show it."""
     files, exec_start = start_part(user_data)
     work.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -312,6 +341,8 @@ def boot_script(
             f"mkdir -p {shlex.quote(str(PACKAGE))}",
             f"mount --bind {NODE_ROOT}/package {shlex.quote(str(PACKAGE))}",
         ]
+    if deadman_every is not None:
+        lines += deadman_lines(deadman_every)
     lines.append(f"exec {exec_start}")
     return "\n".join(lines) + "\n"
 
@@ -333,7 +364,10 @@ class Hypervisor:
 
     ``servers()`` lists what the cloud holds; ``group_rules(name)`` gives a security group's
     ingress rules (``{protocol, from, to, source}``) as the cloud stores them; ``secret()``
-    is what the cloud's secret store would hand a node (None: no secret).
+    is what the cloud's secret store would hand a node (None: no secret). With
+    ``deadman_every``, every node runs its dead-man switch that often, and a node that powers
+    itself off is reported to the cloud through ``guest_shutdown(server_id)`` (the cloud then
+    keeps it stopped or ends it, as its own rules say) and removed from the lab.
     """
 
     def __init__(
@@ -347,6 +381,8 @@ class Hypervisor:
         secret: Callable[[], str | None],
         log_dir: Path,
         interval: float = 0.2,
+        deadman_every: float | None = None,
+        guest_shutdown: Callable[[str], None] | None = None,
     ):
         self.lab = lab
         self.servers = servers
@@ -356,6 +392,8 @@ class Hypervisor:
         self.secret = secret
         self.log_dir = log_dir
         self.interval = interval
+        self.deadman_every = deadman_every
+        self.guest_shutdown = guest_shutdown
         self.booted: dict[str, Server] = {}
         self.errors: list[str] = []
         self._applied: frozenset[str] = frozenset()
@@ -383,6 +421,16 @@ class Hypervisor:
 
     def poll(self) -> None:
         listed = {s.id: s for s in self.servers()}
+        for server in list(self.booted.values()):
+            if self._work(server).joinpath(POWEROFF_MARK).exists():
+                if self.guest_shutdown is None:
+                    raise LabError(f"{server.name} powered itself off, but this cloud has no guest_shutdown")
+                # A guest may power off while the cloud deletes it (teardown removes the lease):
+                # only a server the cloud still runs changes state.
+                if server.id in listed and listed[server.id].running:
+                    self.guest_shutdown(server.id)
+                self._power_off(server.id)
+        listed = {s.id: s for s in self.servers()}
         for server_id in [i for i in self.booted if i not in listed or not listed[i].running]:
             self._power_off(server_id)
         for server in listed.values():
@@ -391,7 +439,11 @@ class Hypervisor:
         if frozenset(self.booted) != self._applied:
             self._apply_groups()
 
+    def _work(self, server: Server) -> Path:
+        return self.log_dir / f"{server.name}-work"
+
     def _boot(self, server: Server) -> None:
+        self._work(server).joinpath(POWEROFF_MARK).unlink(missing_ok=True)  # a replacement's fresh disk
         self.lab.add_host(server.name, server.address)
         self.booted[server.id] = server
         self._apply_groups()
@@ -400,7 +452,8 @@ class Hypervisor:
             mount=self.mount,
             shared=self.shared,
             secret=self.secret(),
-            work=self.log_dir / f"{server.name}-work",
+            work=self._work(server),
+            deadman_every=self.deadman_every,
         )
         self.lab.spawn(server.name, script, self.log_dir / f"{server.name}.log")
 

@@ -1,6 +1,6 @@
 """A cluster's life from a person's side: what it costs before create (``cluster plan``, the
 ``max_hourly_cost`` gate), one command each way (``cluster up`` / ``status`` / ``down`` by
-subprocess), and the orchestrator's idle teardown (``idle_cluster_sensor`` evaluated for real,
+subprocess), and the orchestrator's idle teardown (``cluster_sensor`` evaluated for real,
 then the job it launches).
 
 Against moto EC2 behind the request-counting proxy and the OpenStack fake over HTTP; every
@@ -32,7 +32,7 @@ from gaia_flows.cloud.settings import (
 from gaia_flows.profiles import load_profile
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.resources.storage import StorageResource
-from gaia_flows.sensors import cluster_idleness, idle_cluster_sensor
+from gaia_flows.sensors import cluster_idleness, cluster_sensor
 
 # A price table of the kind a profile carries (per-hour on-demand, the test's own figures).
 PRICES = {"c5.large": 0.085, "m5.xlarge": 0.192}
@@ -213,7 +213,7 @@ def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
 def _tick(instance, resource):
     """One evaluation of the sensor as the daemon runs it (a tick: requests or a skip reason)."""
     with build_sensor_context(instance=instance, resources={"cloud": resource}) as context:
-        return idle_cluster_sensor.evaluate_tick(context)
+        return cluster_sensor.evaluate_tick(context)
 
 
 @op
@@ -300,3 +300,39 @@ def test_nodes_that_powered_themselves_off_are_replaced_by_the_next_reconcile(ta
     assert set(again["node_ids"]).isdisjoint(first["node_ids"])
     assert {s["status"] for s in target.api.state()["servers"]} == {"ACTIVE"}
     assert teardown(target).success and target.servers() == []
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_cluster_sensor_removes_a_cluster_that_powered_off_while_the_orchestrator_was_away(target, layout):
+    """Back after orphan_minutes, the orchestrator finds a stale lease and SHUTOFF servers
+    holding quota: the sensor tears them down at once, before idle_minutes and with no new run."""
+    cloud = openstack_cloud(target.api, orphan_minutes=1)  # idle_minutes stays 30
+    profile = write_profile(target.profiles_dir, "openstack", "openstack-orphan", cloud)
+    share = _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
+    lease = share / LEASE_DIR / target.cluster
+    resource = CloudResource(
+        storage=StorageResource(), profile=profile, profiles_dir=str(target.profiles_dir)
+    )
+    with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
+        materialise(target, workers=2, profile=profile, instance=instance)
+
+        def away() -> None:  # nobody renewed the lease for longer than orphan_minutes
+            stale = time.time() - 61
+            os.utime(lease, (stale, stale))
+
+        away()
+        running = _tick(instance, resource)  # the switch has not fired yet: a stale lease alone is no reason
+        assert not running.run_requests and "kept" in running.skip_message
+        assert time.time() - lease.stat().st_mtime < 5, "the returning orchestrator renews the lease"
+
+        away()
+        driver = resource.driver()
+        for node in driver.list_nodes():  # each node's gaia-deadman ran `systemctl poweroff`
+            driver.ex_stop_node(node)
+        (request,) = _tick(instance, resource).run_requests
+        assert request.tags[RUN_TAG_TEARDOWN_DECISION] == "orphaned"
+        reason = request.tags[RUN_TAG_TEARDOWN_REASON]
+        assert ">= orphan_minutes 1" in reason and "(3 node(s): stopped)" in reason, reason
+        assert teardown(target, profile, instance=instance, tags=request.tags).success
+        assert target.servers() == [] and target.security_groups() == [] and target.key_pairs() == []
+        assert not lease.exists()

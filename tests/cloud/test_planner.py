@@ -96,7 +96,12 @@ def _check_shape(plan):
     assert plan.shuffle_partitions >= 2 * plan.total_executor_cores
     conf = plan.spark_conf()
     assert conf["spark.executor.memory"] == f"{plan.executor_memory_mb}m"
-    assert int(conf["spark.cores.max"]) == plan.worker_count * plan.executors_per_worker * plan.executor_cores
+    # The application may grow to the largest cluster the limits allow; it starts on the planned one.
+    assert plan.worker_count <= plan.max_workers
+    assert int(conf["spark.cores.max"]) == plan.max_workers * plan.executors_per_worker * plan.executor_cores
+    assert (
+        int(conf["spark.dynamicAllocation.initialExecutors"]) == plan.worker_count * plan.executors_per_worker
+    )
 
 
 @pytest.mark.parametrize("sizes", [EC2, OPENSTACK, GCE, AZURE], ids=["ec2", "openstack", "gce", "azure"])
@@ -191,6 +196,17 @@ def test_limits_cap_total_vcpus_and_price():
     capped = plan_cluster(400 * GiB, "aggregate", EC2, Limits(max_workers=16, max_price_per_hour=2.0))
     assert capped.cost_per_hour <= 2.0
     assert any("capped" in r for r in capped.reasons)
+
+
+def test_a_small_workload_may_grow_to_the_most_workers_the_limits_allow():
+    limits = Limits(min_workers=1, max_workers=16, max_total_vcpus=20)
+    plan = plan_cluster(1 * GiB, "aggregate", EC2, limits)
+    assert plan.worker_count == 1
+    # Totals cap the ceiling below max_workers: master + ceiling workers fit 20 vCPU, one more does not.
+    fits = lambda n: n * plan.size.vcpus + plan.master_size.vcpus <= 20  # noqa: E731
+    assert fits(plan.max_workers) and not fits(plan.max_workers + 1) and plan.max_workers < 16
+    conf = plan.spark_conf()
+    assert conf["spark.dynamicAllocation.maxExecutors"] == str(plan.max_workers * plan.executors_per_worker)
 
 
 def test_a_pinned_worker_size_leaves_the_master_choice_alone():

@@ -1,0 +1,96 @@
+"""The dead-man switch on separate hosts: nodes that stop hearing from the orchestrator power
+themselves off, and the next reconcile cleans up.
+
+The multi-host simulation (``tests/cloud/deployment.py``) with the OpenStack fake: every server
+runs the ``gaia-deadman`` script from its rendered user data, its timer shortened from a
+minute to a second (``deadman_every``), against the lease on the share. ``orphan_minutes`` is
+half a minute. Nothing renews the lease after ``spark_cluster``'s reconcile (no daemon runs), so
+every node powers itself off; the hypervisor reports that to the fake (``os-stop``: SHUTOFF, as
+Nova does) and removes the host. The next ``spark_cluster`` replaces the SHUTOFF servers, and
+``teardown_cluster`` leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+import yaml
+
+from cloud.deployment import MOUNT, REGIONS, openstack
+from cloud.deployment import deployment as cluster_deployment
+from gaia_flows.cloud.settings import LEASE_DIR
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="network namespaces, veth pairs and nftables need root (CI runs as root)"
+    ),
+    pytest.mark.skipif(
+        not (shutil.which("ip") and shutil.which("nft")),
+        reason="needs iproute2 and nftables (.ci/run installs them)",
+    ),
+]
+
+ORPHAN_MINUTES = 0.5
+PROFILE = "openstack-mh-orphan"
+
+
+def _orphan_profile(profiles) -> None:
+    """The deployment's profile with a short orphan_minutes; no stack check (no Spark job runs)."""
+    spec = yaml.safe_load((profiles / "openstack-mh.yaml").read_text())
+    spec["name"] = PROFILE
+    spec["cloud"]["cluster"].update({"orphan_minutes": ORPHAN_MINUTES, "verify_stack": False})
+    (profiles / f"{PROFILE}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def _wait(condition, timeout: float, what: str) -> float:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting until {what}"
+        time.sleep(0.5)
+    return time.time()
+
+
+def test_nodes_power_off_when_the_lease_goes_stale_and_the_next_reconcile_cleans_up(tmp_path):
+    with cluster_deployment(tmp_path, openstack, REGIONS[:1], stars=1_000, deadman_every=1.0) as deployment:
+        _orphan_profile(deployment.profiles)
+        lease = deployment.shared / LEASE_DIR / deployment.cloud.cluster
+        names = deployment.node_names()
+
+        def hosts() -> list[str]:
+            return sorted(n for n in deployment.lab.hosts if n != "orchestrator")
+
+        def states() -> dict[str, bool]:
+            return {s.name: s.running for s in deployment.cloud.servers()}
+
+        first = deployment.run("cluster", profile=PROFILE)["cluster"]["metadata"]
+        assert sorted(first["created"]) == names
+        renewed = lease.stat().st_mtime  # the reconcile's, on the share at MOUNT on every host
+        _wait(lambda: hosts() == names, 60, "every server is booted as a host")
+        assert time.time() - renewed < ORPHAN_MINUTES * 60 and all(states().values())
+
+        # Nobody renews the lease: every node's switch fires once it is orphan_minutes old.
+        off = _wait(lambda: not any(states().values()) and hosts() == [], 120, "every node powered off")
+        assert off - renewed >= ORPHAN_MINUTES * 60
+        assert sorted(states()) == names, "a powered-off server stays (SHUTOFF), holding quota"
+        for name in names:
+            log = deployment.hypervisor.log(name)
+            assert (
+                f"gaia-deadman: lease {MOUNT}/{LEASE_DIR}/{deployment.cloud.cluster} not renewed for" in log
+            )
+        assert deployment.hypervisor.errors == []
+
+        again = deployment.run("cluster", profile=PROFILE)["cluster"]["metadata"]
+        assert sorted(again["destroyed"]) == names and sorted(again["created"]) == names
+        assert set(again["node_ids"]).isdisjoint(first["node_ids"])
+        _wait(lambda: hosts() == names, 60, "the replacements are booted")
+
+        deployment.run("teardown", profile=PROFILE)
+        _wait(lambda: hosts() == [], 60, "every host is powered off")
+        inventory = deployment.cloud.inventory()
+        assert inventory["servers"] == {} and inventory["security_groups"] == []
+        assert not lease.exists()
+        assert deployment.hypervisor.errors == []
