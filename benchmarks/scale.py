@@ -73,6 +73,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write every stage's figures here as JSON")
     parser.add_argument("--plot", type=Path, help="draw time and per-core rate against size into this PNG")
+    parser.add_argument(
+        "--from-log",
+        type=Path,
+        help="measure nothing: read the table rows an earlier (perhaps interrupted) run printed, then "
+        "print the scaling, the projection and the plot from them",
+    )
     parser.add_argument("--project-workers", type=int, default=0)
     parser.add_argument("--cores-per-worker", type=int, default=26)
     return parser.parse_args()
@@ -251,8 +257,50 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+COLUMNS = (
+    "stars",
+    "stage",
+    "seconds",
+    "rows_per_core",
+    "cpu_s",
+    "rows_per_cpu_s",
+    "driver_mb",
+    "jvm_mb",
+    "disk_mb",
+    "load",
+)
+
+
+def read_rows(log: Path) -> list[dict]:
+    """The rows :func:`format_row` printed to ``log``: a 100M-star run takes hours, and what it
+    measured before it stopped is still worth reading."""
+    rows = []
+    for line in log.read_text().splitlines():
+        cells = [c.strip().replace(",", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) != len(COLUMNS) or not cells[0].isdigit():
+            continue
+        row: dict = dict(zip(COLUMNS, cells))
+        for name in COLUMNS:
+            if name != "stage":
+                row[name] = None if row[name] == "-" else float(row[name])
+        row["stars"] = int(row["stars"])
+        rows.append(row)
+    return rows
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    print_scaling(rows)
+    if args.project_workers:
+        print_projection(rows, args.project_workers, args.cores_per_worker)
+    if args.plot:
+        plot(rows, args.plot)
+
+
 def main() -> int:
     args = parse_args()
+    if args.from_log:
+        report(read_rows(args.from_log), args)
+        return 0
     cores = os.cpu_count() or 1
     work = work_folder(args.work, "scale-bench-")
     print(f"cores: {cores}; load average at start: {os.getloadavg()}")
@@ -273,15 +321,11 @@ def main() -> int:
         rows += run_size(stars, folder, cores)
         if args.work is None:
             shutil.rmtree(folder)
-    print_scaling(rows)
-    if args.project_workers:
-        print_projection(rows, args.project_workers, args.cores_per_worker)
+    report(rows, args)
     if args.json:
         args.json.write_text(
             json.dumps({"cores": cores, "command": sys.argv, "stages": rows}, indent=2) + "\n"
         )
-    if args.plot:
-        plot(rows, args.plot)
     for row in rows:
         print("scale " + " ".join(f"{k}={v}" for k, v in row.items()))
     return 0
