@@ -14,16 +14,25 @@ from dagster import (
 from gaia_flows.cloud.provision import ProvisionError
 from gaia_flows.cloud.retry import CloudCallError, redact
 from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
+from gaia_flows.layout import DEFAULT_RELEASE, SOURCE_TABLE, STATS_TABLE
 from gaia_flows.partitions import sky_regions
+from gaia_flows.releases import RELEASES, Release
 from gaia_flows.resources.cloud import CloudResource
 
-# Per-region work: ingestion and per-region statistics, one Spark application per run.
-catalogue_job = define_asset_job(
-    "catalogue_refresh",
-    selection=AssetSelection.assets("gaia_source", "pm_stats"),
-    partitions_def=sky_regions,
-    description="Ingest landing files and recompute per-region proper-motion statistics.",
-)
+
+def release_catalogue_job(release: Release):
+    """Per-region work of one release: ingestion and per-region statistics, one Spark
+    application per run (``catalogue_refresh`` for DR3, ``<release>_catalogue_refresh`` else)."""
+    return define_asset_job(
+        "catalogue_refresh" if release.is_default else f"{release.name}_catalogue_refresh",
+        selection=AssetSelection.assets(release.key(SOURCE_TABLE), release.key(STATS_TABLE)),
+        partitions_def=sky_regions,
+        description=f"Ingest {release.name}'s landing files and recompute its per-region proper-motion statistics.",
+    )
+
+
+catalogue_jobs = {name: release_catalogue_job(release) for name, release in RELEASES.items()}
+catalogue_job = catalogue_jobs[DEFAULT_RELEASE]
 
 
 @op(

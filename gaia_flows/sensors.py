@@ -1,10 +1,11 @@
-"""React to the world outside a run: new or changed Gaia files in the landing folder, and a
-provisioned cluster that no run has used for its profile's ``idle_minutes``."""
+"""React to the world outside a run: new or changed Gaia files in each release's landing
+folder, and a provisioned cluster that no run has used for its profile's ``idle_minutes``."""
 
 import calendar
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from dagster import (
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -23,9 +25,10 @@ from dagster import (
 
 from gaia_flows.cloud.lease import renew_lease
 from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
-from gaia_flows.jobs import catalogue_job, teardown_cluster_job
+from gaia_flows.jobs import catalogue_jobs, teardown_cluster_job
 from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import range_tags
+from gaia_flows.releases import RELEASES
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
 
@@ -61,30 +64,60 @@ def _already_ingested(layout: StateLayout, path: Path) -> bool:
     )
 
 
-@sensor(job=catalogue_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
-def landing_files_sensor(context: SensorEvaluationContext):
-    """Launch only the regions whose landing files are new or changed since the last look.
+def build_landing_files_sensor(jobs: Mapping) -> SensorDefinition:
+    """``landing_files_sensor`` over the landing folders of the releases named in ``jobs``
+    (release name: its catalogue job, :data:`gaia_flows.jobs.catalogue_jobs`), each launching
+    that release's job."""
 
-    The cursor remembers each file's size and mtime, so a rewritten file triggers its regions
-    again, and an untouched folder triggers nothing. The first look (no cursor, e.g. the first
-    ``gaia-flows ui`` after ``make demo``) skips files older than the published versions of all
-    their regions, so turning the daemon on does not ingest the catalogue a second time.
-    """
-    layout = StateLayout.from_env()
-    seen = json.loads(context.cursor) if context.cursor else None
-    current = {p.name: _fingerprint(p) for p in landing_files(layout.landing)}
-    if seen is None:
-        changed = [p for p in (layout.landing / name for name in current) if not _already_ingested(layout, p)]
-    else:
-        changed = [layout.landing / name for name, mark in current.items() if seen.get(name) != mark]
-    if not changed:
-        return SkipReason(f"no new or changed files among {len(current)} in {layout.landing}")
-    state = hashlib.sha1(json.dumps(current, sort_keys=True).encode()).hexdigest()[:12]
-    requests = [
-        RunRequest(run_key=f"{first}..{last}@{state}", tags=range_tags(first, last))
-        for first, last in contiguous_runs(affected_regions(changed))
-    ]
-    return SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))
+    @sensor(
+        name="landing_files_sensor",
+        jobs=list(jobs.values()),
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+    )
+    def landing_files_sensor(context: SensorEvaluationContext):
+        """Launch only the regions whose landing files are new or changed since the last look,
+        per release: DR3's files in the landing folder, another release's in ``landing/<release>/``.
+
+        The cursor remembers each file's size and mtime (by its path under the landing folder),
+        so a rewritten file triggers its regions again, and an untouched folder triggers
+        nothing. The first look (no cursor, e.g. the first ``gaia-flows ui`` after ``make demo``)
+        skips files older than the published versions of all their regions, so turning the
+        daemon on does not ingest the catalogue a second time.
+        """
+        base = StateLayout.from_env()
+        seen = json.loads(context.cursor) if context.cursor else None
+        current: dict[str, str] = {}
+        requests = []
+        for name, job in jobs.items():
+            layout = RELEASES[name].layout(base)
+            files = {str(p.relative_to(base.landing)): p for p in landing_files(layout.landing)}
+            marks = {key: _fingerprint(p) for key, p in files.items()}
+            current.update(marks)
+            if seen is None:
+                changed = [p for p in files.values() if not _already_ingested(layout, p)]
+            else:
+                changed = [files[key] for key, mark in marks.items() if seen.get(key) != mark]
+            if not changed:
+                continue
+            state = hashlib.sha1(json.dumps(marks, sort_keys=True).encode()).hexdigest()[:12]
+            prefix = "" if RELEASES[name].is_default else f"{name}:"
+            requests += [
+                RunRequest(
+                    run_key=f"{prefix}{first}..{last}@{state}",
+                    job_name=job.name,
+                    tags=range_tags(first, last),
+                )
+                for first, last in contiguous_runs(affected_regions(changed))
+            ]
+        if not requests:
+            return SkipReason(f"no new or changed files among {len(current)} in {base.landing}")
+        return SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))
+
+    return landing_files_sensor
+
+
+landing_files_sensor = build_landing_files_sensor(catalogue_jobs)
 
 
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
