@@ -14,7 +14,9 @@ from dagster import (
     Definitions,
     in_process_executor,
     load_asset_checks_from_modules,
+    asset_check,
     load_assets_from_modules,
+    multi_asset,
 )
 
 from gaia_flows.assets import (
@@ -27,11 +29,11 @@ from gaia_flows.assets import (
     proper_motion_maps,
     training_set,
 )
-from gaia_flows.jobs import catalogue_jobs, teardown_cluster_job
+from gaia_flows.jobs import release_catalogue_job, teardown_cluster_job
 from gaia_flows.releases import RELEASES, Release
 from gaia_flows.resources import build_resources
 from gaia_flows.schedules import nightly_refresh
-from gaia_flows.sensors import idle_cluster_sensor, landing_files_sensor
+from gaia_flows.sensors import build_landing_files_sensor, idle_cluster_sensor
 
 _release_modules = [
     catalogue,
@@ -48,10 +50,19 @@ _release_modules = [
 def release_graph(release: Release) -> tuple[list[AssetsDefinition | AssetSpec], list[AssetChecksDefinition]]:
     """The assets and checks of one release: the plain keys for the default release, else
     every key, dependency and check under the release's prefix (its landing files included),
-    in the release's own groups, each asset's definition metadata naming its release."""
+    in the release's own groups, each asset's definition metadata naming its release.
+
+    The loaders prefix keys but keep op names (dagster-io/dagster#12406), and one job cannot
+    hold two ops of one name, so a further release's assets and checks are declared again
+    from the same functions under ops named after their keys (``dr4__gaia_source``; run
+    config goes under that name).
+    """
     prefix = release.key_prefix or None
     assets = load_assets_from_modules(_release_modules, key_prefix=prefix)
     checks = load_asset_checks_from_modules(_release_modules, asset_key_prefix=prefix)
+    if prefix:
+        assets = [_own_op(item) for item in assets]
+        checks = [_own_check_op(item) for item in checks]
     landing = catalogue.gaia_landing  # an external asset: the loaders take only definitions
 
     def in_release(spec: AssetSpec) -> AssetSpec:
@@ -70,7 +81,26 @@ def release_graph(release: Release) -> tuple[list[AssetsDefinition | AssetSpec],
     return [landing_spec, *(item.map_asset_specs(in_release) for item in assets)], list(checks)
 
 
-_graphs = [release_graph(release) for release in RELEASES.values()]
+def _own_op(assets_def: AssetsDefinition) -> AssetsDefinition:
+    """``assets_def`` (one asset) with an op named after its key."""
+    [spec] = assets_def.specs
+    return multi_asset(
+        name=spec.key.to_python_identifier(),
+        specs=[spec],
+        check_specs=list(assets_def.check_specs),
+        partitions_def=spec.partitions_def,
+        backfill_policy=assets_def.backfill_policy,
+        pool=assets_def.op.pool,
+    )(assets_def.op.compute_fn.decorated_fn)
+
+
+def _own_check_op(checks_def: AssetChecksDefinition) -> AssetChecksDefinition:
+    """``checks_def`` (one check) with an op named after its asset's key and its name."""
+    [spec] = checks_def.check_specs
+    return asset_check(
+        asset=spec.asset_key, name=spec.name, description=spec.description, blocking=spec.blocking
+    )(checks_def.op.compute_fn.decorated_fn)
+
 
 # Declarative automation (the assets' `AutomationCondition.eager()`) only acts while a sensor
 # evaluates it; Dagster's implicit default sensor starts STOPPED. Declared here, RUNNING, so new
@@ -82,14 +112,25 @@ automation_sensor = AutomationConditionSensorDefinition(
     minimum_interval_seconds=30,
 )
 
-defs = Definitions(
-    assets=[*load_assets_from_modules([cluster]), *(a for assets, _ in _graphs for a in assets)],
-    asset_checks=[*load_asset_checks_from_modules([cluster]), *(c for _, checks in _graphs for c in checks)],
-    jobs=[*catalogue_jobs.values(), teardown_cluster_job],
-    schedules=[nightly_refresh],
-    sensors=[landing_files_sensor, idle_cluster_sensor, automation_sensor],
-    resources=build_resources(),
-    # One process per run, so every step of a run shares one Spark application: a cold Spark
-    # start (~10 s) per step would cost more than most steps, and Spark already uses every core.
-    executor=in_process_executor,
-)
+
+def build_definitions(releases: tuple[Release, ...]) -> Definitions:
+    """The platform for ``releases``: their asset graphs beside ``spark_cluster``, a catalogue
+    job each, the schedule, and the sensors."""
+    graphs = [release_graph(release) for release in releases]
+    return Definitions(
+        assets=[*load_assets_from_modules([cluster]), *(a for assets, _ in graphs for a in assets)],
+        asset_checks=[
+            *load_asset_checks_from_modules([cluster]),
+            *(c for _, checks in graphs for c in checks),
+        ],
+        jobs=[*(release_catalogue_job(release) for release in releases), teardown_cluster_job],
+        schedules=[nightly_refresh],
+        sensors=[build_landing_files_sensor(releases), idle_cluster_sensor, automation_sensor],
+        resources=build_resources(),
+        # One process per run, so every step of a run shares one Spark application: a cold Spark
+        # start (~10 s) per step would cost more than most steps, and Spark already uses every core.
+        executor=in_process_executor,
+    )
+
+
+defs = build_definitions(tuple(RELEASES.values()))

@@ -1,5 +1,7 @@
 """Named jobs a person launches from the UI, a schedule or a sensor."""
 
+import functools
+
 from dagster import (
     AssetObservation,
     AssetSelection,
@@ -20,9 +22,12 @@ from gaia_flows.releases import RELEASES, Release
 from gaia_flows.resources.cloud import CloudResource
 
 
+@functools.cache
 def release_catalogue_job(release: Release):
     """Per-region work of one release: ingestion and per-region statistics, one Spark
-    application per run (``catalogue_refresh`` for DR3, ``<release>_catalogue_refresh`` else)."""
+    application per run (``catalogue_refresh`` for DR3, ``<release>_catalogue_refresh`` else).
+    One object per release, as ``Definitions`` wants for the schedule's, the sensor's and its
+    own reference."""
     return define_asset_job(
         "catalogue_refresh" if release.is_default else f"{release.name}_catalogue_refresh",
         selection=AssetSelection.assets(release.key(SOURCE_TABLE), release.key(STATS_TABLE)),
@@ -31,8 +36,7 @@ def release_catalogue_job(release: Release):
     )
 
 
-catalogue_jobs = {name: release_catalogue_job(release) for name, release in RELEASES.items()}
-catalogue_job = catalogue_jobs[DEFAULT_RELEASE]
+catalogue_job = release_catalogue_job(RELEASES[DEFAULT_RELEASE])
 
 
 @op(

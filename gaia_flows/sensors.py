@@ -2,10 +2,10 @@
 folder, and a provisioned cluster that no run has used for its profile's ``idle_minutes``."""
 
 import calendar
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,10 +25,10 @@ from dagster import (
 
 from gaia_flows.cloud.lease import renew_lease
 from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
-from gaia_flows.jobs import catalogue_jobs, teardown_cluster_job
+from gaia_flows.jobs import release_catalogue_job, teardown_cluster_job
 from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import range_tags
-from gaia_flows.releases import RELEASES
+from gaia_flows.releases import RELEASES, Release
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
 
@@ -64,10 +64,11 @@ def _already_ingested(layout: StateLayout, path: Path) -> bool:
     )
 
 
-def build_landing_files_sensor(jobs: Mapping) -> SensorDefinition:
-    """``landing_files_sensor`` over the landing folders of the releases named in ``jobs``
-    (release name: its catalogue job, :data:`gaia_flows.jobs.catalogue_jobs`), each launching
-    that release's job."""
+@functools.cache
+def build_landing_files_sensor(releases: tuple[Release, ...]) -> SensorDefinition:
+    """``landing_files_sensor`` over the landing folders of ``releases``, each launching that
+    release's catalogue job (:func:`gaia_flows.jobs.release_catalogue_job`)."""
+    jobs = {release: release_catalogue_job(release) for release in releases}
 
     @sensor(
         name="landing_files_sensor",
@@ -89,8 +90,8 @@ def build_landing_files_sensor(jobs: Mapping) -> SensorDefinition:
         seen = json.loads(context.cursor) if context.cursor else None
         current: dict[str, str] = {}
         requests = []
-        for name, job in jobs.items():
-            layout = RELEASES[name].layout(base)
+        for release, job in jobs.items():
+            layout = release.layout(base)
             files = {str(p.relative_to(base.landing)): p for p in landing_files(layout.landing)}
             marks = {key: _fingerprint(p) for key, p in files.items()}
             current.update(marks)
@@ -101,7 +102,7 @@ def build_landing_files_sensor(jobs: Mapping) -> SensorDefinition:
             if not changed:
                 continue
             state = hashlib.sha1(json.dumps(marks, sort_keys=True).encode()).hexdigest()[:12]
-            prefix = "" if RELEASES[name].is_default else f"{name}:"
+            prefix = "" if release.is_default else f"{release.name}:"
             requests += [
                 RunRequest(
                     run_key=f"{prefix}{first}..{last}@{state}",
@@ -117,7 +118,7 @@ def build_landing_files_sensor(jobs: Mapping) -> SensorDefinition:
     return landing_files_sensor
 
 
-landing_files_sensor = build_landing_files_sensor(catalogue_jobs)
+landing_files_sensor = build_landing_files_sensor(tuple(RELEASES.values()))
 
 
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}

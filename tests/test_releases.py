@@ -17,14 +17,22 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from dagster import AssetKey, build_sensor_context, materialize
+from support.astrometric_data import publish_synthetic
 from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 from support.spark import TEST_SPARK_CONF
 
 from gaia_flows import releases
 from gaia_flows.contracts import CONTRACTS_DIR
-from gaia_flows.definitions import release_graph
-from gaia_flows.jobs import catalogue_job, release_catalogue_job
-from gaia_flows.layout import DEFAULT_RELEASE, MAPS_TABLE, SOURCE_TABLE, STATS_TABLE
+from gaia_flows.definitions import build_definitions, release_graph
+from gaia_flows.layout import (
+    CLASSIFIED_TABLE,
+    DEFAULT_RELEASE,
+    MAPS_TABLE,
+    SOURCE_TABLE,
+    STATS_TABLE,
+    TRAINING_TABLE,
+)
+from gaia_flows.ml.registry import current_champion
 from gaia_flows.partitions import range_tags
 from gaia_flows.releases import Release
 from gaia_flows.resources.mlflow import MlflowResource
@@ -35,6 +43,8 @@ from gaia_flows.sensors import build_landing_files_sensor
 
 REGIONS = ("hpx1-07", "hpx1-08")
 REMOVED, ADDED = "ruwe", "fake_quality"
+CLASSIFIER = "astrometric_classifier"
+STARS = 15_000  # enough nearby and spurious sources for both training classes
 
 
 @pytest.fixture
@@ -89,10 +99,14 @@ def _resources(tmp_path: Path) -> dict:
     }
 
 
-def _run(release: Release, names: list[str], resources: dict, tags: dict | None = None):
+def _run(release: Release, names: list[str], resources: dict, tags: dict | None = None, run_config=None):
     assets, checks = release_graph(release)
     result = materialize(
-        [*assets, *checks], selection=[release.key(name) for name in names], resources=resources, tags=tags
+        [*assets, *checks],
+        selection=[release.key(name) for name in names],
+        resources=resources,
+        tags=tags,
+        run_config=run_config,
     )
     assert result.success
     failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
@@ -163,8 +177,7 @@ def test_second_release_leaves_dr3_untouched(layout, spark, tmp_path, fake_relea
 def test_sensor_watches_each_release_landing_folder(layout, fake_release):
     """DR3's files in the landing folder start DR3's job, the fake release's in landing/fake/
     start its own; one cursor remembers both, by path under the landing folder."""
-    jobs = {DEFAULT_RELEASE: catalogue_job, "fake": release_catalogue_job(fake_release)}
-    sensor = build_landing_files_sensor(jobs)
+    sensor = build_landing_files_sensor((releases.RELEASES[DEFAULT_RELEASE], fake_release))
     lo, hi = region_file_range("hpx1-07")
     write_gaia_file(layout.landing, lo, hi, stars_in_region("hpx1-07", 5))
     lo, hi = region_file_range("hpx1-20")
@@ -181,3 +194,86 @@ def test_sensor_watches_each_release_landing_folder(layout, fake_release):
     assert [(r.job_name, r.tags["dagster/asset_partition_range_start"]) for r in again.run_requests] == [
         ("fake_catalogue_refresh", "hpx1-20")
     ]
+
+
+def test_a_release_is_dr3s_graph_under_its_prefix(fake_release):
+    """Every DR3 asset and check exists again under ``fake/``, alike in all but key, group and
+    op name, depending on the release's own upstream assets; the platform loads as one job."""
+    dr3 = releases.RELEASES[DEFAULT_RELEASE]
+    defs = build_definitions((dr3, fake_release))
+    graph = defs.resolve_asset_graph()
+    plain = [
+        key for key in graph.get_all_asset_keys() if len(key.path) == 1 and key.path[0] != "spark_cluster"
+    ]
+    assert {fake_release.key(key.path[0]) for key in plain} == {
+        key for key in graph.get_all_asset_keys() if key.path[0] == "fake"
+    }
+    for key in plain:
+        ours, theirs = graph.get(key), graph.get(fake_release.key(key.path[0]))
+        assert theirs.group_name == f"fake_{ours.group_name}" and theirs.metadata["release"] == "fake"
+        assert {
+            p if p.path == ["spark_cluster"] else fake_release.key(p.path[0]) for p in ours.parent_keys
+        } == set(theirs.parent_keys)
+        for attribute in (
+            "partitions_def",
+            "automation_condition",
+            "kinds",
+            "description",
+            "is_materializable",
+        ):
+            assert getattr(ours, attribute) == getattr(theirs, attribute), (key, attribute)
+        if not ours.is_materializable:
+            continue
+        a, b = graph.assets_def_for_key(key), graph.assets_def_for_key(theirs.key)
+        assert (a.backfill_policy, a.op.pool, a.op.required_resource_keys) == (
+            b.backfill_policy,
+            b.op.pool,
+            b.op.required_resource_keys,
+        )
+        assert b.op.name == f"fake__{a.op.name}"
+    checks = {(c.asset_key, c.name) for c in graph.asset_check_keys}
+    assert {
+        (fake_release.key(k.path[0]), name)
+        for k, name in checks
+        if len(k.path) == 1 and k.path[0] != "spark_cluster"
+    } == {(k, name) for k, name in checks if k.path[0] == "fake"}
+    assert defs.resolve_implicit_global_asset_job_def().name == "__ASSET_JOB"
+    assert (
+        defs.resolve_job_def("fake_catalogue_refresh").partitions_def
+        == defs.resolve_job_def("catalogue_refresh").partitions_def
+    )
+    assert (
+        dr3.model_name == "astrometric-quality-rf"
+        and fake_release.model_name == "astrometric-quality-rf-fake"
+    )
+
+
+def test_classifier_runs_per_release(layout, spark, tmp_path, monkeypatch):
+    """A release's training set, classifier and classified_sources live in its own folders and
+    its own registered model; DR3's model is neither created nor consulted."""
+    other = Release("other", contract_path=CONTRACTS_DIR / "gaia_source_dr3.yaml")
+    monkeypatch.setitem(releases.RELEASES, other.name, other)
+    own = other.layout(layout)
+    publish_synthetic(own, STARS, seed=7, files=4)
+    resources = _resources(tmp_path)
+    trained = _run(
+        other,
+        [TRAINING_TABLE, CLASSIFIER],
+        resources,
+        run_config={"ops": {"other__astrometric_classifier": {"config": {"forest": {"n_estimators": 10}}}}},
+    )
+    regions = sorted(own.region_versions(SOURCE_TABLE))[:2]
+    classified = _run(other, [CLASSIFIED_TABLE], resources, range_tags(regions[0], regions[-1]))
+
+    [model] = _materializations(trained, other.key(CLASSIFIER))
+    assert model.metadata["release"].value == "other"
+    assert model.metadata["model"].value.startswith("models:/astrometric-quality-rf-other/")
+    with resources["mlflow"].activate() as client:
+        assert [m.name for m in client.search_registered_models()] == ["astrometric-quality-rf-other"]
+        assert current_champion(client, other.model_name) is not None
+    scored = _materializations(classified, other.key(CLASSIFIED_TABLE))
+    assert {m.partition for m in scored} == set(regions)
+    assert all(m.metadata["path"].value.startswith(str(own.warehouse / CLASSIFIED_TABLE)) for m in scored)
+    assert sum(pq.read_table(own.region_dir(CLASSIFIED_TABLE, r)).num_rows for r in regions) > 0
+    assert own.table(TRAINING_TABLE).exists()
+    assert not [p for p in layout.warehouse.iterdir() if p.name != other.name], "nothing in DR3's warehouse"
