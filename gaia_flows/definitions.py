@@ -12,9 +12,9 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
+    asset_check,
     in_process_executor,
     load_asset_checks_from_modules,
-    asset_check,
     load_assets_from_modules,
     multi_asset,
 )
