@@ -47,10 +47,11 @@ _release_modules = [
 """The assets every data release has; ``spark_cluster`` (:mod:`.cluster`) serves them all."""
 
 
-def release_graph(release: Release) -> tuple[list[AssetsDefinition | AssetSpec], list[AssetChecksDefinition]]:
+def release_graph(release: Release) -> tuple[list[AssetsDefinition], list[AssetChecksDefinition]]:
     """The assets and checks of one release: the plain keys for the default release, else
-    every key, dependency and check under the release's prefix (its landing files included),
-    in the release's own groups, each asset's definition metadata naming its release.
+    every key, dependency and check under the release's prefix (the landing files it depends
+    on included: ``dr4/gaia_landing``), in the release's own groups, each asset's definition
+    metadata naming its release.
 
     The loaders prefix keys but keep op names (dagster-io/dagster#12406), and one job cannot
     hold two ops of one name, so a further release's assets and checks are declared again
@@ -63,22 +64,21 @@ def release_graph(release: Release) -> tuple[list[AssetsDefinition | AssetSpec],
     if prefix:
         assets = [_own_op(item) for item in assets]
         checks = [_own_check_op(item) for item in checks]
-    landing = catalogue.gaia_landing  # an external asset: the loaders take only definitions
+    landing = catalogue.gaia_landing.key  # external: the loaders prefix only what they load
 
     def in_release(spec: AssetSpec) -> AssetSpec:
         return spec.replace_attributes(
             group_name=release.group(spec.group_name or "default"),
             metadata={**spec.metadata, "release": release.name},
             deps=[
-                AssetDep(release.key(landing.key.path[-1]), partition_mapping=dep.partition_mapping)
-                if dep.asset_key == landing.key
+                AssetDep(release.key(landing.path[-1]), partition_mapping=dep.partition_mapping)
+                if dep.asset_key == landing
                 else dep
                 for dep in spec.deps
             ],
         )
 
-    landing_spec = in_release(landing).replace_attributes(key=release.key(landing.key.path[-1]))
-    return [landing_spec, *(item.map_asset_specs(in_release) for item in assets)], list(checks)
+    return [item.map_asset_specs(in_release) for item in assets], list(checks)
 
 
 def _own_op(assets_def: AssetsDefinition) -> AssetsDefinition:
