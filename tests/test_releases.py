@@ -274,3 +274,14 @@ def test_classifier_runs_per_release(layout, spark, tmp_path, monkeypatch):
     assert sum(pq.read_table(own.region_dir(CLASSIFIED_TABLE, r)).num_rows for r in regions) > 0
     assert own.table(TRAINING_TABLE).exists()
     assert not [p for p in layout.warehouse.iterdir() if p.name != other.name], "nothing in DR3's warehouse"
+
+
+def test_release_names_cannot_collide_with_folders_or_tables(layout):
+    for name in ("DR4", "dr-4", "gaia_source", "truth", ""):
+        with pytest.raises(ValueError, match="release name"):
+            Release(name)
+    dr4 = layout.for_release("dr4")
+    assert layout.for_release(DEFAULT_RELEASE) is layout and dr4.for_release("dr4") is dr4
+    assert dr4.hats == layout.hats / "dr4" and dr4.quarantine == layout.quarantine / "dr4"
+    with pytest.raises(ValueError, match="no release 'dr5' inside"):
+        dr4.for_release("dr5")
