@@ -1,4 +1,6 @@
-"""The one loader for ``data_contracts/*.yaml``: the table contracts the code enforces.
+"""The one loader for ``data_contracts/*.yaml``: the table contracts the code enforces, one
+file per table and data release (``gaia_source_dr3.yaml``; a further release's contract sits
+beside it, see :mod:`gaia_flows.releases`).
 
 A contract is data a person can read and review (names, ECSV datatypes, units, nullability,
 valid ranges); the reader, the validator and the Parquet schema are all derived from it, so
@@ -15,7 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from gaia_flows.layout import CONTRACTS_PACKAGE_DIR, SOURCE_TABLE, package_data
+from gaia_flows.layout import (
+    CONTRACTS_PACKAGE_DIR,
+    DEFAULT_RELEASE,
+    SOURCE_TABLE,
+    contract_file_name,
+    package_data,
+)
 from gaia_flows.science.contract import ColumnContract, TableContract
 from gaia_flows.science.ecsv import ECSV_DATATYPES
 
@@ -54,9 +62,16 @@ def _column(entry: dict, where: str) -> ColumnContract:
     return col
 
 
+def load_contract(
+    table: str = SOURCE_TABLE, directory: Path = CONTRACTS_DIR, release: str = DEFAULT_RELEASE
+) -> TableContract:
+    """The contract of ``table`` in ``release`` (default: DR3's) from ``directory``."""
+    return load_contract_file(Path(directory) / contract_file_name(table, release), table)
+
+
 @functools.cache
-def load_contract(table: str = SOURCE_TABLE, directory: Path = CONTRACTS_DIR) -> TableContract:
-    path = Path(directory) / f"{table}.yaml"
+def load_contract_file(path: Path, table: str = SOURCE_TABLE) -> TableContract:
+    """The contract in the YAML file ``path``, for ``table`` unless the file names its own."""
     try:
         spec = yaml.safe_load(path.read_text())
     except FileNotFoundError:

@@ -1,5 +1,7 @@
 """Named jobs a person launches from the UI, a schedule or a sensor."""
 
+import functools
+
 from dagster import (
     AssetObservation,
     AssetSelection,
@@ -14,16 +16,27 @@ from dagster import (
 from gaia_flows.cloud.provision import ProvisionError
 from gaia_flows.cloud.retry import CloudCallError, redact
 from gaia_flows.cloud.settings import RUN_TAG_TEARDOWN_DECISION, RUN_TAG_TEARDOWN_REASON
+from gaia_flows.layout import DEFAULT_RELEASE, SOURCE_TABLE, STATS_TABLE
 from gaia_flows.partitions import sky_regions
+from gaia_flows.releases import RELEASES, Release
 from gaia_flows.resources.cloud import CloudResource
 
-# Per-region work: ingestion and per-region statistics, one Spark application per run.
-catalogue_job = define_asset_job(
-    "catalogue_refresh",
-    selection=AssetSelection.assets("gaia_source", "pm_stats"),
-    partitions_def=sky_regions,
-    description="Ingest landing files and recompute per-region proper-motion statistics.",
-)
+
+@functools.cache
+def release_catalogue_job(release: Release):
+    """Per-region work of one release: ingestion and per-region statistics, one Spark
+    application per run (``catalogue_refresh`` for DR3, ``<release>_catalogue_refresh`` else).
+    One object per release, as ``Definitions`` wants for the schedule's, the sensor's and its
+    own reference."""
+    return define_asset_job(
+        "catalogue_refresh" if release.is_default else f"{release.name}_catalogue_refresh",
+        selection=AssetSelection.assets(release.key(SOURCE_TABLE), release.key(STATS_TABLE)),
+        partitions_def=sky_regions,
+        description=f"Ingest {release.name}'s landing files and recompute its per-region proper-motion statistics.",
+    )
+
+
+catalogue_job = release_catalogue_job(RELEASES[DEFAULT_RELEASE])
 
 # spark_cluster alone, as the cluster sensor launches it to grow or shrink the workers.
 resize_cluster_job = define_asset_job(

@@ -28,6 +28,19 @@ resets the platform. Every module asks this one helper for paths instead of join
 ``<region>`` is a sky-region key such as ``hpx1-07``
 (:func:`gaia_flows.science.healpix.region_key`).
 
+The tree above is the default data release's (:data:`DEFAULT_RELEASE`, DR3). Every further
+release (:mod:`gaia_flows.releases`) has the same data folders one level down, so adding it
+never touches a DR3 file (:meth:`StateLayout.for_release`)::
+
+    landing/<release>/        GaiaSource_*.csv.gz of that release, its truth/
+    warehouse/<release>/      gaia_source/<region>/, pm_stats/<region>/, ... as above
+    quarantine/<release>/     <table>/<region>/
+    maps/<release>/           PNGs
+    hats/<release>/           HATS collections
+
+The Dagster instance, the MLflow store (one registered model per release), the clusters and
+Spark's scratch space are shared by all releases.
+
 On a cluster of separate hosts the data folders move to a shared file system that every node
 mounts at the same path (the profile's ``storage`` section, see :meth:`StateLayout.with_storage`):
 executors read the landing files and write the warehouse there, while the Dagster instance and
@@ -58,6 +71,15 @@ CONTRACTS_PACKAGE_DIR = "data/contracts"
 """The table contracts (top-level ``data_contracts/``) as installed with the package."""
 PROFILES_PACKAGE_DIR = "data/profiles"
 """The deployment profiles (top-level ``resources/``) as installed with the package."""
+
+DEFAULT_RELEASE = "dr3"
+"""The data release whose folders, asset keys and model name carry no release name."""
+
+
+def contract_file_name(table: str, release: str) -> str:
+    """A release's contract of ``table`` in ``data_contracts/``: ``gaia_source_dr3.yaml``."""
+    return f"{table}_{release}.yaml"
+
 
 REGION_MANIFEST = "_region.json"
 """Sidecar of every published table version: what it holds and where it came from."""
@@ -97,13 +119,16 @@ STORAGE_DIRS = ("landing", "warehouse", "quarantine", "maps")
 @dataclass(frozen=True)
 class StateLayout:
     """``home`` and the four data folders: ``home/<name>`` from :meth:`from_env`, elsewhere after
-    :meth:`with_storage`."""
+    :meth:`with_storage`, one level down for a release other than the default after
+    :meth:`for_release`."""
 
     home: Path
     landing: Path
     warehouse: Path
     quarantine: Path
     maps: Path
+    release: str | None = None
+    """``None`` for the default release, else the release whose folders these are."""
 
     @classmethod
     def from_env(
@@ -142,7 +167,23 @@ class StateLayout:
             if name == "landing" and self.landing != self.home / "landing":
                 value = None
             paths[name] = Path(value) if value is not None else getattr(self, name)
-        return StateLayout(home=self.home, **paths)
+        return StateLayout(home=self.home, release=self.release, **paths)
+
+    def for_release(self, release: str) -> StateLayout:
+        """The data folders of ``release``: these folders for the default release, else the
+        ``<release>/`` subfolder of each (landing, warehouse, quarantine, maps, hats)."""
+        if release == DEFAULT_RELEASE or release == self.release:
+            return self
+        if self.release is not None:
+            raise ValueError(f"{self.release!r}'s folders have no release {release!r} inside")
+        return StateLayout(
+            home=self.home,
+            landing=self.landing / release,
+            warehouse=self.warehouse / release,
+            quarantine=self.quarantine / release,
+            maps=self.maps / release,
+            release=release,
+        )
 
     @property
     def dagster_home(self) -> Path:
@@ -174,8 +215,10 @@ class StateLayout:
             <table>/                      the catalogue: properties, partition_info.csv,
                 dataset/Norder=<k>/Dir=<d>/Npix=<n>.parquet, dataset/_metadata
             <table>_<margin>arcs/         the margin cache, same layout
+
+        A release other than the default has its collections in ``hats/<release>/``.
         """
-        return self.home / "hats"
+        return self.home / "hats" / self.release if self.release else self.home / "hats"
 
     def hats_collection(self, table: str) -> Path:
         return self.hats / table

@@ -1,7 +1,9 @@
-"""React to the world outside a run: new or changed Gaia files in the landing folder, and the
-provisioned cluster's use (grown for a backfill, shrunk to ``min_workers`` and torn down when idle)."""
+"""React to the world outside a run: new or changed Gaia files in each release's landing
+folder, and the provisioned cluster's use (grown for a backfill, shrunk to ``min_workers`` and
+torn down when idle)."""
 
 import calendar
+import functools
 import hashlib
 import json
 import time
@@ -16,6 +18,7 @@ from dagster import (
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -32,9 +35,10 @@ from gaia_flows.cloud.settings import (
     RUN_TAG_TEARDOWN_REASON,
     CloudSettings,
 )
-from gaia_flows.jobs import catalogue_job, resize_cluster_job, teardown_cluster_job
+from gaia_flows.jobs import release_catalogue_job, resize_cluster_job, teardown_cluster_job
 from gaia_flows.layout import REGION_MANIFEST, SOURCE_TABLE, StateLayout, landing_files
 from gaia_flows.partitions import range_tags, run_regions
+from gaia_flows.releases import RELEASES, Release
 from gaia_flows.resources.cloud import CloudResource
 from gaia_flows.science.healpix import files_for_region, parse_region_key, region_keys
 
@@ -70,30 +74,61 @@ def _already_ingested(layout: StateLayout, path: Path) -> bool:
     )
 
 
-@sensor(job=catalogue_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
-def landing_files_sensor(context: SensorEvaluationContext):
-    """Launch only the regions whose landing files are new or changed since the last look.
+@functools.cache
+def build_landing_files_sensor(releases: tuple[Release, ...]) -> SensorDefinition:
+    """``landing_files_sensor`` over the landing folders of ``releases``, each launching that
+    release's catalogue job (:func:`gaia_flows.jobs.release_catalogue_job`)."""
+    jobs = {release: release_catalogue_job(release) for release in releases}
 
-    The cursor remembers each file's size and mtime, so a rewritten file triggers its regions
-    again, and an untouched folder triggers nothing. The first look (no cursor, e.g. the first
-    ``gaia-flows ui`` after ``make demo``) skips files older than the published versions of all
-    their regions, so turning the daemon on does not ingest the catalogue a second time.
-    """
-    layout = StateLayout.from_env()
-    seen = json.loads(context.cursor) if context.cursor else None
-    current = {p.name: _fingerprint(p) for p in landing_files(layout.landing)}
-    if seen is None:
-        changed = [p for p in (layout.landing / name for name in current) if not _already_ingested(layout, p)]
-    else:
-        changed = [layout.landing / name for name, mark in current.items() if seen.get(name) != mark]
-    if not changed:
-        return SkipReason(f"no new or changed files among {len(current)} in {layout.landing}")
-    state = hashlib.sha1(json.dumps(current, sort_keys=True).encode()).hexdigest()[:12]
-    requests = [
-        RunRequest(run_key=f"{first}..{last}@{state}", tags=range_tags(first, last))
-        for first, last in contiguous_runs(affected_regions(changed))
-    ]
-    return SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))
+    @sensor(
+        name="landing_files_sensor",
+        jobs=list(jobs.values()),
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+    )
+    def landing_files_sensor(context: SensorEvaluationContext):
+        """Launch only the regions whose landing files are new or changed since the last look,
+        per release: DR3's files in the landing folder, another release's in ``landing/<release>/``.
+
+        The cursor remembers each file's size and mtime (by its path under the landing folder),
+        so a rewritten file triggers its regions again, and an untouched folder triggers
+        nothing. The first look (no cursor, e.g. the first ``gaia-flows ui`` after ``make demo``)
+        skips files older than the published versions of all their regions, so turning the
+        daemon on does not ingest the catalogue a second time.
+        """
+        base = StateLayout.from_env()
+        seen = json.loads(context.cursor) if context.cursor else None
+        current: dict[str, str] = {}
+        requests = []
+        for release, job in jobs.items():
+            layout = release.layout(base)
+            files = {str(p.relative_to(base.landing)): p for p in landing_files(layout.landing)}
+            marks = {key: _fingerprint(p) for key, p in files.items()}
+            current.update(marks)
+            if seen is None:
+                changed = [p for p in files.values() if not _already_ingested(layout, p)]
+            else:
+                changed = [files[key] for key, mark in marks.items() if seen.get(key) != mark]
+            if not changed:
+                continue
+            state = hashlib.sha1(json.dumps(marks, sort_keys=True).encode()).hexdigest()[:12]
+            prefix = "" if release.is_default else f"{release.name}:"
+            requests += [
+                RunRequest(
+                    run_key=f"{prefix}{first}..{last}@{state}",
+                    job_name=job.name,
+                    tags=range_tags(first, last),
+                )
+                for first, last in contiguous_runs(affected_regions(changed))
+            ]
+        if not requests:
+            return SkipReason(f"no new or changed files among {len(current)} in {base.landing}")
+        return SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))
+
+    return landing_files_sensor
+
+
+landing_files_sensor = build_landing_files_sensor(tuple(RELEASES.values()))
 
 
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}

@@ -1,11 +1,10 @@
 """``gaia-flows status`` reads the instance: materialised, stale and failed regions per asset."""
 
-from dagster import load_assets_from_modules, materialize
+from dagster import materialize
 from rich.console import Console
 from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 from support.spark import TEST_SPARK_CONF
 
-from gaia_flows import definitions
 from gaia_flows.cli import open_instance
 from gaia_flows.cli_status import asset_statuses, champion, status_table
 from gaia_flows.definitions import defs
@@ -22,7 +21,7 @@ def test_status_counts_materialised_stale_and_failed_regions(layout, spark):
         lo, hi = region_file_range(region)
         files[region] = write_gaia_file(layout.landing, lo, hi, stars_in_region(region, n, 1))
     instance = open_instance(layout)
-    assets = load_assets_from_modules(definitions._modules)
+    assets = list(defs.assets)
     resources = {**build_resources(), "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF)}
 
     def run(selection, first, last):

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterEventType, DagsterInstance, load_assets_from_modules, materialize
+from dagster import AssetKey, DagsterEventType, DagsterInstance, materialize
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 from support.servers import ServerProcess
 from support.spark import TEST_SPARK_CONF
 
-from gaia_flows import definitions
 from gaia_flows.cli import dagster_env
 from gaia_flows.contracts import load_contract
 from gaia_flows.definitions import defs
@@ -73,7 +72,7 @@ def built_world(layout, spark, monkeypatch, tmp_path):
     shutil.copytree(side / "truth", layout.landing / "truth")
     instance = DagsterInstance.get()
     resources = {**build_resources(), "spark": SparkResource(master="local[2]", spark_config=TEST_SPARK_CONF)}
-    assets = load_assets_from_modules(definitions._modules)
+    assets = list(defs.assets)
     keys = sky_regions.get_partition_keys()
     everywhere = range_tags(keys[0], keys[-1])
     steps = [

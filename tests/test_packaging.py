@@ -41,7 +41,7 @@ def test_a_built_wheel_loads_the_contract_and_a_profile_outside_the_checkout(tmp
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("gaia_flows-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "gaia_flows/data/contracts/gaia_source.yaml" in names
+    assert "gaia_flows/data/contracts/gaia_source_dr3.yaml" in names
     assert "gaia_flows/data/profiles/profile.schema.json" in names
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)  # a pure wheel unpacked is an installed package

@@ -2,6 +2,7 @@
 directory per sky region, rows sorted by ``source_id`` so neighbours share files."""
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetExecutionContext,
     AssetSpec,
@@ -14,11 +15,11 @@ from dagster import (
     asset_check,
 )
 
-from gaia_flows.contracts import load_contract
 from gaia_flows.engine.ingest import IngestReport, ingest_regions
 from gaia_flows.engine.metrics import run_figures, run_job_group
 from gaia_flows.layout import SOURCE_TABLE
 from gaia_flows.partitions import sky_regions
+from gaia_flows.releases import release_of
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.warehouse import (
@@ -30,11 +31,14 @@ from gaia_flows.warehouse import (
     warehouse_errors,
 )
 
+GROUP = "catalogue"
+
 gaia_landing = AssetSpec(
     "gaia_landing",
-    description="Gaia DR3-format bulk files (GaiaSource_<hpx8start>-<hpx8end>.csv.gz) in $GAIA_FLOWS_LANDING; "
-    "written by the archive download or `gaia-flows generate`, never by this graph.",
-    group_name="catalogue",
+    description="Gaia bulk files (GaiaSource_<hpx8start>-<hpx8end>.csv.gz) of one data release, in $GAIA_FLOWS_LANDING "
+    "(landing/<release>/ for a release other than DR3); written by the archive download or `gaia-flows generate`, "
+    "never by this graph.",
+    group_name=GROUP,
     kinds={"csv"},
 )
 
@@ -50,7 +54,7 @@ class GaiaSourceConfig(Config):
     partitions_def=sky_regions,
     backfill_policy=BackfillPolicy.single_run(),
     deps=[gaia_landing, "spark_cluster"],
-    group_name="catalogue",
+    group_name=GROUP,
     kinds={"spark", "parquet"},
     # Runs that write this table take turns (the instance's pools default_limit is 1): two runs
     # of the same region would otherwise both ingest it, and the later publish would win.
@@ -59,13 +63,16 @@ class GaiaSourceConfig(Config):
 def gaia_source(
     context: AssetExecutionContext, config: GaiaSourceConfig, spark: SparkResource, storage: StorageResource
 ) -> MaterializeResult:
-    """Gaia sources of each sky region, validated against ``data_contracts/gaia_source.yaml``.
+    """Gaia sources of each sky region, validated against the release's contract
+    (``data_contracts/gaia_source_dr3.yaml`` for DR3).
 
     A run over many regions is one Spark application (single-run backfill), because a cold
     Spark start costs more than ingesting a small region. Bad rows go to the quarantine with a
     reason; a bad file fails only the regions it feeds, and their previous versions stay.
     """
-    layout = storage.layout
+    release = release_of(context)
+    layout = release.layout(storage.layout)
+    contract = release.contract()
     session = spark.session()
     job_group = run_job_group(SOURCE_TABLE, context.run_id)
     session.sparkContext.setJobGroup(
@@ -73,7 +80,7 @@ def gaia_source(
     )
     with warehouse_errors(layout, SOURCE_TABLE, context.partition_keys):
         report = ingest_regions(
-            session, layout, list(context.partition_keys), load_contract(SOURCE_TABLE), config.bucket_mb << 20
+            session, layout, list(context.partition_keys), contract, config.bucket_mb << 20
         )
     for region, result in report.regions.items():
         context.add_asset_metadata(
@@ -86,6 +93,7 @@ def gaia_source(
                 "parquet_files": result.output_files,
                 "bytes": MetadataValue.int(result.output_bytes),
                 "path": MetadataValue.path(result.path),
+                "release": release.name,
             },
             partition_key=region,
         )
@@ -99,6 +107,8 @@ def gaia_source(
         )
     metadata = _run_metadata(report, run_figures(session, job_group, report.task_records))
     metadata["spark_cores"] = session.sparkContext.defaultParallelism
+    metadata["release"] = release.name
+    metadata["contract"] = MetadataValue.path(str(contract.source))
     return MaterializeResult(metadata=metadata)
 
 
@@ -134,9 +144,9 @@ def _run_metadata(report: IngestReport, figures: dict) -> dict:
     blocking=True,
     description="Every row read is accepted or quarantined: rows in = accepted + rejected.",
 )
-def rows_conserved(storage: StorageResource) -> AssetCheckResult:
+def rows_conserved(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
     """Counts come from the Parquet footers on disk, not from the Spark job that wrote them."""
-    layout = storage.layout
+    layout = release_of(context).layout(storage.layout)
     broken, totals = {}, {"rows_in": 0, "accepted": 0, "rejected": 0}
     for region in published_regions(layout, SOURCE_TABLE):
         manifest = read_manifest(layout, SOURCE_TABLE, region)
@@ -164,10 +174,10 @@ def rows_conserved(storage: StorageResource) -> AssetCheckResult:
     asset=gaia_source,
     description="Every published Parquet file reads back, page checksums verified; a failure names file and region.",
 )
-def parquet_readable(storage: StorageResource) -> AssetCheckResult:
+def parquet_readable(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
     """Catches files damaged after publishing (overwritten bytes, truncation). Reads every data
     page once, so it costs a full scan of the table; rerunning a named region repairs it."""
-    layout = storage.layout
+    layout = release_of(context).layout(storage.layout)
     corrupt, rows = {}, 0
     for region in published_regions(layout, SOURCE_TABLE):
         try:

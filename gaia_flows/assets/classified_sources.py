@@ -2,7 +2,8 @@
 
 Per region ``source_id, probability, label`` (label 1 = good solution, probability = P(good)),
 scored inside Spark by :mod:`gaia_flows.ml.scoring` with
-``models:/astrometric-quality-rf@champion`` (resolved once per run to a fixed version).
+``models:/astrometric-quality-rf@champion`` (resolved once per run to a fixed version); a
+release other than DR3 is scored with its own model, ``astrometric-quality-rf-<release>``.
 """
 
 import time
@@ -30,6 +31,7 @@ from gaia_flows.maps import preview_markdown, render_healpix
 from gaia_flows.ml import scoring
 from gaia_flows.ml.registry import NoChampionError, resolve_model
 from gaia_flows.partitions import sky_regions
+from gaia_flows.releases import release_of
 from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -45,7 +47,8 @@ class ClassifyConfig(Config):
     """``None``: the threshold the champion was trained with (a tag on its model version)."""
     threshold: float = 0.5
     model_uri: str | None = None
-    """``None``: ``models:/astrometric-quality-rf@champion``."""
+    """``None``: the champion of the release's model (``models:/astrometric-quality-rf@champion``
+    for DR3)."""
     sky_map_level: int = Field(default=5, ge=REGION_LEVEL, le=10)
 
 
@@ -70,7 +73,8 @@ def classified_sources(
     0 bad). The all-sky map of the bad fraction should trace crowded fields: the Galactic plane,
     the bulge and the Magellanic Clouds.
     """
-    layout = storage.layout
+    release = release_of(context)
+    layout = release.layout(storage.layout)
     session = spark.session()
     job_group = run_job_group(CLASSIFIED_TABLE, context.run_id)
     session.sparkContext.setJobGroup(
@@ -79,7 +83,7 @@ def classified_sources(
     records = task_records(session)
     with mlflow.activate() as client:
         try:
-            uri, version, population_min = resolve_model(client, config.model_uri)
+            uri, version, population_min = resolve_model(client, config.model_uri, release.model_name)
         except NoChampionError as exc:
             raise Failure(str(exc)) from exc
         loaded = classify.load_model(uri, version)
@@ -128,6 +132,7 @@ def classified_sources(
         coord=["C", "G"],
     )
     metadata = {
+        "release": release.name,
         "model": uri,
         "model_version": version or "",
         "population": config.population,

@@ -1,5 +1,5 @@
 """The astrometric-quality Random Forest, tracked in MLflow and registered as
-``astrometric-quality-rf``.
+``astrometric-quality-rf`` (``astrometric-quality-rf-<release>`` for a release other than DR3).
 
 scikit-learn on the driver or Spark ML, by a size rule; the ``champion`` alias moves only when
 the new version is not worse on the same hold-out (check ``not_worse_than_champion`` shows both
@@ -27,8 +27,8 @@ from gaia_flows.engine import classify
 from gaia_flows.layout import TRAINING_TABLE
 from gaia_flows.maps import preview_markdown
 from gaia_flows.ml import figures
-from gaia_flows.ml.registry import MODEL_NAME
 from gaia_flows.ml.train import GateSettings, train_and_register
+from gaia_flows.releases import release_of
 from gaia_flows.resources.mlflow import MlflowResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
@@ -86,7 +86,9 @@ def astrometric_classifier(
 ) -> MaterializeResult:
     """Random Forest on the 16 GCNS features, tracked and registered in MLflow
     (:func:`gaia_flows.ml.train.train_and_register`)."""
-    table_path = storage.layout.table(TRAINING_TABLE)
+    release = release_of(context)
+    model_name = release.model_name
+    table_path = release.layout(storage.layout).table(TRAINING_TABLE)
     if not table_path.exists():
         raise Failure(f"{TRAINING_TABLE} is not materialised ({table_path}); materialise it first")
     version_dir = table_path.resolve()
@@ -102,7 +104,8 @@ def astrometric_classifier(
         experiment_id = mlflow.experiment_id(client)
         tags = {
             "dagster_run_id": context.run_id,
-            "dagster_asset": "astrometric_classifier",
+            "dagster_asset": context.asset_key.to_user_string(),
+            "release": release.name,
             "engine": choice.engine,
             "training_table": str(version_dir),
         }
@@ -110,7 +113,7 @@ def astrometric_classifier(
         run = train_and_register(
             client,
             experiment_id,
-            f"{MODEL_NAME}-{context.run_id[:8]}",
+            f"{model_name}-{context.run_id[:8]}",
             tags,
             config.forest.to_params(),
             choice,
@@ -118,14 +121,16 @@ def astrometric_classifier(
             manifest,
             gate,
             spark.session,
+            model_name,
         )
 
     decision = run.gate
     metadata = {
         "mlflow_run": MetadataValue.url(mlflow.run_url(experiment_id, run.run_id)),
         "mlflow_run_id": run.run_id,
-        "model": f"models:/{MODEL_NAME}/{run.version}",
-        "model_version": MetadataValue.url(mlflow.model_version_url(MODEL_NAME, run.version)),
+        "release": release.name,
+        "model": f"models:/{model_name}/{run.version}",
+        "model_version": MetadataValue.url(mlflow.model_version_url(model_name, run.version)),
         "champion_version": decision.champion_after,
         "promoted": decision.promoted,
         "engine": choice.engine,

@@ -7,9 +7,11 @@ gaia = lsdb.open_catalog(".gaia/hats/gaia_source")   # catalogue + its 10" margi
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from gaia_flows.assets.catalogue import GROUP
 from gaia_flows.engine.hats_export import HatsSettings, export
 from gaia_flows.engine.metrics import run_figures, run_job_group
 from gaia_flows.layout import SOURCE_TABLE
+from gaia_flows.releases import release_of
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science.healpix import REGION_LEVEL
@@ -32,7 +34,7 @@ class HatsCatalogueConfig(Config):
         return HatsSettings(self.pixel_threshold, self.highest_order, self.lowest_order, self.margin_arcsec)
 
 
-@asset(deps=[SOURCE_TABLE], group_name="catalogue", kinds={"spark", "parquet"})
+@asset(deps=[SOURCE_TABLE], group_name=GROUP, kinds={"spark", "parquet"})
 def hats_catalogue(
     context: AssetExecutionContext,
     config: HatsCatalogueConfig,
@@ -42,8 +44,10 @@ def hats_catalogue(
     """Every published region of ``gaia_source`` as one HATS collection (catalogue with
     ``_healpix_29``, adaptive partitions, hats metadata, and a margin cache), published
     atomically. Only the partitions of regions whose rows changed since the last export are
-    rewritten; the others are carried over unchanged."""
-    layout = storage.layout
+    rewritten; the others are carried over unchanged. A release other than DR3 has its
+    collection under ``hats/<release>/``."""
+    release = release_of(context)
+    layout = release.layout(storage.layout)
     session = spark.session()
     job_group = run_job_group(f"hats-{SOURCE_TABLE}", context.run_id)
     session.sparkContext.setJobGroup(job_group, f"HATS export of {SOURCE_TABLE}", interruptOnCancel=True)
@@ -54,6 +58,7 @@ def hats_catalogue(
     )
     return MaterializeResult(
         metadata={
+            "release": release.name,
             "path": MetadataValue.path(str(collection)),
             "open_with": MetadataValue.md(
                 f"```python\nimport lsdb\nlsdb.open_catalog({str(collection)!r})\n```"

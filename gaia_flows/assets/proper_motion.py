@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetExecutionContext,
@@ -38,6 +39,7 @@ from gaia_flows.engine.pm_stats import (
 )
 from gaia_flows.layout import SOURCE_TABLE, STATS_TABLE
 from gaia_flows.partitions import sky_regions
+from gaia_flows.releases import release_of
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
@@ -75,7 +77,8 @@ def pm_stats(
     per-pixel result comes back to the driver (``engine``). Sources without proper motion are
     counted (``n_pm`` vs ``n_sources``), never averaged as zero.
     """
-    layout = storage.layout
+    release = release_of(context)
+    layout = release.layout(storage.layout)
     regions = list(context.partition_keys)
     session = spark.session()
     job_group = run_job_group(STATS_TABLE, context.run_id)
@@ -102,7 +105,7 @@ def pm_stats(
             published = stats_in_region_tasks(session, layout, SOURCE_TABLE, regions, config.level, publish)
         else:
             per_region = compute_region_stats(
-                read_input(session, layout, SOURCE_TABLE, regions), regions, config.level
+                read_input(session, layout, SOURCE_TABLE, regions, release.contract()), regions, config.level
             )
             published = [publish(region, table) for region, table in per_region.items()]
     except InputColumnsError as exc:
@@ -119,6 +122,7 @@ def pm_stats(
                 "level": config.level,
                 "path": MetadataValue.path(str(layout.region_dir(STATS_TABLE, record["region"]))),
                 "version": record["version"],
+                "release": release.name,
             },
             partition_key=record["region"],
         )
@@ -127,6 +131,7 @@ def pm_stats(
         for name in ("n_sources", "n_pm", "pixels", "stored_bytes")
     }
     metadata = {
+        "release": release.name,
         "regions": len(regions),
         "level": config.level,
         "spark_cores": session.sparkContext.defaultParallelism,
@@ -157,11 +162,13 @@ def _stored_rows(layout, table: str, region: str, column: str | None = None) -> 
     blocking=True,
     description="Every region's statistics count exactly the rows gaia_source accepted for it.",
 )
-def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckResult:
+def pm_stats_counts_match_gaia_source(
+    context: AssetCheckExecutionContext, storage: StorageResource
+) -> AssetCheckResult:
     """Σ n_sources over a region's pixels (from the stored statistics) against the rows in the
     gaia_source region's Parquet files and its manifest's ``rows_accepted``. Regions whose
     gaia_source was republished after their statistics are reported as stale, not compared."""
-    layout = storage.layout
+    layout = release_of(context).layout(storage.layout)
     source_versions = layout.region_versions(SOURCE_TABLE)
     mismatched, stale, checked, rows = {}, [], 0, 0
     for region in layout.region_versions(STATS_TABLE):
@@ -196,8 +203,8 @@ def pm_stats_counts_match_gaia_source(storage: StorageResource) -> AssetCheckRes
     asset=pm_stats,
     description="Every region's statistics were computed from the gaia_source version published now.",
 )
-def pm_stats_current(storage: StorageResource) -> AssetCheckResult:
-    layout = storage.layout
+def pm_stats_current(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
+    layout = release_of(context).layout(storage.layout)
     source_versions = layout.region_versions(SOURCE_TABLE)
     stats_regions = layout.region_versions(STATS_TABLE)
     stale = [

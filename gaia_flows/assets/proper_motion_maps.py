@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetExecutionContext,
     AutomationCondition,
@@ -20,6 +21,7 @@ from dagster import (
 from gaia_flows import maps
 from gaia_flows.assets.proper_motion import GROUP, pm_stats
 from gaia_flows.layout import MAPS_TABLE, STATS_TABLE
+from gaia_flows.releases import release_of
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science import proper_motion as pm
 from gaia_flows.science.healpix import npix
@@ -47,8 +49,10 @@ def proper_motion_maps(
     """All-sky proper-motion maps: the per-region statistics merged and degraded by the nested
     right shift to every level 0..L_max (``warehouse/proper_motion_maps``, one table with a
     ``level`` column), plus Mollweide PNGs of mean pmra, mean pmdec and source counts under
-    ``<home>/maps/proper_motion/``. Empty pixels are NaN (grey in the PNGs). No Spark."""
-    layout = storage.layout
+    ``<home>/maps/proper_motion/`` (``maps/<release>/`` for a release other than DR3). Empty
+    pixels are NaN (grey in the PNGs). No Spark."""
+    release = release_of(context)
+    layout = release.layout(storage.layout)
     started = time.perf_counter()
     levels, pyramid = maps.publish_pyramid(layout, config.render_levels)
     level_max, totals = pyramid.level_max, pyramid.totals
@@ -90,6 +94,7 @@ def proper_motion_maps(
     seconds = time.perf_counter() - started
     metadata.update(
         {
+            "release": release.name,
             "level_max": level_max,
             "levels_stored": MetadataValue.json(list(range(level_max + 1))),
             "levels_rendered": MetadataValue.json(
@@ -116,10 +121,10 @@ def proper_motion_maps(
     asset=proper_motion_maps,
     description="The stored maps hold every counted source at every level, and a mean wherever there is a proper motion.",
 )
-def maps_consistent(storage: StorageResource) -> AssetCheckResult:
+def maps_consistent(context: AssetCheckExecutionContext, storage: StorageResource) -> AssetCheckResult:
     """Totals per level of the stored pyramid against the pm_stats versions it was built from;
     NaN means only in pixels without proper motions."""
-    layout = storage.layout
+    layout = release_of(context).layout(storage.layout)
     manifest = maps.maps_manifest(layout)
     if "sky_levels" not in manifest:
         return AssetCheckResult(passed=False, metadata={"reason": "no stored maps"})

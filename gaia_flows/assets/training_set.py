@@ -26,6 +26,7 @@ from gaia_flows.layout import SOURCE_TABLE, TRAINING_TABLE
 from gaia_flows.maps import preview_markdown
 from gaia_flows.ml import figures
 from gaia_flows.ml.training_set import select_training_set
+from gaia_flows.releases import release_of
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 from gaia_flows.science.astrometric import FeatureError, GcnsCuts
@@ -85,7 +86,8 @@ def astrometric_training_set(
 ) -> MaterializeResult:
     """GCNS training set, selected once from every published region and stored contiguously
     (:func:`gaia_flows.ml.training_set.select_training_set` gives the rules)."""
-    layout = storage.layout
+    release = release_of(context)
+    layout = release.layout(storage.layout)
     session = spark.session()
     job_group = run_job_group(TRAINING_TABLE, context.run_id)
     session.sparkContext.setJobGroup(job_group, "GCNS training-set selection", interruptOnCancel=True)
@@ -110,6 +112,7 @@ def astrometric_training_set(
         n_good > 0 and n_bad > 0 and n_bad == min(n_bad_available, int(round(n_good * cuts.bad_per_good)))
     )
     metadata = {
+        "release": release.name,
         "rows": selected.rows,
         "good": n_good,
         "bad": n_bad,

@@ -39,6 +39,7 @@ from gaia_flows.engine.sizing import balanced_groups
 from gaia_flows.layout import StateLayout
 from gaia_flows.science import healpix
 from gaia_flows.science import proper_motion as pm
+from gaia_flows.science.contract import TableContract
 from gaia_flows.warehouse import region_paths, write_region_arrow
 
 LISTING_THRESHOLD = "spark.sql.sources.parallelPartitionDiscovery.threshold"
@@ -89,11 +90,18 @@ def check_input_columns(layout: StateLayout, table: str, regions: list[str]) -> 
         )
 
 
-def read_input(session: SparkSession, layout: StateLayout, table: str, regions: list[str]) -> DataFrame:
+def read_input(
+    session: SparkSession,
+    layout: StateLayout,
+    table: str,
+    regions: list[str],
+    contract: TableContract | None = None,
+) -> DataFrame:
     """The columns the statistics need from the given regions of ``table`` (Parquet column
     pruning: the other gaia_source columns are never read).
 
-    Read with the contract's types for those columns, so a file without ``pmra_error`` or
+    Read with the types of the release's contract (default: DR3's ``table`` contract) for
+    those columns, so a file without ``pmra_error`` or
     ``pmdec_error`` reads them as null: its sources are counted and averaged, with no weight in
     the inverse-variance sums. Files without a required column fail first
     (:func:`check_input_columns`).
@@ -102,7 +110,8 @@ def read_input(session: SparkSession, layout: StateLayout, table: str, regions: 
     if not paths:
         raise FileNotFoundError(f"table {table!r} has no published regions under {layout.table(table)}")
     check_input_columns(layout, table, regions)
-    schema = from_arrow_schema(load_contract(table).arrow_schema(list(pm.INPUT_COLUMNS)))
+    contract = contract or load_contract(table)
+    schema = from_arrow_schema(contract.arrow_schema(list(pm.INPUT_COLUMNS)))
     with driver_listing(session, len(paths)):
         return session.read.schema(schema).parquet(*paths).select(*pm.INPUT_COLUMNS)
 

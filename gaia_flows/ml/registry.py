@@ -14,6 +14,8 @@ from gaia_flows.science import astrometric as astro
 from gaia_flows.science.astrometric import FEATURES, GcnsCuts
 
 MODEL_NAME = "astrometric-quality-rf"
+"""The registered model of the default data release; another release's is
+``<MODEL_NAME>-<release>`` (:attr:`gaia_flows.releases.Release.model_name`)."""
 CHAMPION = "champion"
 
 
@@ -21,9 +23,14 @@ class NoChampionError(LookupError):
     """No registered version carries the champion alias yet."""
 
 
-def log_model(trained: classify.LoadedModel, holdout: pd.DataFrame, probability: np.ndarray):
-    """Log (and register as :data:`MODEL_NAME`) the model with its signature and a five-row
-    input example, in the active MLflow run; returns MLflow's ``ModelInfo``."""
+def log_model(
+    trained: classify.LoadedModel,
+    holdout: pd.DataFrame,
+    probability: np.ndarray,
+    model_name: str = MODEL_NAME,
+):
+    """Log (and register as ``model_name``) the model with its signature and a five-row input
+    example, in the active MLflow run; returns MLflow's ``ModelInfo``."""
     import mlflow as mlflow_lib
 
     example = holdout[list(FEATURES)].head(5).astype("float64")
@@ -37,7 +44,7 @@ def log_model(trained: classify.LoadedModel, holdout: pd.DataFrame, probability:
             name="model",
             signature=signature,
             input_example=example,
-            registered_model_name=MODEL_NAME,
+            registered_model_name=model_name,
             pyfunc_predict_fn="predict_proba",
             serialization_format=mlflow_lib.sklearn.SERIALIZATION_FORMAT_SKOPS,
             skops_trusted_types=classify.SKOPS_TRUSTED_TYPES,
@@ -57,17 +64,17 @@ def log_model(trained: classify.LoadedModel, holdout: pd.DataFrame, probability:
         "model",
         signature=signature,
         input_example=example,
-        registered_model_name=MODEL_NAME,
+        registered_model_name=model_name,
         pip_requirements=[f"mlflow=={mlflow_lib.__version__}", f"pyspark=={pyspark.__version__}"],
     )
 
 
-def current_champion(client):
-    """The model version the ``champion`` alias points at, or ``None``."""
+def current_champion(client, model_name: str = MODEL_NAME):
+    """The version of ``model_name`` the ``champion`` alias points at, or ``None``."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+        return client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None
 
@@ -92,6 +99,7 @@ def champion_gate(
     threshold: float,
     metric: str,
     tolerance: float,
+    model_name: str = MODEL_NAME,
 ) -> GateDecision:
     """Score the current champion on the same hold-out; promote ``version`` if not worse.
 
@@ -100,7 +108,7 @@ def champion_gate(
     client
         An ``MlflowClient`` of the tracking server that holds the registry.
     version
-        The newly registered version of :data:`MODEL_NAME`.
+        The newly registered version of ``model_name``.
     metrics
         The new version's hold-out metrics (:func:`gaia_flows.science.astrometric.classification_metrics`).
     holdout
@@ -110,13 +118,15 @@ def champion_gate(
     threshold, metric, tolerance
         Probability threshold of a good solution, the metric compared, and how much worse
         than the champion the new version may be and still be promoted.
+    model_name
+        The registered model (one per data release).
 
     Returns
     -------
     GateDecision
         Whether ``version`` becomes the champion, with both values.
     """
-    champion = current_champion(client)
+    champion = current_champion(client, model_name)
     new_value = float(metrics[metric])
     if champion is None:
         return GateDecision(
@@ -126,7 +136,7 @@ def champion_gate(
             champion_before=None,
             champion_after=version,
         )
-    loaded = classify.load_model(f"models:/{MODEL_NAME}/{champion.version}", champion.version)
+    loaded = classify.load_model(f"models:/{model_name}/{champion.version}", champion.version)
     champion_probability = loaded.good_probability(
         holdout, spark=session() if loaded.flavor == "spark" else None
     )
@@ -143,10 +153,12 @@ def champion_gate(
     )
 
 
-def resolve_model(client, model_uri: str | None) -> tuple[str, str | None, float]:
+def resolve_model(
+    client, model_uri: str | None, model_name: str = MODEL_NAME
+) -> tuple[str, str | None, float]:
     """``(uri, version, population parallax threshold)`` of the model to apply: ``model_uri``
-    if given, else a fixed ``models:/<name>/<version>`` of the current champion, so a whole run
-    uses one version even if the alias moves meanwhile.
+    if given, else a fixed ``models:/<model_name>/<version>`` of the current champion, so a
+    whole run uses one version even if the alias moves meanwhile.
 
     Raises
     ------
@@ -156,10 +168,10 @@ def resolve_model(client, model_uri: str | None) -> tuple[str, str | None, float
     default_min = GcnsCuts().parallax_min_mas
     if model_uri:
         return model_uri, None, default_min
-    champion = current_champion(client)
+    champion = current_champion(client, model_name)
     if champion is None:
         raise NoChampionError(
-            f"no model version of {MODEL_NAME!r} carries the alias '{CHAMPION}': materialise astrometric_classifier first"
+            f"no model version of {model_name!r} carries the alias '{CHAMPION}': materialise astrometric_classifier first"
         )
     population_min = float(champion.tags.get("population_parallax_min_mas", default_min))
-    return f"models:/{MODEL_NAME}/{champion.version}", str(champion.version), population_min
+    return f"models:/{model_name}/{champion.version}", str(champion.version), population_min

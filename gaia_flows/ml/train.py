@@ -168,6 +168,7 @@ def train_and_register(
     manifest: dict,
     gate: GateSettings,
     spark: Callable,
+    model_name: str = registry.MODEL_NAME,
 ) -> TrainingRun:
     """One MLflow run: fit, log inputs, metrics, figures and the model, register a version,
     tag it, and move the ``champion`` alias if the gate promotes it.
@@ -190,6 +191,8 @@ def train_and_register(
         Threshold and promotion rule.
     spark
         Returns the Spark session; called only when an engine or the champion needs Spark.
+    model_name
+        The registered model the version joins (one per data release).
 
     Returns
     -------
@@ -227,7 +230,7 @@ def train_and_register(
 
         timings = dict(fitted.timings)
         started = time.perf_counter()
-        info = registry.log_model(fitted.model, holdout, probability)
+        info = registry.log_model(fitted.model, holdout, probability, model_name)
         timings["log_model_seconds"] = time.perf_counter() - started
         mlflow_lib.log_metrics(metrics, model_id=info.model_id, dataset=fitted.holdout_dataset)
         mlflow_lib.log_metrics({k: round(v, 3) for k, v in timings.items()})
@@ -236,7 +239,7 @@ def train_and_register(
         version = str(info.registered_model_version)
 
         decision = registry.champion_gate(
-            client, version, metrics, holdout, spark, gate.threshold, gate.metric, gate.tolerance
+            client, version, metrics, holdout, spark, gate.threshold, gate.metric, gate.tolerance, model_name
         )
         population_min = manifest.get("cuts", {}).get("parallax_min_mas", GcnsCuts().parallax_min_mas)
         version_tags = {
@@ -247,9 +250,9 @@ def train_and_register(
             "champion_gate": "promoted" if decision.promoted else "kept_previous_champion",
         }
         for key, value in version_tags.items():
-            client.set_model_version_tag(registry.MODEL_NAME, version, key, value)
+            client.set_model_version_tag(model_name, version, key, value)
         if decision.promoted:
-            client.set_registered_model_alias(registry.MODEL_NAME, registry.CHAMPION, version)
+            client.set_registered_model_alias(model_name, registry.CHAMPION, version)
         mlflow_lib.set_tags({"champion_gate": version_tags["champion_gate"]})
         run_id = run.info.run_id
     return TrainingRun(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import load_assets_from_modules, materialize
+from dagster import materialize
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
@@ -82,7 +82,7 @@ def materialize_catalogue(layout: StateLayout, mlflow_url: str) -> None:
             {"ops": {"astrometric_classifier": {"config": {"forest": {"n_estimators": TREES}}}}},
         ),
     ]
-    assets = load_assets_from_modules(definitions._modules)
+    assets = list(definitions.defs.assets)
     for selection, tags, run_config in steps:
         result = materialize(
             assets,
