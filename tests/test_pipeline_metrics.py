@@ -9,14 +9,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dagster import load_assets_from_modules, materialize
+from dagster import materialize
 from prometheus_client.parser import text_string_to_metric_families
 from support.gaia_files import region_file_range, stars_in_region, write_gaia_file
 from support.spark import TEST_SPARK_CONF
 
-from gaia_flows import definitions
 from gaia_flows.cli import dagster_env, open_instance
 from gaia_flows.cloud.prometheus import PIPELINE_JOB, PIPELINE_TARGETS
+from gaia_flows.definitions import defs
 from gaia_flows.partitions import range_tags
 from gaia_flows.resources import build_resources
 from gaia_flows.resources.spark import SparkResource
@@ -38,7 +38,7 @@ def test_exporter_serves_the_latest_materialization_figures_through_file_sd(layo
         write_gaia_file(layout.landing, lo, hi, stars_in_region(region, n, 1))
     instance = open_instance(layout)
     result = materialize(
-        load_assets_from_modules(definitions._modules),
+        list(defs.assets),
         selection=["gaia_source"],
         resources={
             **build_resources(),
