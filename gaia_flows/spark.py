@@ -52,6 +52,11 @@ def session(master: str, conf: dict[str, str] | None = None, app_name: str = "ga
     merged = {**wanted, "spark.master": master, "spark.app.name": app_name}
     if local:
         os.environ["SPARK_LOCAL_IP"] = LOOPBACK
+    elif os.environ.get("SPARK_LOCAL_IP", "").startswith("127."):
+        # Inherited from a laptop default (``gaia-flows ui`` sets it for local runs): the
+        # driver's web UI would bind to loopback while Spark advertises spark.driver.host, and
+        # its REST API, which engine.metrics.stage_io reads, would refuse every request.
+        del os.environ["SPARK_LOCAL_IP"]
     if "spark.pyspark.python" in wanted:
         # PySpark ships the interpreter path with every task: the executors' own, on their hosts.
         os.environ["PYSPARK_PYTHON"] = wanted["spark.pyspark.python"]

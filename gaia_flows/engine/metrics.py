@@ -9,6 +9,7 @@ the row counts, and ``gaia-flows diagnose`` can name it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from pyspark.accumulators import Accumulator, AccumulatorParam
 from pyspark.sql import SparkSession
 
+LOG = logging.getLogger(__name__)
 FIELDS = {
     "inputBytes": "input_bytes",
     "inputRecords": "input_records",
@@ -86,7 +88,8 @@ def stage_io(spark: SparkSession, job_group: str) -> dict:
         summaries = [
             _get(f"{api}/stages/{s['stageId']}/{s['attemptId']}").get("executorSummary", {}) for s in stages
         ]
-    except OSError:
+    except OSError as exc:
+        LOG.warning("Spark stage figures of %s unavailable: %s at %s", job_group, exc, api)
         return {}
     totals: dict = {name: sum(int(s.get(key, 0)) for s in stages) for key, name in FIELDS.items()}
     totals["stages"] = len(stages)
