@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import boto3
+import pytest
 import yaml
 
 from cloud import multihost
@@ -34,6 +36,18 @@ from cloud.emulators import ORCHESTRATOR_ADDRESS, TEST_NETWORK, aws_cloud, opens
 from gaia_flows.contracts import load_contract
 from gaia_flows.partitions import sky_regions
 from gaia_flows.science import synthetic
+
+# The marks of every test module that boots namespace hosts.
+NAMESPACE_HOSTS = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="network namespaces, veth pairs and nftables need root (CI runs as root)"
+    ),
+    pytest.mark.skipif(
+        not (shutil.which("ip") and shutil.which("nft")),
+        reason="needs iproute2 and nftables (.ci/run installs them)",
+    ),
+]
 
 HERE = Path(__file__).resolve().parent
 MOUNT = "/mnt/gaia-flows"  # the profile's storage.mount: the share's path on every host

@@ -12,27 +12,15 @@ Nova does) and removes the host. The next ``spark_cluster`` replaces the SHUTOFF
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
-import pytest
 import yaml
 
-from cloud.deployment import MOUNT, REGIONS, openstack
+from cloud.deployment import MOUNT, NAMESPACE_HOSTS, REGIONS, openstack
 from cloud.deployment import deployment as cluster_deployment
 from gaia_flows.cloud.settings import LEASE_DIR
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(
-        os.geteuid() != 0, reason="network namespaces, veth pairs and nftables need root (CI runs as root)"
-    ),
-    pytest.mark.skipif(
-        not (shutil.which("ip") and shutil.which("nft")),
-        reason="needs iproute2 and nftables (.ci/run installs them)",
-    ),
-]
+pytestmark = NAMESPACE_HOSTS
 
 ORPHAN_MINUTES = 0.5
 PROFILE = "openstack-mh-orphan"

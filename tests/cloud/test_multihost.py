@@ -41,6 +41,7 @@ from cloud.deployment import (
     MLFLOW_PORT,
     MLFLOW_URL,
     MOUNT,
+    NAMESPACE_HOSTS,
     NETWORK,
     REGIONS,
     Deployment,
@@ -66,16 +67,7 @@ from gaia_flows.resources.mlflow import SERVER_ENV, MlflowResource
 from gaia_flows.resources.spark import SparkResource
 from gaia_flows.resources.storage import StorageResource
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(
-        os.geteuid() != 0, reason="network namespaces, veth pairs and nftables need root (CI runs as root)"
-    ),
-    pytest.mark.skipif(
-        not (shutil.which("ip") and shutil.which("nft")),
-        reason="needs iproute2 and nftables (.ci/run installs them)",
-    ),
-]
+pytestmark = NAMESPACE_HOSTS
 
 STARS = 12_000
 # What a Spark driver logs when the master closes the connection during the authentication
