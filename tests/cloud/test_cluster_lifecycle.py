@@ -155,15 +155,20 @@ def test_cluster_up_status_down_by_subprocess(target, layout, monkeypatch):
 IDLE_MINUTES = 0.05  # 3 s
 
 
-@pytest.mark.parametrize("target", ["openstack"], indirect=True)
-def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
-    cloud = openstack_cloud(target.api, idle_minutes=IDLE_MINUTES)
-    profile = write_profile(target.profiles_dir, "openstack", "openstack-idle", cloud)
+def _sensor_profile(target, layout, name: str, **settings):
+    """An OpenStack profile ``name`` with cluster ``settings``, its share mounted under the state
+    folder: (profile, the cluster's lease file, the CloudResource the sensor gets)."""
+    profile = write_profile(target.profiles_dir, "openstack", name, openstack_cloud(target.api, **settings))
     share = _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
-    lease = share / LEASE_DIR / target.cluster
     resource = CloudResource(
         storage=StorageResource(), profile=profile, profiles_dir=str(target.profiles_dir)
     )
+    return profile, share / LEASE_DIR / target.cluster, resource
+
+
+@pytest.mark.parametrize("target", ["openstack"], indirect=True)
+def test_idle_sensor_tears_the_cluster_down_after_idle_minutes(target, layout):
+    profile, lease, resource = _sensor_profile(target, layout, "openstack-idle", idle_minutes=IDLE_MINUTES)
     with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
         materialise(target, workers=2, profile=profile, instance=instance)
         manifest = json.loads((layout.clusters / f"{target.cluster}.json").read_text())
@@ -306,13 +311,9 @@ def test_nodes_that_powered_themselves_off_are_replaced_by_the_next_reconcile(ta
 def test_cluster_sensor_removes_a_cluster_that_powered_off_while_the_orchestrator_was_away(target, layout):
     """Back after orphan_minutes, the orchestrator finds a stale lease and SHUTOFF servers
     holding quota: the sensor tears them down at once, before idle_minutes and with no new run."""
-    cloud = openstack_cloud(target.api, orphan_minutes=1)  # idle_minutes stays 30
-    profile = write_profile(target.profiles_dir, "openstack", "openstack-orphan", cloud)
-    share = _mount_share(target.profiles_dir / f"{profile}.yaml", layout.home / "share")
-    lease = share / LEASE_DIR / target.cluster
-    resource = CloudResource(
-        storage=StorageResource(), profile=profile, profiles_dir=str(target.profiles_dir)
-    )
+    profile, lease, resource = _sensor_profile(
+        target, layout, "openstack-orphan", orphan_minutes=1
+    )  # idle_minutes stays 30
     with DagsterInstance.local_temp(str(layout.dagster_home)) as instance:
         materialise(target, workers=2, profile=profile, instance=instance)
 
