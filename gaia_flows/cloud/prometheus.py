@@ -75,13 +75,16 @@ def targets_path(manifest_path: Path) -> Path:
     return manifest_path.with_name(f"{manifest_path.stem}.prometheus.json")
 
 
-def write_targets(manifest_path: Path, manifest: dict, node_exporters: bool) -> Path:
+def _write(path: Path, groups: list[dict]) -> Path:
     """Written atomically: Prometheus re-reads the file whenever it changes."""
-    path = targets_path(manifest_path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(scrape_targets(manifest, node_exporters), indent=2))
+    tmp.write_text(json.dumps(groups, indent=2))
     os.replace(tmp, path)
     return path
+
+
+def write_targets(manifest_path: Path, manifest: dict, node_exporters: bool) -> Path:
+    return _write(targets_path(manifest_path), scrape_targets(manifest, node_exporters))
 
 
 # The pipeline's own figures (``gaia-flows metrics``): one target on the orchestrator, found
@@ -92,11 +95,7 @@ PIPELINE_TARGETS = "_pipeline.prometheus.json"
 
 
 def write_pipeline_targets(clusters: Path, address: str) -> Path:
-    """The ``file_sd`` file naming the exporter at ``address`` (``host:port``), atomically."""
+    """The ``file_sd`` file naming the exporter at ``address`` (``host:port``)."""
     clusters.mkdir(parents=True, exist_ok=True)
-    path = clusters / PIPELINE_TARGETS
-    tmp = path.with_name(f".{path.name}.tmp")
     groups = [{"targets": [address], "labels": {"job": PIPELINE_JOB, "__metrics_path__": "/metrics"}}]
-    tmp.write_text(json.dumps(groups, indent=2))
-    os.replace(tmp, path)
-    return path
+    return _write(clusters / PIPELINE_TARGETS, groups)
