@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 from gaia_flows.engine.sizing import files_per_region
@@ -131,7 +131,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class WorkloadProfile:
-    """Per-workload constants; exposed so a profile can tune them without code."""
+    """Per-workload constants. A profile may set ``cloud.cluster.target_bytes_per_core`` for
+    the throughput workloads: storage slower or faster than local disk changes how much one core
+    scans in the target time."""
 
     min_ram_per_core_mb: int
     target_bytes_per_core: int  # how much one core should scan in the target time
@@ -315,6 +317,7 @@ def plan_cluster(
     sizes: Iterable[Size],
     limits: Limits | None = None,
     regions: int | Mapping[str, int] = DEFAULT_REGIONS,
+    target_bytes_per_core: int | None = None,
 ) -> Plan:
     """Cheapest cluster (within ``limits``) that suits ``workload`` over ``data_bytes``.
 
@@ -332,6 +335,9 @@ def plan_cluster(
         A count (data assumed spread evenly over that many sky regions) or a mapping
         ``region -> bytes`` when the landing area already tells the real spread; it decides
         ``Plan.files_per_region``.
+    target_bytes_per_core
+        For ``aggregate`` and ``classification``: the bytes one core scans in the target time
+        (default the workload's own, ``WORKLOADS``).
 
     Returns
     -------
@@ -348,6 +354,10 @@ def plan_cluster(
         raise PlanError(f"data_bytes must not be negative, got {data_bytes}")
     kind = Workload.parse(workload)
     rules = WORKLOADS[kind]
+    if target_bytes_per_core is not None:
+        if target_bytes_per_core < 1:
+            raise PlanError(f"target_bytes_per_core must be positive, got {target_bytes_per_core}")
+        rules = replace(rules, target_bytes_per_core=target_bytes_per_core)
     limits = limits or Limits()
     if limits.min_workers < 1 or limits.max_workers < limits.min_workers:
         raise PlanError(

@@ -224,6 +224,7 @@ class Provisioner:
             sizes=planner_sizes(self.node_sizes(), self.settings.prices),
             limits=limits,
             regions=regions if regions is not None else cluster.regions,
+            target_bytes_per_core=cluster.target_bytes_per_core,
         )
 
     def cost(self, plan: Plan) -> dict:

@@ -56,6 +56,7 @@ class ClusterSettings:
     workload: str = "aggregate"
     data_bytes: int = 0
     regions: int = DEFAULT_REGIONS
+    target_bytes_per_core: int | None = None  # the planner's scan per core; None: the workload's own
     on_failure: str = "rollback"
     wait_timeout_s: float = 900.0
     poll_interval_s: float = 5.0

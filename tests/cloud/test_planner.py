@@ -209,6 +209,20 @@ def test_a_small_workload_may_grow_to_the_most_workers_the_limits_allow():
     assert conf["spark.dynamicAllocation.maxExecutors"] == str(plan.max_workers * plan.executors_per_worker)
 
 
+def test_a_profile_sets_how_much_one_core_scans():
+    """Slow shared storage (the seed platform's CephFS) scans less per core in the same time:
+    the same bytes then ask for more cores and workers; training sizes by memory, unchanged."""
+    medium = Limits(max_workers=16, worker_sizes=("general.v1.medium",))
+    default = plan_cluster(40 * GiB, "aggregate", OPENSTACK, medium)
+    slow = plan_cluster(40 * GiB, "aggregate", OPENSTACK, medium, target_bytes_per_core=GiB)
+    assert (default.worker_count, slow.worker_count) == (20 // 4, 40 // 4)
+    assert "40 cores to scan 40.00 GiB" in " ".join(slow.reasons)
+    train = lambda **kw: plan_cluster(40 * GiB, "training", OPENSTACK, Limits(max_workers=16), **kw)  # noqa: E731
+    assert train(target_bytes_per_core=GiB // 2).worker_count == train().worker_count
+    with pytest.raises(PlanError, match="target_bytes_per_core must be positive"):
+        plan_cluster(GiB, "aggregate", OPENSTACK, medium, target_bytes_per_core=0)
+
+
 def test_a_pinned_worker_size_leaves_the_master_choice_alone():
     free = plan_cluster(40 * GiB, "aggregate", EC2, Limits(max_workers=16))
     pinned = plan_cluster(40 * GiB, "aggregate", EC2, Limits(max_workers=16, worker_sizes=("m5.xlarge",)))
