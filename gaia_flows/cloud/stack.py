@@ -30,8 +30,17 @@ def local_stack() -> dict[str, str]:
     }
 
 
+# How long each probe task holds its slot: four waves of them keep a backlog past Spark's
+# spark.dynamicAllocation.schedulerBacklogTimeout (1 s), and under dynamic allocation only a
+# backlog asks the master for executors on workers that were busy when the application started
+# (a cluster grown while a backfill holds its first workers). Tasks that end at once never do,
+# and the check would wait for those workers in vain.
+PROBE_TASK_SECONDS = 0.5
+
+
 def _host_stack(_) -> tuple[str, dict[str, str]]:
     # Runs in a Python worker on a node: SPARK_LOCAL_IP is the address its daemon advertises.
+    time.sleep(PROBE_TASK_SECONDS)
     return os.environ.get("SPARK_LOCAL_IP") or socket.gethostname(), local_stack()
 
 
@@ -39,7 +48,8 @@ def worker_stacks(session, hosts: int, timeout: float, poll: float = 1.0) -> dic
     """``{host: stack}`` from tasks spread over the cluster, once ``hosts`` hosts have answered.
 
     Executors register as their workers start, so the job is repeated (wide enough that every
-    executor gets tasks) until every worker host has run one, or ``timeout`` passes.
+    executor gets tasks, long enough to keep a backlog: ``PROBE_TASK_SECONDS``) until every
+    worker host has run one, or ``timeout`` passes.
     """
     sc = session.sparkContext
     deadline = time.monotonic() + timeout

@@ -10,7 +10,13 @@ reaches the cluster only through the bridge. Steps, in order, from ``--steps``:
 - ``maps``: ``proper_motion_maps``;
 - ``classify``: ``astrometric_training_set`` and ``astrometric_classifier`` (tracked in the
   profile's MLflow), then ``classified_sources`` for the first of ``--regions``;
+- ``tick``: one evaluation of ``cluster_sensor`` against the instance, and the run it asks
+  for (``resize_cluster`` or ``teardown_cluster``) executed with the request's config and tags,
+  as the daemon would launch it;
 - ``teardown``: the ``teardown_cluster`` job.
+
+The instance is persistent, in the state folder's ``dagster/``: the runs of one process are the
+history the next process's ``tick`` reads, and a ``tick`` during a run sees that run going.
 
 Writes ``--out`` (JSON): per step its success, wall seconds and what the test checks (the
 driver's settings, the executors' hosts). Exit status 0 only if every step succeeded.
@@ -26,7 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, build_sensor_context, materialize
 
 from gaia_flows import spark as spark_factory
 from gaia_flows.assets.catalogue import gaia_landing, gaia_source
@@ -36,10 +42,12 @@ from gaia_flows.assets.cluster import spark_cluster
 from gaia_flows.assets.proper_motion import pm_stats
 from gaia_flows.assets.proper_motion_maps import proper_motion_maps
 from gaia_flows.assets.training_set import astrometric_training_set
-from gaia_flows.jobs import teardown_cluster_job
+from gaia_flows.jobs import resize_cluster_job, teardown_cluster_job
+from gaia_flows.layout import StateLayout
 from gaia_flows.partitions import sky_regions
 from gaia_flows.profiles import load_profile
 from gaia_flows.resources import build_resources
+from gaia_flows.sensors import cluster_sensor
 
 # The forest the classify step trains (and the test's local run): 20 trees separate the
 # synthetic catalogue already; the default 500 would only cost time.
@@ -59,7 +67,9 @@ def main() -> int:
 
     resources = build_resources(load_profile(args.profile, Path(args.profiles_dir)))
     regions = sky_regions.get_partition_keys() if args.regions == "all" else args.regions.split(",")
-    instance = DagsterInstance.ephemeral()
+    dagster_home = StateLayout.from_env().dagster_home
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    instance = DagsterInstance.local_temp(str(dagster_home))
     out: dict = {}
     tags = {  # one single-run backfill over the regions
         "dagster/asset_partition_range_start": regions[0],
@@ -167,6 +177,8 @@ def main() -> int:
                         if k.startswith("mlflow_") or k == "model_version"
                     },
                 }
+            elif step == "tick":
+                out["tick"] = tick(instance, resources)
             elif step == "teardown":
                 spark_factory.stop_active()
                 result = teardown_cluster_job.execute_in_process(
@@ -187,6 +199,32 @@ def main() -> int:
         save()
         return 1
     return 0
+
+
+def tick(instance: DagsterInstance, resources: dict) -> dict:
+    """``cluster_sensor`` once, then the run it requests, in this process."""
+    with build_sensor_context(instance=instance, resources={"cloud": resources["cloud"]}) as context:
+        result = cluster_sensor.evaluate_tick(context)
+    if not result.run_requests:
+        return {"success": True, "skip": result.skip_message}
+    (request,) = result.run_requests
+    out = {"job": request.job_name, "tags": request.tags}
+    if request.job_name == resize_cluster_job.name:
+        run = materialize(
+            [spark_cluster],
+            resources=resources,
+            run_config=request.run_config,
+            tags=request.tags,
+            instance=instance,
+        )
+        (event,) = run.asset_materializations_for_node("spark_cluster")
+        out["metadata"] = {k: v.value for k, v in event.metadata.items()}
+    else:
+        run = teardown_cluster_job.execute_in_process(
+            resources={"cloud": resources["cloud"]}, instance=instance, tags=request.tags
+        )
+        out["summary"] = run.output_for_node("teardown_cluster_nodes")
+    return {**out, "success": run.success}
 
 
 if __name__ == "__main__":
