@@ -82,6 +82,8 @@ class Cloud:
     ]  # {"servers": {name: address}, "key_pairs": [...], "security_groups": [...]}
     # What the cloud does when a guest powers itself off (None: not simulated for this cloud).
     guest_shutdown: Callable[[str], None] | None = None
+    # The cloud taking a server back on its own, as a Spot interruption does (None: no spot).
+    reclaim: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -376,8 +378,14 @@ def ec2(lab, orchestrator, root: Path, profiles: Path) -> Cloud:
             ],
         }
 
+    def reclaim(instance_id):
+        """A Spot interruption ends in termination (the default interruption behaviour)."""
+        call("terminate_instances", InstanceIds=[instance_id])
+
     credentials = {"GAIA_TEST_AWS_KEY_ID": AWS_KEY_ID, "GAIA_TEST_AWS_SECRET": AWS_SECRET}
-    return Cloud("aws-mh", "gaia-aws", "m5.large", credentials, servers, group_rules, inventory)
+    return Cloud(
+        "aws-mh", "gaia-aws", "m5.large", credentials, servers, group_rules, inventory, reclaim=reclaim
+    )
 
 
 @contextlib.contextmanager

@@ -13,7 +13,9 @@ over all 48 regions of a small synthetic catalogue and ``proper_motion_maps`` on
 tables against a ``local`` run of the same catalogue, trains the classifier with MLflow as
 ``mlflow server`` on the orchestrator (PostgreSQL backend, artifacts on the share) and
 classifies one region, probes the cluster from outside its group and with a wrong secret, cuts
-a worker's link in the middle of a rerun, then tears it down and checks nothing is left.
+a worker's link in the middle of a rerun, then tears it down and checks nothing is left. A
+second deployment on moto EC2 runs one region on Spot workers, replaces a worker the cloud takes
+back, and tears down.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from dagster import materialize
 from support.spark import TEST_SPARK_CONF
 
@@ -435,18 +438,43 @@ def ec2_deployment(tmp_path_factory):
         yield deployment
 
 
-def test_ec2_provision_one_region_and_teardown(ec2_deployment):
-    """moto EC2, the same shape: provision, one region's gaia_source on the cluster, teardown."""
-    region = REGIONS[7]
-    run = ec2_deployment.run("cluster,catalogue", regions=region)
-    servers = ec2_deployment.cloud.inventory()["servers"]
-    workers = sorted(servers[name] for name in ec2_deployment.node_names()[1:])
+def test_ec2_spot_workers_one_region_a_reclaimed_worker_replaced_and_teardown(ec2_deployment):
+    """moto EC2, the same shape with Spot workers and an on-demand master: provision, one
+    region's gaia_source on the cluster; the cloud takes a worker back (a Spot interruption) and
+    its host goes; the next reconcile replaces it with a host that runs the driver's stack;
+    teardown leaves nothing."""
+    deployment, region = ec2_deployment, REGIONS[7]
+    spec = yaml.safe_load((deployment.profiles / "aws-mh.yaml").read_text())
+    spec["name"] = profile = "aws-mh-spot"
+    spec["cloud"]["cluster"].update({"spot_workers": True, "spot_max_price": 0.05})
+    (deployment.profiles / f"{profile}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    master, *worker_names = deployment.node_names()
+
+    run = deployment.run("cluster,catalogue", regions=region, profile=profile)
+    servers = deployment.cloud.inventory()["servers"]
+    workers = sorted(servers[name] for name in worker_names)
     assert all(ipaddress.ip_address(a) in NETWORK for a in servers.values()), servers
-    assert run["catalogue"]["master"] == f"spark://{servers[ec2_deployment.cloud.cluster + '-master']}:7077"
+    assert run["catalogue"]["master"] == f"spark://{servers[master]}:7077"
     assert sorted(run["cluster"]["metadata"]["worker_stacks"]) == workers
+    markets = {n["role"]: n["market"] for n in run["cluster"]["metadata"]["plan_cost"]["nodes"]}
+    assert markets == {"master": "on-demand", "worker": "spot"}
     assert set(run["catalogue"]["task_hosts"]) <= set(workers)
-    layout = StateLayout.from_env(ec2_deployment.home).with_storage({"mount": str(ec2_deployment.shared)})
+    layout = StateLayout.from_env(deployment.home).with_storage({"mount": str(deployment.shared)})
     rows = pq.read_table(layout.region_dir("gaia_source", region)).num_rows
-    truth = pq.read_table(next((ec2_deployment.shared / "landing" / "truth").glob("*.parquet")))
+    truth = pq.read_table(next((deployment.shared / "landing" / "truth").glob("*.parquet")))
     assert rows > 0 and rows <= truth.num_rows
-    _teardown_leaves_nothing(ec2_deployment)
+
+    lost_name = worker_names[-1]
+    lost = {w["name"]: w["id"] for w in deployment.manifest()["workers"]}[lost_name]
+    deployment.cloud.reclaim(lost)
+    deadline = time.monotonic() + 60
+    while lost_name in deployment.lab.hosts and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert lost_name not in deployment.lab.hosts, "the hypervisor powered off the reclaimed worker"
+
+    again = deployment.run("cluster", profile=profile)["cluster"]["metadata"]
+    assert again["created"] == [lost_name] and again["destroyed"] == []
+    assert sorted(again["kept"]) == [master, *worker_names[:-1]] and lost not in again["node_ids"]
+    servers = deployment.cloud.inventory()["servers"]
+    assert sorted(again["worker_stacks"]) == sorted(servers[name] for name in worker_names)
+    _teardown_leaves_nothing(deployment)
