@@ -25,9 +25,9 @@ on a shared machine does not disturb, so both are printed. Nothing is asserted: 
 linear within 15 % a decade, flat driver memory, per-core rates at 100M within 20 % of 10M) are
 read off the table.
 
-Without ``--work`` each size's folders are removed once the size is measured (100M stars leave
-about 50 GB), and a size that the free disk cannot hold (``DISK_PER_STAR`` with a margin) is
-refused before it starts.
+Without ``--work`` each size's folders are removed once the size is measured (100M stars take
+35 GiB at their peak), and a size that the free disk cannot hold (``DISK_PER_STAR``, the 1M
+figure and the largest per star, with a margin) is refused before it starts.
 
 ``--project-workers N --cores-per-worker C`` adds, for the largest size, a projection of the
 full DR3 catalogue (1,811,709,771 sources) on N x C cores from the measured per-core rates:
