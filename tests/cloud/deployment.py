@@ -201,6 +201,16 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         proc.wait(timeout=30)
 
 
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``condition`` until it holds and return that moment (epoch seconds); fail the test
+    naming ``what`` once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting until {what}"
+        time.sleep(0.2)
+    return time.time()
+
+
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())

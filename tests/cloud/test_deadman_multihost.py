@@ -16,7 +16,7 @@ import time
 
 import yaml
 
-from cloud.deployment import MOUNT, NAMESPACE_HOSTS, REGIONS, openstack
+from cloud.deployment import MOUNT, NAMESPACE_HOSTS, REGIONS, openstack, wait_until
 from cloud.deployment import deployment as cluster_deployment
 from gaia_flows.cloud.settings import LEASE_DIR
 
@@ -34,14 +34,6 @@ def _orphan_profile(profiles) -> None:
     (profiles / f"{PROFILE}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def _wait(condition, timeout: float, what: str) -> float:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting until {what}"
-        time.sleep(0.5)
-    return time.time()
-
-
 def test_nodes_power_off_when_the_lease_goes_stale_and_the_next_reconcile_cleans_up(tmp_path):
     with cluster_deployment(tmp_path, openstack, REGIONS[:1], stars=1_000, deadman_every=1.0) as deployment:
         _orphan_profile(deployment.profiles)
@@ -57,11 +49,11 @@ def test_nodes_power_off_when_the_lease_goes_stale_and_the_next_reconcile_cleans
         first = deployment.run("cluster", profile=PROFILE)["cluster"]["metadata"]
         assert sorted(first["created"]) == names
         renewed = lease.stat().st_mtime  # the reconcile's, on the share at MOUNT on every host
-        _wait(lambda: hosts() == names, 60, "every server is booted as a host")
+        wait_until(lambda: hosts() == names, 60, "every server is booted as a host")
         assert time.time() - renewed < ORPHAN_MINUTES * 60 and all(states().values())
 
         # Nobody renews the lease: every node's switch fires once it is orphan_minutes old.
-        off = _wait(lambda: not any(states().values()) and hosts() == [], 120, "every node powered off")
+        off = wait_until(lambda: not any(states().values()) and hosts() == [], 120, "every node powered off")
         assert off - renewed >= ORPHAN_MINUTES * 60
         assert sorted(states()) == names, "a powered-off server stays (SHUTOFF), holding quota"
         for name in names:
@@ -74,10 +66,10 @@ def test_nodes_power_off_when_the_lease_goes_stale_and_the_next_reconcile_cleans
         again = deployment.run("cluster", profile=PROFILE)["cluster"]["metadata"]
         assert sorted(again["destroyed"]) == names and sorted(again["created"]) == names
         assert set(again["node_ids"]).isdisjoint(first["node_ids"])
-        _wait(lambda: hosts() == names, 60, "the replacements are booted")
+        wait_until(lambda: hosts() == names, 60, "the replacements are booted")
 
         deployment.run("teardown", profile=PROFILE)
-        _wait(lambda: hosts() == [], 60, "every host is powered off")
+        wait_until(lambda: hosts() == [], 60, "every host is powered off")
         inventory = deployment.cloud.inventory()
         assert inventory["servers"] == {} and inventory["security_groups"] == []
         assert not lease.exists()

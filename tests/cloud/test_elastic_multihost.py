@@ -18,7 +18,7 @@ import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from cloud import multihost
-from cloud.deployment import NAMESPACE_HOSTS, REGIONS, openstack
+from cloud.deployment import NAMESPACE_HOSTS, REGIONS, openstack, wait_until
 from cloud.deployment import deployment as cluster_deployment
 from gaia_flows.cloud.settings import (
     LEASE_DIR,
@@ -52,13 +52,6 @@ def _elastic_profile(profiles) -> None:
     (profiles / f"{PROFILE}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting until {what}"
-        time.sleep(0.2)
-
-
 def test_a_backfill_grows_the_cluster_onto_new_hosts_and_idle_time_shrinks_then_removes_it(tmp_path):
     with cluster_deployment(tmp_path, openstack, BACKFILL, stars=4_000, workers=1) as deployment:
         _elastic_profile(deployment.profiles)
@@ -90,7 +83,7 @@ def test_a_backfill_grows_the_cluster_onto_new_hosts_and_idle_time_shrinks_then_
                     started = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
                     return any(run_regions(r.tags) == list(BACKFILL) for r in started)
 
-                _wait(going, 120, "the backfill's run is going")
+                wait_until(going, 120, "the backfill's run is going")
             grows.append(tick())
 
         backfill = deployment.run("catalogue", regions=regions, profile=PROFILE, during=grow_once_going)
@@ -126,7 +119,7 @@ def test_a_backfill_grows_the_cluster_onto_new_hosts_and_idle_time_shrinks_then_
         assert shrunk["worker_count"] == 1 and sorted(shrunk["destroyed"]) == workers[1:]
         assert shrunk["node_ids"] == first["node_ids"], "the master and worker-0 stay, the same servers"
         assert sorted(shrunk["worker_stacks"]) == [servers[worker_0]], "the cluster still runs tasks"
-        _wait(lambda: hosts() == [master, worker_0], 60, "the removed workers' hosts are powered off")
+        wait_until(lambda: hosts() == [master, worker_0], 60, "the removed workers' hosts are powered off")
         assert set(master_pids) <= set(multihost.netns_pids(deployment.lab.hosts[master].namespace)), (
             "the master's daemon ran on through both resizes"
         )
@@ -137,7 +130,7 @@ def test_a_backfill_grows_the_cluster_onto_new_hosts_and_idle_time_shrinks_then_
         down = tick()
         assert down["job"] == teardown_cluster_job.name and down["tags"][RUN_TAG_TEARDOWN_DECISION] == "idle"
         assert down["success"] and sorted(down["summary"]["destroyed_nodes"]) == [master, worker_0]
-        _wait(lambda: hosts() == [], 60, "every host is powered off")
+        wait_until(lambda: hosts() == [], 60, "every host is powered off")
         assert deployment.cloud.inventory() == {"servers": {}, "key_pairs": [], "security_groups": []}
         assert not (deployment.shared / LEASE_DIR / cluster).exists()
         assert deployment.hypervisor.errors == []
