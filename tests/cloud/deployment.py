@@ -137,6 +137,16 @@ class Deployment:
         )
         return summary
 
+    def derive_profile(self, name: str, cluster: dict, limits: dict | None = None) -> str:
+        """Write profile ``name``: the deployment's own with ``cluster`` (and ``limits``) settings
+        changed, for a test's shorter windows or other markets; returns its name."""
+        spec = yaml.safe_load((self.profiles / f"{self.cloud.profile}.yaml").read_text())
+        spec["name"] = name
+        spec["cloud"]["cluster"].update(cluster)
+        spec["cloud"]["limits"].update(limits or {})
+        (self.profiles / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        return name
+
     def manifest(self) -> dict:
         return json.loads((self.home / "clusters" / f"{self.cloud.cluster}.json").read_text())
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 
-import yaml
-
 from cloud.deployment import MOUNT, NAMESPACE_HOSTS, REGIONS, openstack, wait_until
 from cloud.deployment import deployment as cluster_deployment
 from gaia_flows.cloud.settings import LEASE_DIR
@@ -26,17 +24,10 @@ ORPHAN_MINUTES = 0.5
 PROFILE = "openstack-mh-orphan"
 
 
-def _orphan_profile(profiles) -> None:
-    """The deployment's profile with a short orphan_minutes; no stack check (no Spark job runs)."""
-    spec = yaml.safe_load((profiles / "openstack-mh.yaml").read_text())
-    spec["name"] = PROFILE
-    spec["cloud"]["cluster"].update({"orphan_minutes": ORPHAN_MINUTES, "verify_stack": False})
-    (profiles / f"{PROFILE}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
 def test_nodes_power_off_when_the_lease_goes_stale_and_the_next_reconcile_cleans_up(tmp_path):
     with cluster_deployment(tmp_path, openstack, REGIONS[:1], stars=1_000, deadman_every=1.0) as deployment:
-        _orphan_profile(deployment.profiles)
+        # No stack check: no Spark job runs.
+        deployment.derive_profile(PROFILE, {"orphan_minutes": ORPHAN_MINUTES, "verify_stack": False})
         lease = deployment.shared / LEASE_DIR / deployment.cloud.cluster
         names = deployment.node_names()
 

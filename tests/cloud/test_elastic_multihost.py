@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from cloud import multihost
@@ -38,23 +37,14 @@ WORKER_IDLE_MINUTES = 0.1  # 6 s
 IDLE_MINUTES = 1.0  # 60 s: the shrink's tick (a process of its own) decides well inside it
 
 
-def _elastic_profile(profiles) -> None:
-    spec = yaml.safe_load((profiles / "openstack-mh.yaml").read_text())
-    spec["name"] = PROFILE
-    spec["cloud"]["cluster"].update(
-        {
+def test_a_backfill_grows_the_cluster_onto_new_hosts_and_idle_time_shrinks_then_removes_it(tmp_path):
+    with cluster_deployment(tmp_path, openstack, BACKFILL, stars=4_000, workers=1) as deployment:
+        cluster_settings = {
             "worker_idle_minutes": WORKER_IDLE_MINUTES,
             "idle_minutes": IDLE_MINUTES,
             "target_bytes_per_core": 2**12,
         }
-    )
-    spec["cloud"]["limits"].update({"min_workers": 1, "max_workers": 3})
-    (profiles / f"{PROFILE}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
-def test_a_backfill_grows_the_cluster_onto_new_hosts_and_idle_time_shrinks_then_removes_it(tmp_path):
-    with cluster_deployment(tmp_path, openstack, BACKFILL, stars=4_000, workers=1) as deployment:
-        _elastic_profile(deployment.profiles)
+        deployment.derive_profile(PROFILE, cluster_settings, {"min_workers": 1, "max_workers": 3})
         cluster = deployment.cloud.cluster
         master, worker_0 = deployment.node_names()
         workers = [worker_0, f"{cluster}-worker-1", f"{cluster}-worker-2"]

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from dagster import materialize
 from support.spark import TEST_SPARK_CONF
 
@@ -53,6 +52,7 @@ from cloud.deployment import (
     openstack,
     serve_on_orchestrator,
     stop,
+    wait_until,
 )
 from cloud.deployment import deployment as cluster_deployment
 from cloud.emulators import ORCHESTRATOR_ADDRESS
@@ -444,10 +444,7 @@ def test_ec2_spot_workers_one_region_a_reclaimed_worker_replaced_and_teardown(ec
     its host goes; the next reconcile replaces it with a host that runs the driver's stack;
     teardown leaves nothing."""
     deployment, region = ec2_deployment, REGIONS[7]
-    spec = yaml.safe_load((deployment.profiles / "aws-mh.yaml").read_text())
-    spec["name"] = profile = "aws-mh-spot"
-    spec["cloud"]["cluster"].update({"spot_workers": True, "spot_max_price": 0.05})
-    (deployment.profiles / f"{profile}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    profile = deployment.derive_profile("aws-mh-spot", {"spot_workers": True, "spot_max_price": 0.05})
     master, *worker_names = deployment.node_names()
 
     run = deployment.run("cluster,catalogue", regions=region, profile=profile)
@@ -467,10 +464,9 @@ def test_ec2_spot_workers_one_region_a_reclaimed_worker_replaced_and_teardown(ec
     lost_name = worker_names[-1]
     lost = {w["name"]: w["id"] for w in deployment.manifest()["workers"]}[lost_name]
     deployment.cloud.reclaim(lost)
-    deadline = time.monotonic() + 60
-    while lost_name in deployment.lab.hosts and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert lost_name not in deployment.lab.hosts, "the hypervisor powered off the reclaimed worker"
+    wait_until(
+        lambda: lost_name not in deployment.lab.hosts, 60, "the hypervisor powered off the reclaimed worker"
+    )
 
     again = deployment.run("cluster", profile=profile)["cluster"]["metadata"]
     assert again["created"] == [lost_name] and again["destroyed"] == []
